@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Compiles every CUDA source with nvcc against the installed torch's headers (compile only, no GPU needed), so
+# CUDA code cannot rot unseen on machines without a GPU. Usage: .ci/compile_cuda.sh [python]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${1:-.venv/bin/python}"
+NVCC="${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
+if [ ! -x "$NVCC" ]; then
+  echo "compile_cuda: nvcc not found; install the CUDA toolkit (Debian: nvidia-cuda-toolkit) or set NVCC" >&2
+  exit 1
+fi
+TORCH_INCLUDE="$("$PYTHON" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')"
+ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
+ARCH="${VISIONMOE_CUDA_ARCH:-sm_90}"
+out="$(mktemp -d)"
+trap 'rm -rf "$out"' EXIT
+# A CPU build of torch ships c10/cuda's headers but not the one its CMake generates for CUDA builds; supply it
+# (its whole content in a shared-library build of torch is this one definition).
+TORCH_ROOT="$("$PYTHON" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+if [ ! -f "$TORCH_ROOT/include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+  mkdir -p "$out/include/c10/cuda/impl"
+  printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/include/c10/cuda/impl/cuda_cmake_macros.h"
+  TORCH_INCLUDE="-I$out/include $TORCH_INCLUDE"
+fi
+status=0
+count=0
+for source in $(find csrc -name '*.cu' | sort); do
+  count=$((count + 1))
+  echo "nvcc -c $source (arch $ARCH)"
+  # shellcheck disable=SC2086
+  if ! "$NVCC" -c "$source" -o "$out/$(basename "$source").o" -std=c++20 -arch="$ARCH" -O2 \
+      --expt-relaxed-constexpr -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
+      -DVISIONMOE_WITH_CUDA -Icsrc $TORCH_INCLUDE; then
+    status=1
+  fi
+done
+if [ "$count" -eq 0 ]; then
+  echo "compile_cuda: no .cu files found under csrc/" >&2
+  exit 1
+fi
+echo "compile_cuda: $count CUDA source(s) compiled, status $status"
+exit $status

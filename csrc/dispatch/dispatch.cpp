@@ -1,0 +1,321 @@
+// Host code of the dispatch family: argument checks, output allocation and the choice of backend kernel.
+#include "dispatch/dispatch.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+namespace visionmoe::dispatch {
+namespace {
+
+void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be a 1-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must have dtype int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like the other inputs, got ",
+              t.device());
+}
+
+void check_capacity(const char* op, std::optional<int64_t> capacity, bool padded) {
+  TORCH_CHECK(!capacity.has_value() || *capacity >= 0, op, ": capacity must be >= 0 or None (dropless), got ",
+              capacity.value_or(0));
+  TORCH_CHECK(!padded || capacity.has_value(), op,
+              ": the padded layout needs a capacity; a dropless plan (capacity None) uses the packed layout");
+}
+
+bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
+
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
+}
+
+}  // namespace
+
+PlanView check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like, std::optional<int64_t> capacity,
+                    bool padded) {
+  check_index_tensor(op, "sorted_token", plan.sorted_token, like);
+  check_index_tensor(op, "sorted_expert", plan.sorted_expert, like);
+  check_index_tensor(op, "slot", plan.slot, like);
+  check_index_tensor(op, "offsets", plan.offsets, like);
+  check_capacity(op, capacity, padded);
+  const int64_t num_assignments = plan.sorted_token.size(0);
+  TORCH_CHECK(plan.sorted_expert.size(0) == num_assignments && plan.slot.size(0) == num_assignments, op,
+              ": plan shapes are inconsistent: sorted_token, sorted_expert and slot must have one length, got ",
+              plan.sorted_token.size(0), ", ", plan.sorted_expert.size(0), " and ", plan.slot.size(0));
+  TORCH_CHECK(plan.offsets.size(0) >= 2, op, ": offsets must have num_experts + 1 >= 2 entries, got ",
+              plan.offsets.size(0));
+  PlanView view;
+  view.num_assignments = num_assignments;
+  view.num_experts = plan.offsets.size(0) - 1;
+  view.capacity = capacity.value_or(-1);
+  view.padded = padded;
+  view.sorted_token = plan.sorted_token.data_ptr<int64_t>();
+  view.sorted_expert = plan.sorted_expert.data_ptr<int64_t>();
+  view.slot = plan.slot.data_ptr<int64_t>();
+  view.offsets = plan.offsets.data_ptr<int64_t>();
+  if (plan.token_offsets != nullptr) {
+    check_index_tensor(op, "token_offsets", *plan.token_offsets, like);
+    check_index_tensor(op, "token_rows", *plan.token_rows, like);
+    TORCH_CHECK(plan.token_offsets->size(0) >= 1, op, ": token_offsets must have num_tokens + 1 >= 1 entries");
+    TORCH_CHECK(plan.token_rows->size(0) == num_assignments, op,
+                ": plan shapes are inconsistent: token_rows must have one entry per assignment (", num_assignments,
+                "), got ", plan.token_rows->size(0));
+    view.num_tokens = plan.token_offsets->size(0) - 1;
+    view.token_offsets = plan.token_offsets->data_ptr<int64_t>();
+    view.token_rows = plan.token_rows->data_ptr<int64_t>();
+  }
+  return view;
+}
+
+void check_rows(const char* op, const char* name, const at::Tensor& rows, const PlanView& view) {
+  if (view.padded) {
+    TORCH_CHECK(rows.dim() == 3 && rows.size(0) == view.num_experts && rows.size(1) == view.capacity, op, ": ", name,
+                " must have shape [E, C, D] = [", view.num_experts, ", ", view.capacity, ", D] for this plan, got ",
+                rows.sizes());
+  } else {
+    TORCH_CHECK(rows.dim() == 2 && rows.size(0) == view.num_assignments, op, ": ", name,
+                " must have shape [A, D] = [", view.num_assignments, ", D] (packed layout) for this plan, got ",
+                rows.sizes());
+  }
+  TORCH_CHECK(at::isFloatingType(rows.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+              rows.scalar_type());
+}
+
+void check_make_plan_args(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+                          std::optional<int64_t> num_tokens) {
+  constexpr const char* op = "make_plan";
+  check_index_tensor(op, "token_index", token_index, expert_index);
+  check_index_tensor(op, "expert_index", expert_index, expert_index);
+  TORCH_CHECK(token_index.size(0) == expert_index.size(0), op,
+              ": token_index and expert_index must have one length, got ", token_index.size(0), " and ",
+              expert_index.size(0));
+  TORCH_CHECK(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  TORCH_CHECK(!num_tokens.has_value() || *num_tokens >= 0, op, ": num_tokens must be >= 0, got ",
+              num_tokens.value_or(0));
+}
+
+void check_token_major_args(const at::Tensor& sorted_token, int64_t num_tokens) {
+  check_index_tensor("token_major", "sorted_token", sorted_token, sorted_token);
+  TORCH_CHECK(num_tokens >= 0, "token_major: num_tokens must be >= 0, got ", num_tokens);
+}
+
+namespace {
+
+#ifdef VISIONMOE_WITH_CUDA
+// One synchronising read; make_plan callers whose indices are valid by construction (routers) skip it.
+void validate_indices_on_device(const at::Tensor& index, int64_t bound, const char* name) {
+  const at::Tensor bad = index.lt(0).logical_or_(index.ge(bound));
+  if (!bad.any().item<bool>()) return;
+  const int64_t position = bad.to(at::kByte).argmax().item<int64_t>();
+  TORCH_CHECK(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
+              index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
+}
+#endif
+
+void validate_tokens_on_host(const at::Tensor& token_index, int64_t num_tokens) {
+  const int64_t* tokens = token_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < token_index.size(0); ++i) {
+    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < num_tokens, "make_plan: token_index out of range: token_index[", i,
+                "] = ", tokens[i], ", expected values in [0, ", num_tokens, ")");
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(
+    const at::Tensor& token_index_in, const at::Tensor& expert_index_in, int64_t num_experts,
+    std::optional<int64_t> num_tokens, bool validate) {
+  check_make_plan_args(token_index_in, expert_index_in, num_experts, num_tokens);
+  const at::Tensor token_index = token_index_in.contiguous();
+  const at::Tensor expert_index = expert_index_in.contiguous();
+  const c10::DeviceGuard guard(token_index.device());
+  const int64_t n = token_index.size(0);
+  const auto index_options = token_index.options();
+  at::Tensor order = at::empty({n}, index_options);
+  at::Tensor sorted_token = at::empty({n}, index_options);
+  at::Tensor sorted_expert = at::empty({n}, index_options);
+  at::Tensor slot = at::empty({n}, index_options);
+  at::Tensor offsets = at::empty({num_experts + 1}, index_options);
+  if (on_cuda(token_index)) {
+#ifdef VISIONMOE_WITH_CUDA
+    if (validate) {
+      validate_indices_on_device(expert_index, num_experts, "expert_index");
+      validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()),
+                                 "token_index");
+    }
+    cuda::group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot, offsets);
+#else
+    no_cuda("make_plan");
+#endif
+  } else {
+    // The CPU sort checks expert indices as it counts; tokens are checked only when their range is known.
+    if (validate) validate_tokens_on_host(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()));
+    cpu::stable_counting_sort(expert_index.data_ptr<int64_t>(), n, num_experts, order.data_ptr<int64_t>(),
+                              offsets.data_ptr<int64_t>(), "expert_index");
+    sorted_expert.copy_(expert_index.index_select(0, order));
+    sorted_token.copy_(token_index.index_select(0, order));
+    slot.copy_(at::arange(n, index_options) - offsets.index_select(0, sorted_expert));
+  }
+  return {order, sorted_token, sorted_expert, slot, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token_in, int64_t num_tokens) {
+  check_token_major_args(sorted_token_in, num_tokens);
+  const at::Tensor sorted_token = sorted_token_in.contiguous();
+  const c10::DeviceGuard guard(sorted_token.device());
+  const auto index_options = sorted_token.options();
+  if (on_cuda(sorted_token)) {
+    // A stable radix sort keeps each token's assignments in increasing order, so sums over them are
+    // deterministic; tokens outside [0, T) fall outside every segment and are ignored.
+    const auto [tokens, rows] = sorted_token.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+    at::Tensor token_offsets = at::searchsorted(tokens, at::arange(num_tokens + 1, index_options));
+    return {token_offsets, rows};
+  }
+  at::Tensor token_offsets = at::empty({num_tokens + 1}, index_options);
+  at::Tensor token_rows = at::empty({sorted_token.size(0)}, index_options);
+  cpu::stable_counting_sort(sorted_token.data_ptr<int64_t>(), sorted_token.size(0), num_tokens,
+                            token_rows.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(), "sorted_token");
+  return {token_offsets, token_rows};
+}
+
+at::Tensor dispatch(const at::Tensor& x_in, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                    const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
+                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded) {
+  constexpr const char* op = "dispatch";
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must have shape [T, D], got ", x_in.sizes());
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), op, ": x must be a floating-point tensor, got ",
+              x_in.scalar_type());
+  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows}, x_in,
+                             capacity, padded);
+  TORCH_CHECK(view.num_tokens == x_in.size(0), op, ": plan shapes are inconsistent: token_offsets describes ",
+              view.num_tokens, " tokens but x has ", x_in.size(0));
+  view.dim = x_in.size(1);
+  const at::Tensor x = x_in.contiguous();
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor out = padded ? at::empty({view.num_experts, view.capacity, view.dim}, x.options())
+                          : at::empty({view.num_assignments, view.dim}, x.options());
+  if (on_cuda(x)) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::gather_rows(view, x, out);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::gather_rows(view, x, out);
+  }
+  return out;
+}
+
+at::Tensor dispatch_backward(const at::Tensor& grad_out_in, const at::Tensor& sorted_token,
+                             const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                             const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                             std::optional<int64_t> capacity) {
+  constexpr const char* op = "dispatch_backward";
+  const bool padded = grad_out_in.dim() == 3;
+  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
+                             grad_out_in, capacity, padded);
+  check_rows(op, "grad_out", grad_out_in, view);
+  view.dim = grad_out_in.size(-1);
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const c10::DeviceGuard guard(grad_out.device());
+  at::Tensor grad_x = at::empty({view.num_tokens, view.dim}, grad_out.options());
+  if (on_cuda(grad_out)) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::sum_rows_per_token(view, grad_out, nullptr, grad_x);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::sum_rows_per_token(view, grad_out, nullptr, grad_x);
+  }
+  return grad_x;
+}
+
+at::Tensor combine(const at::Tensor& expert_out_in, const at::Tensor& weight_in, const at::Tensor& sorted_token,
+                   const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity) {
+  constexpr const char* op = "combine";
+  const bool padded = expert_out_in.dim() == 3;
+  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
+                             expert_out_in, capacity, padded);
+  check_rows(op, "expert_out", expert_out_in, view);
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
+              ": plan shapes are inconsistent: weight must have shape [A] = [", view.num_assignments, "], got ",
+              weight_in.sizes());
+  TORCH_CHECK(weight_in.scalar_type() == expert_out_in.scalar_type(), op, ": weight must have the dtype of expert_out (",
+              expert_out_in.scalar_type(), "), got ", weight_in.scalar_type());
+  TORCH_CHECK(weight_in.device() == expert_out_in.device(), op, ": weight must be on ", expert_out_in.device(),
+              ", got ", weight_in.device());
+  view.dim = expert_out_in.size(-1);
+  const at::Tensor expert_out = expert_out_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const c10::DeviceGuard guard(expert_out.device());
+  at::Tensor y = at::empty({view.num_tokens, view.dim}, expert_out.options());
+  if (on_cuda(expert_out)) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::sum_rows_per_token(view, expert_out, &weight, y);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::sum_rows_per_token(view, expert_out, &weight, y);
+  }
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y_in, const at::Tensor& expert_out_in,
+                                                    const at::Tensor& weight_in, const at::Tensor& sorted_token,
+                                                    const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                    const at::Tensor& offsets, std::optional<int64_t> capacity) {
+  constexpr const char* op = "combine_backward";
+  const bool padded = expert_out_in.dim() == 3;
+  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, nullptr, nullptr}, expert_out_in,
+                             capacity, padded);
+  check_rows(op, "expert_out", expert_out_in, view);
+  view.dim = expert_out_in.size(-1);
+  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(1) == view.dim, op, ": grad_y must have shape [T, ", view.dim,
+              "], got ", grad_y_in.sizes());
+  TORCH_CHECK(grad_y_in.scalar_type() == expert_out_in.scalar_type() &&
+                  weight_in.scalar_type() == expert_out_in.scalar_type(),
+              op, ": grad_y and weight must have the dtype of expert_out (", expert_out_in.scalar_type(), ")");
+  TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
+              ": weight must have shape [A] = [", view.num_assignments, "], got ", weight_in.sizes());
+  view.num_tokens = grad_y_in.size(0);
+  const at::Tensor grad_y = grad_y_in.contiguous();
+  const at::Tensor expert_out = expert_out_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const c10::DeviceGuard guard(expert_out.device());
+  at::Tensor grad_expert_out = at::empty_like(expert_out);
+  at::Tensor grad_weight = at::empty_like(weight);
+  if (on_cuda(expert_out)) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::combine_backward(view, grad_y, expert_out, weight, grad_expert_out, grad_weight);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::combine_backward(view, grad_y, expert_out, weight, grad_expert_out, grad_weight);
+  }
+  return {grad_expert_out, grad_weight};
+}
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("make_plan", &make_plan);
+  m.impl("token_major", &token_major);
+  m.impl("dispatch", &dispatch);
+  m.impl("dispatch_backward", &dispatch_backward);
+  m.impl("combine", &combine);
+  m.impl("combine_backward", &combine_backward);
+}
+
+#ifdef VISIONMOE_WITH_CUDA
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("make_plan", &make_plan);
+  m.impl("token_major", &token_major);
+  m.impl("dispatch", &dispatch);
+  m.impl("dispatch_backward", &dispatch_backward);
+  m.impl("combine", &combine);
+  m.impl("combine_backward", &combine_backward);
+}
+#endif
+
+}  // namespace visionmoe::dispatch

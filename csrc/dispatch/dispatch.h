@@ -1,0 +1,101 @@
+// Expert dispatch and combine: the routing plan's operators.
+//
+// A routing plan lists A assignments in expert-major order (stable within an expert, so earlier assignments
+// have priority). For assignment a: sorted_token[a] is its token, sorted_expert[a] its expert, slot[a] its rank
+// within the expert, and offsets[e] .. offsets[e + 1] the expert's segment. With a capacity C an assignment is
+// kept when slot[a] < C; without one (dropless) every assignment is kept. The token-major view
+// (token_offsets [T + 1], token_rows [A]) lists, per token, its assignments in increasing order.
+//
+// Expert rows live in one of two layouts:
+//   padded [E, C, D]: assignment a is row sorted_expert[a] * C + slot[a]; empty slots are zero;
+//   packed [A, D]:    assignment a is row a; dropped assignments' rows are zero.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace visionmoe::dispatch {
+
+// Raw views of the plan that every kernel takes.
+struct PlanView {
+  const int64_t* sorted_token = nullptr;   // [A]
+  const int64_t* sorted_expert = nullptr;  // [A]
+  const int64_t* slot = nullptr;           // [A]
+  const int64_t* offsets = nullptr;        // [E + 1]
+  const int64_t* token_offsets = nullptr;  // [T + 1]
+  const int64_t* token_rows = nullptr;     // [A]
+  int64_t num_assignments = 0;             // A
+  int64_t num_experts = 0;                 // E
+  int64_t num_tokens = 0;                  // T
+  int64_t capacity = -1;                   // C, or -1 when dropless
+  int64_t dim = 0;                         // D
+  bool padded = false;
+
+  // Number of expert rows in the chosen layout: E * C (padded) or A (packed).
+  C10_HOST_DEVICE int64_t num_rows() const { return padded ? num_experts * capacity : num_assignments; }
+};
+
+// Every argument check of the family lives in dispatch.cpp; the backend files only run kernels.
+struct PlanTensors {
+  const at::Tensor& sorted_token;
+  const at::Tensor& sorted_expert;
+  const at::Tensor& slot;
+  const at::Tensor& offsets;
+  const at::Tensor* token_offsets;  // null for operators that do not use the token-major view
+  const at::Tensor* token_rows;
+};
+
+PlanView check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like, std::optional<int64_t> capacity,
+                    bool padded);
+void check_rows(const char* op, const char* name, const at::Tensor& rows, const PlanView& view);
+void check_make_plan_args(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+                          std::optional<int64_t> num_tokens);
+void check_token_major_args(const at::Tensor& sorted_token, int64_t num_tokens);
+
+// Host-side operator bodies: argument checks, output allocation, then the backend kernels below.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(
+    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+    std::optional<int64_t> num_tokens, bool validate);
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens);
+at::Tensor dispatch(const at::Tensor& x, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                    const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
+                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded);
+at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& sorted_token,
+                             const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                             const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                             std::optional<int64_t> capacity);
+at::Tensor combine(const at::Tensor& expert_out, const at::Tensor& weight, const at::Tensor& sorted_token,
+                   const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity);
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                                    const at::Tensor& weight, const at::Tensor& sorted_token,
+                                                    const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                    const at::Tensor& offsets, std::optional<int64_t> capacity);
+
+// Backend kernels. Outputs are allocated and every input is checked and contiguous before these run.
+namespace cpu {
+void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, int64_t* order, int64_t* offsets,
+                          const char* key_name);
+void gather_rows(const PlanView& plan, const at::Tensor& x, at::Tensor& out);
+void sum_rows_per_token(const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight, at::Tensor& out);
+void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::Tensor& expert_out,
+                      const at::Tensor& weight, at::Tensor& grad_expert_out, at::Tensor& grad_weight);
+}  // namespace cpu
+
+#ifdef VISIONMOE_WITH_CUDA
+namespace cuda {
+void group_by_expert(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+                     at::Tensor& order, at::Tensor& sorted_token, at::Tensor& sorted_expert, at::Tensor& slot,
+                     at::Tensor& offsets);
+void gather_rows(const PlanView& plan, const at::Tensor& x, at::Tensor& out);
+void sum_rows_per_token(const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight, at::Tensor& out);
+void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::Tensor& expert_out,
+                      const at::Tensor& weight, at::Tensor& grad_expert_out, at::Tensor& grad_weight);
+}  // namespace cuda
+#endif
+
+}  // namespace visionmoe::dispatch

@@ -1,0 +1,185 @@
+// CPU kernels of the dispatch family: at::parallel_for over rows, contiguous inner loops that the compiler
+// vectorises, and no atomics (every output row is written by exactly one task).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "dispatch/dispatch.h"
+
+namespace visionmoe::dispatch::cpu {
+namespace {
+
+// Rows per task: large enough that scheduling costs little next to copying them.
+int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)); }
+
+bool is_kept(const PlanView& plan, int64_t a) { return plan.capacity < 0 || plan.slot[a] < plan.capacity; }
+
+int64_t expert_row(const PlanView& plan, int64_t a) {
+  return plan.padded ? plan.sorted_expert[a] * plan.capacity + plan.slot[a] : a;
+}
+
+// The assignment stored in expert row r, or -1 when the row is empty or dropped.
+int64_t assignment_of_row(const PlanView& plan, int64_t r) {
+  if (plan.padded) {
+    const int64_t e = r / plan.capacity;
+    const int64_t a = plan.offsets[e] + r % plan.capacity;
+    if (a >= plan.offsets[e + 1]) return -1;
+    TORCH_CHECK(a >= 0 && a < plan.num_assignments, "plan is inconsistent: offsets must increase from 0 to A = ",
+                plan.num_assignments);
+    return a;
+  }
+  return is_kept(plan, r) ? r : -1;
+}
+
+void check_token(const PlanView& plan, int64_t a, int64_t token) {
+  TORCH_CHECK(token >= 0 && token < plan.num_tokens, "dispatch: token index out of range: sorted_token[", a, "] = ",
+              token, ", expected values in [0, ", plan.num_tokens, ")");
+}
+
+template <typename scalar_t>
+void gather_rows_impl(const PlanView& plan, const scalar_t* x, scalar_t* out) {
+  const int64_t dim = plan.dim;
+  at::parallel_for(0, plan.num_rows(), row_grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* dst = out + r * dim;
+      const int64_t a = assignment_of_row(plan, r);
+      if (a < 0) {
+        std::fill(dst, dst + dim, scalar_t(0));
+        continue;
+      }
+      const int64_t token = plan.sorted_token[a];
+      check_token(plan, a, token);
+      std::memcpy(dst, x + token * dim, sizeof(scalar_t) * dim);
+    }
+  });
+}
+
+template <typename scalar_t>
+void sum_rows_per_token_impl(const PlanView& plan, const scalar_t* rows, const scalar_t* weight, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t dim = plan.dim;
+  at::parallel_for(0, plan.num_tokens, row_grain(dim), [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(dim);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
+      TORCH_CHECK(0 <= first && first <= last && last <= plan.num_assignments,
+                  "plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
+      for (int64_t j = first; j < last; ++j) {
+        const int64_t a = plan.token_rows[j];
+        TORCH_CHECK(a >= 0 && a < plan.num_assignments, "plan is inconsistent: token_rows[", j, "] = ", a,
+                    " is not an assignment");
+        if (!is_kept(plan, a)) continue;
+        const int64_t r = expert_row(plan, a);
+        TORCH_CHECK(r >= 0 && r < plan.num_rows(), "plan is inconsistent: assignment ", a,
+                    " (sorted_expert, slot) points outside the expert rows");
+        const opmath_t w = weight == nullptr ? opmath_t(1) : static_cast<opmath_t>(weight[a]);
+        const scalar_t* src = rows + r * dim;
+        opmath_t* acc_data = acc.data();
+        for (int64_t d = 0; d < dim; ++d) acc_data[d] += w * static_cast<opmath_t>(src[d]);
+      }
+      scalar_t* dst = out + t * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void combine_backward_impl(const PlanView& plan, const scalar_t* grad_y, const scalar_t* expert_out,
+                           const scalar_t* weight, scalar_t* grad_expert_out, scalar_t* grad_weight) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t dim = plan.dim;
+  // Dropped assignments receive no gradient; kept ones are overwritten below, each by the task owning its row.
+  std::fill(grad_weight, grad_weight + plan.num_assignments, scalar_t(0));
+  at::parallel_for(0, plan.num_rows(), row_grain(dim), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* grad_row = grad_expert_out + r * dim;
+      const int64_t a = assignment_of_row(plan, r);
+      if (a < 0) {
+        std::fill(grad_row, grad_row + dim, scalar_t(0));
+        continue;
+      }
+      const int64_t token = plan.sorted_token[a];
+      TORCH_CHECK(token >= 0 && token < plan.num_tokens, "combine_backward: token index out of range: sorted_token[",
+                  a, "] = ", token, ", expected values in [0, ", plan.num_tokens, ")");
+      const scalar_t* g = grad_y + token * dim;
+      const scalar_t* out_row = expert_out + r * dim;
+      const opmath_t w = static_cast<opmath_t>(weight[a]);
+      opmath_t dot = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        const opmath_t gd = static_cast<opmath_t>(g[d]);
+        grad_row[d] = static_cast<scalar_t>(w * gd);
+        dot += gd * static_cast<opmath_t>(out_row[d]);
+      }
+      grad_weight[a] = static_cast<scalar_t>(dot);
+    }
+  });
+}
+
+}  // namespace
+
+void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, int64_t* order, int64_t* offsets,
+                          const char* key_name) {
+  constexpr int64_t kChunk = 1 << 14;
+  // A fixed split into chunks, independent of the thread count, keeps the result the same on every machine.
+  const int64_t num_chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  std::vector<int64_t> counts(num_chunks * num_buckets, 0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* chunk_counts = counts.data() + c * num_buckets;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+        const int64_t key = keys[i];
+        TORCH_CHECK(key >= 0 && key < num_buckets, key_name, " out of range: ", key_name, "[", i, "] = ", key,
+                    ", expected values in [0, ", num_buckets, ")");
+        ++chunk_counts[key];
+      }
+    }
+  });
+  // Exclusive prefix sum in bucket-major, chunk-minor order: bucket b's chunk-c elements start at counts[c][b].
+  int64_t running = 0;
+  for (int64_t b = 0; b < num_buckets; ++b) {
+    offsets[b] = running;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t count = counts[c * num_buckets + b];
+      counts[c * num_buckets + b] = running;
+      running += count;
+    }
+  }
+  offsets[num_buckets] = running;
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* next = counts.data() + c * num_buckets;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) order[next[keys[i]]++] = i;
+    }
+  });
+}
+
+void gather_rows(const PlanView& plan, const at::Tensor& x, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "visionmoe_dispatch_cpu", [&] {
+    gather_rows_impl<scalar_t>(plan, x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void sum_rows_per_token(const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight, at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "visionmoe_combine_cpu", [&] {
+    sum_rows_per_token_impl<scalar_t>(plan, rows.const_data_ptr<scalar_t>(),
+                                      weight == nullptr ? nullptr : weight->const_data_ptr<scalar_t>(),
+                                      out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::Tensor& expert_out,
+                      const at::Tensor& weight, at::Tensor& grad_expert_out, at::Tensor& grad_weight) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "visionmoe_combine_bwd_cpu", [&] {
+    combine_backward_impl<scalar_t>(plan, grad_y.const_data_ptr<scalar_t>(), expert_out.const_data_ptr<scalar_t>(),
+                                    weight.const_data_ptr<scalar_t>(), grad_expert_out.mutable_data_ptr<scalar_t>(),
+                                    grad_weight.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace visionmoe::dispatch::cpu

@@ -1,0 +1,24 @@
+// Every operator schema of visionmoe, in one place. Kernels register themselves beside their host code;
+// fake kernels and autograd are registered from Python (visionmoe/ops).
+#include <torch/library.h>
+
+TORCH_LIBRARY(visionmoe, m) {
+  // Dispatch family (csrc/dispatch): routing plans, expert dispatch and combine.
+  m.def(
+      "make_plan(Tensor token_index, Tensor expert_index, int num_experts, SymInt? num_tokens=None, "
+      "bool validate=True) -> (Tensor order, Tensor sorted_token, Tensor sorted_expert, Tensor slot, "
+      "Tensor offsets)");
+  m.def("token_major(Tensor sorted_token, SymInt num_tokens) -> (Tensor token_offsets, Tensor token_rows)");
+  m.def(
+      "dispatch(Tensor x, Tensor sorted_token, Tensor sorted_expert, Tensor slot, Tensor offsets, "
+      "Tensor token_offsets, Tensor token_rows, int? capacity, bool padded) -> Tensor");
+  m.def(
+      "dispatch_backward(Tensor grad_out, Tensor sorted_token, Tensor sorted_expert, Tensor slot, Tensor offsets, "
+      "Tensor token_offsets, Tensor token_rows, int? capacity) -> Tensor");
+  m.def(
+      "combine(Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, Tensor slot, "
+      "Tensor offsets, Tensor token_offsets, Tensor token_rows, int? capacity) -> Tensor");
+  m.def(
+      "combine_backward(Tensor grad_y, Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, "
+      "Tensor slot, Tensor offsets, int? capacity) -> (Tensor grad_expert_out, Tensor grad_weight)");
+}

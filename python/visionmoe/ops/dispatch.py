@@ -1,0 +1,201 @@
+"""Routing plans, expert dispatch and combine: thin wrappers over ``torch.ops.visionmoe``.
+
+Shape letters: T tokens, D width, E experts, C capacity, A assignments. The fake kernels and autograd
+formulas of the operators are registered here, so the operators work under ``torch.compile`` and autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _C  # noqa: F401  (loads the operators)
+from ..plan import RoutingPlan
+
+_ops = torch.ops.visionmoe
+
+LAYOUTS = ("padded", "packed")
+
+
+def make_plan(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    *,
+    num_tokens: Optional[int] = None,
+    validate: bool = True,
+) -> RoutingPlan:
+    """Builds a routing plan from explicit assignments.
+
+    Args:
+        token_index: [A] int64, the token of each assignment.
+        expert_index: [A] int64, the expert of each assignment, in [0, E).
+        weight: [A] float, the combine weight of each assignment (gradients flow back to it).
+        num_experts: E.
+        capacity: C, the slots per expert: each expert keeps its first C assignments in the given order (so
+            list assignments in priority order) and drops the rest. None keeps every assignment (dropless).
+        num_tokens: T. When given, token indices are checked against it and the plan carries its token-major
+            view, which combine and dispatch's backward then reuse instead of rebuilding.
+        validate: check that indices are in range. On CUDA this costs one device-to-host synchronisation;
+            callers whose indices are valid by construction (the routers) pass False.
+
+    Grouping by expert is a stable counting sort on the tensors' device; no host synchronisation happens
+    unless ``validate`` is set on CUDA.
+    """
+    if capacity is not None:
+        capacity = int(capacity)
+        if capacity < 0:
+            raise ValueError(f"make_plan: capacity must be >= 0 or None (dropless), got {capacity}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != token_index.shape[0]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"make_plan: weight must have shape [A] = [{token_index.shape[0]}], got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"make_plan: weight must be a floating-point tensor, got {weight.dtype}")
+    if weight.device != token_index.device:
+        raise ValueError(f"make_plan: weight must be on {token_index.device} like token_index, got {weight.device}")
+    order, sorted_token, sorted_expert, slot, offsets = _ops.make_plan(
+        token_index, expert_index, num_experts, num_tokens, validate
+    )
+    token_offsets = token_rows = None
+    if num_tokens is not None:
+        token_offsets, token_rows = _ops.token_major(sorted_token, num_tokens)
+    return RoutingPlan(
+        sorted_token=sorted_token,
+        sorted_expert=sorted_expert,
+        weight=weight.index_select(0, order),
+        slot=slot,
+        offsets=offsets,
+        order=order,
+        num_experts=num_experts,
+        capacity=capacity,
+        token_offsets=token_offsets,
+        token_rows=token_rows,
+    )
+
+
+def _token_view(plan: RoutingPlan, num_tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    if plan.token_offsets is not None:
+        return plan.token_offsets, plan.token_rows
+    return _ops.token_major(plan.sorted_token, num_tokens)
+
+
+def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded") -> torch.Tensor:
+    """Gathers each kept assignment's token into its expert's rows.
+
+    Args:
+        x: [T, D] token features.
+        plan: the routing plan.
+        layout: ``"padded"`` returns [E, C, D] (empty slots zero; needs a capacity); ``"packed"`` returns
+            [A, D] in the plan's expert-major order (dropped assignments' rows zero).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"dispatch: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "padded" and plan.capacity is None:
+        raise ValueError("dispatch: the padded layout needs a capacity; a dropless plan uses layout='packed'")
+    if x.dim() != 2:
+        raise ValueError(f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    token_offsets, token_rows = _token_view(plan, x.shape[0])
+    return _ops.dispatch(
+        x, plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, token_offsets, token_rows,
+        plan.capacity, layout == "padded",
+    )
+
+
+def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> torch.Tensor:
+    """Mixes expert outputs back into tokens: ``y[t] = sum of weight[a] * expert_out[row(a)]``.
+
+    Args:
+        expert_out: [E, C, D] (padded) or [A, D] (packed) expert outputs, as produced from :func:`dispatch`.
+        plan: the routing plan; its weights are cast to ``expert_out``'s dtype.
+        num_tokens: T.
+
+    Returns:
+        [T, D]; a token whose assignments were all dropped gets zeros.
+    """
+    if plan.token_offsets is not None and plan.num_tokens != num_tokens:
+        raise ValueError(f"combine: num_tokens={num_tokens} but the plan was made for {plan.num_tokens} tokens")
+    token_offsets, token_rows = _token_view(plan, num_tokens)
+    return _ops.combine(
+        expert_out, plan.weight.to(expert_out.dtype), plan.sorted_token, plan.sorted_expert, plan.slot,
+        plan.offsets, token_offsets, token_rows, plan.capacity,
+    )
+
+
+# ---- fake kernels: output shapes and dtypes without running anything ----
+
+@torch.library.register_fake("visionmoe::make_plan")
+def _make_plan_fake(token_index, expert_index, num_experts, num_tokens=None, validate=True):
+    n = token_index.shape[0]
+    index = [token_index.new_empty((n,)) for _ in range(4)]
+    return (*index, token_index.new_empty((num_experts + 1,)))
+
+
+@torch.library.register_fake("visionmoe::token_major")
+def _token_major_fake(sorted_token, num_tokens):
+    return sorted_token.new_empty((num_tokens + 1,)), sorted_token.new_empty(sorted_token.shape)
+
+
+@torch.library.register_fake("visionmoe::dispatch")
+def _dispatch_fake(x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded):
+    torch._check(x.dim() == 2, lambda: f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    if padded:
+        torch._check(capacity is not None, lambda: "dispatch: the padded layout needs a capacity")
+        return x.new_empty((offsets.shape[0] - 1, capacity, x.shape[1]))
+    return x.new_empty((sorted_token.shape[0], x.shape[1]))
+
+
+@torch.library.register_fake("visionmoe::dispatch_backward")
+def _dispatch_backward_fake(grad_out, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
+                            capacity):
+    return grad_out.new_empty((token_offsets.shape[0] - 1, grad_out.shape[-1]))
+
+
+@torch.library.register_fake("visionmoe::combine")
+def _combine_fake(expert_out, weight, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
+                  capacity):
+    return expert_out.new_empty((token_offsets.shape[0] - 1, expert_out.shape[-1]))
+
+
+@torch.library.register_fake("visionmoe::combine_backward")
+def _combine_backward_fake(grad_y, expert_out, weight, sorted_token, sorted_expert, slot, offsets, capacity):
+    return torch.empty_like(expert_out), torch.empty_like(weight)
+
+
+# ---- autograd: the backward passes are operators too ----
+
+def _setup_dispatch(ctx, inputs, output):
+    x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded = inputs
+    ctx.save_for_backward(sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows)
+    ctx.capacity = capacity
+
+
+def _dispatch_backward(ctx, grad_out):
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.dispatch_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.capacity)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("visionmoe::dispatch", _dispatch_backward, setup_context=_setup_dispatch)
+
+
+def _setup_combine(ctx, inputs, output):
+    expert_out, weight, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity = inputs
+    ctx.save_for_backward(expert_out, weight, sorted_token, sorted_expert, slot, offsets)
+    ctx.capacity = capacity
+
+
+def _combine_backward(ctx, grad_y):
+    expert_out, weight, sorted_token, sorted_expert, slot, offsets = ctx.saved_tensors
+    grad_expert_out = grad_weight = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        grad_expert_out, grad_weight = _ops.combine_backward(
+            grad_y.contiguous(), expert_out, weight, sorted_token, sorted_expert, slot, offsets, ctx.capacity
+        )
+    return grad_expert_out, grad_weight, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("visionmoe::combine", _combine_backward, setup_context=_setup_combine)

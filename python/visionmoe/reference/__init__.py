@@ -1,0 +1,24 @@
+"""Pure-PyTorch reference implementations of every visionmoe operator, with the operators' signatures.
+
+They are the readable specification and the oracle of the tests; they are not meant to be fast.
+"""
+
+from .dispatch import (
+    combine,
+    combine_einsum,
+    combine_tensor,
+    dispatch,
+    dispatch_einsum,
+    make_plan,
+    token_major,
+)
+
+__all__ = [
+    "combine",
+    "combine_einsum",
+    "combine_tensor",
+    "dispatch",
+    "dispatch_einsum",
+    "make_plan",
+    "token_major",
+]
