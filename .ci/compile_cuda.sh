@@ -22,6 +22,12 @@ if [ ! -f "$TORCH_ROOT/include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
   printf '#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n' > "$out/include/c10/cuda/impl/cuda_cmake_macros.h"
   TORCH_INCLUDE="-I$out/include $TORCH_INCLUDE"
 fi
+# cub (CUDA's CCCL) ships with the toolkit; where a toolkit lacks it, take it from PyPI.
+NVCC_INCLUDE="$(dirname "$(readlink -f "$NVCC")")/../include"
+if [ ! -f "$NVCC_INCLUDE/cub/cub.cuh" ] && [ ! -f "$NVCC_INCLUDE/cccl/cub/cub.cuh" ]; then
+  "$PYTHON" -m pip install -q --target "$out/cccl" "nvidia-cuda-cccl==13.0.*"
+  TORCH_INCLUDE="-I$(dirname "$(find "$out/cccl" -path '*/cub/cub.cuh' | head -1)")/.. $TORCH_INCLUDE"
+fi
 status=0
 count=0
 for source in $(find csrc -name '*.cu' | sort); do

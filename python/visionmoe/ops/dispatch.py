@@ -76,6 +76,11 @@ def make_plan(
     )
 
 
+def _check_device(op: str, name: str, tensor: torch.Tensor, plan: RoutingPlan) -> None:
+    if tensor.device != plan.sorted_token.device:
+        raise ValueError(f"{op}: {name} is on {tensor.device} but the plan is on {plan.sorted_token.device}")
+
+
 def _token_view(plan: RoutingPlan, num_tokens) -> tuple[torch.Tensor, torch.Tensor]:
     if plan.token_offsets is not None:
         return plan.token_offsets, plan.token_rows
@@ -97,6 +102,7 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded") -> torc
         raise ValueError("dispatch: the padded layout needs a capacity; a dropless plan uses layout='packed'")
     if x.dim() != 2:
         raise ValueError(f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    _check_device("dispatch", "x", x, plan)
     token_offsets, token_rows = _token_view(plan, x.shape[0])
     return _ops.dispatch(
         x, plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, token_offsets, token_rows,
@@ -115,6 +121,7 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> tor
     Returns:
         [T, D]; a token whose assignments were all dropped gets zeros.
     """
+    _check_device("combine", "expert_out", expert_out, plan)
     if plan.token_offsets is not None and plan.num_tokens != num_tokens:
         raise ValueError(f"combine: num_tokens={num_tokens} but the plan was made for {plan.num_tokens} tokens")
     token_offsets, token_rows = _token_view(plan, num_tokens)

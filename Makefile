@@ -1,0 +1,46 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+# A virtual environment in .venv gets torch (2.13.0, CPU build, unless the environment already has a torch),
+# the build tools, and visionmoe built against that torch (--no-build-isolation, so no other torch is pulled).
+# On a machine whose system Python already has a CUDA torch: make test VENV_OPTS=--system-site-packages
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_OPTS ?=
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+SOURCES := $(shell find csrc python -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py' \)) \
+           CMakeLists.txt pyproject.toml
+
+.PHONY: install demo test bench cuda-compile clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV_OPTS) $(VENV)
+
+$(VENV)/.deps: $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -c "import numpy, pytest, scikit_build_core, pybind11, ninja, expecttest" 2>/dev/null || \
+	  $(PY) -m pip install numpy pytest expecttest "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) examples/demo.py
+
+# -p no:cacheprovider keeps a read-only checkout clean; pytest exits non-zero when it collects no tests.
+test: install
+	$(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests
+
+bench: install
+	$(PY) benchmarks/bench_dispatch.py
+
+cuda-compile: $(VENV)/.deps
+	.ci/compile_cuda.sh $(PY)
+
+clean:
+	rm -rf build $(VENV)

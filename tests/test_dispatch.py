@@ -1,0 +1,364 @@
+"""Routing plans, dispatch and combine: reference agreement, gradcheck, opcheck, torch.compile, bad input."""
+
+import pytest
+import torch
+
+import visionmoe
+from visionmoe import ops
+from visionmoe import reference as ref
+
+TOLERANCES = {
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+
+
+def top_k_assignments(num_tokens, num_experts, k, device, dtype=torch.float32, seed=0):
+    """Each token picks k distinct experts; assignments are listed all first choices first (priority order)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=generator)
+    expert_index = scores.topk(k, dim=1).indices.t().reshape(-1)
+    token_index = torch.arange(num_tokens).repeat(k)
+    weight = torch.rand(num_tokens * k, generator=generator) + 0.1
+    return token_index.to(device), expert_index.to(device), weight.to(device=device, dtype=dtype)
+
+
+def plans(token_index, expert_index, weight, num_experts, capacity, num_tokens):
+    kwargs = dict(num_tokens=num_tokens)
+    return (
+        ops.make_plan(token_index, expert_index, weight, num_experts, capacity, **kwargs),
+        ref.make_plan(token_index, expert_index, weight, num_experts, capacity, **kwargs),
+    )
+
+
+CASES = [
+    # (T, D, E, K, capacity, layout)
+    (37, 24, 4, 2, 12, "padded"),  # some assignments dropped
+    (37, 24, 4, 2, 40, "padded"),  # capacity larger than any expert's load: nothing dropped, empty slots
+    (37, 24, 4, 2, 0, "padded"),  # everything dropped
+    (37, 24, 4, 2, 12, "packed"),
+    (37, 24, 4, 2, None, "packed"),  # dropless
+    (64, 33, 8, 1, 9, "padded"),  # odd width: no vectorised fast path on CUDA
+    (5, 8, 3, 3, None, "packed"),  # K = E
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("T,D,E,K,capacity,layout", CASES)
+def test_matches_reference(device, dtype, T, D, E, K, capacity, layout):
+    token_index, expert_index, weight = top_k_assignments(T, E, K, device, dtype)
+    plan, plan_ref = plans(token_index, expert_index, weight, E, capacity, T)
+    for field in ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows"):
+        assert torch.equal(getattr(plan, field), getattr(plan_ref, field)), field
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    out, out_ref = ops.dispatch(x, plan, layout), ref.dispatch(x, plan_ref, layout)
+    assert torch.equal(out, out_ref)  # a gather is exact
+    expert_out = torch.randn_like(out)
+    torch.testing.assert_close(ops.combine(expert_out, plan, T), ref.combine(expert_out, plan_ref, T),
+                               **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("T,D,E,K,capacity,layout", CASES)
+def test_gradients_match_reference(device, dtype, T, D, E, K, capacity, layout):
+    token_index, expert_index, weight = top_k_assignments(T, E, K, device, dtype)
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    grad_y = torch.randn(T, D, device=device, dtype=dtype)
+    results = []
+    for module in (ops, ref):
+        x_leaf = x.clone().requires_grad_()
+        w_leaf = weight.clone().requires_grad_()
+        plan = module.make_plan(token_index, expert_index, w_leaf, E, capacity, num_tokens=T)
+        hidden = module.dispatch(x_leaf, plan, layout)
+        expert_out = (hidden * 2 + 1).tanh()  # any expert function; its rows for empty slots are not zero
+        module.combine(expert_out, plan, T).backward(grad_y)
+        results.append((x_leaf.grad, w_leaf.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+
+
+def test_plan_is_stable_and_keeps_priority(device):
+    # expert 1 receives tokens 4, 0, 2 in that priority order; with capacity 2, token 2 is dropped.
+    token_index = torch.tensor([4, 1, 0, 3, 2], device=device)
+    expert_index = torch.tensor([1, 0, 1, 2, 1], device=device)
+    weight = torch.ones(5, device=device)
+    plan = ops.make_plan(token_index, expert_index, weight, 3, capacity=2, num_tokens=5)
+    assert plan.sorted_token.tolist() == [1, 4, 0, 2, 3]
+    assert plan.sorted_expert.tolist() == [0, 1, 1, 1, 2]
+    assert plan.slot.tolist() == [0, 0, 1, 2, 0]
+    assert plan.offsets.tolist() == [0, 1, 4, 5]
+    assert plan.order.tolist() == [1, 0, 2, 4, 3]
+    assert plan.kept().tolist() == [True, True, True, False, True]
+    assert plan.expert_load().tolist() == [1, 2, 1]
+    assert plan.dropped_fraction().item() == pytest.approx(0.2)
+    # token 2's only assignment was dropped, so it gets zeros; the others get their single expert row.
+    x = torch.arange(10.0, device=device).view(5, 2)
+    y = ops.combine(ops.dispatch(x, plan, "padded"), plan, 5)
+    assert y.tolist() == [[0, 1], [2, 3], [0, 0], [6, 7], [8, 9]]
+
+
+def test_every_token_prefers_one_expert(device):
+    T, E, C = 20, 4, 6
+    token_index = torch.arange(T, device=device)
+    expert_index = torch.full((T,), 2, device=device)
+    weight = torch.rand(T, device=device)
+    plan, plan_ref = plans(token_index, expert_index, weight, E, C, T)
+    assert plan.expert_load().tolist() == [0, 0, C, 0]
+    x = torch.randn(T, 8, device=device)
+    out = ops.dispatch(x, plan, "padded")
+    assert torch.equal(out, ref.dispatch(x, plan_ref, "padded"))
+    assert torch.equal(out[2], x[:C]) and not out[[0, 1, 3]].any()
+    torch.testing.assert_close(ops.combine(out, plan, T), ref.combine(out, plan_ref, T))
+
+
+def test_empty_input(device):
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    plan = ops.make_plan(empty, empty, torch.empty(0, device=device), 4, capacity=3, num_tokens=0)
+    assert plan.offsets.tolist() == [0] * 5
+    x = torch.empty(0, 16, device=device)
+    out = ops.dispatch(x, plan, "padded")
+    assert out.shape == (4, 3, 16) and not out.any()
+    assert ops.combine(out, plan, 0).shape == (0, 16)
+    assert ops.dispatch(x, plan, "packed").shape == (0, 16)
+
+
+def test_plan_without_token_view_gives_the_same_result(device):
+    T, E = 30, 5
+    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
+    with_view = ops.make_plan(token_index, expert_index, weight, E, 10, num_tokens=T)
+    without_view = ops.make_plan(token_index, expert_index, weight, E, 10)
+    assert without_view.token_offsets is None
+    x = torch.randn(T, 12, device=device)
+    hidden = ops.dispatch(x, without_view, "padded")
+    assert torch.equal(hidden, ops.dispatch(x, with_view, "padded"))
+    assert torch.equal(ops.combine(hidden, without_view, T), ops.combine(hidden, with_view, T))
+
+
+def test_deterministic(device):
+    T, D, E = 2000, 64, 8
+    token_index, expert_index, weight = top_k_assignments(T, E, 4, device)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    w = weight.requires_grad_()
+    runs = []
+    for _ in range(2):
+        plan = ops.make_plan(token_index, expert_index, w, E, None, num_tokens=T)
+        y = ops.combine(ops.dispatch(x, plan, "packed") * 3, plan, T)
+        grad_x, grad_w = torch.autograd.grad(y.square().sum(), (x, w))
+        runs.append((y, grad_x, grad_w))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# ---- gradcheck in float64 on tiny shapes ----
+
+@pytest.mark.parametrize("capacity,layout", [(3, "padded"), (3, "packed"), (None, "packed")])
+def test_gradcheck(device, capacity, layout):
+    T, D, E, K = 6, 3, 3, 2
+    token_index, expert_index, weight = top_k_assignments(T, E, K, device, torch.float64)
+    x = torch.randn(T, D, device=device, dtype=torch.float64, requires_grad=True)
+    weight.requires_grad_()
+
+    def dispatch_then_combine(x, weight):
+        plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
+        return ops.combine(ops.dispatch(x, plan, layout).sin(), plan, T)
+
+    assert torch.autograd.gradcheck(dispatch_then_combine, (x, weight))
+    plan = ops.make_plan(token_index, expert_index, weight.detach(), E, capacity, num_tokens=T)
+    expert_out = torch.randn_like(ops.dispatch(x.detach(), plan, layout), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h: ops.combine(h, plan, T), (expert_out,))
+
+
+# ---- torch.library.opcheck on every operator ----
+
+def op_samples(device, capacity, padded):
+    T, D, E = 7, 4, 3
+    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
+    plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    plan_tensors = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
+    token_view = (plan.token_offsets, plan.token_rows)
+    rows = ops.dispatch(x.detach(), plan, "padded" if padded else "packed").requires_grad_()
+    w = plan.weight.detach().requires_grad_()
+    grad_y = torch.randn(T, D, device=device)
+    return {
+        "make_plan": (token_index, expert_index, E, T, True),
+        "token_major": (plan.sorted_token, T),
+        "dispatch": (x, *plan_tensors, *token_view, capacity, padded),
+        "dispatch_backward": (rows.detach(), *plan_tensors, *token_view, capacity),
+        "combine": (rows, w, *plan_tensors, *token_view, capacity),
+        "combine_backward": (grad_y, rows.detach(), w.detach(), *plan_tensors, capacity),
+    }
+
+
+@pytest.mark.parametrize("capacity,padded", [(3, True), (3, False), (None, False)])
+@pytest.mark.parametrize(
+    "name", ["make_plan", "token_major", "dispatch", "dispatch_backward", "combine", "combine_backward"]
+)
+def test_opcheck(device, name, capacity, padded):
+    args = op_samples(device, capacity, padded)[name]
+    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
+
+
+# ---- torch.compile ----
+
+def route_and_mix(x, token_index, expert_index, weight, num_experts, capacity):
+    plan = ops.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=x.shape[0],
+                         validate=False)
+    layout = "packed" if capacity is None else "padded"
+    hidden = ops.dispatch(x, plan, layout)
+    return ops.combine(torch.relu(hidden) * 2, plan, x.shape[0])
+
+
+@pytest.mark.parametrize("capacity", [8, None])
+def test_compile_fullgraph_dynamic(device, capacity):
+    torch._dynamo.reset()
+    compiled = torch.compile(route_and_mix, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (24, 41):  # a second size must reuse the dynamic graph, not break it
+        token_index, expert_index, weight = top_k_assignments(T, 4, 2, device)
+        x = torch.randn(T, 16, device=device, requires_grad=True)
+        w = weight.requires_grad_()
+        y = compiled(x, token_index, expert_index, w, 4, capacity)
+        y.sum().backward()
+        x_eager = x.detach().clone().requires_grad_()
+        w_eager = weight.detach().clone().requires_grad_()
+        y_eager = route_and_mix(x_eager, token_index, expert_index, w_eager, 4, capacity)
+        y_eager.sum().backward()
+        torch.testing.assert_close(y, y_eager)
+        torch.testing.assert_close(x.grad, x_eager.grad)
+        torch.testing.assert_close(w.grad, w_eager.grad)
+
+
+def test_compile_inductor_smoke(device):
+    torch._dynamo.reset()
+    compiled = torch.compile(route_and_mix, fullgraph=True)
+    token_index, expert_index, weight = top_k_assignments(32, 4, 2, device)
+    x = torch.randn(32, 16, device=device)
+    torch.testing.assert_close(compiled(x, token_index, expert_index, weight, 4, 10),
+                               route_and_mix(x, token_index, expert_index, weight, 4, 10))
+
+
+# ---- bad input: clear errors naming the argument ----
+
+def small_plan(device="cpu", capacity=4, num_tokens=6):
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
+    return ops.make_plan(token_index, expert_index, weight, 3, capacity, num_tokens=num_tokens)
+
+
+def test_negative_capacity_is_rejected():
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        ops.make_plan(token_index, expert_index, weight, 3, capacity=-1)
+    plan = small_plan()
+    args = (torch.randn(6, 4), plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets,
+            plan.token_rows)
+    with pytest.raises(RuntimeError, match="capacity must be >= 0"):
+        torch.ops.visionmoe.dispatch(*args, -2, True)
+
+
+def test_token_index_out_of_range(device):
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
+    bad_tokens = token_index.clone()
+    bad_tokens[3] = 6
+    with pytest.raises(RuntimeError, match=r"token_index out of range: token_index\[3\] = 6"):
+        ops.make_plan(bad_tokens, expert_index, weight, 3, 4, num_tokens=6)
+    bad_tokens[3] = -1
+    with pytest.raises(RuntimeError, match="token_index out of range"):
+        ops.make_plan(bad_tokens, expert_index, weight, 3, 4)
+
+
+def test_token_index_beyond_x_is_rejected():
+    # A plan made without num_tokens is checked when it meets x.
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    plan = ops.make_plan(token_index, expert_index, weight, 3, 4)
+    with pytest.raises(RuntimeError, match="sorted_token out of range"):
+        ops.dispatch(torch.randn(5, 4), plan, "padded")
+    with pytest.raises(RuntimeError, match="sorted_token out of range"):
+        ops.combine(torch.randn(3, 4, 4), plan, 5)
+
+
+def test_expert_index_out_of_range(device):
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
+    expert_index[5] = 3
+    with pytest.raises(RuntimeError, match=r"expert_index out of range: expert_index\[5\] = 3"):
+        ops.make_plan(token_index, expert_index, weight, 3, 4)
+
+
+def test_wrong_dtypes_are_rejected():
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    with pytest.raises(RuntimeError, match="expert_index must have dtype int64"):
+        ops.make_plan(token_index, expert_index.int(), weight, 3, 4)
+    with pytest.raises(ValueError, match="weight must be a floating-point tensor"):
+        ops.make_plan(token_index, expert_index, weight.long(), 3, 4)
+    plan = small_plan()
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+        ops.dispatch(torch.ones(6, 4, dtype=torch.long), plan, "padded")
+    rows = torch.randn(3, 4, 5)
+    plan_args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
+    with pytest.raises(RuntimeError, match=r"weight must have the dtype of expert_out \(Float\)"):
+        torch.ops.visionmoe.combine(rows, plan.weight.double(), *plan_args, plan.token_offsets, plan.token_rows, 4)
+
+
+def test_wrong_device_is_rejected():
+    plan = small_plan()
+    with pytest.raises(ValueError, match="x is on meta but the plan is on cpu"):
+        ops.dispatch(torch.randn(6, 4, device="meta"), plan, "padded")
+    with pytest.raises(ValueError, match="expert_out is on meta but the plan is on cpu"):
+        ops.combine(torch.randn(3, 4, 4, device="meta"), plan, 6)
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    with pytest.raises(ValueError, match="weight must be on cpu"):
+        ops.make_plan(token_index, expert_index, weight.to("meta"), 3, 4)
+
+
+@pytest.mark.cuda
+def test_cpu_plan_with_cuda_tensor_is_rejected():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    plan = small_plan()
+    with pytest.raises(ValueError, match="x is on cuda:0 but the plan is on cpu"):
+        ops.dispatch(torch.randn(6, 4, device="cuda"), plan, "padded")
+    args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets, plan.token_rows)
+    with pytest.raises(RuntimeError, match="sorted_token must be on cuda:0"):
+        torch.ops.visionmoe.dispatch(torch.randn(6, 4, device="cuda"), *args, 4, True)
+
+
+def test_inconsistent_plan_shapes_are_rejected():
+    plan = small_plan()
+    with pytest.raises(RuntimeError, match=r"expert_out must have shape \[E, C, D\] = \[3, 4, D\]"):
+        ops.combine(torch.randn(3, 5, 4), plan, 6)
+    with pytest.raises(RuntimeError, match=r"expert_out must have shape \[A, D\] = \[12, D\]"):
+        ops.combine(torch.randn(11, 4), plan, 6)
+    with pytest.raises(ValueError, match="num_tokens=7 but the plan was made for 6 tokens"):
+        ops.combine(torch.randn(3, 4, 4), plan, 7)
+    with pytest.raises(RuntimeError, match="token_offsets describes 6 tokens but x has 5"):
+        ops.dispatch(torch.randn(5, 4), plan, "padded")
+    broken = visionmoe.RoutingPlan(**{**plan.__dict__, "slot": plan.slot[:-1]})
+    with pytest.raises(RuntimeError, match="plan shapes are inconsistent: sorted_token, sorted_expert and slot"):
+        ops.dispatch(torch.randn(6, 4), broken, "padded")
+    with pytest.raises(RuntimeError, match="plan shapes are inconsistent: weight must have shape"):
+        ops.combine(torch.randn(3, 4, 4), visionmoe.RoutingPlan(**{**plan.__dict__, "weight": plan.weight[:3]}), 6)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        ops.make_plan(plan.order, plan.order, torch.ones(3), 3)
+
+
+def test_bad_layout_and_dropless_padded_are_rejected():
+    plan = small_plan(capacity=None)
+    with pytest.raises(ValueError, match="padded layout needs a capacity"):
+        ops.dispatch(torch.randn(6, 4), plan, "padded")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ops.dispatch(torch.randn(6, 4), plan, "dense")
+
+
+def test_num_experts_must_be_positive():
+    with pytest.raises(RuntimeError, match="num_experts must be >= 1"):
+        ops.make_plan(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), 0)
+
+
+def test_build_info():
+    info = visionmoe.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert isinstance(info["cuda"], bool) and info["num_threads"] >= 1
+    if torch.cuda.is_available():
+        assert info["cuda"], "a GPU is present but this build has no CUDA kernels"
+
