@@ -110,12 +110,24 @@ void combine_backward_impl(const PlanView& plan, const scalar_t* grad_y, const s
       const scalar_t* g = grad_y + token * dim;
       const scalar_t* out_row = expert_out + r * dim;
       const opmath_t w = static_cast<opmath_t>(weight[a]);
-      opmath_t dot = 0;
-      for (int64_t d = 0; d < dim; ++d) {
+      // Independent partial sums let the compiler vectorise the dot product without reordering any one sum.
+      constexpr int64_t kLanes = 16;
+      opmath_t partial[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= dim; d += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const opmath_t gd = static_cast<opmath_t>(g[d + l]);
+          grad_row[d + l] = static_cast<scalar_t>(w * gd);
+          partial[l] += gd * static_cast<opmath_t>(out_row[d + l]);
+        }
+      }
+      for (; d < dim; ++d) {
         const opmath_t gd = static_cast<opmath_t>(g[d]);
         grad_row[d] = static_cast<scalar_t>(w * gd);
-        dot += gd * static_cast<opmath_t>(out_row[d]);
+        partial[d % kLanes] += gd * static_cast<opmath_t>(out_row[d]);
       }
+      opmath_t dot = 0;
+      for (int64_t l = 0; l < kLanes; ++l) dot += partial[l];
       grad_weight[a] = static_cast<scalar_t>(dot);
     }
   });
