@@ -12,6 +12,9 @@ fi
 TORCH_INCLUDE="$("$PYTHON" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join("-I" + p for p in include_paths()))')"
 ABI="$("$PYTHON" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
 ARCH="${VISIONMOE_CUDA_ARCH:-sm_90}"
+# The C++ standard torch was built with (recorded in its CMake config), as the real build uses.
+STD="$(sed -n 's/^ *CXX_STANDARD \([0-9]*\).*/\1/p' "$("$PYTHON" -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')/Torch/TorchConfig.cmake" | head -1)"
+STD="${STD:-17}"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 # A CPU build of torch ships c10/cuda's headers but not the one its CMake generates for CUDA builds; supply it
@@ -23,8 +26,7 @@ if [ ! -f "$TORCH_ROOT/include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
   TORCH_INCLUDE="-I$out/include $TORCH_INCLUDE"
 fi
 # cub (CUDA's CCCL) ships with the toolkit; where a toolkit lacks it, take it from PyPI.
-NVCC_INCLUDE="$(dirname "$(readlink -f "$NVCC")")/../include"
-if [ ! -f "$NVCC_INCLUDE/cub/cub.cuh" ] && [ ! -f "$NVCC_INCLUDE/cccl/cub/cub.cuh" ]; then
+if ! echo '#include <cub/block/block_scan.cuh>' | "$NVCC" -E -x cu - -o /dev/null 2>/dev/null; then
   "$PYTHON" -m pip install -q --target "$out/cccl" "nvidia-cuda-cccl==13.0.*"
   TORCH_INCLUDE="-I$(dirname "$(find "$out/cccl" -path '*/cub/cub.cuh' | head -1)")/.. $TORCH_INCLUDE"
 fi
@@ -32,9 +34,9 @@ status=0
 count=0
 for source in $(find csrc -name '*.cu' | sort); do
   count=$((count + 1))
-  echo "nvcc -c $source (arch $ARCH)"
+  echo "nvcc -c $source (arch $ARCH, c++$STD)"
   # shellcheck disable=SC2086
-  if ! "$NVCC" -c "$source" -o "$out/$(basename "$source").o" -std=c++20 -arch="$ARCH" -O2 \
+  if ! "$NVCC" -c "$source" -o "$out/$(basename "$source").o" -std=c++$STD -arch="$ARCH" -O2 \
       --expt-relaxed-constexpr -Xcompiler -fPIC -D_GLIBCXX_USE_CXX11_ABI="$ABI" \
       -DVISIONMOE_WITH_CUDA -Icsrc $TORCH_INCLUDE; then
     status=1
