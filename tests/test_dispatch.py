@@ -136,17 +136,23 @@ def test_plan_without_token_view_gives_the_same_result(device):
     assert torch.equal(ops.combine(hidden, without_view, T), ops.combine(hidden, with_view, T))
 
 
-def test_deterministic(device):
+@pytest.mark.parametrize("deterministic_mode", [False, True])
+def test_deterministic(device, deterministic_mode):
     T, D, E = 2000, 64, 8
     token_index, expert_index, weight = top_k_assignments(T, E, 4, device)
     x = torch.randn(T, D, device=device, requires_grad=True)
     w = weight.requires_grad_()
     runs = []
-    for _ in range(2):
-        plan = ops.make_plan(token_index, expert_index, w, E, None, num_tokens=T)
-        y = ops.combine(ops.dispatch(x, plan, "packed") * 3, plan, T)
-        grad_x, grad_w = torch.autograd.grad(y.square().sum(), (x, w))
-        runs.append((y, grad_x, grad_w))
+    previous_mode = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic_mode)
+    try:
+        for _ in range(2):
+            plan = ops.make_plan(token_index, expert_index, w, E, 500, num_tokens=T)
+            y = ops.combine(ops.dispatch(x, plan, "padded") * 3, plan, T)
+            grad_x, grad_w = torch.autograd.grad(y.square().sum(), (x, w))
+            runs.append((y, grad_x, grad_w))
+    finally:
+        torch.use_deterministic_algorithms(previous_mode)
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
