@@ -28,8 +28,11 @@ class RoutingPlan:
         slot: [A] int64, rank of the assignment within its expert.
         offsets: [E + 1] int64, expert e's assignments are ``offsets[e]:offsets[e + 1]``.
         order: [A] int64, position of each assignment in the list the plan was made from.
-        num_experts: E.
-        capacity: C, or None for a dropless plan.
+        num_experts: the number of expert slots-groups the plan addresses. Routers that route G groups
+            independently address E * G virtual experts, numbered ``e * G + g``, so that padded rows
+            [E * G, C, D] view as [E, G * C, D] and each real expert's rows stay contiguous in both layouts.
+        capacity: C (per virtual expert), or None for a dropless plan.
+        num_groups: G, the number of independently routed groups (1 for explicit plans).
         token_offsets: [T + 1] int64 or None, token-major view: token t's assignments are
             ``token_rows[token_offsets[t]:token_offsets[t + 1]]`` (positions in this plan, increasing).
         token_rows: [A] int64 or None, see ``token_offsets``.
@@ -48,6 +51,7 @@ class RoutingPlan:
     order: torch.Tensor
     num_experts: int
     capacity: Optional[int] = None
+    num_groups: int = 1
     token_offsets: Optional[torch.Tensor] = None
     token_rows: Optional[torch.Tensor] = None
 
@@ -72,13 +76,17 @@ class RoutingPlan:
         return self.slot < self.capacity
 
     def expert_counts(self) -> torch.Tensor:
-        """[E] int64, assignments routed to each expert before the capacity is applied."""
-        return self.offsets[1:] - self.offsets[:-1]
+        """[E] int64, assignments routed to each expert before the capacity is applied, summed over groups."""
+        return self._virtual_counts().view(-1, self.num_groups).sum(1)
 
     def expert_load(self) -> torch.Tensor:
-        """[E] int64, assignments each expert actually processes (at most C)."""
-        counts = self.expert_counts()
-        return counts if self.capacity is None else counts.clamp(max=self.capacity)
+        """[E] int64, assignments each expert actually processes (at most C per group), summed over groups."""
+        counts = self._virtual_counts()
+        load = counts if self.capacity is None else counts.clamp(max=self.capacity)
+        return load.view(-1, self.num_groups).sum(1)
+
+    def _virtual_counts(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
 
     def dropped_fraction(self) -> torch.Tensor:
         """Scalar float, the fraction of assignments dropped by the capacity (0 for a dropless plan)."""
@@ -89,12 +97,13 @@ class RoutingPlan:
 
 def _flatten_plan(plan: RoutingPlan):
     tensors = [getattr(plan, f) for f in _TENSOR_FIELDS]
-    return tensors, (plan.num_experts, plan.capacity)
+    return tensors, (plan.num_experts, plan.capacity, plan.num_groups)
 
 
 def _unflatten_plan(tensors, context) -> RoutingPlan:
-    num_experts, capacity = context
-    return RoutingPlan(**dict(zip(_TENSOR_FIELDS, tensors)), num_experts=num_experts, capacity=capacity)
+    num_experts, capacity, num_groups = context
+    return RoutingPlan(**dict(zip(_TENSOR_FIELDS, tensors)), num_experts=num_experts, capacity=capacity,
+                       num_groups=num_groups)
 
 
 _TENSOR_FIELDS = ("sorted_token", "sorted_expert", "weight", "slot", "offsets", "order", "token_offsets", "token_rows")

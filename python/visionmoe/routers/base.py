@@ -1,0 +1,100 @@
+"""What every router returns, and the registry routers are created from.
+
+Shape letters: G groups routed independently (e.g. one per image, as V-MoE routes), T tokens per group,
+D width, E experts, K experts per token, C capacity per expert and group, S slots (Soft MoE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class RouterMetrics:
+    """What a router measured while routing; nothing here is needed to dispatch.
+
+    Attributes:
+        probs: [G, T, E] routing probabilities (softmax of the logits, before any selection).
+        logits: [G, T, E] router logits (with noise, when noise was added).
+        load: [E] float, assignments (or, for soft routers, dispatch mass) each expert processes.
+        dropped_fraction: scalar, the fraction of assignments dropped by the capacity.
+        aux_losses: auxiliary losses by name (scalars); the training loop weights and adds them.
+    """
+
+    probs: torch.Tensor
+    logits: torch.Tensor
+    load: torch.Tensor
+    dropped_fraction: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+def as_groups(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """[T, D] -> [1, T, D]; [G, T, D] unchanged; anything else is rejected."""
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [T, D] or [G, T, D], got {tuple(x.shape)}")
+    return x
+
+
+class Router(nn.Module):
+    """Base class: ``forward(x [G, T, D] or [T, D]) -> (plan, RouterMetrics)``.
+
+    Sparse routers return a :class:`visionmoe.RoutingPlan` whose tokens are numbered ``g * T + t``;
+    soft routers return their own plan type.
+    """
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.dim = dim
+        self.num_experts = num_experts
+
+    def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[str, Callable[..., Router]] = {}
+
+
+def register_router(name: str) -> Callable:
+    """Class decorator adding a router to the registry under ``name``."""
+
+    def add(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"router {name!r} is already registered")
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def create_router(name: str, dim: int, num_experts: int, **options) -> Router:
+    """Creates the router registered as ``name`` (see :func:`list_routers`) for width ``dim``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown router {name!r}; available: {', '.join(list_routers())}")
+    return _REGISTRY[name](dim, num_experts, **options)
+
+
+def list_routers() -> list[str]:
+    """Names accepted by :func:`create_router`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Rejects NaN or infinite router logits with a clear error.
+
+    An asynchronous assertion: no host synchronisation and no graph break under ``torch.compile``; on CUDA
+    the failure surfaces as a device-side assertion.
+    """
+    torch._assert_async(
+        torch.isfinite(logits).all(),
+        "router logits contain NaN or infinite values (check the inputs and the learning rate)",
+    )
