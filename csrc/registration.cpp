@@ -21,4 +21,12 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def(
       "combine_backward(Tensor grad_y, Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, int? capacity) -> (Tensor grad_expert_out, Tensor grad_weight)");
+
+  // Routing family (csrc/routing): router assignments as routing plans over E * G virtual experts.
+  m.def(
+      "topk_route(Tensor scores, int k, bool batch_priority) -> (Tensor sorted_token, Tensor sorted_expert, "
+      "Tensor slot, Tensor offsets, Tensor order, Tensor flat_index, Tensor token_offsets, Tensor token_rows)");
+  m.def(
+      "expert_choice_route(Tensor scores, int capacity) -> (Tensor sorted_token, Tensor sorted_expert, "
+      "Tensor slot, Tensor offsets, Tensor order, Tensor flat_index, Tensor token_offsets, Tensor token_rows)");
 }

@@ -6,5 +6,14 @@ registered autograd; ``visionmoe.reference`` holds a pure-PyTorch version of eac
 
 from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
+from .routing import expert_choice_route, topk_route
 
-__all__ = ["LAYOUTS", "RoutingPlan", "combine", "dispatch", "make_plan"]
+__all__ = [
+    "LAYOUTS",
+    "RoutingPlan",
+    "combine",
+    "dispatch",
+    "expert_choice_route",
+    "make_plan",
+    "topk_route",
+]

@@ -12,6 +12,7 @@ from .dispatch import (
     make_plan,
     token_major,
 )
+from .routing import expert_choice_route, topk_route
 
 __all__ = [
     "combine",
@@ -19,6 +20,8 @@ __all__ = [
     "combine_tensor",
     "dispatch",
     "dispatch_einsum",
+    "expert_choice_route",
     "make_plan",
     "token_major",
+    "topk_route",
 ]

@@ -4,12 +4,28 @@
 Each ``forward(x)`` takes [G, T, D] (G groups routed independently) or [T, D] and returns ``(plan, metrics)``.
 """
 
-from .base import Router, RouterMetrics, as_groups, check_finite_logits, create_router, list_routers, register_router
+from .base import (
+    Router,
+    RouterMetrics,
+    as_groups,
+    capacity_from_factor,
+    check_finite_logits,
+    create_router,
+    list_routers,
+    register_router,
+)
+from .expert_choice import ExpertChoiceRouter, SinkhornExpertChoiceRouter
+from .token_choice import SinkhornTokenChoiceRouter, TokenChoiceRouter
 
 __all__ = [
+    "ExpertChoiceRouter",
     "Router",
     "RouterMetrics",
+    "SinkhornExpertChoiceRouter",
+    "SinkhornTokenChoiceRouter",
+    "TokenChoiceRouter",
     "as_groups",
+    "capacity_from_factor",
     "check_finite_logits",
     "create_router",
     "list_routers",

@@ -7,6 +7,7 @@ D width, E experts, K experts per token, C capacity per expert and group, S slot
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -22,6 +23,8 @@ class RouterMetrics:
         logits: [G, T, E] router logits (with noise, when noise was added).
         load: [E] float, assignments (or, for soft routers, dispatch mass) each expert processes.
         dropped_fraction: scalar, the fraction of assignments dropped by the capacity.
+        unrouted_fraction: scalar, the fraction of tokens that reach no expert (all their assignments dropped,
+            or, under expert choice, chosen by no expert); they keep only their residual path.
         aux_losses: auxiliary losses by name (scalars); the training loop weights and adds them.
     """
 
@@ -29,6 +32,7 @@ class RouterMetrics:
     logits: torch.Tensor
     load: torch.Tensor
     dropped_fraction: torch.Tensor
+    unrouted_fraction: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
@@ -59,6 +63,34 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_factor: float,
+                         multiple: int = 1) -> int:
+    """C = ceil(assignments_per_group * capacity_factor / E), rounded up to a multiple of ``multiple``.
+
+    Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4.
+    """
+    capacity = math.ceil(assignments_per_group * capacity_factor / num_experts)
+    return -(-capacity // multiple) * multiple
+
+
+def check_capacity_options(capacity_factor, capacity_multiple: int, allow_dropless: bool) -> None:
+    if capacity_factor is None:
+        if not allow_dropless:
+            raise ValueError("capacity_factor must be a number > 0 for this router (it has no dropless mode)")
+    elif not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for dropless routing), got {capacity_factor}")
+    if capacity_multiple < 1:
+        raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
+
+
+def unrouted_fraction(plan) -> torch.Tensor:
+    """The fraction of the plan's tokens with no kept assignment."""
+    num_tokens = plan.token_offsets.shape[0] - 1
+    kept_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
+        0, plan.sorted_token, plan.kept().to(torch.float32))
+    return (kept_per_token == 0).to(torch.float32).mean()
 
 
 _REGISTRY: Dict[str, Callable[..., Router]] = {}

@@ -1,0 +1,48 @@
+// Router assignment operators: top-K token choice (with Batch Priority Routing) and expert choice.
+//
+// Scores are [G, T, E]: G groups routed independently, T tokens per group, E experts. Both operators return a
+// routing plan over E * G virtual experts numbered e * G + g (see visionmoe.RoutingPlan), tokens numbered
+// g * T + t, plus flat_index [A], the position (g * T + t) * E + e of each assignment's score, from which the
+// Python wrapper gathers the differentiable combine weights, and the plan's token-major view (token_offsets
+// [G * T + 1], token_rows [A]).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace visionmoe::routing {
+
+// (sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows)
+using PlanTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor>;
+
+// The plan's tensors, allocated by the host code and filled by a backend.
+struct PlanOutputs {
+  at::Tensor sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows;
+};
+
+// Host-side operator bodies.
+PlanTuple topk_route(const at::Tensor& scores, int64_t k, bool batch_priority);
+PlanTuple expert_choice_route(const at::Tensor& scores, int64_t capacity);
+
+// Backend kernels: each token's k highest-scoring experts, best first, ties to the lower expert index.
+// experts: [G * T, k] int64; top_score: [G * T] float32, each token's best score (the BPR priority key).
+namespace cpu {
+// The whole top-K token choice in one pass over the scores: selection, Batch Priority ordering (a stable radix
+// sort of each group's best scores), and the stable grouping by virtual expert.
+void topk_route(const at::Tensor& scores, int64_t k, bool batch_priority, PlanOutputs& plan);
+// Each expert column's `capacity` highest-scoring tokens, best first, ties to the lower token index.
+// tokens: [G, E, capacity] int64.
+void select_top_tokens(const at::Tensor& scores, int64_t capacity, at::Tensor& tokens);
+}  // namespace cpu
+
+#ifdef VISIONMOE_WITH_CUDA
+namespace cuda {
+constexpr int64_t kMaxK = 16;
+void select_topk(const at::Tensor& scores, int64_t k, at::Tensor& experts, at::Tensor& top_score);
+}  // namespace cuda
+#endif
+
+}  // namespace visionmoe::routing

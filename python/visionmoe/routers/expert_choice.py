@@ -1,0 +1,87 @@
+"""Expert-choice routers: softmax expert choice (Zhou et al. 2022) and its Sinkhorn-balanced variant.
+
+Shape letters: G groups, T tokens per group, D width, E experts, C capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import losses, ops
+from .base import (
+    Router,
+    RouterMetrics,
+    as_groups,
+    capacity_from_factor,
+    check_capacity_options,
+    check_finite_logits,
+    register_router,
+    unrouted_fraction,
+)
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Softmax expert choice: p = softmax over experts of x W; each expert takes the C tokens of its group with
+    the highest p[:, e] (ties to the lower token), combine weight p[t, e].
+
+    C = ceil(T * capacity_factor / E), rounded up to ``capacity_multiple``; an expert never takes more than T.
+    A token may be chosen by several experts or by none (``metrics.unrouted_fraction``). Nothing is dropped,
+    so there is no dropless mode. Auxiliary losses: ``z_loss`` and ``importance`` (the assignment itself is
+    balanced by construction).
+
+    ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``.
+    """
+
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
+                 noise_std: float = 0.0, check_finite: bool = True):
+        super().__init__(dim, num_experts)
+        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=False)
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        self.capacity_factor = capacity_factor
+        self.capacity_multiple = capacity_multiple
+        self.noise_std = noise_std
+        self.check_finite = check_finite
+        self.proj = nn.Linear(dim, num_experts, bias=False)
+
+    def capacity(self, tokens_per_group: int) -> int:
+        return capacity_from_factor(tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple)
+
+    def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def forward(self, x: torch.Tensor):
+        x = as_groups(x)
+        logits = self.proj(x)
+        if self.check_finite:
+            check_finite_logits(logits)
+        noisy = logits
+        if self.training and self.noise_std > 0:
+            noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
+        probs = noisy.softmax(dim=-1)
+        plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
+        metrics = RouterMetrics(
+            probs=probs, logits=noisy, load=plan.expert_load().to(probs.dtype),
+            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan),
+            aux_losses={"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)},
+        )
+        return plan, metrics
+
+
+@register_router("sinkhorn_expert_choice")
+class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
+    """Expert choice on Sinkhorn-balanced scores (``sinkhorn_iterations`` log-domain rounds); combine weights
+    stay the softmax probabilities."""
+
+    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: Optional[int] = None, **options):
+        super().__init__(dim, num_experts, **options)
+        self.sinkhorn_iterations = sinkhorn_iterations
+
+    def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        if self.sinkhorn_iterations is None:
+            return ops.sinkhorn(noisy_logits)
+        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations)

@@ -1,0 +1,174 @@
+"""Router assignment operators (top-K token choice with BPR, expert choice): reference agreement, gradients,
+opcheck, torch.compile, edge cases and bad input."""
+
+import pytest
+import torch
+
+from visionmoe import ops
+from visionmoe import reference as ref
+
+PLAN_FIELDS = ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows")
+
+
+def random_probs(G, T, E, device, dtype=torch.float32, seed=0, ties=True):
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.randn(G, T, E, generator=generator).softmax(-1)
+    if ties and T > 3:
+        probs[:, 1] = probs[:, 2]  # equal rows: equal best scores between tokens
+        probs[:, 3, 1] = probs[:, 3, 0]  # equal scores within a token
+    return probs.to(device=device, dtype=dtype)
+
+
+def assert_same_plan(plan, expected):
+    for field in PLAN_FIELDS:
+        assert torch.equal(getattr(plan, field), getattr(expected, field)), field
+    assert plan.num_experts == expected.num_experts and plan.num_groups == expected.num_groups
+    torch.testing.assert_close(plan.weight, expected.weight)
+
+
+TOPK_CASES = [
+    # (G, T, E, K, capacity, batch_priority)
+    (1, 64, 4, 2, 20, True),
+    (1, 64, 4, 2, 20, False),
+    (3, 17, 5, 2, 4, True),  # several groups, drops in each
+    (2, 9, 3, 3, None, True),  # K = E, dropless
+    (4, 33, 8, 1, 3, False),
+    (2, 10, 4, 1, 50, True),  # capacity larger than T
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,T,E,K,capacity,batch_priority", TOPK_CASES)
+def test_topk_route_matches_reference(device, dtype, G, T, E, K, capacity, batch_priority):
+    probs = random_probs(G, T, E, device, dtype)
+    for renormalize in (False, True):
+        plan = ops.topk_route(probs, K, capacity, batch_priority=batch_priority, renormalize=renormalize)
+        assert_same_plan(plan, ref.topk_route(probs, K, capacity, batch_priority=batch_priority,
+                                              renormalize=renormalize))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("G,T,E,capacity", [(1, 40, 4, 12), (3, 11, 5, 3), (2, 6, 3, 10), (2, 8, 4, 0)])
+def test_expert_choice_route_matches_reference(device, dtype, G, T, E, capacity):
+    probs = random_probs(G, T, E, device, dtype)
+    assert_same_plan(ops.expert_choice_route(probs, capacity), ref.expert_choice_route(probs, capacity))
+
+
+def test_batch_priority_fill_order(device):
+    # One group, 4 tokens, 2 experts, K = 1, capacity 1. Every token prefers expert 0.
+    probs = torch.tensor([[[0.6, 0.4], [0.9, 0.1], [0.7, 0.3], [0.9, 0.1]]], device=device)
+    by_position = ops.topk_route(probs, 1, 1)
+    assert by_position.sorted_token[by_position.kept()].tolist() == [0]  # the first token in the image wins
+    bpr = ops.topk_route(probs, 1, 1, batch_priority=True)
+    # BPR ranks tokens 1 and 3 (0.9, tie -> lower index first), then 2 (0.7), then 0 (0.6).
+    assert bpr.sorted_token.tolist() == [1, 3, 2, 0]
+    assert bpr.slot.tolist() == [0, 1, 2, 3]
+    assert bpr.sorted_token[bpr.kept()].tolist() == [1]
+
+
+def test_first_choices_fill_before_second_choices(device):
+    # K = 2, capacity 2: expert 1 is token 0's second choice and token 1's first; the first choice wins the slot
+    # order although token 0 comes first.
+    probs = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.7, 0.1]]], device=device)
+    plan = ops.topk_route(probs, 2, 2)
+    expert1 = plan.sorted_token[plan.offsets[1]:plan.offsets[2]].tolist()
+    assert expert1 == [1, 2, 0]  # first choices of tokens 1 and 2, then token 0's second choice
+    assert plan.kept()[plan.offsets[1]:plan.offsets[2]].tolist() == [True, True, False]
+    assert plan.order[plan.offsets[1]:plan.offsets[2]].tolist() == [1, 2, 3 + 0]  # choice * T + token
+
+
+def test_ties_go_to_the_lower_expert(device):
+    probs = torch.full((1, 3, 4), 0.25, device=device)
+    plan = ops.topk_route(probs, 2, None)
+    assert plan.sorted_expert.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_every_token_prefers_one_expert(device):
+    T, E, C = 30, 4, 8
+    probs = torch.full((1, T, E), 0.1, device=device)
+    probs[..., 2] = 0.7
+    plan = ops.topk_route(probs, 1, C)
+    assert plan.expert_load().tolist() == [0, 0, C, 0]
+    assert plan.dropped_fraction().item() == pytest.approx(1 - C / T)
+
+
+def test_groups_route_independently(device):
+    # Two groups with different content; routing them together equals routing each alone.
+    probs = random_probs(2, 12, 4, device)
+    probs[1] = probs[1].roll(1, dims=-1)
+    joint = ops.topk_route(probs, 2, 5, batch_priority=True)
+    for g in range(2):
+        alone = ops.topk_route(probs[g], 2, 5, batch_priority=True)
+        mine = (joint.sorted_expert % 2) == g
+        assert torch.equal(joint.sorted_token[mine] - g * 12, alone.sorted_token)
+        assert torch.equal(joint.slot[mine], alone.slot)
+        assert torch.equal(joint.sorted_expert[mine] // 2, alone.sorted_expert)
+
+
+def test_empty_input(device):
+    probs = torch.empty(2, 0, 4, device=device)
+    plan = ops.topk_route(probs, 2, 3)
+    assert plan.num_assignments == 0 and plan.offsets.tolist() == [0] * 9
+    assert ops.expert_choice_route(probs, 3).num_assignments == 0
+
+
+def test_weights_are_differentiable(device):
+    logits = torch.randn(2, 7, 4, device=device, dtype=torch.float64, requires_grad=True)
+
+    def routed_weights(logits):
+        probs = logits.softmax(-1)
+        return ops.topk_route(probs.detach(), 2, 3, weights=probs, renormalize=True).weight
+
+    assert torch.autograd.gradcheck(routed_weights, (logits,))
+    assert torch.autograd.gradcheck(
+        lambda logits: ops.expert_choice_route(logits.detach(), 3, weights=logits.softmax(-1)).weight, (logits,))
+
+
+@pytest.mark.parametrize("name", ["topk_route", "expert_choice_route"])
+def test_opcheck(device, name):
+    probs = random_probs(2, 9, 4, device)
+    args = (probs, 2, True) if name == "topk_route" else (probs, 3)
+    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
+
+
+def route_and_mix(x, probs):
+    plan = ops.topk_route(probs, 2, 6, batch_priority=True, weights=probs)
+    hidden = ops.dispatch(x, plan, "padded")
+    chosen = ops.expert_choice_route(probs, 4)
+    return ops.combine(hidden * 2, plan, x.shape[0]) + ops.combine(ops.dispatch(x, chosen, "padded"), chosen,
+                                                                   x.shape[0])
+
+
+def test_compile_fullgraph_dynamic(device):
+    torch._dynamo.reset()
+    compiled = torch.compile(route_and_mix, backend="aot_eager", fullgraph=True, dynamic=True)
+    for T in (16, 23):
+        x = torch.randn(T, 8, device=device, requires_grad=True)
+        logits = torch.randn(1, T, 4, device=device, requires_grad=True)
+        y = compiled(x, logits.softmax(-1))
+        torch.testing.assert_close(y, route_and_mix(x, logits.softmax(-1)))
+        y.sum().backward()
+        assert logits.grad is not None and x.grad is not None
+
+
+def test_bad_input_is_rejected():
+    probs = random_probs(1, 8, 4, "cpu")
+    with pytest.raises(RuntimeError, match=r"k must be in \[1, E\] = \[1, 4\], got 5"):
+        ops.topk_route(probs, 5, 3)
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        ops.topk_route(probs, 1, -1)
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        ops.expert_choice_route(probs, -2)
+    with pytest.raises(ValueError, match=r"scores must have shape \[T, E\] or \[G, T, E\]"):
+        ops.topk_route(probs[0, 0], 1, 3)
+    with pytest.raises(RuntimeError, match="scores must be a floating-point tensor"):
+        ops.topk_route(probs.long(), 1, 3)
+    with pytest.raises(ValueError, match="weights must have the shape of scores"):
+        ops.topk_route(probs, 1, 3, weights=probs[:, :4])
+    bad = probs.clone()
+    bad[0, 5, 2] = float("nan")
+    with pytest.raises(RuntimeError, match=r"scores must be finite .* at scores\[0, 5, 2\]"):
+        ops.topk_route(bad, 2, 3)
+    bad[0, 5, 2] = float("inf")
+    with pytest.raises(RuntimeError, match="scores must be finite"):
+        ops.expert_choice_route(bad, 3)
