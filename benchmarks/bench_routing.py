@@ -1,0 +1,119 @@
+"""Routers, forward + backward: each registered router against the same router running the pure-PyTorch
+references of its operators (``visionmoe.reference``), in one run.
+
+Each timed step routes x [G, T, D] (``router(x)``) and back-propagates a loss over the routing result into the
+router's parameters and x: for sparse routers the plan's combine weights (times fixed random numbers) plus the
+auxiliary losses; for soft routers the combined slot mix. The router's projection (a [D, E] matmul) is part of
+both sides. The reference side swaps the router module's ``ops`` for ``visionmoe.reference``, so only the
+operator implementations differ.
+
+Usage:
+  python benchmarks/bench_routing.py                         # CPU: T=16384, E in {8, 32, 128}, K in {1, 2}
+  python benchmarks/bench_routing.py --routers topk --experts 32 --topk 2
+  python benchmarks/bench_routing.py --device cuda
+Results: benchmarks/results/routing_<device>[_<tag>].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import format_table, timeit, write_results  # noqa: E402
+
+from visionmoe import reference  # noqa: E402
+from visionmoe.routers import create_router, list_routers  # noqa: E402
+
+# Routers whose assignment takes K (experts per token); the others ignore --topk.
+TOKEN_CHOICE = {"topk", "sinkhorn_topk"}
+# Options each router is benchmarked with (V-MoE style BPR for token choice).
+ROUTER_OPTIONS = {
+    "topk": dict(batch_priority=True, capacity_factor=1.25),
+    "sinkhorn_topk": dict(batch_priority=True, capacity_factor=1.25),
+}
+
+
+@contextlib.contextmanager
+def reference_operators(router):
+    """Runs ``router`` with ``visionmoe.reference`` in place of ``visionmoe.ops`` in its module."""
+    module = importlib.import_module(type(router).__module__)
+    saved = module.ops
+    module.ops = reference
+    try:
+        yield
+    finally:
+        module.ops = saved
+
+
+def routing_loss(router_output, x, probe):
+    plan, metrics = router_output
+    if hasattr(plan, "weight"):
+        loss = (plan.weight * probe[: plan.weight.shape[0]]).sum()
+    else:
+        loss = (plan.combine(plan.dispatch(x)) * probe[0]).sum()
+    return loss + sum(metrics.aux_losses.values(), torch.zeros((), device=x.device))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--routers", nargs="*", default=None, help="router names (default: all registered)")
+    parser.add_argument("--tokens", type=int, default=16384, help="T, tokens per group")
+    parser.add_argument("--groups", type=int, default=1, help="G, groups routed independently")
+    parser.add_argument("--dim", type=int, default=384, help="D")
+    parser.add_argument("--experts", type=int, nargs="*", default=[8, 32, 128], help="E values")
+    parser.add_argument("--topk", type=int, nargs="*", default=[1, 2], help="K values (token-choice routers)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default=None)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    names = args.routers or [name for name in list_routers() if name != "hindsight"]
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.groups, args.tokens, args.dim, device=device, requires_grad=True)
+    rows = []
+    for name in names:
+        for num_experts in args.experts:
+            for k in (args.topk if name in TOKEN_CHOICE else [None]):
+                options = dict(ROUTER_OPTIONS.get(name, {}))
+                if k is not None:
+                    options["k"] = k
+                if name == "soft":
+                    options["slots_per_expert"] = max(1, round(args.tokens / num_experts))
+                router = create_router(name, args.dim, num_experts, **options).to(device).train()
+                probe = torch.rand(args.groups * args.tokens * max(k or 1, 1) * 2, device=device)
+
+                def step():
+                    routing_loss(router(x), x, probe).backward()
+
+                def clear():
+                    x.grad = None
+                    router.zero_grad(set_to_none=True)
+
+                fused = timeit(step, args.warmup, args.repeat, device, setup=clear)
+                with reference_operators(router):
+                    unfused = timeit(step, args.warmup, args.repeat, device, setup=clear)
+                rows.append({
+                    "router": name, "E": num_experts, "K": k, "visionmoe_ms": fused * 1e3,
+                    "reference_ms": unfused * 1e3, "speedup": unfused / fused,
+                })
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    meta = {"benchmark": "router forward + backward vs the same router on reference operators",
+            "tokens": args.tokens, "groups": args.groups, "dim": args.dim, "device": str(device),
+            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed, "router_options": ROUTER_OPTIONS}
+    paths = write_results("routing", rows, meta, device=device, tag=args.tag)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()
