@@ -1,0 +1,22 @@
+"""Auxiliary losses: pure functions of router logits, probabilities and assignments, per group.
+
+See :mod:`visionmoe.losses.router` for the formulas, their sources and the conventions (groups, dtypes).
+"""
+
+from .router import (
+    entropy_loss,
+    gshard_loss,
+    importance_loss,
+    load_loss,
+    router_z_loss,
+    switch_load_balancing_loss,
+)
+
+__all__ = [
+    "entropy_loss",
+    "gshard_loss",
+    "importance_loss",
+    "load_loss",
+    "router_z_loss",
+    "switch_load_balancing_loss",
+]
