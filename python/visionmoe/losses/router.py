@@ -35,7 +35,7 @@ def _router_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    x = as_groups(x, name)
+    x = as_groups(x, name, last="E")
     if x.numel() == 0:
         raise ValueError(f"{name} must have at least one group, token and expert, got shape {tuple(x.shape)}")
     return x.float() if x.element_size() < 4 else x

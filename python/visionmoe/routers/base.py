@@ -36,12 +36,12 @@ class RouterMetrics:
     aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def as_groups(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """[T, D] -> [1, T, D]; [G, T, D] unchanged; anything else is rejected."""
+def as_groups(x: torch.Tensor, name: str = "x", last: str = "D") -> torch.Tensor:
+    """[T, last] -> [1, T, last]; [G, T, last] unchanged; anything else is rejected, naming ``name``."""
     if x.dim() == 2:
         return x.unsqueeze(0)
     if x.dim() != 3:
-        raise ValueError(f"{name} must have shape [T, D] or [G, T, D], got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have shape [T, {last}] or [G, T, {last}], got {tuple(x.shape)}")
     return x
 
 
@@ -88,6 +88,8 @@ def check_capacity_options(capacity_factor, capacity_multiple: int, allow_drople
 def unrouted_fraction(plan) -> torch.Tensor:
     """The fraction of the plan's tokens with no kept assignment."""
     num_tokens = plan.token_offsets.shape[0] - 1
+    if num_tokens == 0:
+        return torch.zeros((), device=plan.slot.device)
     kept_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
         0, plan.sorted_token, plan.kept().to(torch.float32))
     return (kept_per_token == 0).to(torch.float32).mean()

@@ -64,10 +64,12 @@ class ExpertChoiceRouter(Router):
             noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
+        aux = {}
+        if x.shape[1] > 0:  # an empty input has nothing to balance
+            aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
         metrics = RouterMetrics(
             probs=probs, logits=noisy, load=plan.expert_load().to(probs.dtype),
-            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan),
-            aux_losses={"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)},
+            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan), aux_losses=aux,
         )
         return plan, metrics
 

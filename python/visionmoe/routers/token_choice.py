@@ -87,13 +87,15 @@ class TokenChoiceRouter(Router):
         probs = noisy.softmax(dim=-1)
         plan = ops.topk_route(self.selection_scores(noisy, probs), self.k, self.capacity(x.shape[1]),
                               batch_priority=self.batch_priority, weights=probs, renormalize=self.renormalize)
-        aux = {
-            "importance": losses.importance_loss(probs),
-            "switch": losses.switch_load_balancing_loss(probs),
-            "z_loss": losses.router_z_loss(logits),
-        }
-        if self.training and self.noise_std > 0:
-            aux["load"] = losses.load_loss(logits, noisy, noise_std, self.k)
+        aux = {}
+        if x.shape[1] > 0:  # an empty input has nothing to balance
+            aux = {
+                "importance": losses.importance_loss(probs),
+                "switch": losses.switch_load_balancing_loss(probs),
+                "z_loss": losses.router_z_loss(logits),
+            }
+            if self.training and self.noise_std > 0:
+                aux["load"] = losses.load_loss(logits, noisy, noise_std, self.k)
         metrics = RouterMetrics(
             probs=probs, logits=noisy, load=plan.expert_load().to(probs.dtype),
             dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan), aux_losses=aux,
