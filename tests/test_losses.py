@@ -247,7 +247,7 @@ def test_compile_fullgraph(device, name):
 def test_bad_rank_and_dtype(device):
     probs = torch.full((4, 2), 0.5, device=device)
     for bad, message in [
-        (probs[0], r"probs must have shape \[T, D\] or \[G, T, D\]"),
+        (probs[0], r"probs must have shape \[T, E\] or \[G, T, E\]"),
         (probs[None, None], r"probs must have shape"),
         (torch.ones(4, 2, dtype=torch.int64, device=device), "probs must be a floating-point tensor"),
         (probs[:0], "probs must have at least one group, token and expert"),
