@@ -1,11 +1,15 @@
 """Routers, forward + backward: each registered router against the same router running the pure-PyTorch
-references of its operators (``visionmoe.reference``), in one run.
+references of its operators (``visionmoe.reference``), in one run; and the assignment operators alone.
 
 Each timed step routes x [G, T, D] (``router(x)``) and back-propagates a loss over the routing result into the
 router's parameters and x: for sparse routers the plan's combine weights (times fixed random numbers) plus the
 auxiliary losses; for soft routers the combined slot mix. The router's projection (a [D, E] matmul) is part of
 both sides. The reference side swaps the router module's ``ops`` for ``visionmoe.reference``, so only the
 operator implementations differ.
+
+Operator rows time the assignment operators alone: probabilities [G, T, E] (a leaf) -> routing plan -> combine
+weights -> backward into the probabilities, for ``topk_route`` (Batch Priority Routing, capacity factor 1.25)
+and ``expert_choice_route``, against their references.
 
 Usage:
   python benchmarks/bench_routing.py                         # CPU: T=16384, E in {8, 32, 128}, K in {1, 2}
@@ -27,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import format_table, timeit, write_results  # noqa: E402
 
-from visionmoe import reference  # noqa: E402
-from visionmoe.routers import create_router, list_routers  # noqa: E402
+from visionmoe import ops, reference  # noqa: E402
+from visionmoe.routers import capacity_from_factor, create_router, list_routers  # noqa: E402
 
 # Routers whose assignment takes K (experts per token); the others ignore --topk.
 TOKEN_CHOICE = {"topk", "sinkhorn_topk"}
@@ -106,6 +110,27 @@ def main():
                     "reference_ms": unfused * 1e3, "speedup": unfused / fused,
                 })
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    for num_experts in args.experts:
+        probs = torch.rand(args.groups, args.tokens, num_experts, device=device).softmax(-1).requires_grad_()
+        cases = [("topk_route", k) for k in args.topk] + [("expert_choice_route", None)]
+        for op_name, k in cases:
+            def route(implementation, op_name=op_name, k=k):
+                if op_name == "topk_route":
+                    capacity = capacity_from_factor(k * args.tokens, num_experts, 1.25)
+                    plan = implementation.topk_route(probs, k, capacity, batch_priority=True)
+                else:
+                    plan = implementation.expert_choice_route(probs, capacity_from_factor(args.tokens, num_experts,
+                                                                                          1.0))
+                plan.weight.sum().backward()
+
+            def clear():
+                probs.grad = None
+
+            fused = timeit(lambda: route(ops), args.warmup, args.repeat, device, setup=clear)
+            unfused = timeit(lambda: route(reference), args.warmup, args.repeat, device, setup=clear)
+            rows.append({"router": f"op:{op_name}", "E": num_experts, "K": k, "visionmoe_ms": fused * 1e3,
+                         "reference_ms": unfused * 1e3, "speedup": unfused / fused})
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
     meta = {"benchmark": "router forward + backward vs the same router on reference operators",
