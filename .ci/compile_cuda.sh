@@ -42,6 +42,17 @@ for source in $(find csrc -name '*.cu' | sort); do
     status=1
   fi
 done
+# Host files compile their CUDA branches only in CUDA builds: check those branches too (syntax and types).
+PY_INCLUDE="$("$PYTHON" -c 'import sysconfig, pybind11; print("-I" + pybind11.get_include(), "-I" + sysconfig.get_paths()["include"])')"
+for source in $(grep -rl VISIONMOE_WITH_CUDA csrc --include='*.cpp' | sort); do
+  echo "c++ -fsyntax-only -DVISIONMOE_WITH_CUDA $source"
+  # shellcheck disable=SC2086
+  if ! "${CXX:-c++}" -fsyntax-only "$source" -std=c++$STD -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DVISIONMOE_WITH_CUDA \
+      -DVISIONMOE_TORCH_VERSION='"check"' -DVISIONMOE_COMPILER='"check"' -DVISIONMOE_CUDA_VERSION='"check"' \
+      -DVISIONMOE_CUDA_ARCHS='"check"' -Icsrc $PY_INCLUDE $TORCH_INCLUDE -w; then
+    status=1
+  fi
+done
 if [ "$count" -eq 0 ]; then
   echo "compile_cuda: no .cu files found under csrc/" >&2
   exit 1

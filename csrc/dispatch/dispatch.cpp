@@ -24,6 +24,9 @@ void check_capacity(const char* op, std::optional<int64_t> capacity, bool padded
 
 bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
 
+// Above this many experts, CUDA grouping sorts instead of compacting once per expert.
+constexpr int64_t kMaxExpertsForCompaction = 256;
+
 [[noreturn]] void no_cuda(const char* op) {
   TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
 }
@@ -142,7 +145,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
       validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()),
                                  "token_index");
     }
-    cuda::group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot, offsets);
+    if (num_experts <= kMaxExpertsForCompaction) {
+      cuda::group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot,
+                            offsets);
+    } else {
+      // One block per expert would read every assignment E times; a stable radix sort reads them a few times.
+      const auto [keys, positions] = expert_index.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+      order.copy_(positions);
+      sorted_expert.copy_(keys);
+      sorted_token.copy_(token_index.index_select(0, positions));
+      offsets.copy_(at::searchsorted(keys, at::arange(num_experts + 1, index_options)));
+      slot.copy_(at::arange(n, index_options) - offsets.index_select(0, keys));
+    }
 #else
     no_cuda("make_plan");
 #endif
