@@ -8,3 +8,6 @@ from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
 
 __all__ = ["LAYOUTS", "RoutingPlan", "combine", "dispatch", "make_plan"]
+from .soft_moe import soft_combine, soft_dispatch
+
+__all__ += ["soft_combine", "soft_dispatch"]

@@ -22,3 +22,6 @@ __all__ = [
     "make_plan",
     "token_major",
 ]
+from .soft_moe import soft_combine, soft_dispatch
+
+__all__ += ["soft_combine", "soft_dispatch"]

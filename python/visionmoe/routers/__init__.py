@@ -5,10 +5,13 @@ Each ``forward(x)`` takes [G, T, D] (G groups routed independently) or [T, D] an
 """
 
 from .base import Router, RouterMetrics, as_groups, check_finite_logits, create_router, list_routers, register_router
+from .soft import SoftRouter, SoftRoutingPlan
 
 __all__ = [
     "Router",
     "RouterMetrics",
+    "SoftRouter",
+    "SoftRoutingPlan",
     "as_groups",
     "check_finite_logits",
     "create_router",
