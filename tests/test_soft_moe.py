@@ -115,10 +115,13 @@ def test_non_contiguous_inputs(device, name):
 
 def test_empty_dimensions(device):
     # No groups, no slots to dispatch into, no tokens to combine into, zero width: empty or zero results.
-    assert ops.soft_dispatch(torch.randn(0, 4, 3, device=device), torch.randn(0, 4, 5, device=device)).shape == (0, 5, 3)
-    assert ops.soft_dispatch(torch.randn(2, 4, 3, device=device), torch.randn(2, 4, 0, device=device)).shape == (2, 0, 3)
-    assert ops.soft_combine(torch.randn(2, 5, 3, device=device), torch.randn(2, 0, 5, device=device)).shape == (2, 0, 3)
-    assert ops.soft_combine(torch.randn(2, 5, 0, device=device), torch.randn(2, 4, 5, device=device)).shape == (2, 4, 0)
+    def randn(*shape):
+        return torch.randn(shape, device=device)
+
+    assert ops.soft_dispatch(randn(0, 4, 3), randn(0, 4, 5)).shape == (0, 5, 3)
+    assert ops.soft_dispatch(randn(2, 4, 3), randn(2, 4, 0)).shape == (2, 0, 3)
+    assert ops.soft_combine(randn(2, 5, 3), randn(2, 0, 5)).shape == (2, 0, 3)
+    assert ops.soft_combine(randn(2, 5, 0), randn(2, 4, 5)).shape == (2, 4, 0)
     x = torch.randn(2, 4, 3, device=device, requires_grad=True)
     logits = torch.randn(2, 4, 0, device=device, requires_grad=True)
     ops.soft_dispatch(x, logits).sum().backward()
@@ -135,6 +138,20 @@ def test_deterministic(device):
         runs.append((out, *torch.autograd.grad(out.square().sum(), (x, logits))))
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_autograd_saves_only_the_inputs(device, name):
+    # Recompute rather than store: no [G, T, S] softmax is kept for the backward.
+    operator = OPS[name][0]
+    features, logits, _ = make_inputs(name, 2, 6, 5, 4, device, torch.float32)
+    features.requires_grad_()
+    logits.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        operator(features, logits)
+    assert len(saved) == 2
+    assert saved[0] is features and saved[1] is logits
 
 
 # ---- gradcheck in float64 on tiny shapes ----
@@ -373,18 +390,17 @@ def test_router_bad_inputs():
     with pytest.raises(ValueError, match=r"x must have shape \[T, D\] or \[G, T, D\]"):
         router(torch.randn(2, 2, 5, 8))
     plan, _ = router(torch.randn(2, 5, 8))
-    with pytest.raises(ValueError, match=r"expert_out must have shape \[G, E, P, D\] = \[2, 2, 2, D\], got \(2, 4, 8\)"):
+    with pytest.raises(ValueError, match=r"expert_out must have shape \[G, E, P, D\] = \[2, 2, 2, D\], got \(2, 4"):
         plan.combine(torch.randn(2, 4, 8))
 
 
-def test_router_rejects_non_finite_logits(device):
-    router = SoftRouter(8, 2, slots_per_expert=2).to(device)
-    x = torch.randn(2, 5, 8, device=device)
+def test_router_rejects_non_finite_logits():
+    # CPU only: on CUDA the check is a device-side assertion, which would end the test process's CUDA context.
+    router = SoftRouter(8, 2, slots_per_expert=2)
+    x = torch.randn(2, 5, 8)
     x[1, 3, 0] = float("nan")
     with pytest.raises(RuntimeError, match="router logits contain NaN or infinite values"):
         router(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
 
 def test_router_noise_only_in_training(device):

@@ -6,7 +6,7 @@
 // Each operator computes its softmax and its mixing in one call and keeps nothing: autograd saves only the
 // inputs, and the backward operators recompute the softmax instead of storing it ([G, T, S] per call).
 //
-// Backward, with M the mixing weights (W or C) along the softmax's axis:
+// Backward (the sums in grad_L run along the softmax's axis):
 //   dispatch  grad_x = W grad_slots;   Gm = x grad_slots^T;  grad_L = W * (Gm - sum_t W * Gm)
 //   combine   grad_y = C^T grad_out;   H  = grad_out y^T;    grad_L = C * (H - sum_s C * H)
 //
