@@ -48,6 +48,11 @@ def make_inputs(name, G, T, S, D, device, dtype, seed=0):
     return tuple(t.to(device=device, dtype=dtype) for t in (features, logits, grad))
 
 
+def transposed_storage(t):
+    """The same values with other strides."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def run_with_grads(fn, features, logits, grad):
     features = features.detach().clone().requires_grad_()
     logits = logits.detach().clone().requires_grad_()
@@ -106,8 +111,7 @@ def test_logit_gradients_sum_to_zero_along_the_softmax(device):
 def test_non_contiguous_inputs(device, name):
     operator, reference, _, _ = OPS[name]
     features, logits, grad = make_inputs(name, 3, 8, 6, 5, device, torch.float32)
-    # Transposed storage: the same values, other strides.
-    strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (features, logits, grad)]
+    strided = [transposed_storage(t) for t in (features, logits, grad)]
     assert not any(t.is_contiguous() for t in strided)
     for actual, expected in zip(run_with_grads(operator, *strided), run_with_grads(reference, features, logits, grad)):
         torch.testing.assert_close(actual, expected)
@@ -173,10 +177,12 @@ def test_gradcheck_dispatch_then_combine(device):
 
 # ---- torch.library.opcheck on every operator ----
 
-def op_samples(device):
+def op_samples(device, contiguous):
     G, T, S, D = 2, 5, 4, 3
     x, logits, grad_slots = make_inputs("dispatch", G, T, S, D, device, torch.float32)
     y, _, grad_out = make_inputs("combine", G, T, S, D, device, torch.float32, seed=1)
+    if not contiguous:
+        x, logits, grad_slots, y, grad_out = map(transposed_storage, (x, logits, grad_slots, y, grad_out))
     return {
         "soft_dispatch": (x.requires_grad_(), logits.requires_grad_()),
         "soft_dispatch_backward": (grad_slots, x.detach(), logits.detach()),
@@ -185,9 +191,10 @@ def op_samples(device):
     }
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("name", ["soft_dispatch", "soft_dispatch_backward", "soft_combine", "soft_combine_backward"])
-def test_opcheck(device, name):
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, op_samples(device)[name])
+def test_opcheck(device, name, contiguous):
+    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, op_samples(device, contiguous)[name])
 
 
 # ---- torch.compile ----

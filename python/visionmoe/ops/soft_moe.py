@@ -76,7 +76,7 @@ def _soft_dispatch_fake(x, logits):
 def _soft_dispatch_backward_fake(grad_slots, x, logits):
     _check_fake_inputs("soft_dispatch_backward", x, "x", logits)
     _check_fake_grad("soft_dispatch_backward", "grad_slots", grad_slots, (x.shape[0], logits.shape[2], x.shape[2]), x)
-    return torch.empty_like(x), torch.empty_like(logits)
+    return x.new_empty(x.shape), logits.new_empty(logits.shape)  # contiguous, as the kernel returns them
 
 
 @torch.library.register_fake("visionmoe::soft_combine")
@@ -91,7 +91,7 @@ def _soft_combine_fake(y, logits):
 def _soft_combine_backward_fake(grad_out, y, logits):
     _check_fake_inputs("soft_combine_backward", y, "y", logits)
     _check_fake_grad("soft_combine_backward", "grad_out", grad_out, (y.shape[0], logits.shape[1], y.shape[2]), y)
-    return torch.empty_like(y), torch.empty_like(logits)
+    return y.new_empty(y.shape), logits.new_empty(logits.shape)  # contiguous, as the kernel returns them
 
 
 # ---- autograd: only the inputs are saved; the backward operators recompute the softmax ----
