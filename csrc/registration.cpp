@@ -29,4 +29,11 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def(
       "expert_choice_route(Tensor scores, int capacity) -> (Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, Tensor order, Tensor flat_index, Tensor token_offsets, Tensor token_rows)");
+
+  // Soft MoE family (csrc/soft_moe): softmax-weighted mixing of tokens into slots and back; the backward
+  // operators recompute the softmax from the logits.
+  m.def("soft_dispatch(Tensor x, Tensor logits) -> Tensor");
+  m.def("soft_dispatch_backward(Tensor grad_slots, Tensor x, Tensor logits) -> (Tensor grad_x, Tensor grad_logits)");
+  m.def("soft_combine(Tensor y, Tensor logits) -> Tensor");
+  m.def("soft_combine_backward(Tensor grad_out, Tensor y, Tensor logits) -> (Tensor grad_y, Tensor grad_logits)");
 }

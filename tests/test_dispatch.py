@@ -75,8 +75,10 @@ def test_gradients_match_reference(device, dtype, T, D, E, K, capacity, layout):
         expert_out = (hidden * 2 + 1).tanh()  # any expert function; its rows for empty slots are not zero
         module.combine(expert_out, plan, T).backward(grad_y)
         results.append((x_leaf.grad, w_leaf.grad))
+    # The reference rounds each product to the dtype before summing; the kernels accumulate in float32.
+    tolerance = {torch.float16: dict(atol=5e-3, rtol=5e-3)}.get(dtype, TOLERANCES[dtype])
     for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, **TOLERANCES[dtype])
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
 def test_plan_is_stable_and_keeps_priority(device):

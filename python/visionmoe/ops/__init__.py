@@ -7,6 +7,7 @@ registered autograd; ``visionmoe.reference`` holds a pure-PyTorch version of eac
 from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
 from .routing import expert_choice_route, topk_route
+from .soft_moe import soft_combine, soft_dispatch
 
 __all__ = [
     "LAYOUTS",
@@ -15,5 +16,7 @@ __all__ = [
     "dispatch",
     "expert_choice_route",
     "make_plan",
+    "soft_combine",
+    "soft_dispatch",
     "topk_route",
 ]

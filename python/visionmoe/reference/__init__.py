@@ -25,3 +25,6 @@ __all__ = [
     "token_major",
     "topk_route",
 ]
+from .soft_moe import soft_combine, soft_dispatch
+
+__all__ += ["soft_combine", "soft_dispatch"]

@@ -15,6 +15,7 @@ from .base import (
     register_router,
 )
 from .expert_choice import ExpertChoiceRouter, SinkhornExpertChoiceRouter
+from .soft import SoftRouter, SoftRoutingPlan
 from .token_choice import SinkhornTokenChoiceRouter, TokenChoiceRouter
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "RouterMetrics",
     "SinkhornExpertChoiceRouter",
     "SinkhornTokenChoiceRouter",
+    "SoftRouter",
+    "SoftRoutingPlan",
     "TokenChoiceRouter",
     "as_groups",
     "capacity_from_factor",

@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+"""Soft MoE dispatch + combine, forward and backward: visionmoe's fused operators against the eager reference.
+
+Implementations:
+  visionmoe  ``visionmoe.ops.soft_dispatch`` / ``soft_combine``: each computes its softmax inside the operator;
+             autograd saves only the inputs and the backward recomputes the softmax.
+  eager      ``visionmoe.reference.soft_dispatch`` / ``soft_combine``: a softmax, then an einsum, under plain
+             autograd, which keeps both [G, T, S] softmax outputs until the backward.
+  gemm_only  the six batched GEMMs of a forward + backward (two forward, four backward) on preallocated
+             operands of the same shapes, nothing else: a floor for both implementations.
+
+Each timed step is ``slots = dispatch(x, logits); out = combine(slots, logits); out.backward(grad_out)``, with
+gradients to x and to the logits (which receive both operators' contributions). No expert runs between
+dispatch and combine. FLOPs: 6 GEMMs of 2 G T S D each, so 12 G T S D per step.
+
+Memory: ``saved_mb`` is what autograd keeps from the forward for the backward, measured with
+``torch.autograd.graph.saved_tensors_hooks`` as the bytes of the distinct storages it saves; ``beyond_inputs_mb``
+leaves out x's and the logits' storages, which the caller holds anyway. Both implementations save the slots
+(combine's input, here the dispatch's output); the eager one also saves both softmax outputs. On CUDA the peak
+allocated memory of a step above what was allocated before it is reported as well (``peak_mb``); CPU has no
+allocator statistics, so that column is empty there.
+
+Usage:
+  python benchmarks/bench_soft_moe.py                               # CPU, G=32 T=196 D=384 E=16, P=1 and P=12
+  python benchmarks/bench_soft_moe.py --threads 1 --slots-per-expert 1 4 12
+  python benchmarks/bench_soft_moe.py --device cuda --dtype bfloat16 --groups 256
+Results: benchmarks/results/soft_moe_<device>[_<tag>].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from visionmoe import ops, reference
+
+from common import format_table, timeit, write_results
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", type=int, default=32, help="G, images per batch (default 32)")
+    parser.add_argument("--tokens", type=int, default=196, help="T, tokens per group (default 196: 14 x 14 patches)")
+    parser.add_argument("--dim", type=int, default=384, help="D (default 384, ViT-S)")
+    parser.add_argument("--experts", type=int, default=16, help="E (default 16)")
+    parser.add_argument("--slots-per-expert", type=int, nargs="+", default=[1, 12],
+                        help="P values to run, S = E * P (default 1 and 12, Soft MoE's round(T / E) for T = 196)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads for ATen (default: torch's default)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per implementation (default 3)")
+    parser.add_argument("--repeat", type=int, default=20,
+                        help="timed runs per implementation; the median is reported (default 20)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the implementations are timed in turn this many times and each one's median over "
+                             "the rounds is reported, so that a burst of load on a shared machine hits all of "
+                             "them alike (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", help="appended to the result files' names")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if min(args.groups, args.tokens, args.dim, args.experts, *args.slots_per_expert) < 1:
+        parser.error("sizes must be >= 1")
+    if args.repeat < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--repeat and --rounds must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
+
+
+def soft_moe_step(module, x, logits, grad_out):
+    def step():
+        out = module.soft_combine(module.soft_dispatch(x, logits), logits)
+        out.backward(grad_out)
+        return out
+    return step
+
+
+def saved_bytes(module, x, logits) -> tuple[int, int]:
+    """Bytes of the distinct storages autograd saves in a forward: all of them, and those beyond x's and the
+    logits' own."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module.soft_combine(module.soft_dispatch(x, logits), logits)
+    inputs = {x.untyped_storage().data_ptr(), logits.untyped_storage().data_ptr()}
+    total = sum(storages.values())
+    return total, total - sum(nbytes for pointer, nbytes in storages.items() if pointer in inputs)
+
+
+def peak_bytes(step, device: torch.device) -> int | None:
+    """Peak allocated memory of one step above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
+def gemm_only_step(x, logits, grad_out):
+    """The six batched GEMMs of a step, on operands of the right shapes: W^T x and C y forward; W grad_slots,
+    x grad_slots^T, C^T grad_out and grad_out y^T backward."""
+    weights = torch.softmax(logits, dim=1)
+    slots = torch.bmm(weights.transpose(1, 2), x)
+
+    def step():
+        torch.bmm(weights.transpose(1, 2), x)
+        torch.bmm(weights, slots)
+        torch.bmm(weights, slots)
+        torch.bmm(x, slots.transpose(1, 2))
+        torch.bmm(weights.transpose(1, 2), grad_out)
+        torch.bmm(grad_out, slots.transpose(1, 2))
+    return step
+
+
+def check_close(name: str, actual: dict, expected: dict) -> None:
+    """Aborts when an implementation computes something else than the eager reference: timing it would be
+    meaningless."""
+    for quantity, tensor in actual.items():
+        try:
+            torch.testing.assert_close(tensor, expected[quantity])
+        except AssertionError as error:
+            sys.exit(f"error: {name} does not match the eager reference in {quantity}; not timing it.\n{error}")
+
+
+def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
+    G, T, D, E = args.groups, args.tokens, args.dim, args.experts
+    S = E * slots_per_expert
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(G, T, D, generator=generator).to(device, dtype).requires_grad_()
+    logits = (2 * torch.randn(G, T, S, generator=generator)).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(G, T, D, generator=generator).to(device, dtype)
+
+    def clear_grads():
+        x.grad = logits.grad = None
+
+    results = {}
+    for name, module in IMPLEMENTATIONS.items():
+        clear_grads()
+        out = soft_moe_step(module, x, logits, grad_out)()
+        results[name] = {"out": out.detach(), "x.grad": x.grad, "logits.grad": logits.grad}
+    check_close("visionmoe", results["visionmoe"], results["eager"])
+
+    flops = 12 * G * T * S * D
+    steps = {name: soft_moe_step(module, x, logits, grad_out) for name, module in IMPLEMENTATIONS.items()}
+    gemms = gemm_only_step(x.detach(), logits.detach(), grad_out)
+    round_seconds = {name: [] for name in (*IMPLEMENTATIONS, "gemm_only")}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            round_seconds[name].append(timeit(step, args.warmup, args.repeat, device, clear_grads))
+        round_seconds["gemm_only"].append(timeit(gemms, args.warmup, args.repeat, device))
+    seconds = {name: statistics.median(values) for name, values in round_seconds.items()}
+
+    rows = []
+    for name, module in IMPLEMENTATIONS.items():
+        total, beyond_inputs = saved_bytes(module, x, logits)
+        clear_grads()
+        peak = peak_bytes(steps[name], device)
+        rows.append({"S": S, "implementation": name, "median_ms": seconds[name] * 1e3,
+                     "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
+                     "gflop_per_s": flops / seconds[name] / 1e9, "saved_mb": total / 1e6,
+                     "beyond_inputs_mb": beyond_inputs / 1e6, "peak_mb": None if peak is None else peak / 1e6})
+    rows.append({"S": S, "implementation": "gemm_only", "median_ms": seconds["gemm_only"] * 1e3,
+                 "visionmoe_speedup": seconds["gemm_only"] / seconds["visionmoe"],
+                 "gflop_per_s": flops / seconds["gemm_only"] / 1e9, "saved_mb": None, "beyond_inputs_mb": None,
+                 "peak_mb": None})
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    print(f"soft dispatch + combine, forward + backward: G={args.groups} T={args.tokens} D={args.dim} "
+          f"E={args.experts} P in {args.slots_per_expert} {args.dtype} on {device}, "
+          f"{torch.get_num_threads()} CPU threads")
+    rows = [row for P in args.slots_per_expert for row in run_config(args, device, dtype, P)]
+    print()
+    print(format_table(rows))
+    print("visionmoe_speedup = implementation's median / visionmoe's median; gflop_per_s = 12 G T S D / median; "
+          "saved_mb = storages autograd keeps for the backward, beyond_inputs_mb = the same without x and logits")
+    meta = {
+        "benchmark": "soft dispatch + combine, forward + backward",
+        "device": str(device),
+        "dtype": args.dtype,
+        "groups": args.groups,
+        "tokens": args.tokens,
+        "dim": args.dim,
+        "experts": args.experts,
+        "slots_per_expert": args.slots_per_expert,
+        "flops_formula": "12 G T S D (six batched GEMMs of 2 G T S D)",
+        "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); peak_mb: CUDA only",
+        "warmup": args.warmup,
+        "repeat": args.repeat,
+        "rounds": args.rounds,
+        "seed": args.seed,
+    }
+    paths = write_results("soft_moe", rows, meta, device=device, tag=args.tag)
+    print("\nwrote " + ", ".join(str(path) for path in paths))
+
+
+if __name__ == "__main__":
+    main()
