@@ -13,7 +13,7 @@ from visionmoe.routers import capacity_from_factor, create_router, list_routers
 
 # Options that make each router's forward self-contained at the test sizes.
 OPTIONS = {"soft": dict(slots_per_expert=2)}
-SPARSE = ["topk", "sinkhorn_topk", "expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice"]
+SPARSE = ["topk", "sinkhorn_topk", "expert_choice", "sinkhorn_expert_choice", "sparse_expert_choice", "sparse_topk"]
 
 
 def make(name, dim=16, num_experts=4, **options):

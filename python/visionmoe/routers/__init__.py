@@ -15,17 +15,27 @@ from .base import (
     register_router,
 )
 from .expert_choice import ExpertChoiceRouter, SinkhornExpertChoiceRouter
+from .hindsight import HindsightRouter
 from .soft import SoftRouter, SoftRoutingPlan
+from .sparse_expert_choice import (
+    SparseExpertChoiceRouter,
+    SparseTokenChoiceRouter,
+    sparse_simplex_projection,
+    sparsity_constrained_transport,
+)
 from .token_choice import SinkhornTokenChoiceRouter, TokenChoiceRouter
 
 __all__ = [
     "ExpertChoiceRouter",
+    "HindsightRouter",
     "Router",
     "RouterMetrics",
     "SinkhornExpertChoiceRouter",
     "SinkhornTokenChoiceRouter",
     "SoftRouter",
     "SoftRoutingPlan",
+    "SparseExpertChoiceRouter",
+    "SparseTokenChoiceRouter",
     "TokenChoiceRouter",
     "as_groups",
     "capacity_from_factor",
@@ -33,4 +43,6 @@ __all__ = [
     "create_router",
     "list_routers",
     "register_router",
+    "sparse_simplex_projection",
+    "sparsity_constrained_transport",
 ]
