@@ -21,4 +21,11 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def(
       "combine_backward(Tensor grad_y, Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, int? capacity) -> (Tensor grad_expert_out, Tensor grad_weight)");
+  // Sinkhorn family (csrc/sinkhorn): log-domain Sinkhorn normalisation of router logits, and its backward.
+  m.def(
+      "sinkhorn(Tensor logits, int num_iterations, bool validate=True) -> (Tensor log_plan, Tensor row_potentials, "
+      "Tensor column_potentials)");
+  m.def(
+      "sinkhorn_backward(Tensor grad_log_plan, Tensor logits, Tensor row_potentials, Tensor column_potentials) "
+      "-> Tensor");
 }

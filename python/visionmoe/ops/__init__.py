@@ -6,5 +6,6 @@ registered autograd; ``visionmoe.reference`` holds a pure-PyTorch version of eac
 
 from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
+from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 
-__all__ = ["LAYOUTS", "RoutingPlan", "combine", "dispatch", "make_plan"]
+__all__ = ["LAYOUTS", "RoutingPlan", "combine", "dispatch", "make_plan", "DEFAULT_SINKHORN_ITERATIONS", "sinkhorn"]

@@ -12,6 +12,7 @@ from .dispatch import (
     make_plan,
     token_major,
 )
+from .sinkhorn import sinkhorn
 
 __all__ = [
     "combine",
@@ -20,5 +21,6 @@ __all__ = [
     "dispatch",
     "dispatch_einsum",
     "make_plan",
+    "sinkhorn",
     "token_major",
 ]
