@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"K (default {ops.DEFAULT_SINKHORN_ITERATIONS}, the operator's default)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per step (default 2)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per step; the median is reported")
     parser.add_argument("--seed", type=int, default=0)
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda but CUDA is not available")
     if args.repeat < 1 or args.warmup < 0 or args.iterations < 1:
         parser.error("--repeat and --iterations must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.tokens < 1 or args.groups < 1 or min(args.experts) < 1:
         parser.error("--tokens, --groups and --experts must be >= 1")
     return args
@@ -96,6 +99,8 @@ def peak_memory_mb(step, logits, device: torch.device):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     G, T, K = args.groups, args.tokens, args.iterations

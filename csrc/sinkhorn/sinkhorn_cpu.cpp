@@ -99,9 +99,15 @@ T max_of(const T* x, int64_t n) {
 
 struct Chunks {
   explicit Chunks(const SinkhornShape& shape)
-      : rows(std::max<int64_t>(1, kChunkElements / shape.experts)),
+      : tokens(shape.tokens),
+        rows(std::max<int64_t>(1, kChunkElements / shape.experts)),
         per_group((shape.tokens + rows - 1) / rows),
         count(shape.groups * per_group) {}
+  int64_t group(int64_t chunk) const { return chunk / per_group; }
+  int64_t first_token(int64_t chunk) const { return chunk % per_group * rows; }
+  int64_t end_token(int64_t chunk) const { return std::min(tokens, first_token(chunk) + rows); }
+
+  int64_t tokens;     // T
   int64_t rows;       // tokens per chunk (the last chunk of a group may hold fewer)
   int64_t per_group;  // chunks per group
   int64_t count;      // chunks in all groups: the tasks of every pass
@@ -114,73 +120,118 @@ opmath_t log_column_mass(const SinkhornShape& shape) {
                                std::log(static_cast<double>(shape.experts)));
 }
 
+// The column step needs logsumexp_t(L_te + u_t) = log(sum_t P_te) - v'_e, with P_te = exp(L_te + v'_e + u_t) the
+// row-normalised plan, whose entries the row step computes anyway: one exponential per entry and iteration
+// instead of two, and no max pass over the columns. Entries of P below the smallest normal number m underflow,
+// which changes a column sum of at least sqrt(m) by less than T m / sqrt(m) = T sqrt(m), relatively (2e-15 for
+// float at T = 16384). A group with a smaller column sum (an expert whose entries of P are all below about
+// e^-44 / T in float, e^-354 / T in double) takes the column step again, the stable way: a max pass, then the sum.
+template <typename opmath_t>
+opmath_t min_exact_column_sum() {
+  return std::sqrt(std::numeric_limits<opmath_t>::min());
+}
+
 template <typename scalar_t>
 void forward_impl(const SinkhornShape& shape, const scalar_t* logits, scalar_t* log_plan,
                   at::opmath_type<scalar_t>* row_potentials, at::opmath_type<scalar_t>* column_potentials) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t T = shape.tokens, E = shape.experts, K = shape.iterations;
+  const int64_t G = shape.groups, T = shape.tokens, E = shape.experts, K = shape.iterations;
   const Chunks chunks(shape);
   const opmath_t column_mass = log_column_mass<opmath_t>(shape);
   constexpr opmath_t kNegInf = -std::numeric_limits<opmath_t>::infinity();
-  // Per chunk and expert: the maximum of L_te + u_t over the chunk's tokens, and the sum of exp(L_te + u_t - max).
-  std::vector<opmath_t> chunk_max(chunks.count * E), chunk_sum(chunks.count * E);
+  // Per chunk and expert: sum_t P_te over the chunk's tokens; in a group that needs the max pass,
+  // sum_t exp(L_te + u_t - max) with the maximum in chunk_max.
+  std::vector<opmath_t> chunk_sum(chunks.count * E), chunk_max(chunks.count * E);
+  std::vector<char> needs_max_pass(G);
   const std::vector<opmath_t> initial_column_potentials(E, opmath_t(0));
+  auto previous_column_potentials = [&](int64_t g, int64_t k) {
+    return k == 0 ? initial_column_potentials.data() : column_potentials + (g * K + k - 1) * E;
+  };
 
   for (int64_t k = 0; k < K; ++k) {
+    // Row step, u_t = -logsumexp_e(L_te + v'_e), and the chunk's column sums of P_te = exp(L_te + v'_e + u_t).
     at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> shifted(E);
+      std::vector<opmath_t> plan_row(E);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t g = chunk / chunks.per_group;
-        const int64_t t_begin = chunk % chunks.per_group * chunks.rows, t_end = std::min(T, t_begin + chunks.rows);
-        const scalar_t* group_logits = logits + g * T * E;
-        const opmath_t* v_prev = k == 0 ? initial_column_potentials.data() : column_potentials + (g * K + k - 1) * E;
+        const int64_t g = chunks.group(chunk);
+        const opmath_t* v_prev = previous_column_potentials(g, k);
         opmath_t* u = row_potentials + (g * K + k) * T;
-        // Row step: u_t = -logsumexp_e(L_te + v_e).
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          const scalar_t* row = group_logits + t * E;
-          for (int64_t e = 0; e < E; ++e) shifted[e] = static_cast<opmath_t>(row[e]) + v_prev[e];
-          const opmath_t row_max = max_of(shifted.data(), E);
-          for (int64_t e = 0; e < E; ++e) shifted[e] = exp_opmath(shifted[e] - row_max);
-          u[t] = -(row_max + std::log(sum_of<opmath_t>(shifted.data(), E)));
+        opmath_t* column_sum = chunk_sum.data() + chunk * E;
+        std::fill(column_sum, column_sum + E, opmath_t(0));
+        for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
+          const scalar_t* row = logits + (g * T + t) * E;
+          for (int64_t e = 0; e < E; ++e) plan_row[e] = static_cast<opmath_t>(row[e]) + v_prev[e];
+          const opmath_t row_max = max_of(plan_row.data(), E);
+          for (int64_t e = 0; e < E; ++e) plan_row[e] = exp_opmath(plan_row[e] - row_max);
+          const opmath_t row_sum = sum_of<opmath_t>(plan_row.data(), E);
+          u[t] = -(row_max + std::log(row_sum));
+          const opmath_t inverse_row_sum = opmath_t(1) / row_sum;
+          for (int64_t e = 0; e < E; ++e) column_sum[e] += plan_row[e] * inverse_row_sum;
         }
-        // This chunk's share of the column step's logsumexp_t(L_te + u_t).
+      }
+    });
+    // Column step, v_e = log(T / E) + v'_e - log(sum_t P_te), adding the chunks' sums in chunk order.
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const opmath_t* v_prev = previous_column_potentials(g, k);
+        opmath_t* v = column_potentials + (g * K + k) * E;
+        needs_max_pass[g] = false;
+        for (int64_t e = 0; e < E; ++e) {
+          opmath_t sum = 0;
+          for (int64_t c = 0; c < chunks.per_group; ++c) sum += chunk_sum[(g * chunks.per_group + c) * E + e];
+          needs_max_pass[g] |= !(sum >= min_exact_column_sum<opmath_t>());
+          v[e] = column_mass + v_prev[e] - std::log(sum);
+        }
+      }
+    });
+    if (std::none_of(needs_max_pass.begin(), needs_max_pass.end(), [](char flag) { return flag; })) continue;
+
+    // The column step again, with a max pass, in the groups that need it: each chunk's maximum of L_te + u_t and
+    // sum of exp(L_te + u_t - max), then their merge in chunk order.
+    at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t g = chunks.group(chunk);
+        if (!needs_max_pass[g]) continue;
+        const opmath_t* u = row_potentials + (g * K + k) * T;
         opmath_t* column_max = chunk_max.data() + chunk * E;
         opmath_t* column_sum = chunk_sum.data() + chunk * E;
         std::fill(column_max, column_max + E, kNegInf);
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          const scalar_t* row = group_logits + t * E;
+        for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
+          const scalar_t* row = logits + (g * T + t) * E;
           const opmath_t u_t = u[t];
           for (int64_t e = 0; e < E; ++e) column_max[e] = std::max(column_max[e], static_cast<opmath_t>(row[e]) + u_t);
         }
         std::fill(column_sum, column_sum + E, opmath_t(0));
-        for (int64_t t = t_begin; t < t_end; ++t) {
-          const scalar_t* row = group_logits + t * E;
+        for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
+          const scalar_t* row = logits + (g * T + t) * E;
           const opmath_t u_t = u[t];
-          for (int64_t e = 0; e < E; ++e) column_sum[e] += exp_opmath(static_cast<opmath_t>(row[e]) + u_t - column_max[e]);
+          for (int64_t e = 0; e < E; ++e) {
+            column_sum[e] += exp_opmath(static_cast<opmath_t>(row[e]) + u_t - column_max[e]);
+          }
         }
       }
     });
-    // Column step: v_e = log(T / E) - logsumexp_t(L_te + u_t), merging the chunks' partials in chunk order.
-    at::parallel_for(0, shape.groups * E, kCombineGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t g = i / E, e = i % E;
-        const int64_t first = g * chunks.per_group * E + e, last = first + chunks.per_group * E;
-        opmath_t overall_max = kNegInf;
-        for (int64_t p = first; p < last; p += E) overall_max = std::max(overall_max, chunk_max[p]);
-        opmath_t sum = 0;
-        for (int64_t p = first; p < last; p += E) sum += chunk_sum[p] * exp_opmath(chunk_max[p] - overall_max);
-        column_potentials[(g * K + k) * E + e] = column_mass - (overall_max + std::log(sum));
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        if (!needs_max_pass[g]) continue;
+        for (int64_t e = 0; e < E; ++e) {
+          const int64_t first = g * chunks.per_group * E + e, last = first + chunks.per_group * E;
+          opmath_t overall_max = kNegInf;
+          for (int64_t p = first; p < last; p += E) overall_max = std::max(overall_max, chunk_max[p]);
+          opmath_t sum = 0;
+          for (int64_t p = first; p < last; p += E) sum += chunk_sum[p] * exp_opmath(chunk_max[p] - overall_max);
+          column_potentials[(g * K + k) * E + e] = column_mass - (overall_max + std::log(sum));
+        }
       }
     });
   }
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t g = chunk / chunks.per_group;
-      const int64_t t_begin = chunk % chunks.per_group * chunks.rows, t_end = std::min(T, t_begin + chunks.rows);
+      const int64_t g = chunks.group(chunk);
       const opmath_t* u = row_potentials + (g * K + K - 1) * T;
       const opmath_t* v = column_potentials + (g * K + K - 1) * E;
-      for (int64_t t = t_begin; t < t_end; ++t) {
+      for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
         const scalar_t* row = logits + (g * T + t) * E;
         scalar_t* out = log_plan + (g * T + t) * E;
         const opmath_t u_t = u[t];
@@ -230,11 +281,10 @@ void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, co
   // y = L + u^K + v^K: dL = g and a_v^K = sum_t g_te (a_u^K = sum_e g_te is taken row by row below).
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t g = chunk / chunks.per_group;
-      const int64_t t_begin = chunk % chunks.per_group * chunks.rows, t_end = std::min(T, t_begin + chunks.rows);
+      const int64_t g = chunks.group(chunk);
       opmath_t* partial = chunk_partial.data() + chunk * E;
       std::fill(partial, partial + E, opmath_t(0));
-      for (int64_t t = t_begin; t < t_end; ++t) {
+      for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
         const scalar_t* grad_row = grad_log_plan + (g * T + t) * E;
         opmath_t* out = grad + (g * T + t) * E;
         for (int64_t e = 0; e < E; ++e) {
@@ -249,32 +299,43 @@ void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, co
 
   for (int64_t k = K - 1; k >= 0; --k) {
     at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> column_shift(E), column_term(E);
+      std::vector<opmath_t> column_scale(E), row_plan(E), column_term(E);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        const int64_t g = chunk / chunks.per_group;
-        const int64_t t_begin = chunk % chunks.per_group * chunks.rows, t_end = std::min(T, t_begin + chunks.rows);
+        const int64_t g = chunks.group(chunk);
         const opmath_t* u = row_potentials + (g * K + k) * T;
         const opmath_t* v = column_potentials + (g * K + k) * E;
         const opmath_t* v_prev = k == 0 ? initial_column_potentials.data() : column_potentials + (g * K + k - 1) * E;
         const opmath_t* a_v = column_adjoint.data() + g * E;
-        for (int64_t e = 0; e < E; ++e) column_shift[e] = v[e] - column_mass;
+        // Q_te = exp(L_te + u_t + v_e - c) = P_te / sum_t P_te = P_te * exp(v_e - v'_e - c): one exponential per
+        // entry, unless P's column sums were too small for P to hold Q's significant entries (see
+        // min_exact_column_sum). The test is on the exponents, which may be far above exp_opmath's range.
+        for (int64_t e = 0; e < E; ++e) column_scale[e] = v[e] - v_prev[e] - column_mass;
+        const bool q_from_p = max_of(column_scale.data(), E) <= -std::log(min_exact_column_sum<opmath_t>());
+        if (q_from_p) {
+          for (int64_t e = 0; e < E; ++e) column_scale[e] = exp_opmath(column_scale[e]);
+        }
         opmath_t* partial = chunk_partial.data() + chunk * E;
         std::fill(partial, partial + E, opmath_t(0));
-        for (int64_t t = t_begin; t < t_end; ++t) {
+        for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
           const scalar_t* row = logits + (g * T + t) * E;
           opmath_t* grad_row = grad + (g * T + t) * E;
           const opmath_t u_t = u[t];
-          // Column step, Q_te = exp(L_te + u_t + v_e - c).
-          for (int64_t e = 0; e < E; ++e) {
-            column_term[e] = a_v[e] * exp_opmath(static_cast<opmath_t>(row[e]) + u_t + column_shift[e]);
-            grad_row[e] -= column_term[e];
+          for (int64_t e = 0; e < E; ++e) row_plan[e] = exp_opmath(static_cast<opmath_t>(row[e]) + v_prev[e] + u_t);
+          // Column step: dL_te -= a_v_e Q_te.
+          if (q_from_p) {
+            for (int64_t e = 0; e < E; ++e) column_term[e] = a_v[e] * column_scale[e] * row_plan[e];
+          } else {
+            for (int64_t e = 0; e < E; ++e) {
+              column_term[e] = a_v[e] * exp_opmath(static_cast<opmath_t>(row[e]) + u_t + v[e] - column_mass);
+            }
           }
+          for (int64_t e = 0; e < E; ++e) grad_row[e] -= column_term[e];
           const opmath_t a_u =
               (k == K - 1 ? sum_of<opmath_t>(grad_log_plan + (g * T + t) * E, E) : opmath_t(0)) -
               sum_of<opmath_t>(column_term.data(), E);
-          // Row step, P_te = exp(L_te + v'_e + u_t).
+          // Row step: dL_te -= a_u_t P_te, and a_v'_e -= a_u_t P_te summed over the tokens.
           for (int64_t e = 0; e < E; ++e) {
-            const opmath_t term = a_u * exp_opmath(static_cast<opmath_t>(row[e]) + v_prev[e] + u_t);
+            const opmath_t term = a_u * row_plan[e];
             grad_row[e] -= term;
             partial[e] -= term;
           }
