@@ -276,7 +276,7 @@ def test_validate_false_skips_the_finite_check():
     logits = torch.randn(2, 5, 3)
     torch.testing.assert_close(ops.sinkhorn(logits, validate=False), ops.sinkhorn(logits), rtol=0, atol=0)
     logits[0, 1, 1] = float("nan")
-    assert ops.sinkhorn(logits, validate=False).isnan().any()
+    ops.sinkhorn(logits, validate=False)  # no error: the result for non-finite logits is unspecified
 
 
 def test_backward_rejects_inconsistent_inputs():

@@ -14,7 +14,8 @@ _ops = torch.ops.visionmoe
 
 # The Sinkhorn routers of "Routers in Vision Mixture of Experts" (Liu, Blondel, Riquelme and Puigcerver, 2024,
 # arXiv 2401.15969) run a fixed number of iterations, 20 by default: ``maxiter: int = 20`` in the base classes
-# of its optimal-transport routers (google-research/vmoe, vmoe/projects/sparsity_constrained_ot/ot_routing.py).
+# of its optimal-transport routers (google-research/vmoe,
+# src/vmoe/projects/sparsity_constrained_ot/ot_routing.py).
 DEFAULT_SINKHORN_ITERATIONS = 20
 
 
@@ -35,8 +36,8 @@ def sinkhorn(
         num_iterations: K >= 0 row-and-column rounds; 0 returns the logits unchanged (as a copy). The default,
             20, is the fixed iteration count of the Sinkhorn routers of Liu et al. (2024, arXiv 2401.15969).
         validate: check that the logits are finite. On CUDA this costs one device-to-host synchronisation;
-            callers whose logits are finite by construction pass False, and non-finite logits then go unchecked
-            (NaN and +inf make the group's output NaN).
+            callers whose logits are finite by construction pass False, which skips the check (the result for
+            non-finite logits is then unspecified).
 
     Returns:
         log P, with the shape and dtype of ``logits``. Gradients flow back to ``logits`` through every
