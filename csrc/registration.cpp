@@ -36,4 +36,12 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def("soft_dispatch_backward(Tensor grad_slots, Tensor x, Tensor logits) -> (Tensor grad_x, Tensor grad_logits)");
   m.def("soft_combine(Tensor y, Tensor logits) -> Tensor");
   m.def("soft_combine_backward(Tensor grad_out, Tensor y, Tensor logits) -> (Tensor grad_y, Tensor grad_logits)");
+
+  // Sinkhorn family (csrc/sinkhorn): log-domain Sinkhorn normalisation of router logits, and its backward.
+  m.def(
+      "sinkhorn(Tensor logits, int num_iterations, bool validate=True) -> (Tensor log_plan, Tensor row_potentials, "
+      "Tensor column_potentials)");
+  m.def(
+      "sinkhorn_backward(Tensor grad_log_plan, Tensor logits, Tensor row_potentials, Tensor column_potentials) "
+      "-> Tensor");
 }

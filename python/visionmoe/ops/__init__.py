@@ -7,15 +7,18 @@ registered autograd; ``visionmoe.reference`` holds a pure-PyTorch version of eac
 from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
 from .routing import expert_choice_route, topk_route
+from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
 
 __all__ = [
+    "DEFAULT_SINKHORN_ITERATIONS",
     "LAYOUTS",
     "RoutingPlan",
     "combine",
     "dispatch",
     "expert_choice_route",
     "make_plan",
+    "sinkhorn",
     "soft_combine",
     "soft_dispatch",
     "topk_route",

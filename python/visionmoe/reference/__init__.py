@@ -13,6 +13,8 @@ from .dispatch import (
     token_major,
 )
 from .routing import expert_choice_route, topk_route
+from .sinkhorn import sinkhorn
+from .soft_moe import soft_combine, soft_dispatch
 
 __all__ = [
     "combine",
@@ -22,9 +24,9 @@ __all__ = [
     "dispatch_einsum",
     "expert_choice_route",
     "make_plan",
+    "sinkhorn",
+    "soft_combine",
+    "soft_dispatch",
     "token_major",
     "topk_route",
 ]
-from .soft_moe import soft_combine, soft_dispatch
-
-__all__ += ["soft_combine", "soft_dispatch"]

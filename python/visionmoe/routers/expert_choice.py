@@ -5,7 +5,6 @@ Shape letters: G groups, T tokens per group, D width, E experts, C capacity.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -79,11 +78,13 @@ class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
     """Expert choice on Sinkhorn-balanced scores (``sinkhorn_iterations`` log-domain rounds); combine weights
     stay the softmax probabilities."""
 
-    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: Optional[int] = None, **options):
+    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
+                 **options):
         super().__init__(dim, num_experts, **options)
+        if sinkhorn_iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
         self.sinkhorn_iterations = sinkhorn_iterations
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        if self.sinkhorn_iterations is None:
-            return ops.sinkhorn(noisy_logits)
-        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations)
+        # The logits were checked already (check_finite), so the operator's own synchronising check is skipped.
+        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)

@@ -113,11 +113,13 @@ class SinkhornTokenChoiceRouter(TokenChoiceRouter):
     T / E, ``sinkhorn_iterations`` rounds in the log domain), while combine weights stay the softmax
     probabilities. Options as :class:`TokenChoiceRouter`, plus ``sinkhorn_iterations``."""
 
-    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: Optional[int] = None, **options):
+    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
+                 **options):
         super().__init__(dim, num_experts, **options)
+        if sinkhorn_iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
         self.sinkhorn_iterations = sinkhorn_iterations
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        if self.sinkhorn_iterations is None:
-            return ops.sinkhorn(noisy_logits)
-        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations)
+        # The logits were checked already (check_finite), so the operator's own synchronising check is skipped.
+        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Log-domain Sinkhorn normalisation of router logits, forward and backward: visionmoe against the reference.
+
+Implementations:
+  visionmoe  ``visionmoe.ops.sinkhorn``: fused row and column steps; the backward recomputes each iteration's
+             softmaxes from the logits and the saved potentials (K * (T + E) numbers per group).
+  reference  ``visionmoe.reference.sinkhorn``: two ``torch.logsumexp`` calls per iteration, differentiated by
+             autograd through the unrolled iterations (which keeps every iteration's [G, T, E] intermediates).
+
+For each E, two steps are timed: the forward alone (``sinkhorn(logits)``, with autograd recording, as in
+training) and forward + backward (``sinkhorn(logits).backward(grad)``). Before timing, each implementation's
+log-plan and logits gradient are checked against the reference's in float64, so that a wrong result is never
+timed. ns_per_entry = forward + backward median / (G * T * E * K). On CUDA, peak_mb is the peak memory the
+forward + backward step allocates beyond its inputs.
+
+Usage:
+  python benchmarks/bench_sinkhorn.py                          # CPU, T=16384, E in 8, 32, 128, 20 iterations
+  python benchmarks/bench_sinkhorn.py --device cuda --dtype bfloat16
+Results: benchmarks/results/sinkhorn_<device>[_<tag>].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from visionmoe import ops, reference
+
+from common import format_table, timeit, write_results
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
+# are a few units, and gradients of order one.
+TOLERANCES = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=1e-1, rtol=2e-2),
+    torch.float16: dict(atol=2e-2, rtol=1e-2),
+}
+IMPLEMENTATIONS = {"visionmoe": ops.sinkhorn, "reference": reference.sinkhorn}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384, help="T, tokens per group (default 16384)")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="E values (default 8 32 128)")
+    parser.add_argument("--groups", type=int, default=1, help="G (default 1)")
+    parser.add_argument("--iterations", type=int, default=ops.DEFAULT_SINKHORN_ITERATIONS,
+                        help=f"K (default {ops.DEFAULT_SINKHORN_ITERATIONS}, the operator's default)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per step (default 2)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per step; the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", help="appended to the result files' names")
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.repeat < 1 or args.warmup < 0 or args.iterations < 1:
+        parser.error("--repeat and --iterations must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    if args.tokens < 1 or args.groups < 1 or min(args.experts) < 1:
+        parser.error("--tokens, --groups and --experts must be >= 1")
+    return args
+
+
+def check_against_float64(name: str, sinkhorn, logits, grad_log_plan, iterations: int, dtype: torch.dtype) -> None:
+    """Aborts the benchmark when an implementation's log-plan or gradient differs from the float64 reference's:
+    its timings would be meaningless."""
+    results = []
+    for function, inputs in ((sinkhorn, (logits, grad_log_plan)),
+                             (reference.sinkhorn, (logits.double(), grad_log_plan.double()))):
+        leaf = inputs[0].detach().clone().requires_grad_()
+        log_plan = function(leaf, iterations)
+        log_plan.backward(inputs[1])
+        results.append({"log_plan": log_plan.detach().double(), "logits.grad": leaf.grad.double()})
+    for quantity, tensor in results[0].items():
+        try:
+            torch.testing.assert_close(tensor, results[1][quantity], **TOLERANCES[dtype])
+        except AssertionError as error:
+            sys.exit(f"error: {name} does not match the float64 reference in {quantity}; not timing it.\n{error}")
+
+
+def peak_memory_mb(step, logits, device: torch.device):
+    """Peak memory one forward + backward allocates beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    logits.grad = None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 1e6
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    G, T, K = args.groups, args.tokens, args.iterations
+    print(f"sinkhorn, forward and forward + backward: G={G} T={T} E={args.experts} K={K} {args.dtype} on {device}")
+
+    rows = []
+    for E in args.experts:
+        generator = torch.Generator().manual_seed(args.seed)
+        logits = (torch.randn(G, T, E, generator=generator) * 2).to(device, dtype).requires_grad_()
+        grad_log_plan = torch.randn(G, T, E, generator=generator).to(device, dtype)
+
+        def clear_grad():
+            """So that each backward writes the gradient instead of adding to the previous one."""
+            logits.grad = None
+
+        seconds = {}
+        for name, sinkhorn in IMPLEMENTATIONS.items():
+            check_against_float64(name, sinkhorn, logits, grad_log_plan, K, dtype)
+
+            def forward(sinkhorn=sinkhorn):
+                return sinkhorn(logits, K)
+
+            def forward_backward(sinkhorn=sinkhorn):
+                sinkhorn(logits, K).backward(grad_log_plan)
+
+            seconds[name] = (
+                timeit(forward, args.warmup, args.repeat, device, clear_grad),
+                timeit(forward_backward, args.warmup, args.repeat, device, clear_grad),
+                peak_memory_mb(forward_backward, logits, device),
+            )
+        for name, (forward_s, forward_backward_s, peak_mb) in seconds.items():
+            rows.append({
+                "experts": E,
+                "implementation": name,
+                "forward_ms": forward_s * 1e3,
+                "forward_backward_ms": forward_backward_s * 1e3,
+                "visionmoe_speedup": forward_backward_s / seconds["visionmoe"][1],
+                "ns_per_entry": forward_backward_s * 1e9 / (G * T * E * K),
+                "peak_mb": peak_mb,
+            })
+        print(format_table(rows[-len(seconds):]), flush=True)
+
+    print()
+    print(format_table(rows))
+    print("visionmoe_speedup = implementation's forward + backward median / visionmoe's; "
+          "ns_per_entry = forward + backward median / (G * T * E * K)")
+    meta = {
+        "benchmark": "sinkhorn, forward and forward + backward",
+        "device": str(device),
+        "dtype": args.dtype,
+        "groups": G,
+        "tokens": T,
+        "experts": args.experts,
+        "iterations": K,
+        "logits": "2 * standard normal",
+        "warmup": args.warmup,
+        "repeat": args.repeat,
+        "seed": args.seed,
+    }
+    paths = write_results("sinkhorn", rows, meta, device=device, tag=args.tag)
+    print("\nwrote " + ", ".join(str(path) for path in paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+// Host code of the Sinkhorn family: argument checks, output allocation and the choice of backend kernel.
+#include "sinkhorn/sinkhorn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+namespace visionmoe::sinkhorn {
+namespace {
+
+[[noreturn]] void no_cuda(const char* op) {
+  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
+}
+
+SinkhornShape check_logits(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [G, T, E], got ", logits.sizes());
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be a floating-point tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op,
+              ": logits must have T >= 1 tokens and E >= 1 experts per group, got shape ", logits.sizes());
+  SinkhornShape shape;
+  shape.groups = logits.size(0);
+  shape.tokens = logits.size(1);
+  shape.experts = logits.size(2);
+  return shape;
+}
+
+// One reduction and, on CUDA, one device-to-host synchronisation; callers whose logits are finite by
+// construction pass validate=False.
+void check_finite(const at::Tensor& logits) {
+  const at::Tensor non_finite = at::isfinite(logits).logical_not_();
+  if (!non_finite.any().item<bool>()) return;
+  const int64_t flat = non_finite.flatten().to(at::kByte).argmax().item<int64_t>();
+  const int64_t tokens = logits.size(1), experts = logits.size(2);
+  TORCH_CHECK(false, "sinkhorn: logits must be finite, got logits[", flat / (tokens * experts), ", ",
+              flat / experts % tokens, ", ", flat % experts, "] = ", logits.flatten()[flat].item<double>());
+}
+
+void check_potentials(const at::Tensor& potentials, const char* name, const char* length_letter, int64_t groups,
+                      int64_t length, at::ScalarType dtype, const at::Tensor& logits) {
+  TORCH_CHECK(potentials.dim() == 3 && potentials.size(0) == groups && potentials.size(2) == length,
+              "sinkhorn_backward: ", name, " must have shape [G, K, ", length_letter, "] = [", groups, ", K, ", length,
+              "], got ", potentials.sizes());
+  TORCH_CHECK(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
+              " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
+  TORCH_CHECK(potentials.device() == logits.device(), "sinkhorn_backward: ", name, " must be on ", logits.device(),
+              " like logits, got ", potentials.device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits_in, int64_t num_iterations,
+                                                        bool validate) {
+  constexpr const char* op = "sinkhorn";
+  SinkhornShape shape = check_logits(op, logits_in);
+  TORCH_CHECK(num_iterations >= 0, op, ": num_iterations must be >= 0, got ", num_iterations);
+  shape.iterations = num_iterations;
+  const at::Tensor logits = logits_in.contiguous();
+  const c10::DeviceGuard guard(logits.device());
+  if (validate) check_finite(logits);
+  const auto potential_options = logits.options().dtype(at::toOpMathType(logits.scalar_type()));
+  at::Tensor row_potentials = at::empty({shape.groups, shape.iterations, shape.tokens}, potential_options);
+  at::Tensor column_potentials = at::empty({shape.groups, shape.iterations, shape.experts}, potential_options);
+  if (shape.iterations == 0) return {logits.clone(), row_potentials, column_potentials};
+  at::Tensor log_plan = at::empty_like(logits);
+  if (logits.numel() == 0) return {log_plan, row_potentials, column_potentials};
+  if (logits.is_cuda()) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::forward(shape, logits, log_plan, row_potentials, column_potentials);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::forward(shape, logits, log_plan, row_potentials, column_potentials);
+  }
+  return {log_plan, row_potentials, column_potentials};
+}
+
+at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& row_in,
+                             const at::Tensor& column_in) {
+  constexpr const char* op = "sinkhorn_backward";
+  SinkhornShape shape = check_logits(op, logits_in);
+  TORCH_CHECK(grad_in.sizes() == logits_in.sizes(), op, ": grad_log_plan must have the shape of logits (",
+              logits_in.sizes(), "), got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
+              logits_in.scalar_type(), "), got ", grad_in.scalar_type());
+  TORCH_CHECK(grad_in.device() == logits_in.device(), op, ": grad_log_plan must be on ", logits_in.device(),
+              " like logits, got ", grad_in.device());
+  const at::ScalarType potential_dtype = at::toOpMathType(logits_in.scalar_type());
+  check_potentials(row_in, "row_potentials", "T", shape.groups, shape.tokens, potential_dtype, logits_in);
+  check_potentials(column_in, "column_potentials", "E", shape.groups, shape.experts, potential_dtype, logits_in);
+  TORCH_CHECK(row_in.size(1) == column_in.size(1), op,
+              ": row_potentials and column_potentials must hold the same number of iterations, got ",
+              row_in.size(1), " and ", column_in.size(1));
+  shape.iterations = row_in.size(1);
+  const at::Tensor grad_log_plan = grad_in.contiguous();
+  if (shape.iterations == 0) return grad_log_plan.clone();
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor row_potentials = row_in.contiguous();
+  const at::Tensor column_potentials = column_in.contiguous();
+  const c10::DeviceGuard guard(logits.device());
+  at::Tensor grad_logits = at::empty_like(logits);
+  if (logits.numel() == 0) return grad_logits;
+  if (logits.is_cuda()) {
+#ifdef VISIONMOE_WITH_CUDA
+    cuda::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+#else
+    no_cuda(op);
+#endif
+  } else {
+    cpu::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+  }
+  return grad_logits;
+}
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn);
+  m.impl("sinkhorn_backward", &sinkhorn_backward);
+}
+
+#ifdef VISIONMOE_WITH_CUDA
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("sinkhorn", &sinkhorn);
+  m.impl("sinkhorn_backward", &sinkhorn_backward);
+}
+#endif
+
+}  // namespace visionmoe::sinkhorn

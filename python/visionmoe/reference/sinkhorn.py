@@ -1,0 +1,43 @@
+"""Pure-PyTorch reference of log-domain Sinkhorn normalisation: the readable spec and the test oracle.
+
+Same signature as :func:`visionmoe.ops.sinkhorn`. Autograd differentiates through the unrolled iterations,
+which keeps every iteration's [G, T, E] intermediates alive until the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ops.sinkhorn import DEFAULT_SINKHORN_ITERATIONS
+
+
+def sinkhorn(
+    logits: torch.Tensor, num_iterations: int = DEFAULT_SINKHORN_ITERATIONS, *, validate: bool = True
+) -> torch.Tensor:
+    """Reference of :func:`visionmoe.ops.sinkhorn`: log P = logits + u + v for [G, T, E] or [T, E] logits.
+
+    Each iteration sets ``u = -logsumexp_e(logits + v)``, then ``v = log(T / E) - logsumexp_t(logits + u)``,
+    from u = v = 0; float16 and bfloat16 logits are computed in float32, as the operator does.
+    """
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"sinkhorn: logits must have shape [T, E] or [G, T, E], got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"sinkhorn: logits must be a floating-point tensor, got {logits.dtype}")
+    if num_iterations < 0:
+        raise ValueError(f"sinkhorn: num_iterations must be >= 0, got {num_iterations}")
+    num_tokens, num_experts = logits.shape[-2:]
+    if num_tokens < 1 or num_experts < 1:
+        raise ValueError(f"sinkhorn: logits must have T >= 1 tokens and E >= 1 experts, got {tuple(logits.shape)}")
+    if validate and not torch.isfinite(logits).all():
+        raise ValueError("sinkhorn: logits must be finite")
+    compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    scores = logits.to(compute_dtype)
+    log_column_mass = math.log(num_tokens) - math.log(num_experts)
+    u = scores.new_zeros(scores.shape[:-1]).unsqueeze(-1)  # [..., T, 1]
+    v = scores.new_zeros(scores.shape[:-2] + (1, num_experts))  # [..., 1, E]
+    for _ in range(num_iterations):
+        u = -torch.logsumexp(scores + v, dim=-1, keepdim=True)
+        v = log_column_mass - torch.logsumexp(scores + u, dim=-2, keepdim=True)
+    return (scores + u + v).to(logits.dtype)
