@@ -60,7 +60,7 @@ def routing_loss(router_output, x, probe):
     if hasattr(plan, "weight"):
         loss = (plan.weight * probe[: plan.weight.shape[0]]).sum()
     else:
-        loss = (plan.combine(plan.dispatch(x)) * probe[0]).sum()
+        loss = plan.combine(plan.dispatch(x)).sum() * probe[0]
     return loss + sum(metrics.aux_losses.values(), torch.zeros((), device=x.device))
 
 
@@ -72,6 +72,8 @@ def main():
     parser.add_argument("--dim", type=int, default=384, help="D")
     parser.add_argument("--experts", type=int, nargs="*", default=[8, 32, 128], help="E values")
     parser.add_argument("--topk", type=int, nargs="*", default=[1, 2], help="K values (token-choice routers)")
+    parser.add_argument("--soft-group-size", type=int, default=196,
+                        help="tokens per group for the soft router (one image of 14 x 14 patches)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7)
@@ -90,13 +92,18 @@ def main():
                 options = dict(ROUTER_OPTIONS.get(name, {}))
                 if k is not None:
                     options["k"] = k
+                router_input = x
                 if name == "soft":
-                    options["slots_per_expert"] = max(1, round(args.tokens / num_experts))
+                    # Soft MoE mixes all tokens of a group into every slot: it routes per image, not per batch.
+                    size = args.soft_group_size
+                    whole_groups = args.groups * args.tokens // size
+                    router_input = x.reshape(-1, args.dim)[: whole_groups * size].reshape(whole_groups, size, args.dim)
+                    options["slots_per_expert"] = max(1, round(size / num_experts))
                 router = create_router(name, args.dim, num_experts, **options).to(device).train()
                 probe = torch.rand(args.groups * args.tokens * max(k or 1, 1) * 2, device=device)
 
-                def step():
-                    routing_loss(router(x), x, probe).backward()
+                def step(router=router, router_input=router_input):
+                    routing_loss(router(router_input), router_input, probe).backward()
 
                 def clear():
                     x.grad = None
@@ -135,7 +142,8 @@ def main():
     print(format_table(rows))
     meta = {"benchmark": "router forward + backward vs the same router on reference operators",
             "tokens": args.tokens, "groups": args.groups, "dim": args.dim, "device": str(device),
-            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed, "router_options": ROUTER_OPTIONS}
+            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed, "router_options": ROUTER_OPTIONS,
+            "soft_group_size": args.soft_group_size}
     paths = write_results("routing", rows, meta, device=device, tag=args.tag)
     print("wrote", *paths)
 

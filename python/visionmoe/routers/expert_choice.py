@@ -5,7 +5,6 @@ Shape letters: G groups, T tokens per group, D width, E experts, C capacity.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

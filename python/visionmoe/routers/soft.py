@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.soft_moe import soft_combine, soft_dispatch
+from .. import ops
 from .base import Router, RouterMetrics, as_groups, check_finite_logits, register_router
 
 # Added under the square root of l2 normalisation, as V-MoE's Soft MoE router does.
@@ -59,7 +59,7 @@ class SoftRoutingPlan:
         The logits are cast to x's dtype (a no-op for the router's own output, which has it already).
         """
         x = as_groups(x)
-        slots = soft_dispatch(x, self.logits.to(x.dtype))
+        slots = ops.soft_dispatch(x, self.logits.to(x.dtype))
         return slots.unflatten(1, (self.num_experts, self.slots_per_expert))
 
     def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class SoftRoutingPlan:
             groups, experts, slots = expected
             raise ValueError(f"combine: expert_out must have shape [G, E, P, D] = [{groups}, {experts}, {slots}, D], "
                              f"got {tuple(expert_out.shape)}")
-        return soft_combine(expert_out.flatten(1, 2), self.logits.to(expert_out.dtype))
+        return ops.soft_combine(expert_out.flatten(1, 2), self.logits.to(expert_out.dtype))
 
     def dispatch_weights(self) -> torch.Tensor:
         """[G, T, S] float32: softmax of the logits over the tokens; each slot's weights sum to 1."""
