@@ -168,3 +168,15 @@ def test_groups_of_unequal_content():
 
 def test_routers_are_importable_from_the_package():
     assert visionmoe.routers.create_router is create_router
+
+
+@pytest.mark.parametrize("name", ["sinkhorn_topk", "sinkhorn_expert_choice"])
+def test_sinkhorn_iterations_are_validated_and_used(name):
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be >= 0, got -1"):
+        make(name, sinkhorn_iterations=-1)
+    # With zero rounds the Sinkhorn scores are the logits, so selection equals the plain softmax router's.
+    plain_name = name.replace("sinkhorn_", "")
+    plain, balanced = make(plain_name).eval(), make(name, sinkhorn_iterations=0).eval()
+    balanced.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 24, 16)
+    assert torch.equal(plain(x)[0].sorted_token, balanced(x)[0].sorted_token)

@@ -13,6 +13,8 @@ from typing import Callable, Dict, Tuple
 import torch
 from torch import nn
 
+from .. import ops
+
 
 @dataclasses.dataclass
 class RouterMetrics:
@@ -93,6 +95,22 @@ def unrouted_fraction(plan) -> torch.Tensor:
     kept_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
         0, plan.sorted_token, plan.kept().to(torch.float32))
     return (kept_per_token == 0).to(torch.float32).mean()
+
+
+class SinkhornSelection:
+    """Mixin for a router with a ``selection_scores`` step: select on Sinkhorn-balanced scores (rows sum to 1,
+    experts' columns to T / E, ``sinkhorn_iterations`` log-domain rounds) instead of the probabilities."""
+
+    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
+                 **options):
+        super().__init__(dim, num_experts, **options)
+        if sinkhorn_iterations < 0:
+            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
+        self.sinkhorn_iterations = sinkhorn_iterations
+
+    def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        # The router checked its logits already (check_finite), so the operator's synchronising check is skipped.
+        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
 
 
 _REGISTRY: Dict[str, Callable[..., Router]] = {}

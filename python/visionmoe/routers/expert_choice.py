@@ -12,6 +12,7 @@ from .. import losses, ops
 from .base import (
     Router,
     RouterMetrics,
+    SinkhornSelection,
     as_groups,
     capacity_from_factor,
     check_capacity_options,
@@ -73,17 +74,6 @@ class ExpertChoiceRouter(Router):
 
 
 @register_router("sinkhorn_expert_choice")
-class SinkhornExpertChoiceRouter(ExpertChoiceRouter):
+class SinkhornExpertChoiceRouter(SinkhornSelection, ExpertChoiceRouter):
     """Expert choice on Sinkhorn-balanced scores (``sinkhorn_iterations`` log-domain rounds); combine weights
-    stay the softmax probabilities."""
-
-    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
-                 **options):
-        super().__init__(dim, num_experts, **options)
-        if sinkhorn_iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
-        self.sinkhorn_iterations = sinkhorn_iterations
-
-    def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        # The logits were checked already (check_finite), so the operator's own synchronising check is skipped.
-        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
+    stay the softmax probabilities. Options as :class:`ExpertChoiceRouter`, plus ``sinkhorn_iterations``."""

@@ -14,6 +14,7 @@ from .. import losses, ops
 from .base import (
     Router,
     RouterMetrics,
+    SinkhornSelection,
     as_groups,
     capacity_from_factor,
     check_capacity_options,
@@ -108,18 +109,7 @@ class TokenChoiceRouter(Router):
 
 
 @register_router("sinkhorn_topk")
-class SinkhornTokenChoiceRouter(TokenChoiceRouter):
+class SinkhornTokenChoiceRouter(SinkhornSelection, TokenChoiceRouter):
     """Sinkhorn token choice: the top-K is taken on Sinkhorn-balanced scores (rows sum to 1, experts' columns to
     T / E, ``sinkhorn_iterations`` rounds in the log domain), while combine weights stay the softmax
     probabilities. Options as :class:`TokenChoiceRouter`, plus ``sinkhorn_iterations``."""
-
-    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
-                 **options):
-        super().__init__(dim, num_experts, **options)
-        if sinkhorn_iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
-        self.sinkhorn_iterations = sinkhorn_iterations
-
-    def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        # The logits were checked already (check_finite), so the operator's own synchronising check is skipped.
-        return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
