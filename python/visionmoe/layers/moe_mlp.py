@@ -1,0 +1,187 @@
+"""Mixture-of-Experts MLP layers: drop-in replacements for a transformer block's MLP.
+
+Shape letters: B images, N tokens per image, D width, F expert hidden width, E experts, G groups routed
+independently, T tokens per group, C capacity, P slots per expert (Soft MoE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..routers import RouterMetrics, create_router
+
+ACTIVATIONS = ("gelu", "silu_gated")
+
+
+class ExpertMLPs(nn.Module):
+    """E independent MLPs, Linear(D -> F) -> activation -> Linear(F -> D), stored as stacked weights
+    w1 [E, D, F'] (F' = 2F for "silu_gated": gate then value), b1 [E, F'], w2 [E, F, D], b2 [E, D].
+
+    ``forward(x [E, R, D]) -> [E, R, D]`` runs expert e on rows x[e] (capacity-padded layout, batched GEMMs).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
+        self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
+        first = 2 * hidden_dim if activation == "silu_gated" else hidden_dim
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, first))
+        self.b1 = nn.Parameter(torch.empty(num_experts, first))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # As nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, per expert.
+        for weight, bias, fan_in in ((self.w1, self.b1, self.dim), (self.w2, self.b2, self.hidden_dim)):
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
+            nn.init.uniform_(bias, -bound, bound)
+
+    @torch.no_grad()
+    def load_dense_(self, fc1: nn.Linear, fc2: nn.Linear) -> "ExpertMLPs":
+        """Sparse upcycling: every expert starts as a copy of the dense MLP fc2(act(fc1(x)))."""
+        if self.activation != "gelu":
+            raise ValueError("load_dense_ copies a Linear-GELU-Linear MLP; this layer's activation is "
+                             f"{self.activation!r}")
+        if fc1.weight.shape != (self.hidden_dim, self.dim) or fc2.weight.shape != (self.dim, self.hidden_dim):
+            raise ValueError(f"dense MLP shapes fc1 {tuple(fc1.weight.shape)}, fc2 {tuple(fc2.weight.shape)} do not "
+                             f"match D={self.dim}, F={self.hidden_dim}")
+        self.w1.copy_(fc1.weight.t().expand_as(self.w1))
+        self.w2.copy_(fc2.weight.t().expand_as(self.w2))
+        self.b1.copy_(fc1.bias.expand_as(self.b1) if fc1.bias is not None else torch.zeros_like(self.b1))
+        self.b2.copy_(fc2.bias.expand_as(self.b2) if fc2.bias is not None else torch.zeros_like(self.b2))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
+        if self.activation == "gelu":
+            hidden = F.gelu(hidden)
+        else:
+            gate, value = hidden.chunk(2, dim=-1)
+            hidden = F.silu(gate) * value
+        return torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2)
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, " \
+               f"activation={self.activation!r}"
+
+
+class MoEMLP(nn.Module):
+    """A sparse MoE MLP: route, dispatch, run the experts, combine. [B, N, D] -> [B, N, D].
+
+    A drop-in replacement for a ViT block's MLP (same input and output shapes). Tokens whose assignments are
+    all dropped by the capacity get zeros (the block's residual connection carries them).
+
+    Args:
+        dim: D. hidden_dim: F, each expert's hidden width. num_experts: E.
+        router: a name from :func:`visionmoe.routers.list_routers` (sparse routers and "hindsight").
+        activation: "gelu" or "silu_gated".
+        group_size: images per routing group; None routes the whole batch as one group. V-MoE routes groups of
+            images independently, and expert choice and capacity are per group.
+        **router_options: passed to the router (k, capacity_factor, batch_priority, noise_std, ...).
+
+    After each forward, ``last_metrics`` holds the router's :class:`~visionmoe.routers.RouterMetrics`
+    (probabilities, load, dropped fraction, auxiliary losses) and ``last_plan`` the routing plan;
+    :func:`aux_losses` sums the auxiliary losses of every MoE layer in a model.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, router: str = "topk", *,
+                 activation: str = "gelu", group_size: Optional[int] = None, **router_options):
+        super().__init__()
+        if router == "soft":
+            raise ValueError("the soft router mixes tokens into slots; use SoftMoEMLP for it")
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
+        self.dim, self.num_experts, self.group_size = dim, num_experts, group_size
+        self.router = create_router(router, dim, num_experts, **router_options)
+        self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)
+        self.last_metrics: Optional[RouterMetrics] = None
+        self.last_plan = None
+
+    @classmethod
+    def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, router: str = "topk", **options) -> "MoEMLP":
+        """Sparse upcycling: an MoE MLP whose experts all start as the dense MLP fc2(gelu(fc1(x)))."""
+        layer = cls(fc1.in_features, fc1.out_features, num_experts, router, **options)
+        layer.experts.load_dense_(fc1, fc2)
+        return layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        B, N, D = x.shape
+        if self.group_size is None:
+            return x.reshape(1, B * N, D)
+        if B % self.group_size != 0:
+            raise ValueError(f"the batch size {B} is not a multiple of group_size={self.group_size}")
+        return x.reshape(B // self.group_size, self.group_size * N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self._groups(x)
+        G, T, D = groups.shape
+        E = self.num_experts
+        tokens = groups.reshape(G * T, D)
+        plan, metrics = self.router(groups)
+        if plan.capacity is not None:
+            rows = ops.dispatch(tokens, plan, "padded")  # [E * G, C, D]: expert e's groups are contiguous
+            expert_out = self.experts(rows.view(E, G * plan.capacity, D)).view_as(rows)
+        else:
+            rows = ops.dispatch(tokens, plan, "packed")  # [A, D], expert-major
+            expert_out = self._packed_experts(rows, plan)
+            if hasattr(self.router, "choose"):
+                plan, metrics = self.router.choose(plan, expert_out)
+        self.last_plan, self.last_metrics = plan, metrics
+        return ops.combine(expert_out, plan, G * T).view_as(x)
+
+    def _packed_experts(self, rows: torch.Tensor, plan) -> torch.Tensor:
+        """Expert MLPs on the packed rows of a dropless plan: expert e's rows are contiguous."""
+        expert_offsets = plan.offsets[:: plan.num_groups]
+        return ops.expert_mlp(rows, self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2,
+                              activation=self.experts.activation, expert_offsets=expert_offsets)
+
+
+class SoftMoEMLP(nn.Module):
+    """A Soft MoE MLP (Puigcerver et al. 2023): each image's tokens are mixed into E * P slots, expert e runs on
+    its P slots of every image, and the outputs are mixed back into the tokens. [B, N, D] -> [B, N, D].
+
+    Args:
+        dim: D. hidden_dim: F. num_experts: E. slots_per_expert: P.
+        activation: "gelu" or "silu_gated". **router_options: for the "soft" router (noise_std, ...).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1, *,
+                 activation: str = "gelu", **router_options):
+        super().__init__()
+        self.dim, self.num_experts = dim, num_experts
+        self.router = create_router("soft", dim, num_experts, slots_per_expert=slots_per_expert, **router_options)
+        self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)
+        self.last_metrics: Optional[RouterMetrics] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        plan, self.last_metrics = self.router(x)
+        slots = plan.dispatch(x)  # [B, E, P, D]
+        B, E, P, D = slots.shape
+        expert_out = self.experts(slots.transpose(0, 1).reshape(E, B * P, D))
+        return plan.combine(expert_out.view(E, B, P, D).transpose(0, 1))
+
+
+def aux_losses(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The auxiliary losses of the last forward pass, summed by name over every MoE layer of ``model``."""
+    totals: Dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        metrics = getattr(module, "last_metrics", None)
+        if isinstance(metrics, RouterMetrics):
+            for name, value in metrics.aux_losses.items():
+                totals[name] = totals[name] + value if name in totals else value
+    return totals
