@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the CUDA extension, run the whole test suite (CUDA cases included) and
 # the GPU benchmarks; logs and result files go to $OUT (or benchmarks/results when $OUT is unset).
+# Usage: benchmarks/gpu_check.sh ["benchmark command" ...]   (default: every GPU benchmark below)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-benchmarks/results}"
@@ -21,6 +22,14 @@ ldd "$("$PYTHON" -c 'import visionmoe; print(visionmoe._C.__file__)')" | grep -E
 "$PYTHON" -m pytest -p no:cacheprovider -q -ra tests ${PYTEST_ARGS:-} > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit $?: $(tail -1 "$OUT/gpu_tests.log")"
 grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
+if [ "$#" -eq 0 ]; then
+  set -- "benchmarks/bench_dispatch.py --device cuda --repeat 50" \
+    "benchmarks/bench_dispatch.py --device cuda --tokens 65536 --dim 1024 --dtype bfloat16 --repeat 30 --tag large" \
+    "benchmarks/bench_routing.py --device cuda --routers topk sinkhorn_topk expert_choice sinkhorn_expert_choice soft" \
+    "benchmarks/bench_sinkhorn.py --device cuda" \
+    "benchmarks/bench_soft_moe.py --device cuda" \
+    "benchmarks/bench_moe_layer.py --device cuda --dim 768 --hidden 3072 --tokens 65536 --dtype bfloat16"
+fi
 for bench in "$@"; do
   echo "== $bench"
   eval "$PYTHON $bench" 2>&1 | tail -25
