@@ -34,5 +34,6 @@ for bench in "$@"; do
   echo "== $bench"
   eval "$PYTHON $bench" 2>&1 | tail -25
 done
-cp benchmarks/results/*cuda* "$OUT/" 2>/dev/null || true
+# One archive: the device tool brings back at most eight files.
+tar czf "$OUT/gpu_results.tgz" benchmarks/results/*cuda* 2>/dev/null || true
 ls "$OUT"
