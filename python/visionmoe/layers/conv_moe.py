@@ -14,9 +14,10 @@ Design, and where it comes from:
   output location's input pixel (a strided 1x1 convolution) for ``gating="location"``. Both are the library's
   softmax top-K token-choice router (:class:`visionmoe.routers.TokenChoiceRouter`, training-time logit noise),
   with images or locations as tokens (the authors add Shazeer's learned softplus noise to the gate logits;
-  here the router's fixed-std noise, ``noise_std / E``), so the router's auxiliary losses (importance, load, Switch, z-loss) are
-  the soft constraint and land in ``last_metrics`` for :func:`visionmoe.layers.aux_losses`. As the authors'
-  gate takes a softmax over the K chosen logits, the combine weights are renormalised over the K by default.
+  here it is the router's fixed-std noise, ``noise_std / E``). The router's auxiliary losses (importance, load,
+  Switch, z-loss) are the soft constraint and land in ``last_metrics`` for :func:`visionmoe.layers.aux_losses`.
+  As the authors' gate takes a softmax over the K chosen logits, the combine weights are renormalised over the
+  K by default.
 - The hard constraint is the authors' importance constraint (``RelativeImportanceGate`` /
   ``AbsoluteImportanceGate`` in their code): during training, a running statistic of each expert's importance
   (the share of the combine weight it received) is kept, and an expert that got more than its share by more
