@@ -3,6 +3,7 @@
 See :mod:`visionmoe.losses.router` for the formulas, their sources and the conventions (groups, dtypes).
 """
 
+from .diversity import diversity_loss
 from .router import (
     entropy_loss,
     gshard_loss,
@@ -13,6 +14,7 @@ from .router import (
 )
 
 __all__ = [
+    "diversity_loss",
     "entropy_loss",
     "gshard_loss",
     "importance_loss",
