@@ -1,0 +1,29 @@
+"""Models by name: ``create_model(name, **kwargs)`` builds one, ``list_models()`` lists the names.
+
+Vision Transformers (dense ViT, V-MoE, Soft-MoE ViT) at 224 px and, as ``*_32``, for 32 px images; ``upcycle``
+turns a dense ViT into an MoE one with experts initialised from its MLPs.
+"""
+
+from .registry import create_model, list_models, register_model
+from .vit import (  # importing vit registers its entrypoints
+    MOE_LAYERS,
+    SOFT_MOE_OPTIONS,
+    VMOE_OPTIONS,
+    VisionTransformer,
+    default_moe_blocks,
+    default_moe_options,
+    upcycle,
+)
+
+__all__ = [
+    "MOE_LAYERS",
+    "SOFT_MOE_OPTIONS",
+    "VMOE_OPTIONS",
+    "VisionTransformer",
+    "create_model",
+    "default_moe_blocks",
+    "default_moe_options",
+    "list_models",
+    "register_model",
+    "upcycle",
+]
