@@ -206,12 +206,20 @@ def test_upcycle_keeps_dtype_and_rejects_bad_input():
     dense = create_model("vit_tiny_32", depth=2).double()
     model = upcycle(dense, num_experts=2)
     assert model.blocks[1].mlp.experts.w1.dtype == torch.float64 and model.pos_embed.dtype == torch.float64
-    with pytest.raises(ValueError, match=r"blocks \[1\] are MoE layers already"):
-        upcycle(model, num_experts=2)
+    with pytest.raises(ValueError, match=r"dense_model has MoE layers in blocks \[1\]"):
+        upcycle(model, moe_blocks=[0], num_experts=2)
     with pytest.raises(TypeError, match="dense_model must be a visionmoe VisionTransformer"):
         upcycle(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="moe_blocks must hold block indices"):
         upcycle(dense, moe_blocks=[5])
+
+    class ViTWithExtraParameter(VisionTransformer):
+        def __init__(self, **config):
+            super().__init__(**config)
+            self.scale = nn.Parameter(torch.ones(()))
+
+    with pytest.raises(ValueError, match=r"dense_model's parameters \['scale'\] have no place"):
+        upcycle(ViTWithExtraParameter(**dense.config), num_experts=2)
 
 
 class TimmLikeMlp(nn.Module):

@@ -203,9 +203,9 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def _moe_mlp(self, dim: int, hidden_dim: int, moe: Dict, moe_layer: str) -> nn.Module:
-        options = dict(moe)
         if moe_layer == "sparse":
-            return MoEMLP(dim, hidden_dim, **options)
+            return MoEMLP(dim, hidden_dim, **moe)
+        options = dict(moe)
         if "slots_per_expert" not in options:
             options.update(slots_per_expert=None, num_tokens=self.num_tokens)
         return SoftMoEMLP(dim, hidden_dim, **options)
@@ -244,16 +244,20 @@ def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] 
     depth = dense_model.config["depth"]
     moe_blocks = default_moe_blocks(depth) if moe_blocks is None else check_block_indices(moe_blocks, depth,
                                                                                           "moe_blocks")
-    already_moe = sorted(set(moe_blocks) & set(dense_model.moe_blocks))
-    if already_moe:
-        raise ValueError(f"dense_model's blocks {already_moe} are MoE layers already; upcycle dense MLPs only")
+    if dense_model.moe_blocks:
+        raise ValueError(f"dense_model has MoE layers in blocks {dense_model.moe_blocks}; upcycle a dense model")
     model = VisionTransformer(**dense_model.config, moe_blocks=moe_blocks, moe=default_moe_options(moe_layer, moe),
                               moe_layer=moe_layer)
     reference = dense_model.pos_embed
     model.to(device=reference.device, dtype=reference.dtype).train(dense_model.training)
     replaced = tuple(f"blocks.{i}.mlp." for i in moe_blocks)
-    model.load_state_dict({name: value for name, value in dense_model.state_dict().items()
-                           if not name.startswith(replaced)}, strict=False)
+    loaded = model.load_state_dict({name: value for name, value in dense_model.state_dict().items()
+                                    if not name.startswith(replaced)}, strict=False)
+    # Only the MoE layers may be left out; anything else (e.g. a subclass's extra parameters) would be lost.
+    unmatched = loaded.unexpected_keys + [name for name in loaded.missing_keys if not name.startswith(replaced)]
+    if unmatched:
+        raise ValueError(f"dense_model's parameters {unmatched} have no place in the VisionTransformer built from "
+                         "its config")
     for i in moe_blocks:
         dense_mlp = dense_model.blocks[i].mlp
         model.blocks[i].mlp.experts.load_dense_(dense_mlp.fc1, dense_mlp.fc2)
