@@ -1,7 +1,31 @@
-"""Models built from visionmoe's layers, created by name: ``create_model(name, **kwargs)``, ``list_models()``."""
+"""Models by name: ``create_model(name, **kwargs)`` builds one, ``list_models()`` lists the names.
 
-from . import resnet_moe
+Vision Transformers (dense ViT, V-MoE, Soft-MoE ViT) at 224 px and, as ``*_32``, for 32 px images; ResNets with
+MoE blocks; ``upcycle`` turns a dense ViT into an MoE one with experts initialised from its MLPs.
+"""
+
 from .registry import create_model, list_models, register_model
-from .resnet_moe import ResNetMoE
+from .resnet_moe import ResNetMoE  # importing a model module registers its entrypoints
+from .vit import (
+    MOE_LAYERS,
+    SOFT_MOE_OPTIONS,
+    VMOE_OPTIONS,
+    VisionTransformer,
+    default_moe_blocks,
+    default_moe_options,
+    upcycle,
+)
 
-__all__ = ["ResNetMoE", "create_model", "list_models", "register_model", "resnet_moe"]
+__all__ = [
+    "MOE_LAYERS",
+    "ResNetMoE",
+    "SOFT_MOE_OPTIONS",
+    "VMOE_OPTIONS",
+    "VisionTransformer",
+    "create_model",
+    "default_moe_blocks",
+    "default_moe_options",
+    "list_models",
+    "register_model",
+    "upcycle",
+]

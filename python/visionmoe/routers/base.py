@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..registry import Registry
 
 
 @dataclasses.dataclass
@@ -113,31 +114,22 @@ class SinkhornSelection:
         return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
 
 
-_REGISTRY: Dict[str, Callable[..., Router]] = {}
+_ROUTERS = Registry("router")
 
 
 def register_router(name: str) -> Callable:
     """Class decorator adding a router to the registry under ``name``."""
-
-    def add(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"router {name!r} is already registered")
-        _REGISTRY[name] = cls
-        return cls
-
-    return add
+    return _ROUTERS.register(name)
 
 
 def create_router(name: str, dim: int, num_experts: int, **options) -> Router:
     """Creates the router registered as ``name`` (see :func:`list_routers`) for width ``dim``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown router {name!r}; available: {', '.join(list_routers())}")
-    return _REGISTRY[name](dim, num_experts, **options)
+    return _ROUTERS.create(name, dim, num_experts, **options)
 
 
 def list_routers() -> list[str]:
     """Names accepted by :func:`create_router`, sorted."""
-    return sorted(_REGISTRY)
+    return _ROUTERS.names()
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:
