@@ -1,13 +1,16 @@
 """visionmoe: Mixture-of-Experts routing, dispatch and expert computation for vision models.
 
-Operators live in :mod:`visionmoe.ops` (and ``torch.ops.visionmoe``); their pure-PyTorch references in
-:mod:`visionmoe.reference`.
+Operators live in :mod:`visionmoe.ops` (and ``torch.ops.visionmoe``), their pure-PyTorch references in
+:mod:`visionmoe.reference`; routers in :mod:`visionmoe.routers`, auxiliary losses in :mod:`visionmoe.losses`,
+MoE layers in :mod:`visionmoe.layers`, models in :mod:`visionmoe.models` (``create_model``), and
+:func:`visionmoe.convert.moeify` turns the MLPs of an existing ViT into MoE layers.
 """
 
 import torch  # noqa: F401  (the extension links against torch's libraries; load them first)
 
 from . import _C
 from . import ops, reference
+from . import routers, losses, layers, models, convert, metrics
 from .plan import RoutingPlan
 
 __version__ = "0.1.0"
@@ -22,4 +25,16 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["RoutingPlan", "build_info", "ops", "reference", "__version__"]
+__all__ = [
+    "RoutingPlan",
+    "__version__",
+    "build_info",
+    "convert",
+    "layers",
+    "losses",
+    "metrics",
+    "models",
+    "ops",
+    "reference",
+    "routers",
+]
