@@ -123,6 +123,17 @@ def test_gelu_is_exact_erf_gelu(device):
     torch.testing.assert_close(y, torch.nn.GELU()(x))
 
 
+def test_silu_gated_takes_the_gate_first(device):
+    # w1 = [I | 2 I], w2 = I: the gate is x and the value 2 x, so y = silu(x) * 2 x.
+    D = 6
+    x = torch.linspace(-4, 4, 30, device=device).view(5, D)
+    eye = torch.eye(D, device=device)
+    w1 = torch.cat([eye, 2 * eye], dim=1).unsqueeze(0)
+    y = ops.expert_mlp(x, w1, torch.zeros(1, 2 * D, device=device), eye.unsqueeze(0), torch.zeros(1, D, device=device),
+                       activation="silu_gated", expert_offsets=torch.tensor([0, 5], device=device))
+    torch.testing.assert_close(y, torch.nn.functional.silu(x) * 2 * x)
+
+
 def test_non_contiguous_inputs(device):
     x, (w1, b1, w2, b2), offsets, grad = make_packed([4, 0, 6], 8, 10, "gelu", device, torch.float32)
     strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (x, w1, w2)]

@@ -157,9 +157,7 @@ bool use_grouped_mm(std::initializer_list<at::Tensor> operands, const Sizes& siz
   return std::all_of(operands.begin(), operands.end(),
                      [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; });
 }
-#endif
 
-#ifdef VISIONMOE_HAS_GROUPED_MM
 // The grouped GEMM's group ends, int32 on the device, clamped into [0, M] and made non-decreasing so that
 // offsets that were not validated (that would take a synchronisation) can never index outside x.
 at::Tensor group_ends(const at::Tensor& expert_offsets, int64_t rows) {
@@ -173,7 +171,7 @@ at::Tensor row_experts(const at::Tensor& ends, int64_t rows) {
   return at::searchsorted(ends, row, /*out_int32=*/false, /*right=*/true).clamp_max_(ends.size(0) - 1);
 }
 
-// Column sums of rows [M, N] per expert -> [E, N], deterministic, without reading the offsets on the host.
+// Column sums of rows [M, N] per expert -> [E, N], without reading the offsets on the host.
 at::Tensor segment_sums(const at::Tensor& rows, const at::Tensor& ends) {
   const at::Tensor starts_and_ends = at::cat({at::zeros({1}, ends.options()), ends});
   return at::segment_reduce(rows, "sum", /*lengths=*/std::nullopt, /*indices=*/std::nullopt, starts_and_ends,
@@ -207,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
   // An expert without rows has an empty reduction dimension in the weight-gradient GEMMs; its gradients are
   // zeroed explicitly rather than relying on how the grouped kernel treats K = 0.
   const at::Tensor starts = at::cat({at::zeros({1}, ends.options()), ends.narrow(0, 0, sizes.experts - 1)});
-  const at::Tensor has_rows = ends.gt(starts).view({sizes.experts, 1, 1}).to(x.scalar_type());
-  at::Tensor grad_w2 = at::_grouped_mm(hidden.t(), grad_y, ends_int).mul_(has_rows);
-  at::Tensor grad_w1 = at::_grouped_mm(x.t(), grad_pre, ends_int).mul_(has_rows);
+  const at::Tensor no_rows = ends.le(starts).view({sizes.experts, 1, 1});
+  at::Tensor grad_w2 = at::_grouped_mm(hidden.t(), grad_y, ends_int).masked_fill_(no_rows, 0);
+  at::Tensor grad_w1 = at::_grouped_mm(x.t(), grad_pre, ends_int).masked_fill_(no_rows, 0);
   at::Tensor grad_x = at::_grouped_mm(grad_pre, w1.transpose(1, 2), ends_int);
   return {grad_x, grad_w1, segment_sums(grad_pre, ends), grad_w2, segment_sums(grad_y, ends)};
 }
@@ -217,10 +215,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
 
 }  // namespace
 
-Activation parse_activation(const char* op, std::string_view name) {
+Activation parse_activation(const char* op, c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "silu_gated") return Activation::kSiluGated;
-  TORCH_CHECK(false, op, ": activation must be \"gelu\" or \"silu_gated\", got \"", std::string(name), "\"");
+  TORCH_CHECK(false, op, ": activation must be \"gelu\" or \"silu_gated\", got \"",
+              std::string(name.data(), name.size()), "\"");
 }
 
 void bias_activation_(at::Tensor& pre, const at::Tensor& bias, at::Tensor& hidden, Activation activation) {

@@ -21,10 +21,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
-#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -32,7 +32,7 @@ namespace visionmoe::expert_mlp {
 
 enum class Activation { kGelu, kSiluGated };
 
-Activation parse_activation(const char* op, std::string_view name);
+Activation parse_activation(const char* op, c10::string_view name);
 
 // x [E, C, D] or [M, D] -> (y like x, pre_activation [E, C, F'] or [M, F']).
 std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
