@@ -73,6 +73,9 @@ def _check_fake_inputs(op, x, w1, w2, expert_offsets, activation) -> tuple[int, 
     E, D, pre_width = w1.shape
     torch._check(x.shape[-1] == D, lambda: f"{op}: w1 must have shape [E, D, F'] with D = {x.shape[-1]} (the width "
                                            f"of x), got {list(w1.shape)}")
+    if activation == "silu_gated":
+        torch._check(pre_width % 2 == 0, lambda: f"{op}: w1 must have an even number of columns 2F (gate and value) "
+                                                 f'for activation "silu_gated", got {list(w1.shape)}')
     hidden = pre_width // 2 if activation == "silu_gated" else pre_width
     torch._check(w2.shape == (E, hidden, D),
                  lambda: f"{op}: w2 must have shape [E, F, D] = {[E, hidden, D]}, got {list(w2.shape)}")
