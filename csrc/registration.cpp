@@ -44,4 +44,15 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def(
       "sinkhorn_backward(Tensor grad_log_plan, Tensor logits, Tensor row_potentials, Tensor column_potentials) "
       "-> Tensor");
+
+  // Expert MLP family (csrc/expert_mlp): every expert's Linear -> activation -> Linear on its rows, padded
+  // [E, C, D] or packed [M, D] with expert_offsets [E + 1]; the forward also returns the pre-activation, which
+  // autograd saves for the backward.
+  m.def(
+      "expert_mlp(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? expert_offsets, str activation) "
+      "-> (Tensor y, Tensor pre_activation)");
+  m.def(
+      "expert_mlp_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor w2, Tensor pre_activation, "
+      "Tensor? expert_offsets, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, "
+      "Tensor grad_b2)");
 }

@@ -12,6 +12,7 @@ from .dispatch import (
     make_plan,
     token_major,
 )
+from .expert_mlp import expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
@@ -23,6 +24,7 @@ __all__ = [
     "dispatch",
     "dispatch_einsum",
     "expert_choice_route",
+    "expert_mlp",
     "make_plan",
     "sinkhorn",
     "soft_combine",

@@ -1,0 +1,308 @@
+"""Grouped expert MLP operator: reference agreement per dtype, layout and activation (with empty experts and no
+rows), gradcheck, opcheck, torch.compile, and bad input."""
+
+import pytest
+import torch
+
+from visionmoe import ops
+from visionmoe import reference as ref
+
+ACTIVATIONS = ["gelu", "silu_gated"]
+# ops against the float64 reference. float16/bfloat16 results are sums of rounded products (GEMMs accumulate in
+# float32, but their inputs, e.g. the hidden activation, are rounded to the dtype), so their error scales with
+# each result's magnitude: they are allowed two machine epsilons of its largest entry, about what eager PyTorch
+# in that dtype reaches.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-12, rtol=1e-12),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: None,
+    torch.bfloat16: None,
+}
+
+
+def tolerance(dtype, truth):
+    if TOLERANCES[dtype] is not None:
+        return TOLERANCES[dtype]
+    eps = torch.finfo(dtype).eps
+    largest = truth.abs().max().item() if truth.numel() else 0.0
+    return dict(atol=2 * eps * max(largest, 1.0), rtol=eps)
+QUANTITIES = ("y", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2")
+
+
+def make_weights(E, D, F, activation, device, dtype, generator):
+    pre_width = 2 * F if activation == "silu_gated" else F
+    scale1, scale2 = D ** -0.5, F ** -0.5
+    weights = (scale1 * torch.randn(E, D, pre_width, generator=generator, dtype=torch.float64),
+               0.1 * torch.randn(E, pre_width, generator=generator, dtype=torch.float64),
+               scale2 * torch.randn(E, F, D, generator=generator, dtype=torch.float64),
+               0.1 * torch.randn(E, D, generator=generator, dtype=torch.float64))
+    return tuple(t.to(device=device, dtype=dtype) for t in weights)
+
+
+def make_packed(counts, D, F, activation, device, dtype, seed=0):
+    """x [M, D], weights, offsets [E + 1] from per-expert row counts, and an output gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    M = sum(counts)
+    x = torch.randn(M, D, generator=generator, dtype=torch.float64).to(device, dtype)
+    weights = make_weights(len(counts), D, F, activation, device, dtype, generator)
+    offsets = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0).to(device)
+    grad = torch.randn(M, D, generator=generator, dtype=torch.float64).to(device, dtype)
+    return x, weights, offsets, grad
+
+
+def make_padded(E, C, D, F, activation, device, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(E, C, D, generator=generator, dtype=torch.float64).to(device, dtype)
+    weights = make_weights(E, D, F, activation, device, dtype, generator)
+    grad = torch.randn(E, C, D, generator=generator, dtype=torch.float64).to(device, dtype)
+    return x, weights, None, grad
+
+
+def run_with_grads(fn, x, weights, offsets, grad, activation):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, *weights)]
+    y = fn(*leaves, activation=activation, expert_offsets=offsets)
+    y.backward(grad)
+    return (y.detach(), *(t.grad for t in leaves))
+
+
+def assert_matches_reference(x, weights, offsets, grad, activation):
+    got = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, activation)
+    as_double = [t.double() for t in (x, *weights, grad)]
+    expected = run_with_grads(ref.expert_mlp, as_double[0], as_double[1:5], offsets, as_double[5], activation)
+    for quantity, actual, truth in zip(QUANTITIES, got, expected):
+        assert actual.dtype == x.dtype and actual.shape == truth.shape, quantity
+        torch.testing.assert_close(actual.double(), truth, **tolerance(x.dtype, truth), msg=quantity)
+
+
+PACKED_COUNTS = [
+    [5, 3, 8, 1],
+    [0, 7, 0, 4, 0],  # experts without rows: zero weight gradients
+    [9],              # one expert
+    [0, 0, 0],        # no rows at all (M = 0)
+    [40, 33, 27],
+]
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("counts", PACKED_COUNTS)
+def test_packed_matches_reference(device, counts, activation, dtype):
+    assert_matches_reference(*make_packed(counts, 16, 24, activation, device, dtype), activation)
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("E,C", [(3, 5), (1, 7), (4, 0), (2, 33)])
+def test_padded_matches_reference(device, E, C, activation, dtype):
+    assert_matches_reference(*make_padded(E, C, 16, 24, activation, device, dtype), activation)
+
+
+def test_empty_experts_get_zero_weight_gradients(device):
+    x, weights, offsets, grad = make_packed([0, 6, 0], 8, 12, "gelu", device, torch.float32)
+    _, _, grad_w1, grad_b1, grad_w2, grad_b2 = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")
+    for g in (grad_w1, grad_b1, grad_w2, grad_b2):
+        assert not g[0].any() and not g[2].any() and g[1].abs().sum() > 0
+
+
+def test_padded_equals_packed_with_uniform_offsets(device):
+    E, C, D, F = 3, 6, 8, 12
+    x, weights, _, _ = make_padded(E, C, D, F, "silu_gated", device, torch.float32)
+    offsets = torch.arange(E + 1, device=device) * C
+    padded = ops.expert_mlp(x, *weights, activation="silu_gated")
+    packed = ops.expert_mlp(x.reshape(E * C, D), *weights, activation="silu_gated", expert_offsets=offsets)
+    torch.testing.assert_close(padded.reshape(E * C, D), packed, atol=0, rtol=0)
+
+
+def test_gelu_is_exact_erf_gelu(device):
+    # One expert with identity-like weights exposes the activation itself: y = gelu(x) for w1 = w2 = I.
+    D = 6
+    x = torch.linspace(-4, 4, 30, device=device).view(5, D)
+    eye = torch.eye(D, device=device).unsqueeze(0)
+    zeros = torch.zeros(1, D, device=device)
+    y = ops.expert_mlp(x, eye, zeros, eye, zeros, expert_offsets=torch.tensor([0, 5], device=device))
+    torch.testing.assert_close(y, torch.nn.GELU()(x))
+
+
+def test_silu_gated_takes_the_gate_first(device):
+    # w1 = [I | 2 I], w2 = I: the gate is x and the value 2 x, so y = silu(x) * 2 x.
+    D = 6
+    x = torch.linspace(-4, 4, 30, device=device).view(5, D)
+    eye = torch.eye(D, device=device)
+    w1 = torch.cat([eye, 2 * eye], dim=1).unsqueeze(0)
+    y = ops.expert_mlp(x, w1, torch.zeros(1, 2 * D, device=device), eye.unsqueeze(0), torch.zeros(1, D, device=device),
+                       activation="silu_gated", expert_offsets=torch.tensor([0, 5], device=device))
+    torch.testing.assert_close(y, torch.nn.functional.silu(x) * 2 * x)
+
+
+def test_non_contiguous_inputs(device):
+    x, (w1, b1, w2, b2), offsets, grad = make_packed([4, 0, 6], 8, 10, "gelu", device, torch.float32)
+    strided = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (x, w1, w2)]
+    assert not any(t.is_contiguous() for t in strided)
+    got = run_with_grads(ops.expert_mlp, strided[0], (strided[1], b1, strided[2], b2), offsets, grad, "gelu")
+    expected = run_with_grads(ref.expert_mlp, x, (w1, b1, w2, b2), offsets, grad, "gelu")
+    for quantity, actual, truth in zip(QUANTITIES, got, expected):
+        torch.testing.assert_close(actual, truth, msg=quantity)
+
+
+def test_deterministic(device):
+    x, weights, offsets, grad = make_packed([70, 0, 130, 56], 32, 48, "gelu", device, torch.float32)
+    first = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")
+    second = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autograd_saves_the_pre_activation_not_the_hidden_activation(device):
+    x, weights, offsets, _ = make_packed([3, 4], 8, 10, "gelu", device, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, *weights)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.expert_mlp(*leaves, expert_offsets=offsets)
+    # x, w1, w2, the pre-activation [M, F] and the offsets: one [M, F] tensor where eager autograd keeps two.
+    assert [tuple(t.shape) for t in saved] == [(7, 8), (2, 8, 10), (2, 10, 8), (7, 10), (3,)]
+
+
+# ---- gradcheck in float64 on tiny shapes, every input ----
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_gradcheck(device, layout, activation):
+    if layout == "packed":
+        x, weights, offsets, _ = make_packed([2, 0, 3], 3, 4, activation, device, torch.float64)
+    else:
+        x, weights, offsets, _ = make_padded(2, 3, 3, 4, activation, device, torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, *weights))
+    assert torch.autograd.gradcheck(
+        lambda *args: ops.expert_mlp(*args, activation=activation, expert_offsets=offsets), inputs)
+
+
+# ---- torch.library.opcheck on every operator ----
+
+def op_samples(device, layout, activation):
+    if layout == "packed":
+        x, weights, offsets, grad = make_packed([3, 0, 2], 4, 6, activation, device, torch.float32)
+    else:
+        x, weights, offsets, grad = make_padded(2, 3, 4, 6, activation, device, torch.float32)
+    w1, b1, w2, b2 = weights
+    _, pre = torch.ops.visionmoe.expert_mlp(x, w1, b1, w2, b2, offsets, activation)
+    return {
+        "expert_mlp": (x.requires_grad_(), w1.requires_grad_(), b1.requires_grad_(), w2.requires_grad_(),
+                       b2.requires_grad_(), offsets, activation),
+        "expert_mlp_backward": (grad, x.detach(), w1.detach(), w2.detach(), pre, offsets, activation),
+    }
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("name", ["expert_mlp", "expert_mlp_backward"])
+def test_opcheck(device, name, layout, activation):
+    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, op_samples(device, layout, activation)[name])
+
+
+# ---- torch.compile ----
+
+def mlp_then_tanh(x, w1, b1, w2, b2, offsets):
+    return torch.tanh(ops.expert_mlp(x, w1, b1, w2, b2, activation="silu_gated", expert_offsets=offsets)) * 2
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_compile_fullgraph_dynamic(device, layout):
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp_then_tanh, backend="aot_eager", fullgraph=True, dynamic=True)
+    for counts in ([3, 5, 0], [7, 2, 6, 1]):  # a second size must reuse the dynamic graph, not break it
+        if layout == "packed":
+            x, weights, offsets, _ = make_packed(counts, 8, 6, "silu_gated", device, torch.float32)
+        else:
+            x, weights, offsets, _ = make_padded(len(counts), max(counts), 8, 6, "silu_gated", device,
+                                                 torch.float32)
+        leaves = [t.requires_grad_() for t in (x, *weights)]
+        out = compiled(*leaves, offsets)
+        grads = torch.autograd.grad(out.square().sum(), leaves)
+        eager = [t.detach().clone().requires_grad_() for t in leaves]
+        out_eager = mlp_then_tanh(*eager, offsets)
+        grads_eager = torch.autograd.grad(out_eager.square().sum(), eager)
+        torch.testing.assert_close(out, out_eager)
+        for g, g_eager in zip(grads, grads_eager):
+            torch.testing.assert_close(g, g_eager)
+
+
+# ---- bad input: clear errors naming the argument ----
+
+def good_packed():
+    x, weights, offsets, _ = make_packed([2, 3], 4, 6, "gelu", "cpu", torch.float32)
+    return x, *weights, offsets
+
+
+def call(x, w1, b1, w2, b2, offsets, activation="gelu"):
+    return ops.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets)
+
+
+def test_wrong_rank_is_rejected():
+    x, w1, b1, w2, b2, offsets = good_packed()
+    with pytest.raises(RuntimeError, match=r"x must have shape \[E, C, D\] \(padded\) or \[M, D\] \(packed\), got "
+                                           r"\[5\]"):
+        call(x[:, 0], w1, b1, w2, b2, offsets)
+    with pytest.raises(RuntimeError, match=r"w1 must have shape \[E, D, F'\], got \[4, 6\]"):
+        call(x, w1[0], b1, w2, b2, offsets)
+    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\], got \[6, 4\]"):
+        call(x, w1, b1, w2[0], b2, offsets)
+
+
+def test_mismatched_sizes_name_the_argument():
+    x, w1, b1, w2, b2, offsets = good_packed()
+    with pytest.raises(RuntimeError, match=r"w1 must have shape \[E, D, F'\] with D = 3 \(the width of x\)"):
+        call(x[:, :3], w1, b1, w2, b2, offsets)
+    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[2, 5, 4\]"):
+        call(x, w1, b1, w2[:, :5], b2, offsets)
+    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[1, 6, 4\]"):
+        call(x, w1, b1, w2[:1], b2, offsets)
+    with pytest.raises(RuntimeError, match=r"b1 must have shape \[E, F'\] = \[2, 6\], got \[2, 5\]"):
+        call(x, w1, b1[:, :5], w2, b2, offsets)
+    with pytest.raises(RuntimeError, match=r"b2 must have shape \[E, D\] = \[2, 4\], got \[2, 3\]"):
+        call(x, w1, b1, w2, b2[:, :3], offsets)
+    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 3, 4\]"):
+        call(x, w1, b1, w2, b2, offsets, activation="silu_gated")  # silu_gated halves F' = 6 into F = 3
+    with pytest.raises(RuntimeError, match=r"w1 must have an even number of columns 2F"):
+        call(x, w1[..., :5], b1[:, :5], w2[:, :2], b2, offsets, activation="silu_gated")
+    with pytest.raises(RuntimeError, match=r"x must have shape \[E, C, D\] with E = 2"):
+        call(x.view(1, 5, 4), w1, b1, w2, b2, None)
+
+
+def test_bad_offsets_are_rejected():
+    x, w1, b1, w2, b2, offsets = good_packed()
+    with pytest.raises(RuntimeError, match=r"expert_offsets must have shape \[E \+ 1\] = \[3\], got \[2\]"):
+        call(x, w1, b1, w2, b2, offsets[:2])
+    with pytest.raises(RuntimeError, match="expert_offsets must have dtype int64, got Int"):
+        call(x, w1, b1, w2, b2, offsets.int())
+    with pytest.raises(RuntimeError, match="expert_offsets must be on cpu like x, got meta"):
+        call(x, w1, b1, w2, b2, offsets.to("meta"))
+    with pytest.raises(RuntimeError, match=r"expert_offsets\[E\] must be M = 5 \(the rows of x\), got 4"):
+        call(x, w1, b1, w2, b2, torch.tensor([0, 2, 4]))
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be non-decreasing, got expert_offsets\[2\] = 1 < "
+                                           r"expert_offsets\[1\] = 3"):
+        call(x, w1, b1, w2, b2, torch.tensor([0, 3, 1]))
+    with pytest.raises(RuntimeError, match=r"expert_offsets\[0\] must be 0, got 1"):
+        call(x, w1, b1, w2, b2, torch.tensor([1, 3, 5]))
+    with pytest.raises(RuntimeError, match=r"expert_offsets \[E \+ 1\] is required for packed x"):
+        call(x, w1, b1, w2, b2, None)
+    with pytest.raises(RuntimeError, match=r"expert_offsets must be None for padded x"):
+        call(x.view(1, 5, 4).expand(2, 5, 4), w1, b1, w2, b2, offsets)
+
+
+def test_bad_dtype_device_and_activation_are_rejected():
+    x, w1, b1, w2, b2, offsets = good_packed()
+    with pytest.raises(RuntimeError, match=r'activation must be "gelu" or "silu_gated", got "relu"'):
+        call(x, w1, b1, w2, b2, offsets, activation="relu")
+    with pytest.raises(RuntimeError, match=r"w2 must have the dtype of x \(Float\), got Double"):
+        call(x, w1, b1, w2.double(), b2, offsets)
+    with pytest.raises(RuntimeError, match=r"b1 must have the dtype of x \(Float\), got BFloat16"):
+        call(x, w1, b1.bfloat16(), w2, b2, offsets)
+    with pytest.raises(RuntimeError, match="x must be float32, float64, float16 or bfloat16, got Long"):
+        call(x.long(), w1.long(), b1.long(), w2.long(), b2.long(), offsets)
+    with pytest.raises(RuntimeError, match="b2 must be on cpu like x, got meta"):
+        call(x, w1, b1, w2, b2.to("meta"), offsets)
+    with pytest.raises(RuntimeError, match=r"expert_mlp_backward: grad_y must have shape x's shape = \[5, 4\]"):
+        torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 3), x, w1, w2, torch.randn(5, 6), offsets, "gelu")
+    with pytest.raises(RuntimeError, match=r"expert_mlp_backward: pre_activation must have shape \[M, F'\] = "
+                                           r"\[5, 6\]"):
+        torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 4), x, w1, w2, torch.randn(5, 7), offsets, "gelu")
