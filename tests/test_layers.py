@@ -119,3 +119,20 @@ def test_aux_losses_sum_over_layers():
     model(torch.randn(2, 5, 8))
     first, second = (layer.last_metrics.aux_losses["importance"] for layer in model)
     torch.testing.assert_close(aux_losses(model)["importance"], first + second)
+
+
+@pytest.mark.parametrize("router,options", [("topk", dict(k=2, capacity_factor=None)), ("hindsight", {})])
+def test_dropless_and_hindsight_layers(router, options):
+    torch.manual_seed(0)
+    layer = MoEMLP(16, 24, 4, router, group_size=2, **options).eval()
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    y = layer(x)
+    assert layer.last_plan.capacity is None
+    torch.testing.assert_close(y, dense_mlp_reference(layer, x), atol=1e-5, rtol=1e-5)
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in layer.experts.parameters())
+    if router == "hindsight":
+        # Each token receives exactly one expert's output (weight 1), chosen from the outputs.
+        per_token = torch.zeros(36).index_add(0, layer.last_plan.sorted_token, layer.last_plan.weight.detach())
+        torch.testing.assert_close(per_token, torch.ones(36))
+        assert layer.router.scorer.weight.grad is not None

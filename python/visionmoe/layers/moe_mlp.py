@@ -10,7 +10,6 @@ import math
 from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -23,7 +22,9 @@ class ExpertMLPs(nn.Module):
     """E independent MLPs, Linear(D -> F) -> activation -> Linear(F -> D), stored as stacked weights
     w1 [E, D, F'] (F' = 2F for "silu_gated": gate then value), b1 [E, F'], w2 [E, F, D], b2 [E, D].
 
-    ``forward(x [E, R, D]) -> [E, R, D]`` runs expert e on rows x[e] (capacity-padded layout, batched GEMMs).
+    ``forward(x [E, R, D]) -> [E, R, D]`` runs expert e on rows x[e] (capacity-padded layout);
+    ``forward(x [M, D], expert_offsets [E + 1])`` on the packed rows ``expert_offsets[e]:expert_offsets[e + 1]``.
+    Both run :func:`visionmoe.ops.expert_mlp` (bias and activation fused, the pre-activation kept for backward).
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
@@ -62,14 +63,10 @@ class ExpertMLPs(nn.Module):
         self.b2.copy_(fc2.bias.expand_as(self.b2) if fc2.bias is not None else torch.zeros_like(self.b2))
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = torch.baddbmm(self.b1.unsqueeze(1), x, self.w1)
-        if self.activation == "gelu":
-            hidden = F.gelu(hidden)
-        else:
-            gate, value = hidden.chunk(2, dim=-1)
-            hidden = F.silu(gate) * value
-        return torch.baddbmm(self.b2.unsqueeze(1), hidden, self.w2)
+    def forward(self, x: torch.Tensor, expert_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [E, R, D] (capacity-padded), or packed rows [M, D] with ``expert_offsets`` [E + 1]."""
+        return ops.expert_mlp(x, self.w1, self.b1, self.w2, self.b2, activation=self.activation,
+                              expert_offsets=expert_offsets)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, " \
@@ -143,10 +140,8 @@ class MoEMLP(nn.Module):
         return ops.combine(expert_out, plan, G * T).view_as(x)
 
     def _packed_experts(self, rows: torch.Tensor, plan) -> torch.Tensor:
-        """Expert MLPs on the packed rows of a dropless plan: expert e's rows are contiguous."""
-        expert_offsets = plan.offsets[:: plan.num_groups]
-        return ops.expert_mlp(rows, self.experts.w1, self.experts.b1, self.experts.w2, self.experts.b2,
-                              activation=self.experts.activation, expert_offsets=expert_offsets)
+        """Expert MLPs on the packed rows of a dropless plan: expert e's rows (all its groups) are contiguous."""
+        return self.experts(rows, expert_offsets=plan.offsets[:: plan.num_groups])
 
 
 class SoftMoEMLP(nn.Module):
