@@ -7,7 +7,7 @@ capacity-based ones) and run the same expert weights; the dense MLP is one exper
 (K = 1 and capacity factor 1 give the MoE layers the same expert FLOPs).
 
 Peak memory is each implementation's peak resident memory above a baseline, measured in a fresh process per
-implementation (``resource.getrusage`` max RSS on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so one
+implementation (peak resident memory, VmHWM, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so one
 implementation's allocations cannot hide another's.
 
 Usage:
@@ -19,7 +19,6 @@ Results: benchmarks/results/moe_layer_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +87,16 @@ def step(implementation, layer, x, grad):
     RUNNERS[implementation](layer, x).backward(grad)
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries over from
+    the parent across fork and exec, it starts afresh in a new process image."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
 def peak_memory_probe(args):
     """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -98,7 +107,7 @@ def peak_memory_probe(args):
         torch.cuda.synchronize()
         print(torch.cuda.max_memory_allocated())
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(peak_resident_bytes())
 
 
 def measure_peak_memory(args, implementation) -> int:
