@@ -28,6 +28,7 @@ if [ "$#" -eq 0 ]; then
     "benchmarks/bench_routing.py --device cuda --routers topk sinkhorn_topk expert_choice sinkhorn_expert_choice soft" \
     "benchmarks/bench_sinkhorn.py --device cuda" \
     "benchmarks/bench_soft_moe.py --device cuda" \
+    "benchmarks/bench_expert_mlp.py --device cuda --dtype bfloat16 --dim 768 --hidden 3072 --rows 65536" \
     "benchmarks/bench_moe_layer.py --device cuda --dim 768 --hidden 3072 --tokens 65536 --dtype bfloat16"
 fi
 for bench in "$@"; do
