@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine: `make demo` and `make test`.
 # A virtual environment in .venv gets torch (2.13.0, CPU build, unless the environment already has a torch),
-# the build tools, and visionmoe built against that torch (--no-build-isolation, so no other torch is pulled).
+# the build and test tools, and visionmoe built against that torch (--no-build-isolation, so no other torch is
+# pulled) with its runtime dependencies.
 # On a machine whose system Python already has a CUDA torch: make test VENV_OPTS=--system-site-packages
 
 PYTHON ?= python3
@@ -23,8 +24,9 @@ $(VENV)/.deps: $(PY)
 	  $(PY) -m pip install numpy pytest expecttest "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	touch $@
 
+# Runtime dependencies come from pyproject.toml; torch is already there, so pip keeps it.
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps .
+	$(PY) -m pip install --no-build-isolation .
 	touch $@
 
 install: $(VENV)/.installed
