@@ -326,3 +326,13 @@ def test_digits_batches_through_a_dataloader():
     images, labels = next(iter(loader))
     assert images.shape == (32, 3, 32, 32) and labels.dtype == torch.int64
     assert sum(len(batch_labels) for _, batch_labels in loader) == 180
+
+
+def test_digit_scenes_batch_with_collate_scenes():
+    from visionmoe.data import collate_scenes
+
+    scenes = create_dataset("digit_scenes", "test", length=6, with_targets=True)
+    loader = torch.utils.data.DataLoader(scenes, batch_size=4, collate_fn=collate_scenes)
+    images, targets = next(iter(loader))
+    assert images.shape == (4, 3, 64, 64) and len(targets) == 4
+    assert torch.equal(targets[2]["boxes"], scenes.targets(2)["boxes"])

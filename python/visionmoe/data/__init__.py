@@ -13,7 +13,7 @@ Items are ``(image [C, H, W] float32, label int)``; data sets carry ``num_classe
 
 from . import cifar, digit_scenes, digits, image_folder, transforms
 from .cifar import CifarDataset
-from .digit_scenes import DigitScenesDataset
+from .digit_scenes import DigitScenesDataset, collate_scenes
 from .digits import DigitsDataset
 from .factory import DATASETS, create_dataset, list_datasets
 from .image_folder import ImageFolderDataset
@@ -30,6 +30,7 @@ __all__ = [
     "RandomCrop",
     "RandomHorizontalFlip",
     "cifar",
+    "collate_scenes",
     "create_dataset",
     "default_augmentation",
     "digit_scenes",

@@ -33,7 +33,8 @@ class DigitScenesDataset(Dataset):
 
     Image-level labels for weakly supervised training: items are ``(image, primary_label)`` where ``primary_label``
     is the class of the object with the largest mask (the first placed on a tie); :meth:`targets` gives the full
-    annotation, and ``with_targets=True`` makes items ``(image, targets)`` instead."""
+    annotation, and ``with_targets=True`` makes items ``(image, targets)`` instead (batch those with
+    :func:`collate_scenes`, since scenes hold different numbers of objects)."""
 
     def __init__(
         self,
@@ -157,3 +158,10 @@ class DigitScenesDataset(Dataset):
         if self.with_targets:
             return image, targets
         return image, targets["primary_label"]
+
+
+def collate_scenes(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
+    """``DataLoader`` ``collate_fn`` for ``with_targets=True``: images stacked to ``[B, C, H, W]``, targets kept as a
+    list of B dicts (their ``K`` differs from scene to scene)."""
+    images = torch.stack([image for image, _ in batch])
+    return images, [targets for _, targets in batch]
