@@ -10,7 +10,7 @@ import torch  # noqa: F401  (the extension links against torch's libraries; load
 
 from . import _C
 from . import ops, reference
-from . import routers, losses, layers, models, convert, metrics
+from . import routers, losses, layers, models, convert, metrics, data
 from .plan import RoutingPlan
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "__version__",
     "build_info",
     "convert",
+    "data",
     "layers",
     "losses",
     "metrics",
