@@ -122,6 +122,23 @@ def test_cli_rejects_bad_config(capsys):
     assert "unknown config key 'colour'" in capsys.readouterr().err
 
 
+def test_cli_trains_and_resumes_with_the_checkpoint_config(tmp_path, datasets, monkeypatch, capsys):
+    monkeypatch.setattr("visionmoe.train.trainer.build_datasets", lambda config: datasets)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_options: {TINY_MODEL!r}\nprogress: false\ntensorboard: false\ndevice: cpu\n")
+    output_dir = tmp_path / "out"
+    assert main(["--config", str(path), "--epochs", "1", "--batch-size", "32", "--output-dir", str(output_dir)]) == 0
+    assert "done: val accuracy" in capsys.readouterr().out
+    # Without --config, --resume takes the checkpoint's config (the tiny model), here extended by one epoch.
+    assert main(["--resume", str(output_dir), "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in read_csv(output_dir / "metrics.csv")] == ["1", "2"]
+
+
+def test_unreported_aux_loss_weight_warns(tmp_path, datasets):
+    with pytest.warns(UserWarning, match=r"names \['importanse'\], which the model's routers do not report"):
+        Trainer(tiny_config(tmp_path, epochs=1, aux_loss_weights={"importanse": 0.01}), *datasets).fit()
+
+
 def test_warmup_cosine_schedule():
     multiplier = warmup_cosine(warmup_steps=4, total_steps=12, min_ratio=0.1)
     assert [multiplier(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]

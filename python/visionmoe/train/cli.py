@@ -17,12 +17,9 @@ from typing import List, Optional
 from .checkpoint import check_checkpoint_dir, load_checkpoint_config
 from .config import config_from_dict, load_config
 
-# Flags that set a config key, by flag name -> config key (value types come from the config's validation).
-_FLAG_KEYS = {
-    "model": "model", "dataset": "dataset", "data_root": "data_root", "epochs": "epochs",
-    "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay", "warmup_epochs": "warmup_epochs",
-    "seed": "seed", "output_dir": "output_dir", "device": "device",
-}
+# Flags that set the config key of the same name (--batch-size sets batch_size).
+_CONFIG_FLAGS = ("model", "dataset", "data_root", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+                 "seed", "output_dir", "device", "amp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +57,10 @@ def config_from_args(args: argparse.Namespace):
         base = load_checkpoint_config(args.resume).to_dict()
     else:
         base = load_config(args.config).to_dict()
-    for flag, key in _FLAG_KEYS.items():
-        value = getattr(args, flag)
+    for key in _CONFIG_FLAGS:
+        value = getattr(args, key)
         if value is not None:
             base[key] = value
-    if args.amp is not None:
-        base["amp"] = args.amp
     return config_from_dict(base, args.overrides)
 
 

@@ -16,6 +16,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -187,6 +188,7 @@ class Trainer:
         self.global_step = 0
         self.totals = _EpochTotals()
         self._stop_requested = False
+        self._checked_aux_names = False
         self._between_steps = True  # whether the state is consistent (no optimiser step half done)
         if resume is not None:
             self._load(resume)
@@ -252,6 +254,8 @@ class Trainer:
             logits = self.model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
             router_losses = aux_losses(self.model)
+            if not self._checked_aux_names:
+                self._check_aux_loss_names(router_losses)
             aux_loss = sum((self.config.aux_loss_weights[name] * value.float()
                             for name, value in router_losses.items() if name in self.config.aux_loss_weights),
                            torch.zeros((), device=self.device))
@@ -267,6 +271,15 @@ class Trainer:
         return dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
                     correct=(logits.argmax(dim=-1) == labels).sum().item(), samples=labels.numel(),
                     expert_load_ratio=expert_load_ratio(self.model))
+
+    def _check_aux_loss_names(self, router_losses: Dict[str, torch.Tensor]) -> None:
+        """Warns (once) about weighted auxiliary losses that the model's routers do not report, e.g. a typo or
+        the default weights with a router that reports other losses."""
+        self._checked_aux_names = True
+        missing = sorted(set(self.config.aux_loss_weights) - set(router_losses))
+        if router_losses and missing:
+            warnings.warn(f"config key 'aux_loss_weights' names {missing}, which the model's routers do not report "
+                          f"(they report {sorted(router_losses)}); those weights have no effect", stacklevel=2)
 
     @torch.no_grad()
     def evaluate(self, dataset: Optional[Dataset] = None) -> Dict[str, float]:
