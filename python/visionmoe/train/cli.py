@@ -4,7 +4,7 @@ command-line overrides.
 Examples::
 
     visionmoe-train --model vmoe_tiny_32 --dataset digits --epochs 20 --output-dir runs/digits
-    visionmoe-train --config configs/digits.yaml --set model_options.depth=6 --set aux_loss_weights.load=0.01
+    visionmoe-train --config run.yaml --set model_options.depth=6 --set aux_loss_weights.load=0.01
     visionmoe-train --resume runs/digits            # continues from runs/digits/checkpoint with its config
 """
 

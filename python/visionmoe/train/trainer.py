@@ -5,7 +5,9 @@ checkpoint-and-stop on Ctrl-C.
 Exact resumption: the data order of epoch ``e`` is a permutation drawn from a generator seeded with (seed, e), so a
 resumed run skips the batches already seen and draws the same ones after them; the RNG states, the optimiser,
 scheduler and gradient scaler, and the running sums of the interrupted epoch are saved with the weights. On CPU a
-resumed run therefore reproduces the uninterrupted run's weights and metrics bit for bit.
+resumed run therefore reproduces the uninterrupted run's weights and metrics bit for bit. This holds with
+``num_workers=0`` (data augmentation then draws on the restored global RNG); with worker processes, an epoch
+resumed mid-way restarts the workers' random streams, so its augmentations differ from the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -232,13 +234,16 @@ class Trainer:
         }
         return save_checkpoint(directory or self.checkpoint_dir, self.model, self.config, state)
 
+    def _generator(self, purpose: int, epoch: int) -> torch.Generator:
+        """A generator seeded by (seed, epoch, purpose): 0 for the data order, 1 for the DataLoader's worker seeds,
+        so that each epoch's draws are the same in a resumed run and independent of torch's global RNG."""
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 2 + purpose)
+
     def _epoch_order(self, epoch: int) -> List[int]:
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return torch.randperm(len(self.train_set), generator=generator).tolist()
+        return torch.randperm(len(self.train_set), generator=self._generator(0, epoch)).tolist()
 
     def _loader(self, dataset: Dataset, order: Optional[List[int]], epoch: int) -> DataLoader:
-        # A private generator keeps the DataLoader (worker seeds) from drawing on torch's global RNG.
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch + 1)
+        generator = self._generator(1, epoch)
         return DataLoader(dataset, batch_size=self.config.batch_size, sampler=order, shuffle=False,
                           num_workers=self.config.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda")
