@@ -167,6 +167,14 @@ def test_training_learns_the_rule_and_writes_logs(tmp_path, datasets):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_training_without_tensorboard_installed(tmp_path, datasets, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import raise ImportError
+    result = Trainer(tiny_config(tmp_path, epochs=1, tensorboard=True), *datasets).fit()
+    assert not result.interrupted
+    assert "tensorboard package is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "tensorboard").exists()
+
+
 def test_aux_loss_weights_are_applied(tmp_path, datasets):
     unweighted = Trainer(tiny_config(tmp_path / "a", epochs=1, aux_loss_weights={}), *datasets).fit()
     weighted = Trainer(tiny_config(tmp_path / "b", epochs=1, aux_loss_weights={"importance": 1.0}), *datasets).fit()
