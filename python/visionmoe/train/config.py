@@ -1,0 +1,215 @@
+"""Training configuration: a dataclass of typed fields, read from YAML with ``key=value`` overrides and validated
+with errors that name the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import yaml
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run needs; a YAML config file sets any subset of these keys.
+
+    Attributes:
+        model: registry name for :func:`visionmoe.models.create_model`.
+        model_options: keyword arguments for the model entrypoint (e.g. ``embed_dim``, ``depth``, ``moe``);
+            ``num_classes`` defaults to the training set's ``num_classes``.
+        dataset: name for :func:`visionmoe.data.create_dataset`.
+        data_root: directory of the data set's local files (for data sets that read files).
+        dataset_options: further keyword arguments for ``create_dataset``.
+        train_split, val_split: split names passed to ``create_dataset``.
+        epochs: passes over the training set.
+        batch_size: images per optimiser step (and per evaluation batch).
+        lr: peak learning rate of AdamW, reached at the end of the warm-up.
+        min_lr: learning rate at the end of the cosine decay.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup_epochs: length of the linear warm-up, in epochs (fractions allowed); the cosine decay follows.
+        grad_clip: maximum global gradient norm; null disables clipping.
+        label_smoothing: of the cross-entropy loss.
+        aux_loss_weights: weight of each router auxiliary loss by name (as reported by
+            :func:`visionmoe.layers.aux_losses`, e.g. ``importance``, ``load``); losses without a weight are
+            logged but not trained on.
+        seed: seeds Python, NumPy and torch, the model initialisation and the data order.
+        output_dir: receives ``metrics.csv``, TensorBoard logs and ``checkpoint/``.
+        device: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
+        amp: mixed precision: bfloat16 autocast (CPU, and CUDA where supported), else float16 autocast with a
+            gradient scaler on CUDA.
+        num_workers: DataLoader worker processes.
+        progress: show the tqdm progress bar.
+        tensorboard: write TensorBoard logs (skipped with a note when the tensorboard package is missing).
+        log_steps: also write ``steps.csv`` with one row per optimiser step.
+    """
+
+    model: str = "vmoe_tiny_32"
+    model_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    dataset: str = "digits"
+    data_root: Optional[str] = None
+    dataset_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "test"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    grad_clip: Optional[float] = 1.0
+    label_smoothing: float = 0.0
+    aux_loss_weights: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"importance": 0.005, "load": 0.005})
+    seed: int = 0
+    output_dir: str = "runs/train"
+    device: str = "auto"
+    amp: bool = False
+    num_workers: int = 0
+    progress: bool = True
+    tensorboard: bool = True
+    log_steps: bool = False
+
+    def __post_init__(self):
+        _read_exponent_floats(self)
+        validate(self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
+# The type each key accepts, and whether null is allowed; ints are accepted where floats are expected.
+_TYPES = {
+    "model": (str, False), "model_options": (dict, False), "dataset": (str, False), "data_root": (str, True),
+    "dataset_options": (dict, False), "train_split": (str, False), "val_split": (str, False),
+    "epochs": (int, False), "batch_size": (int, False), "lr": (float, False), "min_lr": (float, False),
+    "weight_decay": (float, False), "warmup_epochs": (float, False), "grad_clip": (float, True),
+    "label_smoothing": (float, False), "aux_loss_weights": (dict, False), "seed": (int, False),
+    "output_dir": (str, False), "device": (str, False), "amp": (bool, False), "num_workers": (int, False),
+    "progress": (bool, False), "tensorboard": (bool, False), "log_steps": (bool, False),
+}
+assert set(_TYPES) == set(_FIELDS), "every TrainConfig field needs an entry in _TYPES"
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _exponent_float(value: Any) -> Any:
+    """``value`` as a float when it is a string such as "1e-3": YAML 1.1 (PyYAML) reads exponent notation
+    without a dot as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_exponent_floats(config: TrainConfig) -> None:
+    for key, (expected, _) in _TYPES.items():
+        if expected is float:
+            setattr(config, key, _exponent_float(getattr(config, key)))
+    config.aux_loss_weights = {name: _exponent_float(weight) for name, weight in config.aux_loss_weights.items()}
+
+
+def _check_types(config: TrainConfig) -> None:
+    for key, (expected, nullable) in _TYPES.items():
+        value = getattr(config, key)
+        if value is None and nullable:
+            continue
+        if not _is_type(value, expected):
+            raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{expected.__name__}, "
+                             f"got {type(value).__name__} {value!r}")
+    for name, weight in config.aux_loss_weights.items():
+        if not _is_type(weight, float) or weight < 0:
+            raise ValueError(f"config key 'aux_loss_weights.{name}' must be a number >= 0, got {weight!r}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raises ValueError naming the first key of ``config`` with a wrong type or an out-of-range value."""
+    _check_types(config)
+    bounds = [
+        ("epochs", config.epochs >= 1, ">= 1"),
+        ("batch_size", config.batch_size >= 1, ">= 1"),
+        ("lr", config.lr > 0, "> 0"),
+        ("min_lr", 0 <= config.min_lr <= config.lr, "in [0, lr]"),
+        ("weight_decay", config.weight_decay >= 0, ">= 0"),
+        ("warmup_epochs", 0 <= config.warmup_epochs <= config.epochs, "in [0, epochs]"),
+        ("grad_clip", config.grad_clip is None or config.grad_clip > 0, "> 0 or null"),
+        ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
+        ("num_workers", config.num_workers >= 0, ">= 0"),
+    ]
+    for key, ok, requirement in bounds:
+        if not ok:
+            raise ValueError(f"config key {key!r} must be {requirement}, got {getattr(config, key)!r}")
+    if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
+        raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value parsed as a YAML scalar, so 3 is an int, 1e-3 a float, null None)."""
+    key, separator, raw_value = text.partition("=")
+    if not separator or not key.strip():
+        raise ValueError(f"override must look like key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw_value) if raw_value.strip() else ""
+
+
+def apply_overrides(values: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """``values`` with each ``key=value`` override set; dotted keys reach into the dictionary-valued keys."""
+    values = {key: dict(value) if isinstance(value, dict) else value for key, value in values.items()}
+    for override in overrides:
+        path, value = parse_override(override)
+        if path[0] not in _FIELDS:
+            raise ValueError(f"unknown config key {path[0]!r} in override {override!r}")
+        target = values
+        for depth, part in enumerate(path[:-1]):
+            if depth == 0 and _TYPES[part][0] is not dict:
+                raise ValueError(f"config key {part!r} is not a mapping, so {override!r} cannot set a sub-key")
+            child = target.get(part)
+            if child is None:
+                child = target[part] = {}
+            elif not isinstance(child, dict):
+                raise ValueError(f"{'.'.join(path[:depth + 1])!r} is not a mapping in override {override!r}")
+            target = child
+        target[path[-1]] = value
+    return values
+
+
+def config_from_dict(values: Dict[str, Any], overrides: Iterable[str] = ()) -> TrainConfig:
+    """A validated TrainConfig from a dictionary of keys (unknown keys are rejected) and overrides."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; known keys: {', '.join(_FIELDS)}")
+    defaults = {name: getattr(TrainConfig(), name) for name in _FIELDS}
+    merged = apply_overrides({**defaults, **values}, overrides)
+    return TrainConfig(**merged)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """The config of the YAML file at ``path`` (defaults when None) with ``overrides`` applied."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        with path.open() as file:
+            try:
+                values = yaml.safe_load(file) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    return config_from_dict(values, overrides)
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    with Path(path).open("w") as file:
+        yaml.safe_dump(config.to_dict(), file, sort_keys=False)

@@ -1,0 +1,411 @@
+"""The training loop: AdamW with linear warm-up then cosine decay (per step), optional mixed precision, weighted
+router auxiliary losses, tqdm progress, CSV and TensorBoard logs, checkpoints that resume exactly, and a clean
+checkpoint-and-stop on Ctrl-C.
+
+Exact resumption: the data order of epoch ``e`` is a permutation drawn from a generator seeded with (seed, e), so a
+resumed run skips the batches already seen and draws the same ones after them; the RNG states, the optimiser,
+scheduler and gradient scaler, and the running sums of the interrupted epoch are saved with the weights. On CPU a
+resumed run therefore reproduces the uninterrupted run's weights and metrics bit for bit. This holds with
+``num_workers=0`` (data augmentation then draws on the restored global RNG); with worker processes, an epoch
+resumed mid-way restarts the workers' random streams, so its augmentations differ from the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..layers import aux_losses
+from ..models import create_model
+from ..routers import RouterMetrics
+from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_model_weights, load_trainer_state,
+                         restore_rng_states, save_checkpoint)
+from .config import TrainConfig
+
+EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
+                 "val_loss", "val_accuracy", "epoch_seconds"]
+STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio"]
+
+# A (trainer, global step) hook called after every optimiser step; raising KeyboardInterrupt there stops the run
+# exactly as Ctrl-C does.
+StepCallback = Callable[["Trainer", int], None]
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
+    """The (training, validation) data sets named by ``config`` from :func:`visionmoe.data.create_dataset`."""
+    try:
+        from ..data import create_dataset
+    except ImportError as error:
+        raise RuntimeError("visionmoe.data is not available in this installation, so data sets cannot be built "
+                           "by name; from Python, pass train_set and val_set to Trainer") from error
+    options = dict(root=config.data_root, **config.dataset_options)
+    return (create_dataset(config.dataset, config.train_split, **options),
+            create_dataset(config.dataset, config.val_split, **options))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config key 'device' is {name!r} but CUDA is not available")
+    return device
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Learning-rate multiplier of step s: linear from 1/warmup_steps to 1 over the warm-up, then a cosine from 1
+    down to ``min_ratio`` at ``total_steps``."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def expert_load_ratio(model: nn.Module) -> Optional[float]:
+    """Mean over the MoE layers of (largest expert load / mean expert load) in the last forward: 1 is perfectly
+    balanced, E means one expert took everything; None for a model without MoE layers."""
+    ratios = []
+    for module in model.modules():
+        metrics = getattr(module, "last_metrics", None)
+        if isinstance(metrics, RouterMetrics):
+            load = metrics.load.detach().float()
+            mean = load.mean()
+            if mean > 0:
+                ratios.append((load.max() / mean).item())
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+class _CsvLog:
+    """Appends rows to a CSV file, writing the header when the file is new."""
+
+    def __init__(self, path: Path, columns: List[str]):
+        self.path, self.columns = path, columns
+        if not path.exists():
+            with path.open("w", newline="") as file:
+                csv.writer(file).writerow(columns)
+
+    def append(self, row: Dict[str, Any]) -> None:
+        with self.path.open("a", newline="") as file:
+            csv.writer(file).writerow(["" if row.get(column) is None else row[column] for column in self.columns])
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("visionmoe-train: the tensorboard package is not installed; skipping TensorBoard logs "
+              "(pip install 'visionmoe[tensorboard]')")
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+@dataclasses.dataclass
+class _EpochTotals:
+    """Running sums of the current epoch, saved in checkpoints so that an epoch resumed mid-way reports the same
+    means as an uninterrupted one."""
+
+    batches: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    aux_loss_sum: float = 0.0
+    load_ratio_sum: float = 0.0
+    load_ratio_count: int = 0
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns: the per-epoch metric rows and whether Ctrl-C stopped the run."""
+
+    history: List[Dict[str, Any]]
+    interrupted: bool
+    checkpoint_dir: Path
+
+
+class Trainer:
+    """Trains ``config.model`` on a classification data set of (image [C, H, W] float, label int) pairs.
+
+    Args:
+        config: the run's settings.
+        train_set, val_set: the data sets; built with :func:`build_datasets` from the config when not given.
+        resume: a checkpoint directory (or an output directory holding ``checkpoint/``) to continue from.
+        step_callback: called as ``step_callback(trainer, global_step)`` after every optimiser step.
+    """
+
+    def __init__(self, config: TrainConfig, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None,
+                 resume: Optional[str | Path] = None, step_callback: Optional[StepCallback] = None):
+        if (train_set is None) != (val_set is None):
+            raise ValueError("pass both train_set and val_set, or neither (to build them from the config)")
+        if train_set is None:
+            train_set, val_set = build_datasets(config)
+        if len(train_set) == 0:
+            raise ValueError("train_set is empty")
+        model_options = dict(config.model_options)
+        if "num_classes" not in model_options and hasattr(train_set, "num_classes"):
+            model_options["num_classes"] = int(train_set.num_classes)
+        self.config = dataclasses.replace(config, model_options=model_options)
+        self.train_set, self.val_set = train_set, val_set
+        self.step_callback = step_callback
+        self.device = resolve_device(config.device)
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoint"
+
+        seed_everything(config.seed)
+        self.model = create_model(config.model, **model_options).to(self.device)
+        self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+        total_steps = self.steps_per_epoch * config.epochs
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
+            round(config.warmup_epochs * self.steps_per_epoch), total_steps, config.min_lr / config.lr))
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.epoch = 0  # zero-based epoch in progress
+        self.global_step = 0
+        self.totals = _EpochTotals()
+        self._stop_requested = False
+        self._checked_aux_names = False
+        self._between_steps = True  # whether the state is consistent (no optimiser step half done)
+        if resume is not None:
+            self._load(resume)
+
+    def _amp_dtype(self) -> Optional[torch.dtype]:
+        if not self.config.amp:
+            return None
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+
+    def _load(self, directory: str | Path) -> None:
+        directory = check_checkpoint_dir(directory)
+        state = load_trainer_state(directory)
+        if state["model"] != self.config.model:
+            raise ValueError(f"the checkpoint in {str(directory)!r} is of model {state['model']!r}, "
+                             f"not of config key 'model' = {self.config.model!r}")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"the checkpoint had {state['steps_per_epoch']} steps per epoch, this run has "
+                             f"{self.steps_per_epoch}: batch_size or the training set changed, so it cannot resume")
+        load_model_weights(self.model, directory)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.totals = _EpochTotals(**state["epoch_totals"])
+        restore_rng_states(state["rng"])
+
+    def save(self, directory: Optional[str | Path] = None) -> Path:
+        """Checkpoints the current state (by default into ``output_dir/checkpoint``)."""
+        state = {
+            "model": self.config.model,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch,
+            "epoch_totals": dataclasses.asdict(self.totals),
+            "rng": capture_rng_states(),
+        }
+        return save_checkpoint(directory or self.checkpoint_dir, self.model, self.config, state)
+
+    def _generator(self, purpose: int, epoch: int) -> torch.Generator:
+        """A generator seeded by (seed, epoch, purpose): 0 for the data order, 1 for the DataLoader's worker seeds,
+        so that each epoch's draws are the same in a resumed run and independent of torch's global RNG."""
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + epoch) * 2 + purpose)
+
+    def _epoch_order(self, epoch: int) -> List[int]:
+        return torch.randperm(len(self.train_set), generator=self._generator(0, epoch)).tolist()
+
+    def _loader(self, dataset: Dataset, order: Optional[List[int]], epoch: int) -> DataLoader:
+        generator = self._generator(1, epoch)
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=order, shuffle=False,
+                          num_workers=self.config.num_workers, generator=generator,
+                          pin_memory=self.device.type == "cuda")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Dict[str, Any]:
+        self._between_steps = False
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+            router_losses = aux_losses(self.model)
+            if not self._checked_aux_names:
+                self._check_aux_loss_names(router_losses)
+            aux_loss = sum((self.config.aux_loss_weights[name] * value.float()
+                            for name, value in router_losses.items() if name in self.config.aux_loss_weights),
+                           torch.zeros((), device=self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss + aux_loss).backward()
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
+                    correct=(logits.argmax(dim=-1) == labels).sum().item(), samples=labels.numel(),
+                    expert_load_ratio=expert_load_ratio(self.model))
+
+    def _check_aux_loss_names(self, router_losses: Dict[str, torch.Tensor]) -> None:
+        """Warns (once) about weighted auxiliary losses that the model's routers do not report, e.g. a typo or
+        the default weights with a router that reports other losses."""
+        self._checked_aux_names = True
+        missing = sorted(set(self.config.aux_loss_weights) - set(router_losses))
+        if router_losses and missing:
+            warnings.warn(f"config key 'aux_loss_weights' names {missing}, which the model's routers do not report "
+                          f"(they report {sorted(router_losses)}); those weights have no effect", stacklevel=2)
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Optional[Dataset] = None) -> Dict[str, float]:
+        """Mean cross-entropy loss and accuracy of the model on ``dataset`` (the validation set by default)."""
+        dataset = self.val_set if dataset is None else dataset
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, correct, samples = 0.0, 0, 0
+        for images, labels in self._loader(dataset, None, epoch=-1):
+            images, labels = images.to(self.device), labels.to(self.device)
+            with self._autocast():
+                logits = self.model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == labels).sum().item()
+            samples += labels.numel()
+        self.model.train(was_training)
+        return {"loss": loss_sum / max(samples, 1), "accuracy": correct / max(samples, 1)}
+
+    def _run_epoch(self, progress: tqdm, step_log: Optional[_CsvLog], writer) -> Dict[str, Any]:
+        self.model.train()
+        totals = self.totals
+        order = self._epoch_order(self.epoch)[totals.batches * self.config.batch_size:]
+        started = time.perf_counter()
+        for images, labels in self._loader(self.train_set, order, self.epoch):
+            step = self._train_step(images, labels)
+            totals.batches += 1
+            totals.samples += step["samples"]
+            totals.loss_sum += step["loss"] * step["samples"]
+            totals.correct += step["correct"]
+            totals.aux_loss_sum += step["aux_loss"] * step["samples"]
+            if step["expert_load_ratio"] is not None:
+                totals.load_ratio_sum += step["expert_load_ratio"]
+                totals.load_ratio_count += 1
+            self.global_step += 1
+            self._between_steps = True
+            totals.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            row = dict(epoch=self.epoch + 1, step=self.global_step, lr=step["lr"], loss=step["loss"],
+                       accuracy=step["correct"] / step["samples"], aux_loss=step["aux_loss"],
+                       expert_load_ratio=step["expert_load_ratio"])
+            self._log_step(row, progress, step_log, writer)
+            if self.step_callback is not None:
+                self.step_callback(self, self.global_step)
+            self._stop_if_requested()
+        validation = self.evaluate()
+        return dict(epoch=self.epoch + 1, step=self.global_step, lr=self.scheduler.get_last_lr()[0],
+                    train_loss=totals.loss_sum / totals.samples, train_accuracy=totals.correct / totals.samples,
+                    aux_loss=totals.aux_loss_sum / totals.samples,
+                    expert_load_ratio=(totals.load_ratio_sum / totals.load_ratio_count
+                                       if totals.load_ratio_count else None),
+                    val_loss=validation["loss"], val_accuracy=validation["accuracy"],
+                    epoch_seconds=round(totals.seconds, 3))
+
+    def _log_step(self, row: Dict[str, Any], progress: tqdm, step_log: Optional[_CsvLog], writer) -> None:
+        progress.update(1)
+        postfix = dict(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
+        if row["expert_load_ratio"] is not None:
+            postfix["load max/mean"] = f"{row['expert_load_ratio']:.2f}"
+        progress.set_postfix(postfix, refresh=False)
+        if step_log is not None:
+            step_log.append(row)
+        if writer is not None:
+            for name in ("loss", "accuracy", "aux_loss", "lr", "expert_load_ratio"):
+                if row[name] is not None:
+                    writer.add_scalar(f"step/{name}", row[name], row["step"])
+
+    # Ctrl-C: the first one asks the loop to stop after the current step (so the checkpoint holds a consistent
+    # state); a second one interrupts at once, without a checkpoint.
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_if_requested(self) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+
+    def fit(self) -> FitResult:
+        """Trains until ``config.epochs`` epochs are done, checkpointing after each; on Ctrl-C (or a
+        KeyboardInterrupt from the step callback) checkpoints the state after the last finished step and returns
+        with ``interrupted=True``."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        epoch_log = _CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS)
+        step_log = _CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS) if self.config.log_steps else None
+        writer = _tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard else None
+        self._stop_requested = False
+        self._between_steps = True
+        previous_handler = None
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+        progress = tqdm(total=self.steps_per_epoch * self.config.epochs, initial=self.global_step,
+                        desc="train", unit="step", disable=not self.config.progress, dynamic_ncols=True)
+        history: List[Dict[str, Any]] = []
+        interrupted = False
+        try:
+            while self.epoch < self.config.epochs:
+                progress.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
+                row = self._run_epoch(progress, step_log, writer)
+                epoch_log.append(row)
+                history.append(row)
+                if writer is not None:
+                    for name, value in row.items():
+                        if name not in ("epoch", "step") and value is not None:
+                            writer.add_scalar(f"epoch/{name}", value, row["epoch"])
+                progress.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
+                               f"acc {row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} "
+                               f"acc {row['val_accuracy']:.4f}")
+                self.epoch += 1
+                self.totals = _EpochTotals()
+                self.save()
+        except KeyboardInterrupt:
+            if not self._between_steps:
+                progress.write("Interrupted inside an optimiser step: no checkpoint written for this step")
+                raise
+            interrupted = True
+            self.save()
+            progress.write(f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved to "
+                           f"{self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}")
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+        return FitResult(history=history, interrupted=interrupted, checkpoint_dir=self.checkpoint_dir)
