@@ -1,0 +1,53 @@
+"""``visionmoe-eval``: accuracy, routing statistics and plots of a trained checkpoint.
+
+    visionmoe-eval runs/digits --dataset digits --split test --output-dir runs/digits/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..data import create_dataset
+from ..train import load_model
+from .plots import write_plots
+from .report import evaluate
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="visionmoe-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a training output directory or its checkpoint/ directory")
+    parser.add_argument("--dataset", required=True, help="data set name (visionmoe.data.list_datasets())")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--data-root", default=None, help="local data directory, for data sets that need one")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--output-dir", default=None, help="where report.json and the plots go "
+                                                           "(default: <checkpoint>/eval)")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.checkpoint, map_location=args.device)
+        dataset = create_dataset(args.dataset, args.split, root=args.data_root)
+        report = evaluate(model, dataset, dataset.num_classes, batch_size=args.batch_size, device=args.device)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"visionmoe-eval: {error}", file=sys.stderr)
+        return 2
+    output = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    plots = write_plots(report, output, dataset.classes)
+    print(f"{args.dataset}/{args.split}: accuracy {report.accuracy:.4f}, loss {report.loss:.4f} "
+          f"({report.num_images} images)")
+    for layer in report.layers:
+        share = layer.load / layer.load.sum().clamp(min=1e-12)
+        print(f"  {layer.name}: expert load share {', '.join(f'{value:.2f}' for value in share.tolist())}; "
+              f"dropped {layer.dropped_fraction:.1%}, unrouted tokens {layer.unrouted_fraction:.1%}")
+    print("wrote", output / "report.json", *plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
