@@ -7,6 +7,7 @@ import torch
 
 from visionmoe.evaluate import evaluate
 from visionmoe.evaluate.cli import main
+from visionmoe.evaluate.plots import patch_assignments
 from visionmoe.models import create_model
 from visionmoe.train import config_from_dict
 from visionmoe.train.checkpoint import save_checkpoint
@@ -35,7 +36,7 @@ def test_cli_writes_report_and_plots(checkpoint, capsys):
     assert usage.shape == (4, 10)
     # Every kept assignment is counted once in the load and once in the class table.
     assert usage.sum().item() == pytest.approx(sum(layer["load"]))
-    for plot in ("load.png", "class_usage.png"):
+    for plot in ("load.png", "class_usage.png", "assignments_blocks_1_mlp.png"):
         assert (checkpoint / "eval" / plot).stat().st_size > 0
     assert "accuracy" in capsys.readouterr().out
 
@@ -53,6 +54,19 @@ def test_class_usage_counts_each_class_tokens():
     assert layer.dropped_fraction == 0.0 and layer.unrouted_fraction == 0.0
     assert layer.class_usage.sum(0).tolist() == [6 * 17, 4 * 17]
     assert layer.load.sum().item() == 10 * 17
+
+
+def test_patch_assignments_follow_the_plan():
+    torch.manual_seed(0)
+    options = dict(MODEL_OPTIONS, moe=dict(num_experts=4, k=1, capacity_factor=4.0))
+    model = create_model("vmoe_tiny_32", **options).eval()
+    model(torch.randn(3, 3, 32, 32))
+    layer = model.blocks[1].mlp
+    grid = patch_assignments(layer, 3, 4)
+    plan = layer.last_plan
+    expected = torch.empty(3 * 17, dtype=torch.long)
+    expected[plan.sorted_token] = plan.sorted_expert  # K = 1, one group: one assignment per token
+    assert torch.equal(grid, expected.view(3, 17)[:, 1:].reshape(3, 4, 4))
 
 
 def test_errors_are_clear(tmp_path, capsys):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..data import create_dataset
 from ..train import load_model
-from .plots import write_plots
+from ..layers import MoEMLP
+from .plots import patch_assignments, write_patch_assignment_plot, write_plots
 from .report import evaluate
 
 
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plots = write_plots(report, output, dataset.classes)
+    plots += _assignment_plots(model, dataset, output, args.device)
     print(f"{args.dataset}/{args.split}: accuracy {report.accuracy:.4f}, loss {report.loss:.4f} "
           f"({report.num_images} images)")
     for layer in report.layers:
@@ -47,6 +49,24 @@ def main(argv=None) -> int:
               f"dropped {layer.dropped_fraction:.1%}, unrouted tokens {layer.unrouted_fraction:.1%}")
     print("wrote", output / "report.json", *plots)
     return 0
+
+
+def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8) -> list:
+    """For vision transformers: expert assignments drawn over the patches of the first ``count`` images."""
+    import torch
+
+    config = getattr(model, "config", None)
+    layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, MoEMLP)]
+    if config is None or not layers or len(dataset) == 0:
+        return []
+    images = torch.stack([dataset[i][0] for i in range(min(count, len(dataset)))])
+    with torch.no_grad():
+        model(images.to(device))
+    grid = config["img_size"] // config["patch_size"]
+    return [write_patch_assignment_plot(images.cpu(), patch_assignments(layer, images.shape[0], grid).cpu(),
+                                        layer.num_experts, output / f"assignments_{name.replace('.', '_')}.png",
+                                        f"{name}: expert of each patch")
+            for name, layer in layers]
 
 
 if __name__ == "__main__":

@@ -51,3 +51,47 @@ def write_plots(report: EvalReport, directory: str | Path, class_names: Sequence
         figure.savefig(written[-1], dpi=100)
         plt.close(figure)
     return written
+
+
+def patch_assignments(layer, batch_size: int, grid: int) -> "torch.Tensor":
+    """[B, grid, grid] the expert each patch token went to in ``layer``'s last forward pass (its highest-weight
+    kept assignment; -1 where every assignment was dropped). Token 0 of each image is the class token."""
+    import torch
+
+    plan = layer.last_plan
+    tokens_per_image = (plan.token_offsets.shape[0] - 1) // batch_size
+    kept = plan.kept()
+    weight = torch.where(kept, plan.weight.detach().float(), torch.full_like(plan.weight.detach().float(), -1.0))
+    best_weight = torch.full((batch_size * tokens_per_image,), -1.0).index_reduce(
+        0, plan.sorted_token, weight, "amax", include_self=True)
+    is_best = kept & (weight == best_weight[plan.sorted_token])
+    expert = torch.full((batch_size * tokens_per_image,), -1, dtype=torch.long)
+    expert[plan.sorted_token[is_best]] = torch.div(plan.sorted_expert[is_best], plan.num_groups,
+                                                   rounding_mode="floor")
+    patches = expert.view(batch_size, tokens_per_image)[:, tokens_per_image - grid * grid:]
+    return patches.reshape(batch_size, grid, grid)
+
+
+def write_patch_assignment_plot(images, assignments, num_experts: int, path: str | Path, title: str) -> Path:
+    """One panel per image: the image with each patch tinted by the expert its token went to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = images.shape[0]
+    figure, axes = plt.subplots(1, count, figsize=(1.8 * count, 2.0), squeeze=False)
+    colours = plt.get_cmap("tab10" if num_experts <= 10 else "tab20")
+    for axis, image, grid in zip(axes[0], images, assignments):
+        shown = image.float().mean(0)
+        axis.imshow(((shown - shown.min()) / (shown.max() - shown.min()).clamp(min=1e-6)).numpy(), cmap="gray")
+        overlay = [[colours(int(e) % colours.N) if e >= 0 else (0, 0, 0, 0) for e in row] for row in grid.tolist()]
+        axis.imshow(overlay, alpha=0.45, extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
+                    interpolation="nearest")
+        axis.set_axis_off()
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
