@@ -62,8 +62,8 @@ def patch_assignments(layer, batch_size: int, grid: int) -> "torch.Tensor":
     tokens_per_image = (plan.token_offsets.shape[0] - 1) // batch_size
     kept = plan.kept()
     weight = torch.where(kept, plan.weight.detach().float(), torch.full_like(plan.weight.detach().float(), -1.0))
-    best_weight = torch.full((batch_size * tokens_per_image,), -1.0).index_reduce(
-        0, plan.sorted_token, weight, "amax", include_self=True)
+    best_weight = torch.full((batch_size * tokens_per_image,), -1.0).scatter_reduce(
+        0, plan.sorted_token, weight, reduce="amax", include_self=True)
     is_best = kept & (weight == best_weight[plan.sorted_token])
     expert = torch.full((batch_size * tokens_per_image,), -1, dtype=torch.long)
     expert[plan.sorted_token[is_best]] = torch.div(plan.sorted_expert[is_best], plan.num_groups,
