@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -37,6 +37,17 @@ class RouterMetrics:
     dropped_fraction: torch.Tensor
     unrouted_fraction: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of_plan(cls, plan, probs: torch.Tensor, logits: torch.Tensor,
+                aux_losses: Optional[Dict[str, torch.Tensor]] = None,
+                unrouted: Optional[torch.Tensor] = None) -> "RouterMetrics":
+        """The metrics of a sparse routing plan: per-expert load, dropped fraction and (unless ``unrouted`` is
+        given) the fraction of tokens with no kept assignment."""
+        return cls(probs=probs, logits=logits, load=plan.expert_load().to(probs.dtype),
+                   dropped_fraction=plan.dropped_fraction(),
+                   unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
+                   aux_losses={} if aux_losses is None else aux_losses)
 
 
 def as_groups(x: torch.Tensor, name: str = "x", last: str = "D") -> torch.Tensor:
@@ -130,6 +141,18 @@ def create_router(name: str, dim: int, num_experts: int, **options) -> Router:
 def list_routers() -> list[str]:
     """Names accepted by :func:`create_router`, sorted."""
     return _ROUTERS.names()
+
+
+def gate_logits(proj: nn.Module, x: torch.Tensor, *, check_finite: bool, noise_std: float,
+                training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``proj(x)`` [G, T, E], checked to be finite when asked, and the logits the router selects on:
+    in training with ``noise_std`` > 0, the logits plus Gaussian noise of that std; otherwise the logits."""
+    logits = proj(x)
+    if check_finite:
+        check_finite_logits(logits)
+    if training and noise_std > 0:
+        return logits, logits + torch.randn_like(logits) * noise_std
+    return logits, logits
 
 
 def check_finite_logits(logits: torch.Tensor) -> None:

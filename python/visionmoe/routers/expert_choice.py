@@ -16,9 +16,8 @@ from .base import (
     as_groups,
     capacity_from_factor,
     check_capacity_options,
-    check_finite_logits,
+    gate_logits,
     register_router,
-    unrouted_fraction,
 )
 
 
@@ -55,22 +54,14 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x: torch.Tensor):
         x = as_groups(x)
-        logits = self.proj(x)
-        if self.check_finite:
-            check_finite_logits(logits)
-        noisy = logits
-        if self.training and self.noise_std > 0:
-            noisy = logits + torch.randn_like(logits) * (self.noise_std / self.num_experts)
+        logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite,
+                                    noise_std=self.noise_std / self.num_experts, training=self.training)
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
         aux = {}
         if x.shape[1] > 0:  # an empty input has nothing to balance
             aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
-        metrics = RouterMetrics(
-            probs=probs, logits=noisy, load=plan.expert_load().to(probs.dtype),
-            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan), aux_losses=aux,
-        )
-        return plan, metrics
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
 
 
 @register_router("sinkhorn_expert_choice")

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import losses, ops
 from ..plan import RoutingPlan
-from .base import Router, RouterMetrics, as_groups, register_router, unrouted_fraction
+from .base import Router, RouterMetrics, as_groups, register_router
 from .sparse_expert_choice import unreached_fraction
 
 
@@ -83,11 +83,7 @@ class HindsightRouter(Router):
                              num_tokens=num_tokens, validate=False)
         plan = dataclasses.replace(plan, num_groups=num_groups)
         uniform = x.new_full((num_groups, tokens_per_group, num_experts), 1.0 / num_experts)
-        metrics = RouterMetrics(
-            probs=uniform, logits=torch.zeros_like(uniform), load=plan.expert_load().to(x.dtype),
-            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan),
-        )
-        return plan, metrics
+        return plan, RouterMetrics.of_plan(plan, uniform, torch.zeros_like(uniform))
 
     def choose(self, plan: RoutingPlan, expert_out: torch.Tensor) -> Tuple[RoutingPlan, RouterMetrics]:
         """Picks one expert per token from the experts' outputs (see the class documentation).

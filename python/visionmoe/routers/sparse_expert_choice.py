@@ -26,7 +26,7 @@ from .base import (
     as_groups,
     capacity_from_factor,
     check_capacity_options,
-    check_finite_logits,
+    gate_logits,
     register_router,
 )
 
@@ -218,9 +218,7 @@ class _SparsityConstrainedRouter(Router):
 
     def forward(self, x: torch.Tensor):
         x = as_groups(x)
-        logits = self.proj(x)
-        if self.check_finite:
-            check_finite_logits(logits)
+        logits, _ = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=0.0, training=self.training)
         probs = logits.softmax(dim=-1)
         transport = sparsity_constrained_transport(
             probs, self.max_nonzeros(x.shape[1]), constrain=self.constrain, gamma=self.gamma,
@@ -230,12 +228,8 @@ class _SparsityConstrainedRouter(Router):
         else:
             weights = torch.where(transport > 0, probs.to(transport.dtype), torch.zeros_like(transport))
         plan = self.route(transport.detach(), weights)
-        metrics = RouterMetrics(
-            probs=probs, logits=logits, load=plan.expert_load().to(probs.dtype),
-            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unreached_fraction(plan),
-            aux_losses={"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)},
-        )
-        return plan, metrics
+        aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
+        return plan, RouterMetrics.of_plan(plan, probs, logits, aux, unrouted=unreached_fraction(plan))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, gamma={self.gamma}, iterations={self.iterations}, "

@@ -18,9 +18,8 @@ from .base import (
     as_groups,
     capacity_from_factor,
     check_capacity_options,
-    check_finite_logits,
+    gate_logits,
     register_router,
-    unrouted_fraction,
 )
 
 
@@ -78,13 +77,9 @@ class TokenChoiceRouter(Router):
 
     def forward(self, x: torch.Tensor):
         x = as_groups(x)
-        logits = self.proj(x)  # [G, T, E]
-        if self.check_finite:
-            check_finite_logits(logits)
-        noisy = logits
         noise_std = self.noise_std / self.num_experts
-        if self.training and self.noise_std > 0:
-            noisy = logits + torch.randn_like(logits) * noise_std
+        logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
+                                    training=self.training)  # [G, T, E]
         probs = noisy.softmax(dim=-1)
         plan = ops.topk_route(self.selection_scores(noisy, probs), self.k, self.capacity(x.shape[1]),
                               batch_priority=self.batch_priority, weights=probs, renormalize=self.renormalize)
@@ -97,11 +92,7 @@ class TokenChoiceRouter(Router):
             }
             if self.training and self.noise_std > 0:
                 aux["load"] = losses.load_loss(logits, noisy, noise_std, self.k)
-        metrics = RouterMetrics(
-            probs=probs, logits=noisy, load=plan.expert_load().to(probs.dtype),
-            dropped_fraction=plan.dropped_fraction(), unrouted_fraction=unrouted_fraction(plan), aux_losses=aux,
-        )
-        return plan, metrics
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
