@@ -27,7 +27,6 @@ Results: benchmarks/results/expert_mlp_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import format_table, timeit, write_results
+from common import format_table, saved_storages, timeit_rounds, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,17 +83,8 @@ def dense_mlp(x, w1, b1, w2, b2, activation):
 
 def saved_bytes(forward, held) -> int:
     """Bytes of the distinct storages autograd saves in a forward, beyond those of the tensors in ``held``."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
     held_pointers = {t.untyped_storage().data_ptr() for t in held}
-    return sum(nbytes for pointer, nbytes in storages.items() if pointer not in held_pointers)
+    return sum(nbytes for pointer, nbytes in saved_storages(forward).items() if pointer not in held_pointers)
 
 
 def loop_mlp(x, expert_weights, bounds, activation):
@@ -159,11 +149,8 @@ def run_config(args, device, dtype, activation: str) -> list[dict]:
         results.append([y.detach(), *(t.grad for t in expert_leaves)])
     check_close(*results)
 
-    round_seconds = {name: [] for name in forwards}
-    for _ in range(args.rounds):
-        for name, forward in forwards.items():
-            round_seconds[name].append(timeit(step(forward), args.warmup, args.repeat, device, clear_grads))
-    seconds = {name: statistics.median(values) for name, values in round_seconds.items()}
+    seconds = timeit_rounds({name: step(forward) for name, forward in forwards.items()}, args.warmup, args.repeat,
+                            args.rounds, device, clear_grads)
 
     flops = 3 * 2 * M * D * (pre_width + Fh)
     rows = []

@@ -28,7 +28,7 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import format_table, timeit, write_results
+from common import cuda_peak_bytes, format_table, timeit, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
@@ -86,15 +86,9 @@ def check_against_float64(name: str, sinkhorn, logits, grad_log_plan, iterations
 
 def peak_memory_mb(step, logits, device: torch.device):
     """Peak memory one forward + backward allocates beyond what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
     logits.grad = None
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - before) / 1e6
+    peak = cuda_peak_bytes(step, device)
+    return None if peak is None else peak / 1e6
 
 
 def main(argv=None) -> None:

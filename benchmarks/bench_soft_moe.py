@@ -30,14 +30,13 @@ Results: benchmarks/results/soft_moe_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from visionmoe import ops, reference
 
-from common import format_table, timeit, write_results
+from common import cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
@@ -86,30 +85,10 @@ def soft_moe_step(module, x, logits, grad_out):
 def saved_bytes(module, x, logits) -> tuple[int, int]:
     """Bytes of the distinct storages autograd saves in a forward: all of them, and those beyond x's and the
     logits' own."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        module.soft_combine(module.soft_dispatch(x, logits), logits)
+    storages = saved_storages(lambda: module.soft_combine(module.soft_dispatch(x, logits), logits))
     inputs = {x.untyped_storage().data_ptr(), logits.untyped_storage().data_ptr()}
     total = sum(storages.values())
     return total, total - sum(nbytes for pointer, nbytes in storages.items() if pointer in inputs)
-
-
-def peak_bytes(step, device: torch.device) -> int | None:
-    """Peak allocated memory of one step above what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    baseline = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - baseline
 
 
 def gemm_only_step(x, logits, grad_out):
@@ -159,18 +138,15 @@ def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
     flops = 12 * G * T * S * D
     steps = {name: soft_moe_step(module, x, logits, grad_out) for name, module in IMPLEMENTATIONS.items()}
     gemms = gemm_only_step(x.detach(), logits.detach(), grad_out)
-    round_seconds = {name: [] for name in (*IMPLEMENTATIONS, "gemm_only")}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            round_seconds[name].append(timeit(step, args.warmup, args.repeat, device, clear_grads))
-        round_seconds["gemm_only"].append(timeit(gemms, args.warmup, args.repeat, device))
-    seconds = {name: statistics.median(values) for name, values in round_seconds.items()}
+    # clear_grads is harmless for the GEMM-only step, whose inputs are detached.
+    seconds = timeit_rounds({**steps, "gemm_only": gemms}, args.warmup, args.repeat, args.rounds, device,
+                            clear_grads)
 
     rows = []
     for name, module in IMPLEMENTATIONS.items():
         total, beyond_inputs = saved_bytes(module, x, logits)
         clear_grads()
-        peak = peak_bytes(steps[name], device)
+        peak = cuda_peak_bytes(steps[name], device)
         rows.append({"S": S, "implementation": name, "median_ms": seconds[name] * 1e3,
                      "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
                      "gflop_per_s": flops / seconds[name] / 1e9, "saved_mb": total / 1e6,

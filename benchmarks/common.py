@@ -61,6 +61,44 @@ def timeit(
     return statistics.median(times)
 
 
+def timeit_rounds(steps: dict, warmup: int, repeat: int, rounds: int, device: torch.device | str,
+                  setup: Optional[Callable[[], None]] = None) -> dict:
+    """Median seconds of each of ``steps`` (name -> callable), timed in turn ``rounds`` times with :func:`timeit`
+    and the median taken over the rounds, so that a burst of load on a shared machine hits every step alike."""
+    round_seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            round_seconds[name].append(timeit(step, warmup, repeat, device, setup))
+    return {name: statistics.median(values) for name, values in round_seconds.items()}
+
+
+def saved_storages(forward: Callable[[], object]) -> dict:
+    """The distinct storages autograd saves for backward while ``forward()`` runs: data pointer -> bytes."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return storages
+
+
+def cuda_peak_bytes(step: Callable[[], object], device: torch.device | str) -> Optional[int]:
+    """Peak memory ``step()`` allocates beyond what was allocated before it; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    baseline = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline
+
+
 def device_name(device: torch.device | str) -> str:
     """The GPU's name on CUDA, else the CPU model."""
     device = torch.device(device)
