@@ -15,7 +15,8 @@ from torch import nn
 from .. import ops
 from ..routers import RouterMetrics, create_router
 
-ACTIVATIONS = ("gelu", "silu_gated")
+# The activations the expert operator implements.
+ACTIVATIONS = ops.ACTIVATIONS
 
 
 class ExpertMLPs(nn.Module):
