@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from ..data import create_dataset
 from ..train import load_model
 from ..layers import MoEMLP
@@ -53,8 +55,6 @@ def main(argv=None) -> int:
 
 def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8) -> list:
     """For vision transformers: expert assignments drawn over the patches of the first ``count`` images."""
-    import torch
-
     config = getattr(model, "config", None)
     layers = [(name, layer) for name, layer in model.named_modules() if isinstance(layer, MoEMLP)]
     if config is None or not layers or len(dataset) == 0:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Sequence
 
+import torch
+
 from .report import EvalReport
 
 
@@ -53,11 +55,9 @@ def write_plots(report: EvalReport, directory: str | Path, class_names: Sequence
     return written
 
 
-def patch_assignments(layer, batch_size: int, grid: int) -> "torch.Tensor":
+def patch_assignments(layer, batch_size: int, grid: int) -> torch.Tensor:
     """[B, grid, grid] the expert each patch token went to in ``layer``'s last forward pass (its highest-weight
     kept assignment; -1 where every assignment was dropped). Token 0 of each image is the class token."""
-    import torch
-
     plan = layer.last_plan
     tokens_per_image = (plan.token_offsets.shape[0] - 1) // batch_size
     kept = plan.kept()
