@@ -49,8 +49,19 @@ def main(argv=None) -> int:
         share = layer.load / layer.load.sum().clamp(min=1e-12)
         print(f"  {layer.name}: expert load share {', '.join(f'{value:.2f}' for value in share.tolist())}; "
               f"dropped {layer.dropped_fraction:.1%}, unrouted tokens {layer.unrouted_fraction:.1%}")
+        if layer.class_usage is not None:
+            print(f"    specialisation: {specialisation_summary(layer.class_usage, dataset.classes)}")
     print("wrote", output / "report.json", *plots)
     return 0
+
+
+def specialisation_summary(class_usage: torch.Tensor, class_names) -> str:
+    """One line naming, for each expert, the class that makes up most of its work and that class's share of it,
+    e.g. ``e0: 7 (41%)``, from ``class_usage`` [E, C]; ``-`` for an expert that served nothing."""
+    totals = class_usage.sum(dim=1)
+    shares, classes = (class_usage / totals.clamp(min=1e-12).unsqueeze(1)).max(dim=1)
+    return ", ".join(f"e{e}: {class_names[c]} ({share:.0%})" if total > 0 else f"e{e}: -"
+                     for e, (share, c, total) in enumerate(zip(shares.tolist(), classes.tolist(), totals.tolist())))
 
 
 def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8) -> list:
