@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     setting_name = "small" if args.small else "full"
     setting = SETTINGS[setting_name]
     output_dir = Path(args.output_dir)
-    work_dir = Path(args.work_dir) if args.work_dir else (output_dir / "runs" if args.small else Path("runs/tgr_digits"))
+    work_dir = Path(args.work_dir or (output_dir / "runs" if args.small else "runs/tgr_digits"))
     output_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "experiments/tgr_digits.py", *argv])
     started = time.perf_counter()

@@ -147,7 +147,8 @@ def _check_types(config: TrainConfig) -> None:
         if value is None and nullable:
             continue
         if not _is_type(value, expected):
-            names = " or ".join(option.__name__ for option in (expected if isinstance(expected, tuple) else (expected,)))
+            options = expected if isinstance(expected, tuple) else (expected,)
+            names = " or ".join(option.__name__ for option in options)
             raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{names}, "
                              f"got {type(value).__name__} {value!r}")
     for name, weight in config.aux_loss_weights.items():
