@@ -12,9 +12,12 @@ fixed probe set (the first test images) after every epoch. The script writes to 
 
 Full setting (the committed table): 3 seeds x E in {8, 16, 32} x {V-MoE, TGR}, teacher 30 epochs, students 15
 epochs on the 1258 training digits, a 4-block width-64 ViT (16 patches of 8 px + class token), MoE MLPs in
-blocks 1 and 3. ``--small`` is a seconds-long smoke run (tiny subsets, one E, two seeds) for the tests.
+blocks 1 and 3. ``--ablation``: the full setting at E = 16 only, adding the paper's two variants (the
+distillation for the first half of the steps only; the teacher router pre-trained for 2 epochs, then frozen).
+``--small`` is a seconds-long smoke run (tiny subsets, one E, two seeds) for the tests.
 
-    python experiments/tgr_digits.py                       # full: about 15 minutes on 2 shared CPU cores
+    python experiments/tgr_digits.py                       # full: about 12 minutes on 2 shared CPU cores
+    python experiments/tgr_digits.py --ablation --output-dir results/tgr/ablation     # about 8 minutes
     python experiments/tgr_digits.py --small --output-dir /tmp/tgr_small
 """
 
@@ -37,13 +40,23 @@ from visionmoe.train import Trainer, build_datasets, config_from_dict
 ARCHITECTURE = dict(depth=4, embed_dim=64, num_heads=2, mlp_ratio=2.0, patch_size=8, num_classes=10)
 MOE_BLOCKS = [1, 3]
 
+# Each method's config keys: None trains without a teacher; a mapping trains with the teacher and these keys.
+METHODS = {
+    "V-MoE": None,
+    "TGR": {},
+    "TGR, first half": {"tgr_schedule": "first_half"},
+    "TGR, pre-trained router": {"tgr_pretrain_epochs": 2},
+}
+
 SETTINGS = {
     "full": dict(experts=(8, 16, 32), seeds=(0, 1, 2), teacher_epochs=30, student_epochs=15, probe=128,
-                 train_images=None, test_images=None, batch_size=64),
+                 train_images=None, test_images=None, batch_size=64, methods=("V-MoE", "TGR")),
     "small": dict(experts=(4,), seeds=(0, 1), teacher_epochs=1, student_epochs=2, probe=8, train_images=64,
-                  test_images=32, batch_size=32),
+                  test_images=32, batch_size=32, methods=("V-MoE", "TGR")),
 }
-METHODS = ("V-MoE", "TGR")
+# The paper's ablations at E = 16 in the full setting: the distillation only for the first half of the steps,
+# and the teacher router pre-trained (2 epochs) then frozen.
+SETTINGS["ablation"] = dict(SETTINGS["full"], experts=(16,), methods=tuple(METHODS))
 
 
 def base_config(setting: dict, output_dir: Path, **values):
@@ -62,10 +75,11 @@ def datasets(setting: dict):
 
 def run_student(setting, data, work_dir: Path, num_experts: int, seed: int, method: str, teacher_dir: Path):
     config = base_config(
-        setting, work_dir / f"E{num_experts}_{method}_seed{seed}", model="vmoe_tiny_32", seed=seed,
+        setting, work_dir / f"E{num_experts}_{method.replace(', ', '_').replace(' ', '-')}_seed{seed}",
+        model="vmoe_tiny_32", seed=seed,
         epochs=setting["student_epochs"], consistency_probe=setting["probe"],
         model_options=dict(ARCHITECTURE, moe_blocks=MOE_BLOCKS, moe=dict(num_experts=num_experts, k=1)),
-        teacher=str(teacher_dir) if method == "TGR" else None)
+        **({} if METHODS[method] is None else dict(METHODS[method], teacher=str(teacher_dir))))
     started = time.perf_counter()
     trainer = Trainer(config, *data)
     result = trainer.fit()
@@ -84,10 +98,10 @@ def mean_and_spread(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(rows):
+def summarise(rows, methods):
     summary = []
     for num_experts in sorted({row["experts"] for row in rows}):
-        for method in METHODS:
+        for method in methods:
             runs = [row for row in rows if row["experts"] == num_experts and row["method"] == method]
             entry = dict(experts=num_experts, method=method, seeds=len(runs))
             for key in ("test_accuracy", "adjacent_consistency", "last_adjacent_consistency", "final_consistency"):
@@ -135,6 +149,8 @@ def write_table(path: Path, summary, teacher_accuracy: float, setting_name: str,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="a seconds-long smoke run (for CI)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="E = 16 only, with the first-half schedule and the pre-trained router as well")
     parser.add_argument("--output-dir", default="results/tgr", help="where the tables go")
     parser.add_argument("--work-dir", default=None, help="training runs' directories (default: runs/tgr_digits "
                                                          "or, with --small, <output-dir>/runs)")
@@ -145,10 +161,12 @@ def main(argv=None) -> int:
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    setting_name = "small" if args.small else "full"
+    if args.small and args.ablation:
+        parser.error("--small and --ablation are separate settings; pass one")
+    setting_name = "small" if args.small else "ablation" if args.ablation else "full"
     setting = SETTINGS[setting_name]
     output_dir = Path(args.output_dir)
-    work_dir = Path(args.work_dir or (output_dir / "runs" if args.small else "runs/tgr_digits"))
+    work_dir = Path(args.work_dir or (output_dir / "runs" if args.small else f"runs/tgr_digits_{setting_name}"))
     output_dir.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "experiments/tgr_digits.py", *argv])
     started = time.perf_counter()
@@ -163,13 +181,13 @@ def main(argv=None) -> int:
     rows, curves = [], []
     for num_experts in setting["experts"]:
         for seed in setting["seeds"]:
-            for method in METHODS:
+            for method in setting["methods"]:
                 row, run_curves = run_student(setting, data, work_dir, num_experts, seed, method, teacher_dir)
                 rows.append(row)
                 curves += run_curves
                 print(f"E={num_experts} seed={seed} {method}: accuracy {row['test_accuracy']:.4f}, adjacent "
                       f"consistency {row['adjacent_consistency']:.3f} ({row['seconds']} s)", flush=True)
-    summary = summarise(rows)
+    summary = summarise(rows, setting["methods"])
     write_csv(output_dir / "runs.csv", rows)
     write_csv(output_dir / "curves.csv", curves)
     write_csv(output_dir / "summary.csv", summary)

@@ -256,6 +256,12 @@ def test_teacher_guided_training_changes_the_student_and_trains_the_router(tmp_p
     # The same seed builds the same student; the distillation makes the runs differ.
     assert not torch.equal(plain.model.blocks[1].mlp.router.proj.weight, guided.model.blocks[1].mlp.router.proj.weight)
     assert all(not torch.equal(a, b) for a, b in zip(initial_router, guided.teacher_router.routers.parameters()))
+    # Nothing of the teacher is needed at inference: the student's checkpoint holds the student alone.
+    deployed = load_model(tmp_path / "guided")
+    assert deployed.state_dict().keys() == plain.model.state_dict().keys()
+    images = datasets[1].tensors[0][:4]
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(images), guided.model.eval()(images))
     # The teacher's weights are those of its checkpoint: frozen.
     teacher = load_model(teacher_dir)
     for name, value in teacher.state_dict().items():
