@@ -12,8 +12,23 @@ from visionmoe.metrics import RoutingConsistencyTracker, RoutingSnapshot, routin
 from visionmoe.models import create_model
 from visionmoe.train import Trainer
 
-from test_evaluate import checkpoint  # noqa: F401 (a fixture)
-from test_train import datasets, tiny_config  # noqa: F401 (datasets is a fixture)
+from visionmoe.train.checkpoint import save_checkpoint
+
+from test_evaluate import MODEL_OPTIONS
+from test_train import colour_rule_dataset, tiny_config
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    return colour_rule_dataset(96, seed=1), colour_rule_dataset(64, seed=2)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """An untrained digits V-MoE saved as a training run's checkpoint."""
+    config = tiny_config(tmp_path, model_options=MODEL_OPTIONS, dataset="digits")
+    save_checkpoint(tmp_path / "checkpoint", create_model("vmoe_tiny_32", **MODEL_OPTIONS), config, {})
+    return tmp_path
 
 
 def test_routing_consistency_counts_equal_top1_assignments():

@@ -15,7 +15,7 @@ from visionmoe.models import create_model
 from visionmoe.train import Trainer, config_from_dict, load_model
 from visionmoe.train.config import tgr_fraction
 
-from test_train import TINY_MODEL, datasets, read_csv, tiny_config, without_timing  # noqa: F401 (datasets: fixture)
+from test_train import TINY_MODEL, colour_rule_dataset, read_csv, tiny_config, without_timing
 
 # The teacher of TINY_MODEL students: the same dense architecture.
 TEACHER_MODEL = {key: value for key, value in TINY_MODEL.items() if key != "moe"}
@@ -192,6 +192,11 @@ def test_pretrain_trains_the_routers_on_their_losses_then_freezes_them():
 
 
 # --- training ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def datasets():
+    return colour_rule_dataset(96, seed=1), colour_rule_dataset(64, seed=2)
+
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, datasets):
