@@ -1,4 +1,5 @@
-"""``visionmoe-eval``: accuracy, routing statistics and plots of a trained checkpoint.
+"""``visionmoe-eval``: accuracy, routing statistics and plots of a trained checkpoint (and, when the training run
+recorded it, the routing-consistency curves of routing_consistency.json).
 
     visionmoe-eval runs/digits --dataset digits --split test --output-dir runs/digits/eval
 """
@@ -14,8 +15,9 @@ import torch
 
 from ..data import create_dataset
 from ..train import load_model
+from ..train.checkpoint import check_checkpoint_dir
 from ..layers import MoEMLP
-from .plots import patch_assignments, write_patch_assignment_plot, write_plots
+from .plots import patch_assignments, write_patch_assignment_plot, write_plots, write_routing_consistency_plot
 from .report import evaluate
 
 
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plots = write_plots(report, output, dataset.classes)
     plots += _assignment_plots(model, dataset, output, args.device)
+    plots += _consistency_plots(Path(args.checkpoint), output)
     print(f"{args.dataset}/{args.split}: accuracy {report.accuracy:.4f}, loss {report.loss:.4f} "
           f"({report.num_images} images)")
     for layer in report.layers:
@@ -78,6 +81,15 @@ def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8)
                                         layer.num_experts, output / f"assignments_{name.replace('.', '_')}.png",
                                         f"{name}: expert of each patch")
             for name, layer in layers]
+
+
+def _consistency_plots(checkpoint: Path, output: Path) -> list:
+    """routing_consistency.png when the training run (the output directory holding checkpoint/) recorded
+    routing_consistency.json."""
+    recorded = check_checkpoint_dir(checkpoint).parent / "routing_consistency.json"
+    if not recorded.is_file():
+        return []
+    return [write_routing_consistency_plot(json.loads(recorded.read_text()), output / "routing_consistency.png")]
 
 
 if __name__ == "__main__":

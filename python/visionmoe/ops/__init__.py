@@ -10,6 +10,7 @@ from .expert_mlp import ACTIVATIONS, expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
+from .teacher_routing import teacher_routing_loss
 
 __all__ = [
     "ACTIVATIONS",
@@ -24,5 +25,6 @@ __all__ = [
     "sinkhorn",
     "soft_combine",
     "soft_dispatch",
+    "teacher_routing_loss",
     "topk_route",
 ]
