@@ -81,9 +81,10 @@ VISIONMOE_ALWAYS_INLINE double exp_opmath(double x) { return std::exp(x); }
 // log(x) for float without library calls or branches, so that loops calling it vectorise: x = 2^k m with
 // m in [sqrt(1/2), sqrt(2)), read off the float's bits, and log(m) = 2 atanh(s) = 2 (s + s^3/3 + ... + s^9/9)
 // with s = (m - 1) / (m + 1), |s| <= 0.172, whose truncation error (below 3e-9 relative) is far below float's
-// epsilon; the result is within 3 ulp of log(x) for normal x > 0 (2.7 measured). Zero, subnormal, negative, infinite and NaN
-// arguments give a finite, meaningless value: callers multiply the result by x (0 log 0 = 0 then comes out
-// exact, and inf or NaN arguments still make the product non-finite) or check such arguments themselves.
+// epsilon; the result is within 3 ulp of log(x) for normal x > 0 (2.7 at most over a sweep of all exponents).
+// Zero, subnormal, negative, infinite and NaN arguments give a finite, meaningless value: callers multiply the
+// result by x (0 log 0 = 0 then comes out exact, and inf or NaN arguments still make the product non-finite) or
+// check such arguments themselves.
 VISIONMOE_ALWAYS_INLINE float log_opmath(float x) {
   constexpr float kLn2High = 0.693359375f;
   constexpr float kLn2Low = -2.12194440e-4f;

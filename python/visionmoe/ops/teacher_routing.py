@@ -29,8 +29,9 @@ def teacher_routing_loss(
     even when it requires grad (train the teacher router with its own losses). The gradient with respect to
     the student's logits is ``g_t * (softmax(student_logits[t]) - p[t])``, with ``g_t`` the upstream gradient
     of ``KL_t`` (divided by T for the mean), for rows ``p[t]`` that sum to 1 (else the softmax term is scaled by
-    the row's sum, the exact gradient of the formula above); the backward recomputes both softmaxes from the inputs and the
-    per-token log-sum-exps saved by the forward (one or two [T] vectors), not from saved [T, E] tensors.
+    the row's sum, the exact gradient of the formula above). The backward recomputes both softmaxes from the
+    inputs and the per-token log-sum-exps saved by the forward (one or two [T] vectors), not from saved [T, E]
+    tensors.
 
     Args:
         student_logits: [T, E] router logits of the student, floating point.
