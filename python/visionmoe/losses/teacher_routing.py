@@ -37,6 +37,8 @@ def routing_distillation_loss(student_logits: Sequence[torch.Tensor],
                              f"teacher gives {tuple(teacher.shape)}; teacher and student must see the same tokens "
                              "(image and patch size, class token) and the same number of experts")
         num_experts = student.shape[-1]
-        per_layer.append(ops.teacher_routing_loss(student.reshape(-1, num_experts),
-                                                  teacher.reshape(-1, num_experts), reduction="mean"))
-    return torch.stack([loss.float() for loss in per_layer]).mean()
+        # In float32 whatever autocast made of the logits: the operator wants one dtype, and these [T, E] tensors
+        # are too small for the precision to cost anything.
+        per_layer.append(ops.teacher_routing_loss(student.reshape(-1, num_experts).float(),
+                                                  teacher.reshape(-1, num_experts).float(), reduction="mean"))
+    return torch.stack(per_layer).mean()

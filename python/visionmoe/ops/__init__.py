@@ -10,13 +10,15 @@ from .expert_mlp import ACTIVATIONS, expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
-from .teacher_routing import teacher_routing_loss
+from .teacher_routing import REDUCTIONS, TEACHER_FORMATS, teacher_routing_loss
 
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_SINKHORN_ITERATIONS",
     "LAYOUTS",
+    "REDUCTIONS",
     "RoutingPlan",
+    "TEACHER_FORMATS",
     "combine",
     "dispatch",
     "expert_choice_route",

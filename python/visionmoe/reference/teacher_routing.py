@@ -1,57 +1,60 @@
-"""Routing distillation (TGR-MoE, PAPERS.md section 4): KL(stopgrad(p_teacher) || softmax(student_logits)).
+"""Pure-PyTorch reference of TGR-MoE's routing-distillation loss: the readable spec and the test oracle.
 
-Shape letters: T tokens, E experts.
+Same signature as :func:`visionmoe.ops.teacher_routing_loss`: ``log_softmax`` of the student's logits and
+``kl_div`` against the (detached) teacher distribution. Autograd keeps the [T, E] log-softmax and the teacher
+for the backward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-REDUCTIONS = ("mean", "sum", "none")
-TEACHER_FORMATS = ("probabilities", "logits")
+from ..ops.teacher_routing import REDUCTIONS, TEACHER_FORMATS
 
 
-def teacher_routing_loss(student_logits: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean",
-                         teacher_format: str = "probabilities") -> torch.Tensor:
-    """KL(p_t || p_s) = sum_e p_t[e] (log p_t[e] - log p_s[e]) per token, p_s = softmax(student_logits).
+def teacher_routing_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    reduction: str = "mean",
+    teacher_format: str = "probabilities",
+) -> torch.Tensor:
+    """Reference of :func:`visionmoe.ops.teacher_routing_loss`: per token
+    ``KL(p_teacher || softmax(student_logits))`` over E, for [T, E] inputs, reduced by ``reduction``.
 
-    No gradient reaches ``teacher`` (it is detached); the gradient in the student's logits is p_s - p_t, so it
-    reaches every expert's logit, selected or not. Terms with p_t[e] = 0 contribute 0.
-
-    Args:
-        student_logits: [T, E] floating-point router logits of the student.
-        teacher: [T, E] the teacher's routing probabilities (rows summing to 1) or, with
-            ``teacher_format="logits"``, its logits.
-        reduction: "mean" (over tokens), "sum" or "none" ([T] per token).
-        teacher_format: "probabilities" or "logits".
-
-    Returns:
-        a scalar, or [T] for ``reduction="none"``; in the student's dtype, computed in at least float32.
+    The teacher is detached (a stop-gradient target). float16 and bfloat16 inputs are computed in float32, as
+    the operator does; the mean of zero tokens is 0.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if teacher_format not in TEACHER_FORMATS:
-        raise ValueError(f"teacher_format must be one of {TEACHER_FORMATS}, got {teacher_format!r}")
-    for name, value in (("student_logits", student_logits), ("teacher", teacher)):
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 2:
-            raise ValueError(f"{name} must be a floating-point [T, E] tensor, got "
-                             f"{getattr(value, 'dtype', type(value).__name__)} of shape "
-                             f"{tuple(getattr(value, 'shape', ()))}")
+    if student_logits.dim() != 2:
+        raise ValueError(f"teacher_routing_loss: student_logits must have shape [T, E], "
+                         f"got {tuple(student_logits.shape)}")
+    if not student_logits.is_floating_point():
+        raise ValueError(f"teacher_routing_loss: student_logits must be a floating-point tensor, "
+                         f"got {student_logits.dtype}")
+    if student_logits.shape[1] < 1:
+        raise ValueError(f"teacher_routing_loss: student_logits must have E >= 1 experts, "
+                         f"got shape {tuple(student_logits.shape)}")
     if teacher.shape != student_logits.shape:
-        raise ValueError(f"teacher must have the shape of student_logits {tuple(student_logits.shape)}, got "
-                         f"{tuple(teacher.shape)}")
+        raise ValueError(f"teacher_routing_loss: teacher must have the shape of student_logits "
+                         f"({tuple(student_logits.shape)}), got {tuple(teacher.shape)}")
+    if teacher.dtype != student_logits.dtype:
+        raise ValueError(f"teacher_routing_loss: teacher must have the dtype of student_logits "
+                         f"({student_logits.dtype}), got {teacher.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'teacher_routing_loss: reduction must be "none", "mean" or "sum", got "{reduction}"')
+    if teacher_format not in TEACHER_FORMATS:
+        raise ValueError(f'teacher_routing_loss: teacher_format must be "probabilities" or "logits", '
+                         f'got "{teacher_format}"')
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    student_log_probs = student_logits.to(compute_dtype).log_softmax(dim=-1)
-    teacher = teacher.detach().to(compute_dtype)
+    log_student = F.log_softmax(student_logits.to(compute_dtype), dim=-1)
+    target = teacher.detach().to(compute_dtype)
     if teacher_format == "logits":
-        teacher_log_probs = teacher.log_softmax(dim=-1)
-        teacher_probs = teacher_log_probs.exp()
-        per_token = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+        per_token = F.kl_div(log_student, F.log_softmax(target, dim=-1), reduction="none", log_target=True).sum(-1)
     else:
-        # xlogy gives 0 * log 0 = 0 for experts the teacher never picks.
-        per_token = (torch.xlogy(teacher, teacher) - teacher * student_log_probs).sum(dim=-1)
-    if reduction == "mean":
-        per_token = per_token.mean()
-    elif reduction == "sum":
-        per_token = per_token.sum()
-    return per_token.to(student_logits.dtype)
+        # kl_div computes target * (log target - input) with xlogy, so zero probabilities add exactly 0.
+        per_token = F.kl_div(log_student, target, reduction="none").sum(-1)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / max(student_logits.shape[0], 1)
