@@ -55,4 +55,15 @@ TORCH_LIBRARY(visionmoe, m) {
       "expert_mlp_backward(Tensor grad_y, Tensor x, Tensor w1, Tensor w2, Tensor pre_activation, "
       "Tensor? expert_offsets, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, "
       "Tensor grad_b2)");
+
+  // What-where attention family (csrc/whatwhere): shared logits of tokens and slots, softmaxes over both axes
+  // and both aggregations; the forward also returns the two log-sum-exps the backward recomputes them from.
+  m.def(
+      "whatwhere_attention(Tensor q, Tensor k, Tensor v_tokens, Tensor v_slots, Tensor where) -> "
+      "(Tensor token_update, Tensor slot_update, Tensor logits, Tensor token_logsumexp, Tensor slot_logsumexp)");
+  m.def(
+      "whatwhere_attention_backward(Tensor? grad_token_update, Tensor? grad_slot_update, Tensor? grad_logits, "
+      "Tensor q, Tensor k, Tensor v_tokens, Tensor v_slots, Tensor logits, Tensor token_logsumexp, "
+      "Tensor slot_logsumexp) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v_tokens, Tensor grad_v_slots, "
+      "Tensor grad_where)");
 }
