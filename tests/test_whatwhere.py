@@ -328,7 +328,7 @@ def test_shape_mismatch_names_the_argument(index, size, message):
 def test_wrong_dtype_is_rejected():
     inputs = good_inputs()
     inputs[3] = inputs[3].double()
-    with pytest.raises(RuntimeError, match=r"whatwhere_attention: v_slots must have the dtype of q \(Float\), got Double"):
+    with pytest.raises(RuntimeError, match=r"v_slots must have the dtype of q \(Float\), got Double"):
         ops.whatwhere_attention(*inputs)
     with pytest.raises(RuntimeError, match="q must be float32, float64, float16 or bfloat16, got Long"):
         ops.whatwhere_attention(*[x.long() for x in good_inputs()])
