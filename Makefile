@@ -20,8 +20,9 @@ $(PY):
 
 $(VENV)/.deps: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -c "import numpy, pytest, scikit_build_core, pybind11, ninja, expecttest" 2>/dev/null || \
-	  $(PY) -m pip install numpy pytest expecttest "scikit-build-core>=0.10" "pybind11>=2.12" ninja
+	$(PY) -c "import numpy, pytest, scikit_build_core, pybind11, ninja, expecttest, nbclient, nbformat, ipykernel" \
+	  2>/dev/null || $(PY) -m pip install numpy pytest expecttest "scikit-build-core>=0.10" "pybind11>=2.12" ninja \
+	  nbclient nbformat ipykernel
 	touch $@
 
 # Runtime dependencies come from pyproject.toml; torch is already there, so pip keeps it.

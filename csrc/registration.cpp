@@ -56,6 +56,16 @@ TORCH_LIBRARY(visionmoe, m) {
       "Tensor? expert_offsets, str activation) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_b1, Tensor grad_w2, "
       "Tensor grad_b2)");
 
+  // Teacher-routing family (csrc/teacher_routing): TGR-MoE's routing-distillation loss, KL(p_teacher || softmax(
+  // student_logits)) per token with reduction "none", "mean" or "sum", the teacher given as "probabilities" or
+  // "logits"; the forward also returns the per-token log-sum-exps that the backward recomputes the softmaxes from.
+  m.def(
+      "teacher_routing_loss(Tensor student_logits, Tensor teacher, str reduction, str teacher_format) -> "
+      "(Tensor loss, Tensor student_lse, Tensor teacher_lse)");
+  m.def(
+      "teacher_routing_loss_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor student_lse, "
+      "Tensor teacher_lse, str reduction, str teacher_format) -> Tensor");
+
   // What-where attention family (csrc/whatwhere): shared logits of tokens and slots, softmaxes over both axes
   // and both aggregations; the forward also returns the two log-sum-exps the backward recomputes them from.
   m.def(

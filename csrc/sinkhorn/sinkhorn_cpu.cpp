@@ -8,95 +8,25 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
+#include "common/vectorized_math.h"
 #include "sinkhorn/sinkhorn.h"
 
 namespace visionmoe::sinkhorn::cpu {
 namespace {
+
+using vectorized_math::exp_opmath;
+using vectorized_math::max_of;
+using vectorized_math::sum_of;
 
 // Logits per chunk: enough work to outweigh scheduling a task, and few enough that the chunk's rows are still
 // in cache when the column pass reads them again after the row pass.
 constexpr int64_t kChunkElements = 8192;
 // Experts per task when combining the chunks' partial column sums.
 constexpr int64_t kCombineGrain = 64;
-// Independent partial results of a sum or maximum over a row: the compiler vectorises such loops without
-// reordering any one partial sum, so results stay deterministic.
-constexpr int64_t kLanes = 16;
-
-// e^x for float without library calls or branches, so that loops calling it vectorise (std::exp does not, and
-// neither does a select, which the compiler turns back into a branch): e^x = 2^n e^r with n = round(x / ln 2),
-// |r| <= ln(2) / 2, and e^r by its Taylor polynomial of degree 7, whose truncation error (below 6e-9) is a tenth
-// of float's epsilon; the result is within 2 ulp of e^x. Below -88 (e^x < 2^-126.9) the result is 0, and so it
-// is for -inf; NaN propagates. Arguments above 88 are outside its range: the kernels only exponentiate
-// differences to a maximum or log-softmax values, which are <= 0 up to rounding.
-inline float exp_opmath(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  // ln 2 = kLn2High + kLn2Low, with kLn2High short enough that n * kLn2High is exact.
-  constexpr float kLn2High = 0.693359375f;
-  constexpr float kLn2Low = -2.12194440e-4f;
-  // 1.5 * 2^23: adding it rounds x / ln 2 to an integer n, which the float's low mantissa bits then hold as
-  // kRoundToIntegerBits + n.
-  constexpr float kRoundToInteger = 12582912.0f;
-  constexpr uint32_t kRoundToIntegerBits = 0x4B400000u;
-  constexpr float kMinArgument = -88.0f;
-  const float shifted_n = x * kLog2e + kRoundToInteger;
-  const float n = shifted_n - kRoundToInteger;
-  const float r = (x - n * kLn2High) - n * kLn2Low;
-  float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  // 2^n is the float with biased exponent n + 127 and a zero mantissa (0 for n = -127). Unsigned arithmetic:
-  // for x < -88 the bits are meaningless, and masked below.
-  uint32_t shifted_n_bits;
-  std::memcpy(&shifted_n_bits, &shifted_n, sizeof(shifted_n_bits));
-  const uint32_t two_to_n_bits = (shifted_n_bits - kRoundToIntegerBits + 127u) << 23;
-  float two_to_n;
-  std::memcpy(&two_to_n, &two_to_n_bits, sizeof(two_to_n));
-  const float value = poly * two_to_n;
-  uint32_t value_bits;
-  std::memcpy(&value_bits, &value, sizeof(value_bits));
-  value_bits &= -static_cast<uint32_t>(!(x < kMinArgument));  // all ones, or zero where e^x underflows
-  float result;
-  std::memcpy(&result, &value_bits, sizeof(result));
-  return result;
-}
-
-inline double exp_opmath(double x) { return std::exp(x); }
-
-template <typename acc_t, typename T>
-acc_t sum_of(const T* x, int64_t n) {
-  acc_t partial[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] += static_cast<acc_t>(x[i + l]);
-  }
-  for (; i < n; ++i) partial[i % kLanes] += static_cast<acc_t>(x[i]);
-  acc_t total = 0;
-  for (int64_t l = 0; l < kLanes; ++l) total += partial[l];
-  return total;
-}
-
-template <typename T>
-T max_of(const T* x, int64_t n) {
-  T partial[kLanes];
-  std::fill(partial, partial + kLanes, -std::numeric_limits<T>::infinity());
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) partial[l] = x[i + l] > partial[l] ? x[i + l] : partial[l];
-  }
-  for (; i < n; ++i) partial[i % kLanes] = x[i] > partial[i % kLanes] ? x[i] : partial[i % kLanes];
-  return *std::max_element(partial, partial + kLanes);
-}
-
 struct Chunks {
   explicit Chunks(const SinkhornShape& shape)
       : tokens(shape.tokens),

@@ -20,10 +20,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/warp_reduce.cuh"
 #include "sinkhorn/sinkhorn.h"
 
 namespace visionmoe::sinkhorn::cuda {
 namespace {
+
+using warp_reduce::warp_sum;
 
 constexpr int kWarp = 32;
 constexpr int kWarps = 8;
@@ -74,14 +77,6 @@ __device__ T warp_logsumexp(LogSumExp<T> partial) {
     partial.merge(__shfl_xor_sync(0xffffffffu, partial.max, shift), __shfl_xor_sync(0xffffffffu, partial.sum, shift));
   }
   return __shfl_sync(0xffffffffu, partial.value(), 0);
-}
-
-// The warp's sum, as lane 0 computed it, in every lane.
-template <typename T>
-__device__ T warp_sum(T partial) {
-#pragma unroll
-  for (int shift = kWarp / 2; shift > 0; shift /= 2) partial += __shfl_xor_sync(0xffffffffu, partial, shift);
-  return __shfl_sync(0xffffffffu, partial, 0);
 }
 
 struct ChunkGrid {

@@ -1,4 +1,5 @@
-"""``visionmoe-eval``: accuracy, routing statistics and plots of a trained checkpoint.
+"""``visionmoe-eval``: accuracy, routing statistics and plots of a trained checkpoint (and, when the training run
+recorded it, the routing-consistency curves of routing_consistency.json).
 
     visionmoe-eval runs/digits --dataset digits --split test --output-dir runs/digits/eval
 """
@@ -14,8 +15,9 @@ import torch
 
 from ..data import create_dataset
 from ..train import load_model
+from ..train.checkpoint import check_checkpoint_dir
 from ..layers import MoEMLP
-from .plots import patch_assignments, write_patch_assignment_plot, write_plots
+from .plots import patch_assignments, write_patch_assignment_plot, write_plots, write_routing_consistency_plot
 from .report import evaluate
 
 
@@ -43,14 +45,26 @@ def main(argv=None) -> int:
     (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     plots = write_plots(report, output, dataset.classes)
     plots += _assignment_plots(model, dataset, output, args.device)
+    plots += _consistency_plots(Path(args.checkpoint), output)
     print(f"{args.dataset}/{args.split}: accuracy {report.accuracy:.4f}, loss {report.loss:.4f} "
           f"({report.num_images} images)")
     for layer in report.layers:
         share = layer.load / layer.load.sum().clamp(min=1e-12)
         print(f"  {layer.name}: expert load share {', '.join(f'{value:.2f}' for value in share.tolist())}; "
               f"dropped {layer.dropped_fraction:.1%}, unrouted tokens {layer.unrouted_fraction:.1%}")
+        if layer.class_usage is not None:
+            print(f"    specialisation: {specialisation_summary(layer.class_usage, dataset.classes)}")
     print("wrote", output / "report.json", *plots)
     return 0
+
+
+def specialisation_summary(class_usage: torch.Tensor, class_names) -> str:
+    """One line naming, for each expert, the class that makes up most of its work and that class's share of it,
+    e.g. ``e0: 7 (41%)``, from ``class_usage`` [E, C]; ``-`` for an expert that served nothing."""
+    totals = class_usage.sum(dim=1)
+    shares, classes = (class_usage / totals.clamp(min=1e-12).unsqueeze(1)).max(dim=1)
+    return ", ".join(f"e{e}: {class_names[c]} ({share:.0%})" if total > 0 else f"e{e}: -"
+                     for e, (share, c, total) in enumerate(zip(shares.tolist(), classes.tolist(), totals.tolist())))
 
 
 def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8) -> list:
@@ -67,6 +81,15 @@ def _assignment_plots(model, dataset, output: Path, device: str, count: int = 8)
                                         layer.num_experts, output / f"assignments_{name.replace('.', '_')}.png",
                                         f"{name}: expert of each patch")
             for name, layer in layers]
+
+
+def _consistency_plots(checkpoint: Path, output: Path) -> list:
+    """routing_consistency.png when the training run (the output directory holding checkpoint/) recorded
+    routing_consistency.json."""
+    recorded = check_checkpoint_dir(checkpoint).parent / "routing_consistency.json"
+    if not recorded.is_file():
+        return []
+    return [write_routing_consistency_plot(json.loads(recorded.read_text()), output / "routing_consistency.png")]
 
 
 if __name__ == "__main__":

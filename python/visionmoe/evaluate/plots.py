@@ -95,3 +95,32 @@ def write_patch_assignment_plot(images, assignments, num_experts: int, path: str
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
+    """Two panels from a ``routing_consistency.json`` (:meth:`visionmoe.metrics.RoutingConsistencyTracker.to_dict`):
+    each MoE layer's (and the mean's) agreement with the previous epoch, and with the final epoch, by epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = consistency["epochs"]
+    figure, (adjacent_axis, final_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for layer in consistency["layers"] + ["mean"]:
+        style = dict(color="black", linewidth=2) if layer == "mean" else dict(linewidth=1)
+        points = [(epoch, values[layer]) for epoch, values in zip(epochs, consistency["adjacent"]) if values]
+        adjacent_axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=layer, **style)
+        final_axis.plot(epochs, [values[layer] for values in consistency["final"]], marker=".", label=layer, **style)
+    for axis, title in ((adjacent_axis, "agreement with the previous epoch"),
+                        (final_axis, "agreement with the final epoch")):
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("fraction of probe tokens, same top-1 expert")
+        axis.set_ylim(0, 1.02)
+    final_axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -3,6 +3,7 @@
 from .conv_moe import (GATINGS, HARD_CONSTRAINTS, ConstrainedTokenChoiceRouter, ConvMoE, ResidualBody, SlotBatchNorm2d,
                        residual_shortcut)
 from .moe_mlp import ACTIVATIONS, ExpertMLPs, MoEMLP, SoftMoEMLP, aux_losses
+from .teacher_router import TeacherRouter, aligned_blocks, student_moe_layers, student_router_logits
 
 __all__ = [
     "ACTIVATIONS",
@@ -15,6 +16,10 @@ __all__ = [
     "ResidualBody",
     "SlotBatchNorm2d",
     "SoftMoEMLP",
+    "TeacherRouter",
+    "aligned_blocks",
     "aux_losses",
     "residual_shortcut",
+    "student_moe_layers",
+    "student_router_logits",
 ]

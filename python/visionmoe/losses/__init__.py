@@ -12,6 +12,7 @@ from .router import (
     router_z_loss,
     switch_load_balancing_loss,
 )
+from .teacher_routing import routing_distillation_loss
 
 __all__ = [
     "diversity_loss",
@@ -19,6 +20,7 @@ __all__ = [
     "gshard_loss",
     "importance_loss",
     "load_loss",
+    "routing_distillation_loss",
     "router_z_loss",
     "switch_load_balancing_loss",
 ]

@@ -10,13 +10,16 @@ from .expert_mlp import ACTIVATIONS, expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
+from .teacher_routing import REDUCTIONS, TEACHER_FORMATS, teacher_routing_loss
 from .whatwhere import whatwhere_attention
 
 __all__ = [
     "ACTIVATIONS",
     "DEFAULT_SINKHORN_ITERATIONS",
     "LAYOUTS",
+    "REDUCTIONS",
     "RoutingPlan",
+    "TEACHER_FORMATS",
     "combine",
     "dispatch",
     "expert_choice_route",
@@ -25,6 +28,7 @@ __all__ = [
     "sinkhorn",
     "soft_combine",
     "soft_dispatch",
+    "teacher_routing_loss",
     "topk_route",
     "whatwhere_attention",
 ]

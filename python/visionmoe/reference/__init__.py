@@ -16,6 +16,7 @@ from .expert_mlp import expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
+from .teacher_routing import teacher_routing_loss
 from .whatwhere import whatwhere_attention
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "sinkhorn",
     "soft_combine",
     "soft_dispatch",
+    "teacher_routing_loss",
     "token_major",
     "topk_route",
     "whatwhere_attention",

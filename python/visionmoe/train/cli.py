@@ -6,6 +6,7 @@ Examples::
     visionmoe-train --model vmoe_tiny_32 --dataset digits --epochs 20 --output-dir runs/digits
     visionmoe-train --config run.yaml --set model_options.depth=6 --set aux_loss_weights.load=0.01
     visionmoe-train --resume runs/digits            # continues from runs/digits/checkpoint with its config
+    visionmoe-train --config run.yaml --teacher runs/dense_teacher --tgr-weight 5.0 --tgr-schedule first_half
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from .config import config_from_dict, load_config
 
 # Flags that set the config key of the same name (--batch-size sets batch_size).
 _CONFIG_FLAGS = ("model", "dataset", "data_root", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                 "seed", "output_dir", "device", "amp")
+                 "seed", "output_dir", "device", "amp", "teacher", "tgr_weight", "tgr_schedule",
+                 "tgr_pretrain_epochs", "consistency_probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (bfloat16 autocast; float16 with a gradient scaler on CUDA devices "
                              "without bfloat16)")
+    parser.add_argument("--teacher", metavar="DIR",
+                        help="teacher-guided routing: checkpoint directory of a dense teacher (TGR-MoE)")
+    parser.add_argument("--tgr-weight", type=float, help="weight of the routing distillation loss (default 5.0)")
+    parser.add_argument("--tgr-schedule", help="full, first_half or a fraction in (0, 1] of the steps "
+                                               "(default full)")
+    parser.add_argument("--tgr-pretrain-epochs", type=int,
+                        help="pre-train the teacher router alone for this many epochs, then freeze it "
+                             "(default 0: joint training)")
+    parser.add_argument("--consistency-probe", type=int, metavar="N",
+                        help="record routing consistency on the first N validation images every epoch")
     parser.add_argument("--resume", metavar="DIR",
                         help="checkpoint directory (or output directory holding checkpoint/) to continue from")
     return parser

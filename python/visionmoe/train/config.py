@@ -42,6 +42,17 @@ class TrainConfig:
         progress: show the tqdm progress bar.
         tensorboard: write TensorBoard logs (skipped with a note when the tensorboard package is missing).
         log_steps: also write ``steps.csv`` with one row per optimiser step.
+        teacher: teacher-guided routing (TGR-MoE, PAPERS.md section 4): a checkpoint directory of a dense model
+            (loaded with :func:`visionmoe.train.load_model`) whose blocks at the student's MoE layer indices feed a
+            :class:`~visionmoe.layers.TeacherRouter`; null trains without a teacher.
+        tgr_weight: weight of the routing distillation loss, the mean over MoE layers of KL(p_teacher || p_student)
+            (the paper's 5.0 / |S| * sum over layers).
+        tgr_schedule: when the distillation is on: "full" (the whole run), "first_half", or a fraction in (0, 1]
+            of the optimiser steps, counted from the start.
+        tgr_pretrain_epochs: 0 trains the teacher router jointly with the student; n > 0 pre-trains it alone for
+            n epochs of the training set before the student's first step, then freezes it.
+        consistency_probe: record the routing consistency (``routing_consistency.csv``/``.json``) on the first
+            this many validation images, before training and after every epoch; 0 disables it.
     """
 
     model: str = "vmoe_tiny_32"
@@ -69,6 +80,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     log_steps: bool = False
+    teacher: Optional[str] = None
+    tgr_weight: float = 5.0
+    tgr_schedule: str | float = "full"
+    tgr_pretrain_epochs: int = 0
+    consistency_probe: int = 0
 
     def __post_init__(self):
         _read_exponent_floats(self)
@@ -88,11 +104,16 @@ _TYPES = {
     "label_smoothing": (float, False), "aux_loss_weights": (dict, False), "seed": (int, False),
     "output_dir": (str, False), "device": (str, False), "amp": (bool, False), "num_workers": (int, False),
     "progress": (bool, False), "tensorboard": (bool, False), "log_steps": (bool, False),
+    "teacher": (str, True), "tgr_weight": (float, False), "tgr_schedule": ((str, float), False),
+    "tgr_pretrain_epochs": (int, False), "consistency_probe": (int, False),
 }
+TGR_SCHEDULES = {"full": 1.0, "first_half": 0.5}
 assert set(_TYPES) == set(_FIELDS), "every TrainConfig field needs an entry in _TYPES"
 
 
-def _is_type(value: Any, expected: type) -> bool:
+def _is_type(value: Any, expected: type | tuple) -> bool:
+    if isinstance(expected, tuple):
+        return any(_is_type(value, option) for option in expected)
     if expected is bool:
         return isinstance(value, bool)
     if expected is int:
@@ -126,7 +147,9 @@ def _check_types(config: TrainConfig) -> None:
         if value is None and nullable:
             continue
         if not _is_type(value, expected):
-            raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{expected.__name__}, "
+            options = expected if isinstance(expected, tuple) else (expected,)
+            names = " or ".join(option.__name__ for option in options)
+            raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{names}, "
                              f"got {type(value).__name__} {value!r}")
     for name, weight in config.aux_loss_weights.items():
         if not _is_type(weight, float) or weight < 0:
@@ -146,12 +169,30 @@ def validate(config: TrainConfig) -> None:
         ("grad_clip", config.grad_clip is None or config.grad_clip > 0, "> 0 or null"),
         ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
         ("num_workers", config.num_workers >= 0, ">= 0"),
+        ("tgr_weight", config.tgr_weight >= 0, ">= 0"),
+        ("tgr_pretrain_epochs", config.tgr_pretrain_epochs >= 0, ">= 0"),
+        ("consistency_probe", config.consistency_probe >= 0, ">= 0 (0 disables it)"),
     ]
     for key, ok, requirement in bounds:
         if not ok:
             raise ValueError(f"config key {key!r} must be {requirement}, got {getattr(config, key)!r}")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
+    tgr_fraction(config.tgr_schedule)
+    if config.teacher is not None and not config.teacher.strip():
+        raise ValueError("config key 'teacher' must be a checkpoint directory or null, got an empty string")
+
+
+def tgr_fraction(schedule: str | float) -> float:
+    """The fraction of the optimiser steps, from the start, during which the routing distillation is on, for a
+    ``tgr_schedule`` value: "full" 1, "first_half" 0.5, or a number (or numeric string) in (0, 1]."""
+    if isinstance(schedule, str) and schedule in TGR_SCHEDULES:
+        return TGR_SCHEDULES[schedule]
+    fraction = _exponent_float(schedule)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"config key 'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], "
+                         f"got {schedule!r}")
+    return float(fraction)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

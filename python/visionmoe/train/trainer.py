@@ -8,6 +8,11 @@ scheduler and gradient scaler, and the running sums of the interrupted epoch are
 resumed run therefore reproduces the uninterrupted run's weights and metrics bit for bit. This holds with
 ``num_workers=0`` (data augmentation then draws on the restored global RNG); with worker processes, an epoch
 resumed mid-way restarts the workers' random streams, so its augmentations differ from the uninterrupted run's.
+
+Teacher-guided routing (config key ``teacher``, PAPERS.md section 4): a frozen dense teacher feeds a
+:class:`~visionmoe.layers.TeacherRouter`; while ``tgr_schedule`` has the distillation on, each step adds
+``tgr_weight`` times the mean over MoE layers of KL(p_teacher || p_student) and the teacher router's own losses.
+With ``consistency_probe``, the routing of a fixed probe set is recorded before training and after every epoch.
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..layers import aux_losses
+from ..layers import TeacherRouter, aux_losses, student_moe_layers, student_router_logits
+from ..losses import routing_distillation_loss
+from ..metrics import RoutingConsistencyTracker
 from ..models import create_model
 from ..routers import RouterMetrics
-from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_model_weights, load_trainer_state,
-                         restore_rng_states, save_checkpoint)
-from .config import TrainConfig
+from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_model, load_model_weights,
+                         load_trainer_state, restore_rng_states, save_checkpoint)
+from .config import TrainConfig, tgr_fraction
 
 EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
-                 "val_loss", "val_accuracy", "epoch_seconds"]
-STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio"]
+                 "distillation_loss", "teacher_router_loss", "val_loss", "val_accuracy", "epoch_seconds"]
+STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio", "distillation_loss",
+                "teacher_router_loss"]
 
 # A (trainer, global step) hook called after every optimiser step; raising KeyboardInterrupt there stops the run
 # exactly as Ctrl-C does.
@@ -136,6 +144,10 @@ class _EpochTotals:
     aux_loss_sum: float = 0.0
     load_ratio_sum: float = 0.0
     load_ratio_count: int = 0
+    distillation_loss_sum: float = 0.0
+    teacher_router_loss_sum: float = 0.0
+    distillation_samples: int = 0
+    teacher_router_samples: int = 0
     seconds: float = 0.0
 
 
@@ -178,9 +190,15 @@ class Trainer:
 
         seed_everything(config.seed)
         self.model = create_model(config.model, **model_options).to(self.device)
+        self.teacher_router = self._build_teacher_router() if config.teacher is not None else None
+        self.trainable_parameters = list(self.model.parameters())
+        if self.teacher_router is not None:
+            self.trainable_parameters += list(self.teacher_router.routers.parameters())
+        self.consistency = self._build_consistency_tracker() if config.consistency_probe else None
         self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
         total_steps = self.steps_per_epoch * config.epochs
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.tgr_steps = round(tgr_fraction(config.tgr_schedule) * total_steps)
+        self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
             round(config.warmup_epochs * self.steps_per_epoch), total_steps, config.min_lr / config.lr))
         self.amp_dtype = self._amp_dtype()
@@ -194,6 +212,24 @@ class Trainer:
         self._between_steps = True  # whether the state is consistent (no optimiser step half done)
         if resume is not None:
             self._load(resume)
+
+    def _build_teacher_router(self) -> TeacherRouter:
+        if not student_moe_layers(self.model):
+            raise ValueError(f"config key 'teacher' needs a student with sparse MoE layers to guide; model "
+                             f"{self.config.model!r} has none")
+        teacher = load_model(self.config.teacher, map_location=str(self.device))
+        return TeacherRouter.from_student(teacher, self.model).to(self.device)
+
+    def _build_consistency_tracker(self) -> RoutingConsistencyTracker:
+        count = self.config.consistency_probe
+        if count > len(self.val_set):
+            raise ValueError(f"config key 'consistency_probe' asks for {count} probe images but the validation set "
+                             f"has {len(self.val_set)}")
+        if not student_moe_layers(self.model):
+            raise ValueError(f"config key 'consistency_probe' needs a model with sparse MoE layers; model "
+                             f"{self.config.model!r} has none")
+        probe = torch.stack([self.val_set[index][0] for index in range(count)])
+        return RoutingConsistencyTracker(probe, batch_size=self.config.batch_size)
 
     def _amp_dtype(self) -> Optional[torch.dtype]:
         if not self.config.amp:
@@ -212,6 +248,16 @@ class Trainer:
             raise ValueError(f"the checkpoint had {state['steps_per_epoch']} steps per epoch, this run has "
                              f"{self.steps_per_epoch}: batch_size or the training set changed, so it cannot resume")
         load_model_weights(self.model, directory)
+        if ("teacher_router" in state) != (self.teacher_router is not None):
+            raise ValueError(f"the checkpoint in {str(directory)!r} was trained "
+                             f"{'with' if 'teacher_router' in state else 'without'} a teacher router; config key "
+                             f"'teacher' must be {'set' if 'teacher_router' in state else 'null'} to resume it")
+        if self.teacher_router is not None:
+            self.teacher_router.routers.load_state_dict(state["teacher_router"])
+            if state["teacher_router_frozen"]:
+                self.teacher_router.freeze()
+        if self.consistency is not None and "routing_consistency" in state:
+            self.consistency.load_state_dict(state["routing_consistency"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -232,6 +278,11 @@ class Trainer:
             "epoch_totals": dataclasses.asdict(self.totals),
             "rng": capture_rng_states(),
         }
+        if self.teacher_router is not None:
+            state["teacher_router"] = self.teacher_router.routers.state_dict()
+            state["teacher_router_frozen"] = not self.teacher_router.trainable
+        if self.consistency is not None:
+            state["routing_consistency"] = self.consistency.state_dict()
         return save_checkpoint(directory or self.checkpoint_dir, self.model, self.config, state)
 
     def _generator(self, purpose: int, epoch: int) -> torch.Generator:
@@ -264,18 +315,38 @@ class Trainer:
             aux_loss = sum((self.config.aux_loss_weights[name] * value.float()
                             for name, value in router_losses.items() if name in self.config.aux_loss_weights),
                            torch.zeros((), device=self.device))
+            distillation_loss, teacher_router_loss = self._teacher_guided_routing_losses(images)
+        total = loss + aux_loss
+        if distillation_loss is not None:
+            total = total + self.config.tgr_weight * distillation_loss
+        if teacher_router_loss is not None:
+            total = total + teacher_router_loss
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss + aux_loss).backward()
+        self.scaler.scale(total).backward()
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         return dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
                     correct=(logits.argmax(dim=-1) == labels).sum().item(), samples=labels.numel(),
-                    expert_load_ratio=expert_load_ratio(self.model))
+                    expert_load_ratio=expert_load_ratio(self.model),
+                    distillation_loss=None if distillation_loss is None else distillation_loss.item(),
+                    teacher_router_loss=None if teacher_router_loss is None else teacher_router_loss.item())
+
+    def _teacher_guided_routing_losses(self, images: torch.Tensor):
+        """(mean over MoE layers of KL(p_teacher || p_student), the teacher router's weighted losses) of the
+        student's last forward, or None for each that is off: both without a teacher or once ``tgr_schedule``
+        has ended; the router's losses also when it is frozen."""
+        if self.teacher_router is None or self.global_step >= self.tgr_steps:
+            return None, None
+        teacher_probs = self.teacher_router(images)
+        distillation_loss = routing_distillation_loss(student_router_logits(self.model), teacher_probs)
+        if not self.teacher_router.trainable:
+            return distillation_loss, None
+        return distillation_loss, sum(self.teacher_router.losses(teacher_probs).values()).float()
 
     def _check_aux_loss_names(self, router_losses: Dict[str, torch.Tensor]) -> None:
         """Warns (once) about weighted auxiliary losses that the model's routers do not report, e.g. a typo or
@@ -305,6 +376,8 @@ class Trainer:
 
     def _run_epoch(self, progress: tqdm, step_log: Optional[_CsvLog], writer) -> Dict[str, Any]:
         self.model.train()
+        if self.teacher_router is not None:
+            self.teacher_router.train()
         totals = self.totals
         order = self._epoch_order(self.epoch)[totals.batches * self.config.batch_size:]
         started = time.perf_counter()
@@ -318,13 +391,20 @@ class Trainer:
             if step["expert_load_ratio"] is not None:
                 totals.load_ratio_sum += step["expert_load_ratio"]
                 totals.load_ratio_count += 1
+            if step["distillation_loss"] is not None:
+                totals.distillation_loss_sum += step["distillation_loss"] * step["samples"]
+                totals.distillation_samples += step["samples"]
+            if step["teacher_router_loss"] is not None:
+                totals.teacher_router_loss_sum += step["teacher_router_loss"] * step["samples"]
+                totals.teacher_router_samples += step["samples"]
             self.global_step += 1
             self._between_steps = True
             totals.seconds += time.perf_counter() - started
             started = time.perf_counter()
             row = dict(epoch=self.epoch + 1, step=self.global_step, lr=step["lr"], loss=step["loss"],
                        accuracy=step["correct"] / step["samples"], aux_loss=step["aux_loss"],
-                       expert_load_ratio=step["expert_load_ratio"])
+                       expert_load_ratio=step["expert_load_ratio"], distillation_loss=step["distillation_loss"],
+                       teacher_router_loss=step["teacher_router_loss"])
             self._log_step(row, progress, step_log, writer)
             if self.step_callback is not None:
                 self.step_callback(self, self.global_step)
@@ -335,6 +415,10 @@ class Trainer:
                     aux_loss=totals.aux_loss_sum / totals.samples,
                     expert_load_ratio=(totals.load_ratio_sum / totals.load_ratio_count
                                        if totals.load_ratio_count else None),
+                    distillation_loss=(totals.distillation_loss_sum / totals.distillation_samples
+                                       if totals.distillation_samples else None),
+                    teacher_router_loss=(totals.teacher_router_loss_sum / totals.teacher_router_samples
+                                         if totals.teacher_router_samples else None),
                     val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                     epoch_seconds=round(totals.seconds, 3))
 
@@ -347,7 +431,8 @@ class Trainer:
         if step_log is not None:
             step_log.append(row)
         if writer is not None:
-            for name in ("loss", "accuracy", "aux_loss", "lr", "expert_load_ratio"):
+            for name in ("loss", "accuracy", "aux_loss", "lr", "expert_load_ratio", "distillation_loss",
+                         "teacher_router_loss"):
                 if row[name] is not None:
                     writer.add_scalar(f"step/{name}", row[name], row["step"])
 
@@ -360,6 +445,19 @@ class Trainer:
     def _stop_if_requested(self) -> None:
         if self._stop_requested:
             raise KeyboardInterrupt
+
+    def _pretrain_teacher_router(self, progress: tqdm) -> None:
+        """The pre-train variant: the teacher router alone, on its own losses, for ``tgr_pretrain_epochs`` epochs
+        of the training set (in the student's epoch orders), then frozen."""
+        def image_batches():
+            for epoch in range(self.config.tgr_pretrain_epochs):
+                for images, _ in self._loader(self.train_set, self._epoch_order(epoch), epoch):
+                    yield images.to(self.device, non_blocking=True)
+
+        self.teacher_router.train()
+        history = self.teacher_router.pretrain(image_batches(), lr=self.config.lr)
+        progress.write(f"teacher router pre-trained for {self.config.tgr_pretrain_epochs} epoch(s): loss "
+                       f"{history[0]:.4f} -> {history[-1]:.4f}; frozen")
 
     def fit(self) -> FitResult:
         """Trains until ``config.epochs`` epochs are done, checkpointing after each; on Ctrl-C (or a
@@ -379,6 +477,11 @@ class Trainer:
         history: List[Dict[str, Any]] = []
         interrupted = False
         try:
+            if self.teacher_router is not None and self.config.tgr_pretrain_epochs and self.global_step == 0 \
+                    and self.teacher_router.trainable:
+                self._pretrain_teacher_router(progress)
+            if self.consistency is not None and not self.consistency.snapshots:
+                self.consistency.record(self.model, self.epoch, "init")
             while self.epoch < self.config.epochs:
                 progress.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
                 row = self._run_epoch(progress, step_log, writer)
@@ -388,11 +491,16 @@ class Trainer:
                     for name, value in row.items():
                         if name not in ("epoch", "step") and value is not None:
                             writer.add_scalar(f"epoch/{name}", value, row["epoch"])
+                distillation = ("" if row["distillation_loss"] is None
+                                else f" distillation {row['distillation_loss']:.4f}")
                 progress.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
-                               f"acc {row['train_accuracy']:.4f} | val loss {row['val_loss']:.4f} "
+                               f"acc {row['train_accuracy']:.4f}{distillation} | val loss {row['val_loss']:.4f} "
                                f"acc {row['val_accuracy']:.4f}")
                 self.epoch += 1
                 self.totals = _EpochTotals()
+                if self.consistency is not None:
+                    self.consistency.record(self.model, self.epoch, "train")
+                    self.consistency.write(self.output_dir)
                 self.save()
         except KeyboardInterrupt:
             if not self._between_steps:

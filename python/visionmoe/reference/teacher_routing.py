@@ -1,0 +1,60 @@
+"""Pure-PyTorch reference of TGR-MoE's routing-distillation loss: the readable spec and the test oracle.
+
+Same signature as :func:`visionmoe.ops.teacher_routing_loss`: ``log_softmax`` of the student's logits and
+``kl_div`` against the (detached) teacher distribution. Autograd keeps the [T, E] log-softmax and the teacher
+for the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.teacher_routing import REDUCTIONS, TEACHER_FORMATS
+
+
+def teacher_routing_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor,
+    reduction: str = "mean",
+    teacher_format: str = "probabilities",
+) -> torch.Tensor:
+    """Reference of :func:`visionmoe.ops.teacher_routing_loss`: per token
+    ``KL(p_teacher || softmax(student_logits))`` over E, for [T, E] inputs, reduced by ``reduction``.
+
+    The teacher is detached (a stop-gradient target). float16 and bfloat16 inputs are computed in float32, as
+    the operator does; the mean of zero tokens is 0.
+    """
+    if student_logits.dim() != 2:
+        raise ValueError(f"teacher_routing_loss: student_logits must have shape [T, E], "
+                         f"got {tuple(student_logits.shape)}")
+    if not student_logits.is_floating_point():
+        raise ValueError(f"teacher_routing_loss: student_logits must be a floating-point tensor, "
+                         f"got {student_logits.dtype}")
+    if student_logits.shape[1] < 1:
+        raise ValueError(f"teacher_routing_loss: student_logits must have E >= 1 experts, "
+                         f"got shape {tuple(student_logits.shape)}")
+    if teacher.shape != student_logits.shape:
+        raise ValueError(f"teacher_routing_loss: teacher must have the shape of student_logits "
+                         f"({tuple(student_logits.shape)}), got {tuple(teacher.shape)}")
+    if teacher.dtype != student_logits.dtype:
+        raise ValueError(f"teacher_routing_loss: teacher must have the dtype of student_logits "
+                         f"({student_logits.dtype}), got {teacher.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f'teacher_routing_loss: reduction must be "none", "mean" or "sum", got "{reduction}"')
+    if teacher_format not in TEACHER_FORMATS:
+        raise ValueError(f'teacher_routing_loss: teacher_format must be "probabilities" or "logits", '
+                         f'got "{teacher_format}"')
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_student = F.log_softmax(student_logits.to(compute_dtype), dim=-1)
+    target = teacher.detach().to(compute_dtype)
+    if teacher_format == "logits":
+        per_token = F.kl_div(log_student, F.log_softmax(target, dim=-1), reduction="none", log_target=True).sum(-1)
+    else:
+        # kl_div computes target * (log target - input) with xlogy, so zero probabilities add exactly 0.
+        per_token = F.kl_div(log_student, target, reduction="none").sum(-1)
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / max(student_logits.shape[0], 1)
