@@ -7,13 +7,12 @@
 //
 // Heads are independent, every output element has one writer and every sum runs in a fixed order: no atomics,
 // and the same result whatever the number of threads. The tile loops put a contiguous dimension (S, dh or dv)
-// innermost with no reduction along it, so the compiler vectorises them without reordering any sum; with GCC
-// on x86-64 each head's worker is compiled for AVX-512, for AVX2 + FMA and for the baseline ISA, and the
-// dynamic loader picks the widest the CPU supports (the package is built without -march flags).
+// innermost with no reduction along it (or reduce it in kLanes independent partial sums), so the compiler
+// vectorises them without reordering any sum, exponentials included (exp_opmath); each head's worker is cloned
+// for AVX-512, AVX2 and the baseline ISA (VISIONMOE_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/macros/Macros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,20 +22,19 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/vectorized_math.h"
 #include "whatwhere/whatwhere.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__ELF__)
-#define VISIONMOE_WIDEST_ISA __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define VISIONMOE_WIDEST_ISA
-#endif
 
 namespace visionmoe::whatwhere::cpu {
 namespace {
 
+using vectorized_math::exp_opmath;
+using vectorized_math::max_of;
+using vectorized_math::sum_of;
+
 // The opmath values of n inputs: the inputs themselves when they are opmath already, else a copy in `buffer`.
 template <typename T, typename scalar_t>
-C10_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buffer) {
+VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buffer) {
   if constexpr (std::is_same_v<T, scalar_t>) {
     return x;
   } else {
@@ -50,7 +48,7 @@ C10_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buffer) {
 // AVX-512 register, two AVX2 ones), so the R accumulators stay in registers: each k costs one load of b's row,
 // R broadcasts of a and R multiply-adds.
 template <int R, int C, typename T, typename out_t>
-C10_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
+VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
                                      const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
                                      int64_t ldc) {
   typedef T Columns __attribute__((vector_size(C * sizeof(T))));
@@ -73,7 +71,7 @@ C10_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t
 
 // The last columns of a product, fewer than a vector's worth, one at a time.
 template <int R, typename T, typename out_t>
-C10_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
+VISIONMOE_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
                                       const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
                                       int64_t ldc) {
   T accumulator[R] = {};
@@ -84,7 +82,7 @@ C10_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, int64_
 }
 
 template <int R, typename T, typename out_t>
-C10_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
+VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
                                     const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t j = 0;
   for (; j + 16 <= columns; j += 16) product_block<R, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
@@ -95,7 +93,7 @@ C10_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int6
 // out [rows, columns] (row stride ldc) = scale * A B, where A [rows, K] is read as a[i * a_row + k * a_column]
 // (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb.
 template <typename T, typename out_t>
-C10_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
+VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
                                const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
@@ -106,7 +104,7 @@ C10_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T
 
 // out [columns, rows] = x^T for x [rows, columns].
 template <typename T>
-C10_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, int64_t columns, T* __restrict__ out) {
+VISIONMOE_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, int64_t columns, T* __restrict__ out) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < columns; ++c) out[c * rows + r] = x[r * columns + c];
   }
@@ -114,17 +112,14 @@ C10_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, int64_t 
 
 // Softmax over slots of each row of L [N, S] into p [N, S], and the rows' log-sum-exps [N].
 template <typename T>
-C10_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ p,
+VISIONMOE_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ p,
                                           T* __restrict__ logsumexp) {
   for (int64_t n = 0; n < N; ++n) {
     const T* row = L + n * S;
     T* p_row = p + n * S;
-    const T row_max = *std::max_element(row, row + S);
-    T sum = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      p_row[s] = std::exp(row[s] - row_max);
-      sum += p_row[s];
-    }
+    const T row_max = max_of(row, S);
+    for (int64_t s = 0; s < S; ++s) p_row[s] = exp_opmath(row[s] - row_max);
+    const T sum = sum_of<T>(p_row, S);
     const T inverse_sum = T(1) / sum;
     for (int64_t s = 0; s < S; ++s) p_row[s] *= inverse_sum;
     logsumexp[n] = row_max + std::log(sum);
@@ -134,7 +129,7 @@ C10_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, in
 // Softmax over tokens of each column of L [N, S], in place, and the columns' log-sum-exps [S]; `column_max`
 // and `column_sum` are [S] scratch.
 template <typename T>
-C10_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ logsumexp,
+VISIONMOE_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ logsumexp,
                                                     T* __restrict__ column_max, T* __restrict__ column_sum) {
   std::fill(column_max, column_max + S, -std::numeric_limits<T>::infinity());
   for (int64_t n = 0; n < N; ++n) {
@@ -143,7 +138,7 @@ C10_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N
   std::fill(column_sum, column_sum + S, T(0));
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t s = 0; s < S; ++s) {
-      L[n * S + s] = std::exp(L[n * S + s] - column_max[s]);
+      L[n * S + s] = exp_opmath(L[n * S + s] - column_max[s]);
       column_sum[s] += L[n * S + s];
     }
   }
@@ -192,7 +187,7 @@ struct ForwardPointers {
 };
 
 template <typename scalar_t>
-VISIONMOE_WIDEST_ISA void forward_heads(const WhatWhereShape& shape, const ForwardPointers<scalar_t>& ptr,
+VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const ForwardPointers<scalar_t>& ptr,
                                         int64_t begin, int64_t end) {
   using T = at::opmath_type<scalar_t>;
   const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
@@ -252,7 +247,7 @@ struct BackwardPointers {
 };
 
 template <typename scalar_t>
-VISIONMOE_WIDEST_ISA void backward_heads(const WhatWhereShape& shape, const BackwardPointers<scalar_t>& ptr,
+VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const BackwardPointers<scalar_t>& ptr,
                                          int64_t begin, int64_t end) {
   using T = at::opmath_type<scalar_t>;
   const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
@@ -289,7 +284,7 @@ VISIONMOE_WIDEST_ISA void backward_heads(const WhatWhereShape& shape, const Back
       const T* slot_logsumexp = ptr.slot_logsumexp + h * S;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t s = 0; s < S; ++s) {
-          probabilities[n * S + s] = std::exp(logits_tile[n * S + s] - slot_logsumexp[s]);
+          probabilities[n * S + s] = exp_opmath(logits_tile[n * S + s] - slot_logsumexp[s]);
         }
       }
       const T* grad_token_update =
@@ -316,7 +311,7 @@ VISIONMOE_WIDEST_ISA void backward_heads(const WhatWhereShape& shape, const Back
       const T* token_logsumexp = ptr.token_logsumexp + h * N;
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t s = 0; s < S; ++s) {
-          probabilities[n * S + s] = std::exp(logits_tile[n * S + s] - token_logsumexp[n]);
+          probabilities[n * S + s] = exp_opmath(logits_tile[n * S + s] - token_logsumexp[n]);
         }
       }
       const T* grad_slot_update = in_opmath(ptr.grad_slot_update + h * S * dv, S * dv, grad_slot_update_copy);

@@ -24,12 +24,16 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/warp_reduce.cuh"
 #include "whatwhere/whatwhere.h"
 
 namespace visionmoe::whatwhere::cuda {
 namespace {
 
-constexpr int kWarp = 32;
+using warp_reduce::warp_max;
+using warp_reduce::warp_sum;
+
+constexpr int kWarp = warp_reduce::kWarpSize;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMaxChunkRows = 64;
@@ -38,20 +42,6 @@ constexpr int64_t kSharedBytes = 48 * 1024;  // available to every block without
 template <typename T>
 __device__ __forceinline__ T negative_infinity() {
   return -std::numeric_limits<T>::infinity();
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_max(T value) {
-#pragma unroll
-  for (int shift = kWarp / 2; shift > 0; shift /= 2) value = max(value, __shfl_xor_sync(0xffffffffu, value, shift));
-  return value;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
-#pragma unroll
-  for (int shift = kWarp / 2; shift > 0; shift /= 2) value += __shfl_xor_sync(0xffffffffu, value, shift);
-  return value;
 }
 
 // sum_d x[d] * y[d] in opmath, in order.
