@@ -13,6 +13,7 @@ inputs. Memory is reported two ways:
 
 Usage:
   python benchmarks/bench_whatwhere.py                       # CPU: B=64, H=6, N=196, S=16, dh=64
+  python benchmarks/bench_whatwhere.py --threads 1 --tag threads1
   python benchmarks/bench_whatwhere.py --device cuda --batch 256 --dtype bfloat16
 Results: benchmarks/results/whatwhere_<device>[_<tag>].json and .md.
 """
@@ -81,7 +82,7 @@ def peak_memory_probe(args):
 def measure_peak_memory(args, implementation) -> int:
     command = [sys.executable, __file__, "--memory-probe", implementation] + [
         f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in ("memory_probe", "tag", "warmup", "repeat", "rounds")]
+        if name not in ("memory_probe", "tag", "warmup", "repeat", "rounds") and value is not None]
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
@@ -97,10 +98,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None)
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
         peak_memory_probe(args)
         return
