@@ -7,9 +7,11 @@
 //
 // Heads are independent, every output element has one writer and every sum runs in a fixed order: no atomics,
 // and the same result whatever the number of threads. The tile loops put a contiguous dimension (S, dh or dv)
-// innermost with no reduction along it (or reduce it in kLanes independent partial sums), so the compiler
-// vectorises them without reordering any sum, exponentials included (exp_opmath); each head's worker is cloned
-// for AVX-512, AVX2 and the baseline ISA (VISIONMOE_CPU_CLONES).
+// innermost with no reduction along it, so the compiler vectorises them without reordering any sum,
+// exponentials included (exp_opmath); the reductions along a row of S (the softmax over slots) are `omp simd`
+// reductions, one partial result per vector lane combined in an order fixed at compile time, so they too are
+// deterministic on a machine. Each head's worker is cloned for AVX-512, AVX2 and the baseline ISA
+// (VISIONMOE_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -29,8 +31,6 @@ namespace visionmoe::whatwhere::cpu {
 namespace {
 
 using vectorized_math::exp_opmath;
-using vectorized_math::max_of;
-using vectorized_math::sum_of;
 
 // The opmath values of n inputs: the inputs themselves when they are opmath already, else a copy in `buffer`.
 template <typename T, typename scalar_t>
@@ -49,8 +49,8 @@ VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buff
 // R broadcasts of a and R multiply-adds.
 template <int R, int C, typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
-                                     const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
-                                     int64_t ldc) {
+                                           const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
+                                           int64_t ldc) {
   typedef T Columns __attribute__((vector_size(C * sizeof(T))));
   Columns accumulator[R] = {};
   for (int64_t k = 0; k < K; ++k) {
@@ -72,8 +72,8 @@ VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, i
 // The last columns of a product, fewer than a vector's worth, one at a time.
 template <int R, typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
-                                      const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
-                                      int64_t ldc) {
+                                            const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
+                                            int64_t ldc) {
   T accumulator[R] = {};
   for (int64_t k = 0; k < K; ++k) {
     for (int i = 0; i < R; ++i) accumulator[i] += a[i * a_row + k * a_column] * b[k * ldb];
@@ -83,7 +83,7 @@ VISIONMOE_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, 
 
 template <int R, typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
-                                    const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
+                                          const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t j = 0;
   for (; j + 16 <= columns; j += 16) product_block<R, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
   for (; j + 8 <= columns; j += 8) product_block<R, 8>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
@@ -93,8 +93,8 @@ VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a
 // out [rows, columns] (row stride ldc) = scale * A B, where A [rows, K] is read as a[i * a_row + k * a_column]
 // (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb.
 template <typename T, typename out_t>
-VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
-                               const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
+VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row,
+                                     int64_t a_column, const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     product_rows<4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
@@ -113,13 +113,19 @@ VISIONMOE_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, in
 // Softmax over slots of each row of L [N, S] into p [N, S], and the rows' log-sum-exps [N].
 template <typename T>
 VISIONMOE_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ p,
-                                          T* __restrict__ logsumexp) {
+                                                T* __restrict__ logsumexp) {
   for (int64_t n = 0; n < N; ++n) {
     const T* row = L + n * S;
     T* p_row = p + n * S;
-    const T row_max = max_of(row, S);
-    for (int64_t s = 0; s < S; ++s) p_row[s] = exp_opmath(row[s] - row_max);
-    const T sum = sum_of<T>(p_row, S);
+    T row_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : row_max)
+    for (int64_t s = 0; s < S; ++s) row_max = row[s] > row_max ? row[s] : row_max;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < S; ++s) {
+      p_row[s] = exp_opmath(row[s] - row_max);
+      sum += p_row[s];
+    }
     const T inverse_sum = T(1) / sum;
     for (int64_t s = 0; s < S; ++s) p_row[s] *= inverse_sum;
     logsumexp[n] = row_max + std::log(sum);
@@ -129,8 +135,9 @@ VISIONMOE_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t
 // Softmax over tokens of each column of L [N, S], in place, and the columns' log-sum-exps [S]; `column_max`
 // and `column_sum` are [S] scratch.
 template <typename T>
-VISIONMOE_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ logsumexp,
-                                                    T* __restrict__ column_max, T* __restrict__ column_sum) {
+VISIONMOE_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N, int64_t S,
+                                                          T* __restrict__ logsumexp, T* __restrict__ column_max,
+                                                          T* __restrict__ column_sum) {
   std::fill(column_max, column_max + S, -std::numeric_limits<T>::infinity());
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t s = 0; s < S; ++s) column_max[s] = std::max(column_max[s], L[n * S + s]);
@@ -322,6 +329,7 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
         const T* p_row = probabilities + n * S;
         const T* g_row = grad_probabilities + n * S;
         T row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
         for (int64_t s = 0; s < S; ++s) row_sum += p_row[s] * g_row[s];
         for (int64_t s = 0; s < S; ++s) grad_logits_tile[n * S + s] += p_row[s] * (g_row[s] - row_sum);
       }
