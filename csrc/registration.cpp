@@ -65,4 +65,15 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def(
       "teacher_routing_loss_backward(Tensor grad_loss, Tensor student_logits, Tensor teacher, Tensor student_lse, "
       "Tensor teacher_lse, str reduction, str teacher_format) -> Tensor");
+
+  // What-where attention family (csrc/whatwhere): shared logits of tokens and slots, softmaxes over both axes
+  // and both aggregations; the forward also returns the two log-sum-exps the backward recomputes them from.
+  m.def(
+      "whatwhere_attention(Tensor q, Tensor k, Tensor v_tokens, Tensor v_slots, Tensor where) -> "
+      "(Tensor token_update, Tensor slot_update, Tensor logits, Tensor token_logsumexp, Tensor slot_logsumexp)");
+  m.def(
+      "whatwhere_attention_backward(Tensor? grad_token_update, Tensor? grad_slot_update, Tensor? grad_logits, "
+      "Tensor q, Tensor k, Tensor v_tokens, Tensor v_slots, Tensor logits, Tensor token_logsumexp, "
+      "Tensor slot_logsumexp) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v_tokens, Tensor grad_v_slots, "
+      "Tensor grad_where)");
 }

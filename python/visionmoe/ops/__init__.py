@@ -11,6 +11,7 @@ from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
 from .teacher_routing import REDUCTIONS, TEACHER_FORMATS, teacher_routing_loss
+from .whatwhere import whatwhere_attention
 
 __all__ = [
     "ACTIVATIONS",
@@ -29,4 +30,5 @@ __all__ = [
     "soft_dispatch",
     "teacher_routing_loss",
     "topk_route",
+    "whatwhere_attention",
 ]

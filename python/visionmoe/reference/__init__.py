@@ -17,6 +17,7 @@ from .routing import expert_choice_route, topk_route
 from .sinkhorn import sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
 from .teacher_routing import teacher_routing_loss
+from .whatwhere import whatwhere_attention
 
 __all__ = [
     "combine",
@@ -33,4 +34,5 @@ __all__ = [
     "teacher_routing_loss",
     "token_major",
     "topk_route",
+    "whatwhere_attention",
 ]

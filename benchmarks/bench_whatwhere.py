@@ -1,0 +1,159 @@
+"""What-where attention, forward + backward: visionmoe's fused operator against the eager einsum/softmax
+formulation (``visionmoe.reference.whatwhere_attention``); time and memory, in one run.
+
+Both get gradients for all three outputs (token_update, slot_update, logits) and compute gradients for all five
+inputs. Memory is reported two ways:
+  - peak: each implementation's peak memory above a baseline, measured in a fresh process per implementation
+    (peak resident memory, VmHWM, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so that one
+    implementation's allocations cannot hide another's. The baseline process holds the same inputs and output
+    gradients and runs both implementations once on a tiny problem (loading the same libraries);
+  - saved: the bytes of the storages autograd keeps from the forward to the backward (``saved_mb``), and those of
+    them that are not inputs (``saved_activations_mb``: the eager formulation keeps both [B, H, N, S] softmax
+    outputs, the fused operator the logits, which are an output anyway, and two log-sum-exps).
+
+Usage:
+  python benchmarks/bench_whatwhere.py                       # CPU: B=64, H=6, N=196, S=16, dh=64
+  python benchmarks/bench_whatwhere.py --threads 1 --tag threads1
+  python benchmarks/bench_whatwhere.py --device cuda --batch 256 --dtype bfloat16
+Results: benchmarks/results/whatwhere_<device>[_<tag>].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results  # noqa: E402
+
+from visionmoe import ops, reference  # noqa: E402
+
+IMPLEMENTATIONS = {"visionmoe": ops.whatwhere_attention, "eager": reference.whatwhere_attention}
+
+
+def build(args, device, dtype, batch=None):
+    """Inputs (leaves that require grad) and one gradient per output."""
+    generator = torch.Generator().manual_seed(args.seed)
+    B = args.batch if batch is None else batch
+    H, N, S, dh = args.heads, args.tokens, args.slots, args.head_dim
+
+    def draw(*shape):
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    inputs = [draw(B, H, N, dh), draw(B, H, S, dh), draw(B, H, N, dh), draw(B, H, S, dh), draw(B, H, N, S)]
+    output_grads = [draw(B, H, N, dh), draw(B, H, S, dh), draw(B, H, N, S)]
+    return [x.requires_grad_() for x in inputs], output_grads
+
+
+def step(implementation, inputs, output_grads):
+    torch.autograd.backward(IMPLEMENTATIONS[implementation](*inputs), output_grads)
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries over from
+    the parent across fork and exec, it starts afresh in a new process image."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def peak_memory_probe(args):
+    """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    for implementation in IMPLEMENTATIONS:  # loads and initialises what each implementation uses, on a tiny problem
+        step(implementation, *build(args, device, dtype, batch=1))
+    inputs, output_grads = build(args, device, dtype)
+    if device.type == "cuda":
+        peak = cuda_peak_bytes(lambda: args.memory_probe != "none" and step(args.memory_probe, inputs, output_grads),
+                               device)
+        print(peak)
+        return
+    if args.memory_probe != "none":
+        step(args.memory_probe, inputs, output_grads)
+    print(peak_resident_bytes())
+
+
+def measure_peak_memory(args, implementation) -> int:
+    command = [sys.executable, __file__, "--memory-probe", implementation] + [
+        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+        if name not in ("memory_probe", "tag", "warmup", "repeat", "rounds") and value is not None]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--tokens", type=int, default=196)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default=None)
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe is not None:
+        peak_memory_probe(args)
+        return
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    inputs, output_grads = build(args, device, dtype)
+    results = {}
+    for implementation in IMPLEMENTATIONS:
+        for x in inputs:
+            x.grad = None
+        outputs = IMPLEMENTATIONS[implementation](*inputs)
+        torch.autograd.backward(outputs, output_grads)
+        results[implementation] = [t.detach() for t in outputs] + [x.grad for x in inputs]
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-3}.get(dtype, 1e-1)
+    for fused, eager in zip(*results.values()):
+        torch.testing.assert_close(fused, eager, atol=tolerance, rtol=tolerance)
+
+    def clear():
+        for x in inputs:
+            x.grad = None
+
+    steps = {name: (lambda name=name: step(name, inputs, output_grads)) for name in IMPLEMENTATIONS}
+    seconds = timeit_rounds(steps, args.warmup, args.repeat, args.rounds, device, setup=clear)
+    baseline = measure_peak_memory(args, "none") if device.type == "cpu" else 0
+    input_storages = {x.untyped_storage().data_ptr() for x in inputs}
+    rows = []
+    for implementation, forward in IMPLEMENTATIONS.items():
+        saved = saved_storages(lambda: forward(*inputs))
+        activations = {ptr: size for ptr, size in saved.items() if ptr not in input_storages}
+        rows.append({"implementation": implementation, "median_ms": seconds[implementation] * 1e3,
+                     "peak_mb": (measure_peak_memory(args, implementation) - baseline) / 2**20,
+                     "saved_mb": sum(saved.values()) / 2**20,
+                     "saved_activations_mb": sum(activations.values()) / 2**20})
+    fused, eager = rows
+    for row in rows:
+        row["time_vs_eager"] = row["median_ms"] / eager["median_ms"]
+        row["peak_vs_eager"] = row["peak_mb"] / eager["peak_mb"]
+        row["saved_vs_eager"] = row["saved_mb"] / eager["saved_mb"]
+    print(f"What-where attention forward + backward: B={args.batch} H={args.heads} N={args.tokens} S={args.slots} "
+          f"dh={args.head_dim} {args.dtype} on {device}, {torch.get_num_threads()} threads")
+    print(format_table(rows))
+    print(f"speed-up of the fused operator: {eager['median_ms'] / fused['median_ms']:.2f}x")
+    meta = {"benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
+            **{key: value for key, value in vars(args).items() if key != "memory_probe"},
+            "memory": "peak: above a baseline process holding the same inputs and output gradients; saved: storages "
+                      "autograd keeps for the backward"}
+    paths = write_results("whatwhere", rows, meta, device=device, tag=args.tag)
+    print("wrote", *paths)
+
+
+if __name__ == "__main__":
+    main()

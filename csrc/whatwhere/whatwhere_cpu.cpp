@@ -1,0 +1,400 @@
+// CPU kernels of the what-where attention family (the math is in whatwhere.h).
+//
+// One task per head (b, h): its logits tile [N, S] and its probability tiles (S is small: a WWT's slots, 16 by
+// default, so a tile is N * S * 4 = 12.5 KB at N = 196) stay in cache through the logits product, both
+// softmaxes and both aggregations, in the forward as in the backward; nothing of size [N, S] is written to
+// memory except the logits (and, in the backward, the gradient of where), which are outputs.
+//
+// Heads are independent, every output element has one writer and every sum runs in a fixed order: no atomics,
+// and the same result whatever the number of threads. The tile loops put a contiguous dimension (S, dh or dv)
+// innermost with no reduction along it, so the compiler vectorises them without reordering any sum,
+// exponentials included (exp_opmath); the reductions along a row of S (the softmax over slots) are `omp simd`
+// reductions, one partial result per vector lane combined in an order fixed at compile time, so they too are
+// deterministic on a machine. Each head's worker is cloned for AVX-512, AVX2 and the baseline ISA
+// (VISIONMOE_CPU_CLONES).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common/vectorized_math.h"
+#include "whatwhere/whatwhere.h"
+
+namespace visionmoe::whatwhere::cpu {
+namespace {
+
+using vectorized_math::exp_opmath;
+
+// The opmath values of n inputs: the inputs themselves when they are opmath already, else a copy in `buffer`.
+template <typename T, typename scalar_t>
+VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buffer) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<T>(x[i]);
+    return buffer;
+  }
+}
+
+// One block of a small matrix product: out[i][j] = scale * sum_k a[i * a_row + k * a_column] * b[k * ldb + j] for
+// i < R and j < C, every sum running over k in order. The C columns are one GCC vector (C = 16 floats: one
+// AVX-512 register, two AVX2 ones), so the R accumulators stay in registers: each k costs one load of b's row,
+// R broadcasts of a and R multiply-adds.
+template <int R, int C, typename T, typename out_t>
+VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
+                                           const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
+                                           int64_t ldc) {
+  typedef T Columns __attribute__((vector_size(C * sizeof(T))));
+  Columns accumulator[R] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    Columns b_row;
+    std::memcpy(&b_row, b + k * ldb, sizeof(Columns));
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) accumulator[i] += a[i * a_row + k * a_column] * b_row;
+  }
+  for (int i = 0; i < R; ++i) {
+    const Columns result = accumulator[i] * scale;
+    if constexpr (std::is_same_v<T, out_t>) {
+      std::memcpy(out + i * ldc, &result, sizeof(Columns));
+    } else {
+      for (int j = 0; j < C; ++j) out[i * ldc + j] = static_cast<out_t>(result[j]);
+    }
+  }
+}
+
+// The last columns of a product, fewer than a vector's worth, one at a time.
+template <int R, typename T, typename out_t>
+VISIONMOE_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
+                                            const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
+                                            int64_t ldc) {
+  T accumulator[R] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int i = 0; i < R; ++i) accumulator[i] += a[i * a_row + k * a_column] * b[k * ldb];
+  }
+  for (int i = 0; i < R; ++i) out[i * ldc] = static_cast<out_t>(scale * accumulator[i]);
+}
+
+template <int R, typename T, typename out_t>
+VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
+                                          const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 16 <= columns; j += 16) product_block<R, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+  for (; j + 8 <= columns; j += 8) product_block<R, 8>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+  for (; j < columns; ++j) product_column<R>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+}
+
+// out [rows, columns] (row stride ldc) = scale * A B, where A [rows, K] is read as a[i * a_row + k * a_column]
+// (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb.
+template <typename T, typename out_t>
+VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row,
+                                     int64_t a_column, const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    product_rows<4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+  }
+  for (; i < rows; ++i) product_rows<1>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+}
+
+// out [columns, rows] = x^T for x [rows, columns].
+template <typename T>
+VISIONMOE_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, int64_t columns, T* __restrict__ out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < columns; ++c) out[c * rows + r] = x[r * columns + c];
+  }
+}
+
+// Softmax over slots of each row of L [N, S] into p [N, S], and the rows' log-sum-exps [N].
+template <typename T>
+VISIONMOE_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ p,
+                                                T* __restrict__ logsumexp) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* row = L + n * S;
+    T* p_row = p + n * S;
+    T row_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : row_max)
+    for (int64_t s = 0; s < S; ++s) row_max = row[s] > row_max ? row[s] : row_max;
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = 0; s < S; ++s) {
+      p_row[s] = exp_opmath(row[s] - row_max);
+      sum += p_row[s];
+    }
+    const T inverse_sum = T(1) / sum;
+    for (int64_t s = 0; s < S; ++s) p_row[s] *= inverse_sum;
+    logsumexp[n] = row_max + std::log(sum);
+  }
+}
+
+// Softmax over tokens of each column of L [N, S], in place, and the columns' log-sum-exps [S]; `column_max`
+// and `column_sum` are [S] scratch.
+template <typename T>
+VISIONMOE_ALWAYS_INLINE void softmax_over_tokens_in_place(T* __restrict__ L, int64_t N, int64_t S,
+                                                          T* __restrict__ logsumexp, T* __restrict__ column_max,
+                                                          T* __restrict__ column_sum) {
+  std::fill(column_max, column_max + S, -std::numeric_limits<T>::infinity());
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) column_max[s] = std::max(column_max[s], L[n * S + s]);
+  }
+  std::fill(column_sum, column_sum + S, T(0));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) {
+      L[n * S + s] = exp_opmath(L[n * S + s] - column_max[s]);
+      column_sum[s] += L[n * S + s];
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) logsumexp[s] = column_max[s] + std::log(column_sum[s]);
+  for (int64_t s = 0; s < S; ++s) column_sum[s] = T(1) / column_sum[s];
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) L[n * S + s] *= column_sum[s];
+  }
+}
+
+// Per-head workspace, allocated once per task: opmath tiles, and opmath copies of the inputs when these are
+// float16 or bfloat16.
+template <typename T>
+class Workspace {
+ public:
+  T* take(int64_t n) {
+    T* start = storage_.data() + used_;
+    used_ += n;
+    return start;
+  }
+  // Room for a copy of n inputs of type scalar_t; none when scalar_t is opmath.
+  template <typename scalar_t>
+  T* take_copy(int64_t n) {
+    return take(std::is_same_v<T, scalar_t> ? 0 : n);
+  }
+  void reserve(int64_t n) { storage_.resize(n); }
+
+ private:
+  std::vector<T> storage_;
+  int64_t used_ = 0;
+};
+
+template <typename scalar_t>
+struct ForwardPointers {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v_tokens;
+  const scalar_t* v_slots;
+  const scalar_t* where;
+  scalar_t* token_update;
+  scalar_t* slot_update;
+  scalar_t* logits;
+  opmath_t* token_logsumexp;
+  opmath_t* slot_logsumexp;
+};
+
+template <typename scalar_t>
+VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const ForwardPointers<scalar_t>& ptr,
+                                        int64_t begin, int64_t end) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
+  constexpr bool kConverts = !std::is_same_v<T, scalar_t>;
+  Workspace<T> workspace;
+  workspace.reserve(dh * S + 2 * N * S + 2 * S + (kConverts ? N * dh + S * dh + N * dv + S * dv : 0));
+  T* k_t = workspace.take(dh * S);
+  T* logits_tile = workspace.take(N * S);  // L, then the softmax over tokens P_N in place
+  T* p_slots = workspace.take(N * S);      // P_S
+  T* column_max = workspace.take(S);
+  T* column_sum = workspace.take(S);
+  T* q_copy = workspace.template take_copy<scalar_t>(N * dh);
+  T* k_copy = workspace.template take_copy<scalar_t>(S * dh);
+  T* v_tokens_copy = workspace.template take_copy<scalar_t>(N * dv);
+  T* v_slots_copy = workspace.template take_copy<scalar_t>(S * dv);
+  const T scale = static_cast<T>(shape.scale);
+
+  for (int64_t h = begin; h < end; ++h) {
+    const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
+    const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
+    transpose(k, S, dh, k_t);
+    product(N, S, dh, q, dh, 1, k_t, S, T(1), logits_tile, S);
+    const scalar_t* where = ptr.where + h * N * S;
+    scalar_t* logits = ptr.logits + h * N * S;
+    for (int64_t i = 0; i < N * S; ++i) {
+      // Rounded to the output dtype first: the backward recomputes the softmaxes from the rounded logits.
+      logits[i] = static_cast<scalar_t>(static_cast<T>(where[i]) + scale * logits_tile[i]);
+      logits_tile[i] = static_cast<T>(logits[i]);
+    }
+    softmax_over_slots(logits_tile, N, S, p_slots, ptr.token_logsumexp + h * N);
+    softmax_over_tokens_in_place(logits_tile, N, S, ptr.slot_logsumexp + h * S, column_max, column_sum);
+    const T* v_slots = in_opmath(ptr.v_slots + h * S * dv, S * dv, v_slots_copy);
+    product(N, dv, S, logits_tile, S, 1, v_slots, dv, T(1), ptr.token_update + h * N * dv, dv);
+    const T* v_tokens = in_opmath(ptr.v_tokens + h * N * dv, N * dv, v_tokens_copy);
+    product(S, dv, N, p_slots, 1, S, v_tokens, dv, T(1), ptr.slot_update + h * S * dv, dv);  // P_S^T v_tokens
+  }
+}
+
+template <typename scalar_t>
+struct BackwardPointers {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_token_update;  // null when absent
+  const scalar_t* grad_slot_update;   // null when absent
+  const scalar_t* grad_logits;        // null when absent
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v_tokens;
+  const scalar_t* v_slots;
+  const scalar_t* logits;
+  const opmath_t* token_logsumexp;
+  const opmath_t* slot_logsumexp;
+  scalar_t* grad_q;
+  scalar_t* grad_k;
+  scalar_t* grad_v_tokens;
+  scalar_t* grad_v_slots;
+  scalar_t* grad_where;
+};
+
+template <typename scalar_t>
+VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const BackwardPointers<scalar_t>& ptr,
+                                         int64_t begin, int64_t end) {
+  using T = at::opmath_type<scalar_t>;
+  const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
+  constexpr bool kConverts = !std::is_same_v<T, scalar_t>;
+  Workspace<T> workspace;
+  workspace.reserve(4 * N * S + dv * S + S +
+                    (kConverts ? N * dh + S * dh + 2 * N * dv + 2 * S * dv : 0));
+  T* logits_tile = workspace.take(N * S);
+  T* probabilities = workspace.take(N * S);  // P_N, then P_S
+  T* grad_probabilities = workspace.take(N * S);  // G_N, then G_S
+  T* grad_logits_tile = workspace.take(N * S);  // dL
+  T* transposed = workspace.take(dv * S);  // v_slots^T, then grad_slot_update^T
+  T* column_sum = workspace.take(S);
+  T* q_copy = workspace.template take_copy<scalar_t>(N * dh);
+  T* k_copy = workspace.template take_copy<scalar_t>(S * dh);
+  T* v_tokens_copy = workspace.template take_copy<scalar_t>(N * dv);
+  T* v_slots_copy = workspace.template take_copy<scalar_t>(S * dv);
+  T* grad_token_update_copy = workspace.template take_copy<scalar_t>(N * dv);
+  T* grad_slot_update_copy = workspace.template take_copy<scalar_t>(S * dv);
+  const T scale = static_cast<T>(shape.scale);
+
+  for (int64_t h = begin; h < end; ++h) {
+    const scalar_t* logits = ptr.logits + h * N * S;
+    for (int64_t i = 0; i < N * S; ++i) logits_tile[i] = static_cast<T>(logits[i]);
+    if (ptr.grad_logits != nullptr) {
+      const scalar_t* grad_logits = ptr.grad_logits + h * N * S;
+      for (int64_t i = 0; i < N * S; ++i) grad_logits_tile[i] = static_cast<T>(grad_logits[i]);
+    } else {
+      std::fill(grad_logits_tile, grad_logits_tile + N * S, T(0));
+    }
+
+    // Through token_update = P_N v_slots: the softmax over tokens, whose sums run down each column.
+    if (ptr.grad_token_update != nullptr) {
+      const T* slot_logsumexp = ptr.slot_logsumexp + h * S;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) {
+          probabilities[n * S + s] = exp_opmath(logits_tile[n * S + s] - slot_logsumexp[s]);
+        }
+      }
+      const T* grad_token_update =
+          in_opmath(ptr.grad_token_update + h * N * dv, N * dv, grad_token_update_copy);
+      const T* v_slots = in_opmath(ptr.v_slots + h * S * dv, S * dv, v_slots_copy);
+      transpose(v_slots, S, dv, transposed);
+      product(N, S, dv, grad_token_update, dv, 1, transposed, S, T(1), grad_probabilities, S);
+      std::fill(column_sum, column_sum + S, T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) column_sum[s] += probabilities[n * S + s] * grad_probabilities[n * S + s];
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) {
+          grad_logits_tile[n * S + s] += probabilities[n * S + s] * (grad_probabilities[n * S + s] - column_sum[s]);
+        }
+      }
+      product(S, dv, N, probabilities, 1, S, grad_token_update, dv, T(1), ptr.grad_v_slots + h * S * dv, dv);
+    } else {
+      std::fill(ptr.grad_v_slots + h * S * dv, ptr.grad_v_slots + (h + 1) * S * dv, scalar_t(0));
+    }
+
+    // Through slot_update = P_S^T v_tokens: the softmax over slots, whose sums run along each row.
+    if (ptr.grad_slot_update != nullptr) {
+      const T* token_logsumexp = ptr.token_logsumexp + h * N;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t s = 0; s < S; ++s) {
+          probabilities[n * S + s] = exp_opmath(logits_tile[n * S + s] - token_logsumexp[n]);
+        }
+      }
+      const T* grad_slot_update = in_opmath(ptr.grad_slot_update + h * S * dv, S * dv, grad_slot_update_copy);
+      const T* v_tokens = in_opmath(ptr.v_tokens + h * N * dv, N * dv, v_tokens_copy);
+      transpose(grad_slot_update, S, dv, transposed);
+      product(N, S, dv, v_tokens, dv, 1, transposed, S, T(1), grad_probabilities, S);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* p_row = probabilities + n * S;
+        const T* g_row = grad_probabilities + n * S;
+        T row_sum = 0;
+#pragma omp simd reduction(+ : row_sum)
+        for (int64_t s = 0; s < S; ++s) row_sum += p_row[s] * g_row[s];
+        for (int64_t s = 0; s < S; ++s) grad_logits_tile[n * S + s] += p_row[s] * (g_row[s] - row_sum);
+      }
+      product(N, dv, S, probabilities, S, 1, grad_slot_update, dv, T(1), ptr.grad_v_tokens + h * N * dv, dv);
+    } else {
+      std::fill(ptr.grad_v_tokens + h * N * dv, ptr.grad_v_tokens + (h + 1) * N * dv, scalar_t(0));
+    }
+
+    scalar_t* grad_where = ptr.grad_where + h * N * S;
+    for (int64_t i = 0; i < N * S; ++i) grad_where[i] = static_cast<scalar_t>(grad_logits_tile[i]);
+    const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
+    const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
+    product(N, dh, S, grad_logits_tile, S, 1, k, dh, scale, ptr.grad_q + h * N * dh, dh);
+    product(S, dh, N, grad_logits_tile, 1, S, q, dh, scale, ptr.grad_k + h * S * dh, dh);  // dL^T q
+  }
+}
+
+template <typename scalar_t>
+const scalar_t* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+}  // namespace
+
+void forward(const WhatWhereShape& shape, const ForwardTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.q.scalar_type(), "visionmoe_whatwhere_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const ForwardPointers<scalar_t> ptr{t.q.const_data_ptr<scalar_t>(),
+                                        t.k.const_data_ptr<scalar_t>(),
+                                        t.v_tokens.const_data_ptr<scalar_t>(),
+                                        t.v_slots.const_data_ptr<scalar_t>(),
+                                        t.where.const_data_ptr<scalar_t>(),
+                                        t.token_update.mutable_data_ptr<scalar_t>(),
+                                        t.slot_update.mutable_data_ptr<scalar_t>(),
+                                        t.logits.mutable_data_ptr<scalar_t>(),
+                                        t.token_logsumexp.mutable_data_ptr<opmath_t>(),
+                                        t.slot_logsumexp.mutable_data_ptr<opmath_t>()};
+    at::parallel_for(0, shape.heads, 1, [&](int64_t begin, int64_t end) {
+      forward_heads<scalar_t>(shape, ptr, begin, end);
+    });
+  });
+}
+
+void backward(const WhatWhereShape& shape, const BackwardTensors& t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.q.scalar_type(), "visionmoe_whatwhere_bwd_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const BackwardPointers<scalar_t> ptr{optional_data<scalar_t>(t.grad_token_update),
+                                         optional_data<scalar_t>(t.grad_slot_update),
+                                         optional_data<scalar_t>(t.grad_logits),
+                                         t.q.const_data_ptr<scalar_t>(),
+                                         t.k.const_data_ptr<scalar_t>(),
+                                         t.v_tokens.const_data_ptr<scalar_t>(),
+                                         t.v_slots.const_data_ptr<scalar_t>(),
+                                         t.logits.const_data_ptr<scalar_t>(),
+                                         t.token_logsumexp.const_data_ptr<opmath_t>(),
+                                         t.slot_logsumexp.const_data_ptr<opmath_t>(),
+                                         t.grad_q.mutable_data_ptr<scalar_t>(),
+                                         t.grad_k.mutable_data_ptr<scalar_t>(),
+                                         t.grad_v_tokens.mutable_data_ptr<scalar_t>(),
+                                         t.grad_v_slots.mutable_data_ptr<scalar_t>(),
+                                         t.grad_where.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, shape.heads, 1, [&](int64_t begin, int64_t end) {
+      backward_heads<scalar_t>(shape, ptr, begin, end);
+    });
+  });
+}
+
+}  // namespace visionmoe::whatwhere::cpu
