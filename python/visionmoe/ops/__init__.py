@@ -10,6 +10,7 @@ from .expert_mlp import ACTIVATIONS, expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
+from .whatwhere import whatwhere_attention
 
 __all__ = [
     "ACTIVATIONS",
@@ -25,4 +26,5 @@ __all__ = [
     "soft_combine",
     "soft_dispatch",
     "topk_route",
+    "whatwhere_attention",
 ]

@@ -16,6 +16,7 @@ from .expert_mlp import expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import sinkhorn
 from .soft_moe import soft_combine, soft_dispatch
+from .whatwhere import whatwhere_attention
 
 __all__ = [
     "combine",
@@ -31,4 +32,5 @@ __all__ = [
     "soft_dispatch",
     "token_major",
     "topk_route",
+    "whatwhere_attention",
 ]
