@@ -16,8 +16,9 @@ For each trained model, on the test scenes:
              slot map when that is >= the threshold, else background. ViT: its one map's foreground takes the
              primary label.
 Every map is rescaled to [0, 1] by its own minimum and maximum (visionmoe.metrics.normalise_maps), upsampled
-bilinearly to the image and thresholded at --threshold (0.5). WWT's map of a slot is its assignment map
-(ObjectDiscovery.slot_maps: the softmax of the final where-maps over the slots, averaged over heads).
+bilinearly to the image and thresholded at --threshold (0.5). WWT's map of a slot is where it looks
+(ObjectDiscovery.slot_maps: the softmax of the final where-maps over the patches, averaged over heads), the
+counterpart of the class token's attention over the patches.
 
 Usage:
     PYTHONPATH=python python experiments/whatwhere_discovery.py            # full setting, writes results/whatwhere
@@ -100,16 +101,17 @@ def train(model: str, seed: int, setting: Setting, model_options: Dict, train_se
     return trainer.model.eval()
 
 
-def image_maps(model, images: torch.Tensor):
-    """(maps [B, M, img, img] in [0, 1], per-map slot logits [B, M, C] or None) for WWT (M = S) or the ViT (M = 1)."""
-    size = images.shape[-1]
+def discovery_maps(model, images: torch.Tensor, threshold: float):
+    """(maps [B, M, img, img] in [0, 1], masks, boxes [B, M, 4], per-map slot logits [B, M, C] or None) for WWT
+    (M = S) or the ViT (M = 1)."""
     if hasattr(model, "discover"):
-        found = model.discover(images)
-        return normalise_maps(found.slot_maps), found.slot_logits
+        found = model.discover(images, threshold)
+        return normalise_maps(found.slot_maps), found.masks, found.boxes, found.slot_logits
     with torch.no_grad():
         attention = model.class_token_attention(images).unsqueeze(1)
-    maps = F.interpolate(normalise_maps(attention), size=size, mode="bilinear", align_corners=False)
-    return maps, None
+    maps = F.interpolate(normalise_maps(attention), size=images.shape[-1], mode="bilinear", align_corners=False)
+    masks = maps >= threshold
+    return maps, masks, masks_to_boxes(masks), None
 
 
 def evaluate(model, test_set, targets: List[Dict], threshold: float) -> Dict[str, float]:
@@ -117,22 +119,21 @@ def evaluate(model, test_set, targets: List[Dict], threshold: float) -> Dict[str
     with torch.no_grad():
         logits = model(images)
     predicted = logits.argmax(dim=-1)
-    maps, slot_logits = image_maps(model, images)
-    masks = maps >= threshold
-    boxes = masks_to_boxes(masks)  # [B, M, 4]
+    maps, masks, boxes, slot_logits = discovery_maps(model, images, threshold)
     if slot_logits is None:
         single = boxes[:, :1]
         classes = labels[:, None]
     else:
-        top_slot = slot_logits.gather(2, predicted[:, None, None].expand(-1, slot_logits.shape[1], 1)).argmax(1)
-        single = boxes.gather(1, top_slot[:, :, None].expand(-1, 1, 4))
+        image_index = torch.arange(len(predicted))
+        top_slot = slot_logits[image_index, :, predicted].argmax(dim=-1)  # [B]
+        single = boxes[image_index, top_slot][:, None]
         present = torch.stack([t["multi_hot"] for t in targets]) > 0  # [B, C]
         classes = slot_logits.masked_fill(~present[:, None, :], float("-inf")).argmax(dim=-1)  # [B, M]
     true_boxes = [t["boxes"] for t in targets]
     all_boxes = [image_boxes[image_masks.flatten(1).any(dim=1)] for image_boxes, image_masks in zip(boxes, masks)]
-    confusion = sum(segmentation_confusion(label_map(image_maps_, image_classes, threshold),
+    confusion = sum(segmentation_confusion(label_map(maps_of_image, classes_of_maps, threshold),
                                            semantic_target(t["masks"], t["labels"]), NUM_CLASSES + 1)
-                    for image_maps_, image_classes, t in zip(maps, classes, targets))
+                    for maps_of_image, classes_of_maps, t in zip(maps, classes, targets))
     miou, _ = mean_iou(confusion)
     return dict(accuracy=(predicted == labels).float().mean().item(), corloc=corloc(list(single), true_boxes),
                 object_recall=object_recall(all_boxes, true_boxes),

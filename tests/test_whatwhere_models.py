@@ -7,6 +7,7 @@ import torch
 
 from visionmoe import reference
 from visionmoe.layers import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
+from visionmoe.metrics import normalise_maps
 from visionmoe.models import ObjectDiscovery, WhatWhereTransformer, create_model, list_models
 from visionmoe.models.vit import Mlp
 
@@ -143,10 +144,12 @@ def test_discover_maps_masks_and_boxes():
     assert found.boxes.shape == (3, 4, 4)
     torch.testing.assert_close(found.logits, model(images))
     torch.testing.assert_close(found.logits, found.slot_logits.mean(dim=1))
-    assert found.slot_maps.min() >= 0 and found.slot_maps.max() <= 1
-    torch.testing.assert_close(found.masks, found.slot_maps >= 0.3)
-    # The slot maps are each patch's assignment to the slots, so at any pixel they sum to 1 over the slots.
-    torch.testing.assert_close(found.slot_maps.sum(dim=1), torch.ones(3, 32, 32))
+    # Slot s's map: its attention over the 8 x 8 patches (a softmax over N, averaged over the heads), upsampled.
+    attention = found.where_maps.softmax(dim=2).mean(dim=1).transpose(1, 2).reshape(3, 4, 8, 8)
+    torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(3, 4))
+    torch.testing.assert_close(found.slot_maps, torch.nn.functional.interpolate(attention, size=32, mode="bilinear"))
+    torch.testing.assert_close(found.masks, normalise_maps(found.slot_maps) >= 0.3)
+    assert found.masks.flatten(2).any(dim=-1).all()  # a rescaled map reaches 1 somewhere, unless it is constant
     with pytest.raises(ValueError, match="threshold"):
         model.discover(images, threshold=1.5)
 

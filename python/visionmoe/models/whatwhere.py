@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import WhatWhereBlock
-from ..metrics import masks_to_boxes
+from ..metrics import masks_to_boxes, normalise_maps
 from .registry import register_model
 from .vit import _SIZES, LAYER_NORM_EPS, Mlp, PatchEmbed, _linear
 
@@ -28,10 +28,11 @@ class ObjectDiscovery:
         logits: [B, C] class logits (the mean of ``slot_logits`` over the slots).
         slot_logits: [B, S, C] each slot's class logits.
         where_maps: [B, H, N, S] the final where-maps: the last block's shared logits.
-        slot_maps: [B, S, img, img] in [0, 1]: each patch's assignment to each slot (the softmax of the where-maps
-            over the slots, as the slots read the tokens), averaged over heads, on the patch grid, bilinearly
-            upsampled to the image.
-        masks: [B, S, img, img] bool, ``slot_maps >= threshold``.
+        slot_maps: [B, S, img, img]: where each slot looks, the softmax of the where-maps over the N patches (the
+            normalisation of the tokens' update, as a ViT's class-token attention is a softmax over the patches),
+            averaged over heads, on the patch grid, bilinearly upsampled to the image.
+        masks: [B, S, img, img] bool: each slot map rescaled to [0, 1] by its own minimum and maximum
+            (:func:`visionmoe.metrics.normalise_maps`, as for any attention map), then ``>= threshold``.
         boxes: [B, S, 4] float (x0, y0, x1, y1; x1, y1 exclusive) around each mask; (0, 0, 0, 0) for an empty one.
     """
 
@@ -120,17 +121,19 @@ class WhatWhereTransformer(nn.Module):
 
     @torch.no_grad()
     def discover(self, x: torch.Tensor, threshold: float = 0.5) -> ObjectDiscovery:
-        """Class logits, final where-maps, per-slot maps, masks (maps >= ``threshold``) and boxes for images
-        x [B, in_chans, img, img]; see :class:`ObjectDiscovery`."""
+        """Class logits, final where-maps, per-slot maps, masks (rescaled maps >= ``threshold``) and boxes for
+        images x [B, in_chans, img, img]; see :class:`ObjectDiscovery`."""
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         slots, where_maps = self.forward_slots(x)
         slot_logits = self.head(slots)
         side = self.img_size // self.patch_size
-        assignment = where_maps.softmax(dim=-1).mean(dim=1).transpose(1, 2)  # [B, S, N]
-        slot_maps = F.interpolate(assignment.reshape(-1, self.num_slots, side, side), size=self.img_size,
+        # Over the patches rather than over the slots: a softmax over N ignores a where-state that favours a slot
+        # everywhere, which would otherwise decide a softmax over S alone.
+        attention = where_maps.softmax(dim=-2).mean(dim=1).transpose(1, 2)  # [B, S, N]
+        slot_maps = F.interpolate(attention.reshape(-1, self.num_slots, side, side), size=self.img_size,
                                   mode="bilinear", align_corners=False)
-        masks = slot_maps >= threshold
+        masks = normalise_maps(slot_maps) >= threshold
         return ObjectDiscovery(logits=slot_logits.mean(dim=1), slot_logits=slot_logits, where_maps=where_maps,
                                slot_maps=slot_maps, masks=masks, boxes=masks_to_boxes(masks))
 
