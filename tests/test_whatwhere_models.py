@@ -192,3 +192,15 @@ def test_vit_class_token_attention_matches_the_last_block():
     out = (attention.attention_probabilities(normed) @ v).transpose(1, 2).reshape(2, 65, 32)
     torch.testing.assert_close(attention.proj(out), attention(normed))
 
+
+
+def test_wwt_trains_with_visionmoe_train_on_digit_scenes(tmp_path):
+    from visionmoe.train.cli import main
+
+    overrides = ["model=wwt_tiny_32", "dataset=digit_scenes", "dataset_options.canvas_size=32",
+                 "dataset_options.digit_size=[10,14]", "dataset_options.length=8", "model_options.depth=2",
+                 "model_options.embed_dim=16", "model_options.num_heads=2", "epochs=1", "batch_size=4",
+                 f"output_dir={tmp_path}", "progress=false", "tensorboard=false"]
+    assert main([argument for override in overrides for argument in ("--set", override)]) == 0
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2  # header and the one epoch
