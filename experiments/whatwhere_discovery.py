@@ -91,14 +91,13 @@ def load_scenes(split: str, length: int, scene_options: Dict):
     return dataset, list(targets)
 
 
-def train(model: str, seed: int, setting: Setting, model_options: Dict, train_set, test_set, output_dir: Path):
+def make_trainer(model: str, seed: int, setting: Setting, model_options: Dict, train_set, test_set,
+                 output_dir: Path) -> Trainer:
     config = TrainConfig(model=model, model_options=dict(setting.model_options, num_classes=NUM_CLASSES,
                                                          **model_options),
                          epochs=setting.epochs, batch_size=setting.batch_size, lr=setting.lr, warmup_epochs=1.0,
                          seed=seed, output_dir=str(output_dir), progress=False, tensorboard=False)
-    trainer = Trainer(config, train_set, test_set)
-    trainer.fit()
-    return trainer.model.eval()
+    return Trainer(config, train_set, test_set)
 
 
 def discovery_maps(model, images: torch.Tensor, threshold: float):
@@ -147,7 +146,7 @@ def write_results(rows: List[Dict], output_dir: Path, command: str, setting_name
                   options: Dict, seconds: float) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "runs.csv").open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["model", "seed", "parameters", *METRICS])
+        writer = csv.DictWriter(file, fieldnames=["model", "trained", "seed", "parameters", *METRICS])
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# What-where discovery on digit_scenes ({setting_name} setting)", "",
@@ -157,16 +156,17 @@ def write_results(rows: List[Dict], output_dir: Path, command: str, setting_name
              "Mean ± standard deviation over seeds (per-seed rows in runs.csv). CorLoc: single box per image; "
              "recall: fraction of digits hit by any box of the image; boxes: mean boxes per image; mIoU: "
              "background + 10 classes. Definitions in experiments/whatwhere_discovery.py.", "",
-             "| model | parameters | seeds | accuracy | CorLoc | recall | boxes | mIoU |",
-             "|---|---|---|---|---|---|---|---|"]
-    for model in MODELS:
-        model_rows = [row for row in rows if row["model"] == model]
+             "| model | trained | parameters | seeds | accuracy | CorLoc | recall | boxes | mIoU |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, trained in ((model, trained) for trained in (True, False) for model in MODELS):
+        model_rows = [row for row in rows if row["model"] == model and row["trained"] == trained]
         cells = []
         for metric in METRICS:
             values = [row[metric] for row in model_rows]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
-        lines.append(f"| {model} | {model_rows[0]['parameters']} | {len(model_rows)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model} | {'yes' if trained else 'no (at initialisation)'} | {model_rows[0]['parameters']} "
+                     f"| {len(model_rows)} | " + " | ".join(cells) + " |")
     (output_dir / "table.md").write_text("\n".join(lines) + "\n")
 
 
@@ -189,14 +189,20 @@ def main(argv=None) -> int:
         for model_name in MODELS:
             for seed in args.seeds:
                 model_options = dict(slot_update=args.slot_update) if model_name.startswith("wwt") else {}
-                model = train(model_name, seed, setting, model_options, train_set, test_set,
-                              Path(runs) / f"{model_name}_{seed}")
-                metrics = evaluate(model, test_set, test_targets, args.threshold)
-                rows.append(dict(model=model_name, seed=seed, parameters=sum(p.numel() for p in model.parameters()),
-                                 **metrics))
-                print(f"{model_name} seed {seed}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS), flush=True)
+                trainer = make_trainer(model_name, seed, setting, model_options, train_set, test_set,
+                                       Path(runs) / f"{model_name}_{seed}")
+                parameters = sum(p.numel() for p in trainer.model.parameters())
+                # The same model before training: the maps' scores by chance and by architecture alone.
+                for trained in (False, True):
+                    if trained:
+                        trainer.fit()
+                    metrics = evaluate(trainer.model.eval(), test_set, test_targets, args.threshold)
+                    rows.append(dict(model=model_name, trained=trained, seed=seed, parameters=parameters, **metrics))
+                    print(f"{model_name} seed {seed} {'trained' if trained else 'at initialisation'}: "
+                          + ", ".join(f"{k} {metrics[k]:.3f}" for k in METRICS), flush=True)
+    arguments = sys.argv[1:] if argv is None else argv
     command = "PYTHONPATH=python python " + " ".join(shlex.quote(a) for a in ["experiments/whatwhere_discovery.py",
-                                                                               *sys.argv[1:]])
+                                                                               *arguments])
     options = dict(threshold=args.threshold, wwt_slot_update=args.slot_update)
     write_results(rows, Path(args.output_dir), command, setting_name, setting, options, time.perf_counter() - started)
     return 0
