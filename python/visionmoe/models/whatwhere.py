@@ -110,9 +110,8 @@ class WhatWhereTransformer(nn.Module):
         B, N, _ = tokens.shape
         slots = self.slots.expand(B, -1, -1)
         where = tokens.new_zeros(B, self.num_heads, N, self.num_slots)
-        for block in self.blocks:
-            tokens, slots, where_next, logits = block(tokens, slots, where)
-            where = where_next
+        for block in self.blocks:  # the last block returns no where-state: its logits are the final maps
+            tokens, slots, where, logits = block(tokens, slots, where)
         return self.norm(slots), logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
