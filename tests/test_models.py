@@ -33,8 +33,9 @@ def images_for(model: VisionTransformer, batch: int) -> torch.Tensor:
     return torch.randn(batch, config["in_chans"], config["img_size"], config["img_size"])
 
 
-# The transformer entrypoints; ResNet-MoE models are tested in test_conv_moe.py.
-TRANSFORMERS = [name for name in list_models() if not name.startswith("resnet")]
+# The Vision Transformer entrypoints; ResNet-MoE models are tested in test_conv_moe.py, What-Where Transformers in
+# test_whatwhere_models.py.
+TRANSFORMERS = [name for name in list_models() if not name.startswith(("resnet", "wwt"))]
 
 
 def test_registry_lists_every_entrypoint():

@@ -1,7 +1,8 @@
 """Models by name: ``create_model(name, **kwargs)`` builds one, ``list_models()`` lists the names.
 
-Vision Transformers (dense ViT, V-MoE, Soft-MoE ViT) at 224 px and, as ``*_32``, for 32 px images; ResNets with
-MoE blocks; ``upcycle`` turns a dense ViT into an MoE one with experts initialised from its MLPs.
+Vision Transformers (dense ViT, V-MoE, Soft-MoE ViT) and What-Where Transformers (``wwt_*``) at 224 px and, as
+``*_32``, for 32 px images; ResNets with MoE blocks; ``upcycle`` turns a dense ViT into an MoE one with experts
+initialised from its MLPs.
 """
 
 from .registry import create_model, list_models, register_model
@@ -15,13 +16,16 @@ from .vit import (
     default_moe_options,
     upcycle,
 )
+from .whatwhere import ObjectDiscovery, WhatWhereTransformer
 
 __all__ = [
     "MOE_LAYERS",
+    "ObjectDiscovery",
     "ResNetMoE",
     "SOFT_MOE_OPTIONS",
     "VMOE_OPTIONS",
     "VisionTransformer",
+    "WhatWhereTransformer",
     "create_model",
     "default_moe_blocks",
     "default_moe_options",

@@ -112,15 +112,22 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
+    def attention_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention weights that :meth:`forward` applies, [B, N, D] -> [B, H, N queries, N keys] (each row a
+        softmax over the keys); recomputed, since scaled_dot_product_attention does not return them."""
+        B, N, D = x.shape
+        q, k, _ = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return (q @ k.transpose(-2, -1) * (D // self.num_heads) ** -0.5).softmax(dim=-1)
+
 
 class Mlp(nn.Module):
-    """The dense MLP, fc2(gelu(fc1(x))): [B, N, D] -> [B, N, D] through F hidden units."""
+    """The dense MLP, fc2(gelu(fc1(x))): [B, N, D] -> [B, N, out_dim] (default D) through F hidden units."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, out_dim: Optional[int] = None):
         super().__init__()
         self.fc1 = _linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = _linear(hidden_dim, dim)
+        self.fc2 = _linear(hidden_dim, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -215,14 +222,29 @@ class VisionTransformer(nn.Module):
         """Indices of the blocks whose MLP is currently an MoE layer (also after :func:`visionmoe.convert.moeify`)."""
         return [i for i, block in enumerate(self.blocks) if isinstance(block.mlp, (MoEMLP, SoftMoEMLP))]
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in_chans, img, img] -> the first block's input [B, N, D]: class token first, position embeddings
+        added."""
+        patches = self.patch_embed(x)
+        return torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, in_chans, img, img] -> [B, N, D]: class token first, after the final norm."""
-        patches = self.patch_embed(x)
-        tokens = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1) + self.pos_embed
-        return self.norm(self.blocks(tokens))
+        return self.norm(self.blocks(self._embed(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x)[:, 0])
+
+    def class_token_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention of the class token over the patches, averaged over heads (the DINO/LOST
+        object-discovery map): [B, in_chans, img, img] -> [B, img / patch_size, img / patch_size].
+
+        The weights are those of the softmax over all N keys (the class token included), not renormalised over
+        the patches."""
+        last = self.blocks[-1]
+        probabilities = last.attn.attention_probabilities(last.norm1(self.blocks[:-1](self._embed(x))))
+        side = self.config["img_size"] // self.config["patch_size"]
+        return probabilities[:, :, 0, 1:].mean(dim=1).view(-1, side, side)
 
 
 def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] = None, moe_layer: str = "sparse",
