@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from visionmoe.evaluate.cli import main as evaluate_main
+from visionmoe.evaluate.plots import write_routing_consistency_plot
 from visionmoe.metrics import RoutingConsistencyTracker, RoutingSnapshot, routing_consistency
 from visionmoe.models import create_model
-from visionmoe.train import Trainer
+from visionmoe.train import Trainer, load_model_weights
 
 from visionmoe.train.checkpoint import save_checkpoint
 
@@ -97,6 +98,23 @@ def test_phase_agreement_compares_the_end_of_pretraining_with_each_finetuning_ep
         tracker.phase_agreement("pretrain", "other")
 
 
+def test_fine_tuning_reports_agreement_with_the_pretrained_routing(tmp_path):
+    tracker = tracker_with([
+        (0, "pretrain", {"a": [0, 1, 2, 3]}),
+        (1, "finetune", {"a": [0, 1, 0, 0]}),  # 2 of 4 tokens as pre-trained
+        (2, "finetune", {"a": [0, 1, 2, 0]}),  # 3 of 4
+    ])
+    data = tracker.to_dict()
+    assert data["pretrain"] == [None, {"a": 0.5, "mean": 0.5}, {"a": 0.75, "mean": 0.75}]
+    # The summary covers the fine-tuning epochs only: one adjacent pair agreeing on 3 of 4 tokens.
+    assert data["summary"] == {"adjacent": 0.75, "last_adjacent": 0.75, "final": 0.75}
+    _, csv_path = tracker.write(tmp_path)
+    with csv_path.open() as file:
+        rows = list(csv.DictReader(file))
+    assert [row["pretrain"] for row in rows if row["layer"] == "a"] == ["", "0.5", "0.75"]
+    assert write_routing_consistency_plot(data, tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_tracker_writes_json_and_csv(tmp_path):
     tracker = tracker_with(HAND_MADE)
     json_path, csv_path = tracker.write(tmp_path)
@@ -106,7 +124,7 @@ def test_tracker_writes_json_and_csv(tmp_path):
     with csv_path.open() as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 4 * 3  # every snapshot: layers a, b and their mean
-    assert rows[0] == {"epoch": "0", "phase": "init", "layer": "a", "adjacent": "", "final": "0.0"}
+    assert rows[0] == {"epoch": "0", "phase": "init", "layer": "a", "adjacent": "", "final": "0.0", "pretrain": ""}
     assert rows[-1]["layer"] == "mean" and float(rows[-1]["adjacent"]) == 0.625
 
 
@@ -153,6 +171,34 @@ def test_trainer_records_consistency_and_resumes_it(tmp_path, datasets):
     assert [snapshot.epoch for snapshot in resumed.consistency.snapshots] == [0, 1, 2]
     assert isinstance(resumed.consistency.snapshots[0], RoutingSnapshot)
 
+
+
+def test_fine_tuning_from_a_checkpoint_records_pretrain_and_finetune(tmp_path, datasets, capsys):
+    Trainer(tiny_config(tmp_path / "pretrained", epochs=1), *datasets).fit()
+    # Fine-tune on a two-class version of the task: the head changes shape and starts fresh, the rest is loaded.
+    two_class = [torch.utils.data.TensorDataset(images, labels % 2) for images, labels in
+                 (dataset.tensors for dataset in datasets)]
+    options = dict(tiny_config(tmp_path).model_options, num_classes=2)
+    trainer = Trainer(tiny_config(tmp_path / "finetuned", epochs=2, consistency_probe=8, model_options=options,
+                                  init_from=str(tmp_path / "pretrained")), *two_class)
+    assert "fresh weights for head.bias, head.weight (shape differs)" in capsys.readouterr().out
+    pretrained = create_model("vmoe_tiny_32", **tiny_config(tmp_path).model_options)
+    load_model_weights(pretrained, tmp_path / "pretrained")
+    assert torch.equal(trainer.model.blocks[1].mlp.router.proj.weight, pretrained.blocks[1].mlp.router.proj.weight)
+    trainer.fit()
+    data = json.loads((tmp_path / "finetuned" / "routing_consistency.json").read_text())
+    assert data["phases"] == ["pretrain", "finetune", "finetune"]
+    assert data["pretrain"][0] is None and 0.0 <= data["pretrain"][2]["mean"] <= 1.0
+    assert data["pretrain"][1]["mean"] == pytest.approx(
+        trainer.consistency.phase_agreement("pretrain", "finetune")[0]["mean"])
+
+
+def test_init_from_a_different_model_is_an_error(tmp_path, datasets):
+    Trainer(tiny_config(tmp_path / "pretrained", epochs=1), *datasets).fit()
+    deeper = dict(tiny_config(tmp_path).model_options, depth=3)
+    with pytest.raises(ValueError, match="holds a different model: missing \\['blocks.2"):
+        Trainer(tiny_config(tmp_path / "other", model_options=deeper, init_from=str(tmp_path / "pretrained")),
+                *datasets)
 
 
 def test_eval_plots_the_recorded_curves(checkpoint):

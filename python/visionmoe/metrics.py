@@ -203,8 +203,9 @@ class RoutingConsistencyTracker:
                              f"phases: {sorted({snapshot.phase for snapshot in self.snapshots})}")
         return [self._agreement(reference[-1], snapshot) for snapshot in compared]
 
-    def summary(self, skip_phases: Sequence[str] = ("init",)) -> Dict[str, Optional[float]]:
-        """Means over the snapshots not in ``skip_phases`` (by default, leaving out the untrained model):
+    def summary(self, skip_phases: Sequence[str] = ("init", "pretrain")) -> Dict[str, Optional[float]]:
+        """Means over the snapshots not in ``skip_phases`` (by default, leaving out the untrained or pre-trained
+        model that training starts from):
         ``adjacent`` over pairs of consecutive such snapshots, ``final`` over those before the last (their
         agreement with it), ``last_adjacent`` the last pair's; None where there is no pair."""
         kept = [snapshot for snapshot in self.snapshots if snapshot.phase not in skip_phases]
@@ -224,11 +225,20 @@ class RoutingConsistencyTracker:
             "adjacent": self.adjacent(),
             "final": self.against_final() if self.snapshots else [],
             "summary": self.summary() if self.snapshots else {},
+            "pretrain": self._pretrain_column(),
         }
+
+    def _pretrain_column(self) -> List[Optional[Dict[str, float]]]:
+        """Per snapshot, a "finetune" snapshot's agreement with the pre-trained routing (the last "pretrain"
+        snapshot); None for the others and when no pre-training was recorded."""
+        reference = [snapshot for snapshot in self.snapshots if snapshot.phase == "pretrain"]
+        return [self._agreement(reference[-1], snapshot) if reference and snapshot.phase == "finetune" else None
+                for snapshot in self.snapshots]
 
     def write(self, directory: str | Path, stem: str = "routing_consistency") -> List[Path]:
         """Writes ``<stem>.json`` (:meth:`to_dict`) and ``<stem>.csv`` (one row per snapshot and layer: epoch,
-        phase, layer, adjacent, final) into ``directory``; returns their paths."""
+        phase, layer, adjacent, final, and pretrain: the agreement with the pre-trained routing) into
+        ``directory``; returns their paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
@@ -236,11 +246,12 @@ class RoutingConsistencyTracker:
         json_path.write_text(json.dumps(data, indent=2) + "\n")
         with csv_path.open("w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["epoch", "phase", "layer", "adjacent", "final"])
-            for epoch, phase, adjacent, final in zip(data["epochs"], data["phases"], data["adjacent"],
-                                                     data["final"]):
+            writer.writerow(["epoch", "phase", "layer", "adjacent", "final", "pretrain"])
+            for epoch, phase, adjacent, final, pretrain in zip(data["epochs"], data["phases"], data["adjacent"],
+                                                               data["final"], data["pretrain"]):
                 for layer in data["layers"] + ["mean"]:
-                    writer.writerow([epoch, phase, layer, "" if adjacent is None else adjacent[layer], final[layer]])
+                    writer.writerow([epoch, phase, layer, "" if adjacent is None else adjacent[layer], final[layer],
+                                     "" if pretrain is None else pretrain[layer]])
         return [json_path, csv_path]
 
     def state_dict(self) -> Dict:

@@ -99,7 +99,8 @@ def write_patch_assignment_plot(images, assignments, num_experts: int, path: str
 
 def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
     """Two panels from a ``routing_consistency.json`` (:meth:`visionmoe.metrics.RoutingConsistencyTracker.to_dict`):
-    each MoE layer's (and the mean's) agreement with the previous epoch, and with the final epoch, by epoch."""
+    each MoE layer's (and the mean's) agreement with the previous epoch, and with the final epoch, by epoch (and,
+    after fine-tuning, dashed: with the pre-trained routing)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +119,11 @@ def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
         axis.set_xlabel("epoch")
         axis.set_ylabel("fraction of probe tokens, same top-1 expert")
         axis.set_ylim(0, 1.02)
+    if any(consistency.get("pretrain") or []):
+        for layer in consistency["layers"] + ["mean"]:
+            points = [(epoch, values[layer]) for epoch, values in zip(epochs, consistency["pretrain"]) if values]
+            final_axis.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", marker="x",
+                            color="black" if layer == "mean" else None, label=f"{layer} vs pre-trained")
     final_axis.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)

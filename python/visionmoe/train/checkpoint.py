@@ -7,7 +7,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -90,6 +90,23 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     """Loads ``model.safetensors`` of the checkpoint in ``directory`` into ``model`` (strictly) and returns it."""
     load_safetensors_model(model, str(check_checkpoint_dir(directory) / MODEL_FILE), strict=True)
     return model
+
+
+def load_matching_weights(model: nn.Module, directory: str | Path) -> List[str]:
+    """Fine-tuning's start: loads the checkpoint's model weights into ``model`` where names and shapes match and
+    returns the names left at their fresh initialisation because their shape differs (e.g. a classifier head for
+    another number of classes). Names present on one side only are an error: they mean a different model."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(check_checkpoint_dir(directory) / MODEL_FILE))
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint in {str(directory)!r} holds a different model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (of {len(missing)} and {len(unexpected)})")
+    reshaped = sorted(name for name, tensor in weights.items() if tensor.shape != own[name].shape)
+    model.load_state_dict({name: tensor for name, tensor in weights.items() if name not in reshaped}, strict=False)
+    return reshaped
 
 
 def load_model(directory: str | Path, map_location: str = "cpu") -> nn.Module:

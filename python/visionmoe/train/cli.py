@@ -21,7 +21,7 @@ from .config import config_from_dict, load_config
 # Flags that set the config key of the same name (--batch-size sets batch_size).
 _CONFIG_FLAGS = ("model", "dataset", "data_root", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                  "seed", "output_dir", "device", "amp", "teacher", "tgr_weight", "tgr_schedule",
-                 "tgr_pretrain_epochs", "consistency_probe")
+                 "tgr_pretrain_epochs", "consistency_probe", "init_from")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default 0: joint training)")
     parser.add_argument("--consistency-probe", type=int, metavar="N",
                         help="record routing consistency on the first N validation images every epoch")
+    parser.add_argument("--init-from", metavar="DIR",
+                        help="fine-tune: start from the model weights of this checkpoint (a head of another shape "
+                             "starts fresh); optimiser and schedule start afresh")
     parser.add_argument("--resume", metavar="DIR",
                         help="checkpoint directory (or output directory holding checkpoint/) to continue from")
     return parser

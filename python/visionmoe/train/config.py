@@ -53,6 +53,12 @@ class TrainConfig:
             n epochs of the training set before the student's first step, then freezes it.
         consistency_probe: record the routing consistency (``routing_consistency.csv``/``.json``) on the first
             this many validation images, before training and after every epoch; 0 disables it.
+        init_from: fine-tuning: a training output or checkpoint directory whose model weights start this run
+            (the optimiser, schedule and epoch count start afresh). Weights whose shape differs here, such as a
+            classifier head for another number of classes, keep their fresh initialisation; any other mismatch
+            is an error. With ``consistency_probe``, the snapshot before training is the pre-trained routing
+            (phase "pretrain") and the epochs' are phase "finetune", so the consistency report includes each
+            epoch's agreement with the pre-trained routing.
     """
 
     model: str = "vmoe_tiny_32"
@@ -85,6 +91,7 @@ class TrainConfig:
     tgr_schedule: str | float = "full"
     tgr_pretrain_epochs: int = 0
     consistency_probe: int = 0
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         _read_exponent_floats(self)
@@ -106,6 +113,7 @@ _TYPES = {
     "progress": (bool, False), "tensorboard": (bool, False), "log_steps": (bool, False),
     "teacher": (str, True), "tgr_weight": (float, False), "tgr_schedule": ((str, float), False),
     "tgr_pretrain_epochs": (int, False), "consistency_probe": (int, False),
+    "init_from": (str, True),
 }
 TGR_SCHEDULES = {"full": 1.0, "first_half": 0.5}
 assert set(_TYPES) == set(_FIELDS), "every TrainConfig field needs an entry in _TYPES"

@@ -39,8 +39,8 @@ from ..losses import routing_distillation_loss
 from ..metrics import RoutingConsistencyTracker
 from ..models import create_model
 from ..routers import RouterMetrics
-from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_model, load_model_weights,
-                         load_trainer_state, restore_rng_states, save_checkpoint)
+from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_matching_weights, load_model,
+                         load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
 from .config import TrainConfig, tgr_fraction
 
 EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
@@ -190,6 +190,12 @@ class Trainer:
 
         seed_everything(config.seed)
         self.model = create_model(config.model, **model_options).to(self.device)
+        if config.init_from is not None and resume is None:
+            reinitialised = load_matching_weights(self.model, config.init_from)
+            if reinitialised:
+                print(f"init_from {config.init_from}: fresh weights for {', '.join(reinitialised)} (shape differs)")
+        # Before fine-tuning, the routing of the pre-trained model; otherwise that of the initialisation.
+        self.consistency_phases = ("pretrain", "finetune") if config.init_from is not None else ("init", "train")
         self.teacher_router = self._build_teacher_router() if config.teacher is not None else None
         self.trainable_parameters = list(self.model.parameters())
         if self.teacher_router is not None:
@@ -481,7 +487,7 @@ class Trainer:
                     and self.teacher_router.trainable:
                 self._pretrain_teacher_router(progress)
             if self.consistency is not None and not self.consistency.snapshots:
-                self.consistency.record(self.model, self.epoch, "init")
+                self.consistency.record(self.model, self.epoch, self.consistency_phases[0])
             while self.epoch < self.config.epochs:
                 progress.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
                 row = self._run_epoch(progress, step_log, writer)
@@ -499,7 +505,7 @@ class Trainer:
                 self.epoch += 1
                 self.totals = _EpochTotals()
                 if self.consistency is not None:
-                    self.consistency.record(self.model, self.epoch, "train")
+                    self.consistency.record(self.model, self.epoch, self.consistency_phases[1])
                     self.consistency.write(self.output_dir)
                 self.save()
         except KeyboardInterrupt:
