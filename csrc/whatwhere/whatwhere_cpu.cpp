@@ -44,27 +44,38 @@ VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buff
 }
 
 // One block of a small matrix product: out[i][j] = scale * sum_k a[i * a_row + k * a_column] * b[k * ldb + j] for
-// i < R and j < C, every sum running over k in order. The C columns are one GCC vector (C = 16 floats: one
-// AVX-512 register, two AVX2 ones), so the R accumulators stay in registers: each k costs one load of b's row,
-// R broadcasts of a and R multiply-adds.
-template <int R, int C, typename T, typename out_t>
+// i < R and j < V * C, every sum running over k in order. The V * C columns are V GCC vectors of C elements
+// (C = 16 floats: one AVX-512 register), so the R * V accumulators stay in registers: each k costs V loads of
+// b's row, R broadcasts of a and R * V multiply-adds. R * V independent accumulators (up to 16) keep both FMA
+// pipes busy through their latency, and V > 1 reuses each broadcast of a for several vectors.
+template <int R, int V, int C, typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, int64_t a_row, int64_t a_column,
                                            const T* __restrict__ b, int64_t ldb, T scale, out_t* __restrict__ out,
                                            int64_t ldc) {
   typedef T Columns __attribute__((vector_size(C * sizeof(T))));
-  Columns accumulator[R] = {};
+  // The same vector, read from an address aligned for T only: a plain load that keeps b's row in registers
+  // (a memcpy into an array of vectors goes through the stack).
+  typedef T UnalignedColumns __attribute__((vector_size(C * sizeof(T)), aligned(sizeof(T))));
+  Columns accumulator[R][V] = {};
   for (int64_t k = 0; k < K; ++k) {
-    Columns b_row;
-    std::memcpy(&b_row, b + k * ldb, sizeof(Columns));
+    Columns b_row[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) b_row[v] = *reinterpret_cast<const UnalignedColumns*>(b + k * ldb + v * C);
 #pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) accumulator[i] += a[i * a_row + k * a_column] * b_row;
+    for (int i = 0; i < R; ++i) {
+      const T a_ik = a[i * a_row + k * a_column];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) accumulator[i][v] += a_ik * b_row[v];
+    }
   }
   for (int i = 0; i < R; ++i) {
-    const Columns result = accumulator[i] * scale;
-    if constexpr (std::is_same_v<T, out_t>) {
-      std::memcpy(out + i * ldc, &result, sizeof(Columns));
-    } else {
-      for (int j = 0; j < C; ++j) out[i * ldc + j] = static_cast<out_t>(result[j]);
+    for (int v = 0; v < V; ++v) {
+      const Columns result = accumulator[i][v] * scale;
+      if constexpr (std::is_same_v<T, out_t>) {
+        std::memcpy(out + i * ldc + v * C, &result, sizeof(Columns));
+      } else {
+        for (int j = 0; j < C; ++j) out[i * ldc + v * C + j] = static_cast<out_t>(result[j]);
+      }
     }
   }
 }
@@ -81,25 +92,45 @@ VISIONMOE_ALWAYS_INLINE void product_column(int64_t K, const T* __restrict__ a, 
   for (int i = 0; i < R; ++i) out[i * ldc] = static_cast<out_t>(scale * accumulator[i]);
 }
 
-template <int R, typename T, typename out_t>
+// R rows of a product, in blocks of at most kMaxVectors vectors of 16 columns.
+template <int R, int kMaxVectors, typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a, int64_t a_row, int64_t a_column,
                                           const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t j = 0;
-  for (; j + 16 <= columns; j += 16) product_block<R, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
-  for (; j + 8 <= columns; j += 8) product_block<R, 8>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+  if constexpr (kMaxVectors >= 4) {
+    for (; j + 64 <= columns; j += 64) {
+      product_block<R, 4, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+    }
+  }
+  if constexpr (kMaxVectors >= 2) {
+    for (; j + 32 <= columns; j += 32) {
+      product_block<R, 2, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+    }
+  }
+  for (; j + 16 <= columns; j += 16) product_block<R, 1, 16>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
+  for (; j + 8 <= columns; j += 8) product_block<R, 1, 8>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
   for (; j < columns; ++j) product_column<R>(K, a, a_row, a_column, b + j, ldb, scale, out + j, ldc);
 }
 
 // out [rows, columns] (row stride ldc) = scale * A B, where A [rows, K] is read as a[i * a_row + k * a_column]
-// (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb.
+// (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb. Narrow products (a
+// single vector of columns, such as the [N, S] logit-shaped ones) take 8 rows at a time, wide ones 4 rows of up
+// to 4 vectors, so that either has 8 to 16 independent accumulators.
 template <typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row,
                                      int64_t a_column, const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) {
-    product_rows<4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+  if (columns < 32) {
+    for (; i + 8 <= rows; i += 8) {
+      product_rows<8, 1>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+    }
   }
-  for (; i < rows; ++i) product_rows<1>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+  for (; i + 4 <= rows; i += 4) {
+    product_rows<4, 4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+  }
+  for (; i < rows; ++i) {
+    product_rows<1, 4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+  }
 }
 
 // out [columns, rows] = x^T for x [rows, columns].
@@ -107,6 +138,18 @@ template <typename T>
 VISIONMOE_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, int64_t columns, T* __restrict__ out) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < columns; ++c) out[c * rows + r] = x[r * columns + c];
+  }
+}
+
+// Asks for n elements from x to be brought into cache ahead of use, one request per 64-byte line. The kernels
+// issue it for the next head's large inputs while this head computes, so that reading them from memory overlaps
+// the arithmetic (a head reads each input in several products, not in one stream the hardware prefetcher
+// would follow).
+template <typename T>
+VISIONMOE_ALWAYS_INLINE void prefetch(const T* x, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) {
+    __builtin_prefetch(bytes + offset, 0, 2);
   }
 }
 
@@ -213,6 +256,11 @@ VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const Forwa
   const T scale = static_cast<T>(shape.scale);
 
   for (int64_t h = begin; h < end; ++h) {
+    if (h + 1 < end) {
+      prefetch(ptr.q + (h + 1) * N * dh, N * dh);
+      prefetch(ptr.where + (h + 1) * N * S, N * S);
+      prefetch(ptr.v_tokens + (h + 1) * N * dv, N * dv);
+    }
     const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
     const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
     transpose(k, S, dh, k_t);
@@ -277,6 +325,13 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
   const T scale = static_cast<T>(shape.scale);
 
   for (int64_t h = begin; h < end; ++h) {
+    if (h + 1 < end) {
+      prefetch(ptr.logits + (h + 1) * N * S, N * S);
+      if (ptr.grad_logits != nullptr) prefetch(ptr.grad_logits + (h + 1) * N * S, N * S);
+      if (ptr.grad_token_update != nullptr) prefetch(ptr.grad_token_update + (h + 1) * N * dv, N * dv);
+      prefetch(ptr.v_tokens + (h + 1) * N * dv, N * dv);
+      prefetch(ptr.q + (h + 1) * N * dh, N * dh);
+    }
     const scalar_t* logits = ptr.logits + h * N * S;
     for (int64_t i = 0; i < N * S; ++i) logits_tile[i] = static_cast<T>(logits[i]);
     if (ptr.grad_logits != nullptr) {
