@@ -19,7 +19,6 @@ Results: benchmarks/results/moe_layer_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, timeit, write_results  # noqa: E402
+from common import (format_table, peak_memory_in_fresh_process, peak_resident_bytes, timeit,  # noqa: E402
+                    write_results)
 
 from visionmoe import reference  # noqa: E402
 from visionmoe.layers import MoEMLP  # noqa: E402
@@ -87,16 +87,6 @@ def step(implementation, layer, x, grad):
     RUNNERS[implementation](layer, x).backward(grad)
 
 
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries over from
-    the parent across fork and exec, it starts afresh in a new process image."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def peak_memory_probe(args):
     """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -111,10 +101,7 @@ def peak_memory_probe(args):
 
 
 def measure_peak_memory(args, implementation) -> int:
-    command = [sys.executable, __file__, "--memory-probe", implementation] + [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in ("memory_probe", "tag", "warmup", "repeat", "einsum_repeat")]
-    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return peak_memory_in_fresh_process(__file__, args, implementation, ("tag", "warmup", "repeat", "einsum_repeat"))
 
 
 def main():

@@ -21,14 +21,14 @@ Results: benchmarks/results/whatwhere_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results  # noqa: E402
+from common import (cuda_peak_bytes, format_table, peak_memory_in_fresh_process, peak_resident_bytes,  # noqa: E402
+                    saved_storages, timeit_rounds, write_results)
 
 from visionmoe import ops, reference  # noqa: E402
 
@@ -53,16 +53,6 @@ def step(implementation, inputs, output_grads):
     torch.autograd.backward(IMPLEMENTATIONS[implementation](*inputs), output_grads)
 
 
-def peak_resident_bytes() -> int:
-    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries over from
-    the parent across fork and exec, it starts afresh in a new process image."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def peak_memory_probe(args):
     """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -80,10 +70,7 @@ def peak_memory_probe(args):
 
 
 def measure_peak_memory(args, implementation) -> int:
-    command = [sys.executable, __file__, "--memory-probe", implementation] + [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in ("memory_probe", "tag", "warmup", "repeat", "rounds") and value is not None]
-    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return peak_memory_in_fresh_process(__file__, args, implementation, ("tag", "warmup", "repeat", "rounds"))
 
 
 def main():

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,25 @@ def cuda_peak_bytes(step: Callable[[], object], device: torch.device | str) -> O
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - baseline
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (VmHWM). Unlike getrusage's ru_maxrss, which Linux carries over from
+    the parent across fork and exec, it starts afresh in a new process image."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def peak_memory_in_fresh_process(script: str, args, implementation: str, skipped: tuple) -> int:
+    """Reruns ``script`` in a new process with ``--memory-probe implementation`` and the options of ``args`` (leaving
+    out None values and the names in ``skipped``), and returns the peak memory in bytes that it prints last."""
+    command = [sys.executable, script, "--memory-probe", implementation] + [
+        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
+        if name not in ("memory_probe",) + skipped and value is not None]
+    return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
 def device_name(device: torch.device | str) -> str:
