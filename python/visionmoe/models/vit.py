@@ -71,6 +71,25 @@ def default_moe_options(moe_layer: str, overrides: Optional[Dict] = None) -> Dic
     return {**defaults, **overrides}
 
 
+def check_vit_sizes(sizes: Dict[str, int], mlp_ratio: float) -> int:
+    """Checks a ViT-style model's sizes: every entry of ``sizes`` (which holds at least img_size, patch_size,
+    embed_dim and num_heads) >= 1, patches tiling the image, heads dividing the width, and at least one MLP hidden
+    unit; returns the MLP hidden width ``int(embed_dim * mlp_ratio)``."""
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    img_size, patch_size, embed_dim, num_heads = (sizes[name] for name in ("img_size", "patch_size", "embed_dim",
+                                                                           "num_heads"))
+    if img_size % patch_size != 0:
+        raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
+    hidden_dim = int(embed_dim * mlp_ratio)
+    if hidden_dim < 1:
+        raise ValueError(f"mlp_ratio must give at least one hidden unit, got {mlp_ratio}")
+    return hidden_dim
+
+
 def _linear(in_features: int, out_features: int) -> nn.Linear:
     """nn.Linear initialised as timm's ViT: weights from a normal of std 0.02 truncated at +-2, zero bias."""
     linear = nn.Linear(in_features, out_features)
@@ -174,18 +193,9 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  moe_blocks: Iterable[int] = (), moe: Optional[Dict] = None, moe_layer: str = "sparse"):
         super().__init__()
-        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
-                            ("num_classes", num_classes), ("embed_dim", embed_dim), ("depth", depth),
-                            ("num_heads", num_heads)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if img_size % patch_size != 0:
-            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
-        hidden_dim = int(embed_dim * mlp_ratio)
-        if hidden_dim < 1:
-            raise ValueError(f"mlp_ratio must give at least one hidden unit, got {mlp_ratio}")
+        hidden_dim = check_vit_sizes(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                          num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                                          num_heads=num_heads), mlp_ratio)
         if moe_layer not in MOE_LAYERS:
             raise ValueError(f"moe_layer must be one of {MOE_LAYERS}, got {moe_layer!r}")
         moe_blocks = check_block_indices(moe_blocks, depth, "moe_blocks")

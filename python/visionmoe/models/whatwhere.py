@@ -17,7 +17,7 @@ from torch import nn
 from ..layers import WhatWhereBlock
 from ..metrics import masks_to_boxes, normalise_maps
 from .registry import register_model
-from .vit import _SIZES, LAYER_NORM_EPS, Mlp, PatchEmbed, _linear
+from .vit import _SIZES, LAYER_NORM_EPS, Mlp, PatchEmbed, _linear, check_vit_sizes
 
 
 @dataclasses.dataclass
@@ -67,18 +67,9 @@ class WhatWhereTransformer(nn.Module):
                  mlp_ratio: float = 4.0, where_hidden_dim: Optional[int] = None, slot_update: str = "softmax",
                  where_residual: str = "replace"):
         super().__init__()
-        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
-                            ("num_classes", num_classes), ("embed_dim", embed_dim), ("depth", depth),
-                            ("num_heads", num_heads), ("num_slots", num_slots)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if img_size % patch_size != 0:
-            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
-        if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
-        hidden_dim = int(embed_dim * mlp_ratio)
-        if hidden_dim < 1:
-            raise ValueError(f"mlp_ratio must give at least one hidden unit, got {mlp_ratio}")
+        hidden_dim = check_vit_sizes(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                          num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                                          num_heads=num_heads, num_slots=num_slots), mlp_ratio)
         where_hidden_dim = embed_dim if where_hidden_dim is None else where_hidden_dim
         if where_hidden_dim < 1:
             raise ValueError(f"where_hidden_dim must be >= 1, got {where_hidden_dim}")
