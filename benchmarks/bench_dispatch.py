@@ -39,9 +39,8 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import format_table, timeit, write_results
+from common import DTYPES, format_table, timeit, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # The einsum formulation is orders of magnitude slower (tens of seconds a step on a small CPU), so it gets at
 # most one warmup run and at most --einsum-repeat timed runs.

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import format_table, saved_storages, timeit_rounds, write_results
+from common import DTYPES, format_table, saved_storages, timeit_rounds, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -28,9 +28,8 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import cuda_peak_bytes, format_table, timeit, write_results
+from common import DTYPES, cuda_peak_bytes, format_table, timeit, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
 # are a few units, and gradients of order one.
 TOLERANCES = {

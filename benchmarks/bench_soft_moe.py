@@ -36,9 +36,8 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import DTYPES, cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
 
 

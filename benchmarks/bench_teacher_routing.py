@@ -39,9 +39,8 @@ import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import DTYPES, cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Agreement with the float64 reference that a correct implementation reaches at these sizes: the loss is a mean
 # of values of order one, the gradient entries are of order 1 / T.
 TOLERANCES = {

@@ -23,6 +23,8 @@ import torch
 import visionmoe
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The floating-point types the benchmarks take by name (--dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def timeit(
