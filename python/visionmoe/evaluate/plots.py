@@ -72,6 +72,20 @@ def patch_assignments(layer, batch_size: int, grid: int) -> torch.Tensor:
     return patches.reshape(batch_size, grid, grid)
 
 
+def draw_patch_assignments(axis, image, assignments, num_experts: int) -> None:
+    """Draws ``image`` [C, H, W] (channels averaged, grey) on a matplotlib ``axis`` with each patch tinted by the
+    expert in ``assignments`` [grid, grid] (as from :func:`patch_assignments`; -1, no expert, stays untinted)."""
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab10" if num_experts <= 10 else "tab20")
+    shown = image.float().mean(0)
+    axis.imshow(((shown - shown.min()) / (shown.max() - shown.min()).clamp(min=1e-6)).numpy(), cmap="gray")
+    overlay = [[colours(int(e) % colours.N) if e >= 0 else (0, 0, 0, 0) for e in row] for row in assignments.tolist()]
+    axis.imshow(overlay, alpha=0.45, extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
+                interpolation="nearest")
+    axis.set_axis_off()
+
+
 def write_patch_assignment_plot(images, assignments, num_experts: int, path: str | Path, title: str) -> Path:
     """One panel per image: the image with each patch tinted by the expert its token went to."""
     import matplotlib
@@ -81,14 +95,8 @@ def write_patch_assignment_plot(images, assignments, num_experts: int, path: str
 
     count = images.shape[0]
     figure, axes = plt.subplots(1, count, figsize=(1.8 * count, 2.0), squeeze=False)
-    colours = plt.get_cmap("tab10" if num_experts <= 10 else "tab20")
     for axis, image, grid in zip(axes[0], images, assignments):
-        shown = image.float().mean(0)
-        axis.imshow(((shown - shown.min()) / (shown.max() - shown.min()).clamp(min=1e-6)).numpy(), cmap="gray")
-        overlay = [[colours(int(e) % colours.N) if e >= 0 else (0, 0, 0, 0) for e in row] for row in grid.tolist()]
-        axis.imshow(overlay, alpha=0.45, extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
-                    interpolation="nearest")
-        axis.set_axis_off()
+        draw_patch_assignments(axis, image, grid, num_experts)
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     path = Path(path)
