@@ -11,6 +11,13 @@ inputs. Memory is reported two ways:
     them that are not inputs (``saved_activations_mb``: the eager formulation keeps both [B, H, N, S] softmax
     outputs, the fused operator the logits, which are an output anyway, and two log-sum-exps).
 
+The heap: by default (``--heap kept``) glibc's malloc is set to keep freed memory in the process
+(``common.keep_freed_memory_in_heap``) for both implementations. With glibc's default settings a step's large
+tensors are sometimes re-faulted from the OS and sometimes not, depending on where earlier frees left the heap's
+top, so the same build measures anywhere from 0.9x to 1.5x the eager time from one process to the next;
+``--heap default`` measures that setting anyway (results tagged ``default-heap``). ``page_faults_per_step``
+reports, for each implementation, the minor page faults of one step.
+
 Usage:
   python benchmarks/bench_whatwhere.py                       # CPU: B=64, H=6, N=196, S=16, dh=64
   python benchmarks/bench_whatwhere.py --threads 1 --tag threads1
@@ -27,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (cuda_peak_bytes, format_table, peak_memory_in_fresh_process, peak_resident_bytes,  # noqa: E402
-                    saved_storages, timeit_rounds, write_results)
+from common import (cuda_peak_bytes, format_table, keep_freed_memory_in_heap, page_faults_per_call,  # noqa: E402
+                    peak_memory_in_fresh_process, peak_resident_bytes, saved_storages, timeit_rounds, write_results)
 
 from visionmoe import ops, reference  # noqa: E402
 
@@ -88,8 +95,11 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default=None)
+    parser.add_argument("--heap", default="kept", choices=["kept", "default"],
+                        help="kept: glibc keeps freed memory in the process (see above); default: glibc's settings")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    heap_kept = args.heap == "kept" and keep_freed_memory_in_heap()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
@@ -115,6 +125,7 @@ def main():
 
     steps = {name: (lambda name=name: step(name, inputs, output_grads)) for name in IMPLEMENTATIONS}
     seconds = timeit_rounds(steps, args.warmup, args.repeat, args.rounds, device, setup=clear)
+    faults = {name: page_faults_per_call(steps[name], args.repeat, setup=clear) for name in IMPLEMENTATIONS}
     baseline = measure_peak_memory(args, "none") if device.type == "cpu" else 0
     input_storages = {x.untyped_storage().data_ptr() for x in inputs}
     rows = []
@@ -122,6 +133,7 @@ def main():
         saved = saved_storages(lambda: forward(*inputs))
         activations = {ptr: size for ptr, size in saved.items() if ptr not in input_storages}
         rows.append({"implementation": implementation, "median_ms": seconds[implementation] * 1e3,
+                     "page_faults_per_step": faults[implementation],
                      "peak_mb": (measure_peak_memory(args, implementation) - baseline) / 2**20,
                      "saved_mb": sum(saved.values()) / 2**20,
                      "saved_activations_mb": sum(activations.values()) / 2**20})
@@ -137,8 +149,10 @@ def main():
     meta = {"benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
             **{key: value for key, value in vars(args).items() if key != "memory_probe"},
             "memory": "peak: above a baseline process holding the same inputs and output gradients; saved: storages "
-                      "autograd keeps for the backward"}
-    paths = write_results("whatwhere", rows, meta, device=device, tag=args.tag)
+                      "autograd keeps for the backward",
+            "heap_kept": heap_kept}
+    tag = args.tag if args.heap == "kept" else "_".join(filter(None, [args.tag, "default-heap"]))
+    paths = write_results("whatwhere", rows, meta, device=device, tag=tag)
     print("wrote", *paths)
 
 

@@ -6,11 +6,13 @@ Markdown table), each with the date, torch version, ``visionmoe.build_info()``, 
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -110,6 +112,33 @@ def peak_resident_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Makes glibc's malloc keep freed memory in the process (no trimming of the heap's top, and blocks of up to
+    32 MiB served from the heap rather than mapped afresh), so that a timed step does not pay for page faults that
+    depend on where earlier frees happened to leave the heap's top: with the default settings, whether a step
+    re-faults its large tensors (0.3-0.7 us per 4 KiB page here) changes from one process to the next and can move
+    a step's time by half. Applies to every implementation alike; returns False where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    trim_threshold, mmap_threshold = -1, -3  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+    return bool(libc.mallopt(trim_threshold, 2**31 - 1)) and bool(libc.mallopt(mmap_threshold, 32 * 2**20))
+
+
+def page_faults_per_call(fn: Callable[[], object], calls: int, setup: Optional[Callable[[], None]] = None) -> float:
+    """Minor page faults per call of ``fn`` (mean over ``calls`` calls; ``setup`` runs before each, uncounted)."""
+    faults = 0
+    for _ in range(calls):
+        if setup is not None:
+            setup()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults / calls
 
 
 def peak_memory_in_fresh_process(script: str, args, implementation: str, skipped: tuple) -> int:

@@ -8,9 +8,8 @@
 // Heads are independent, every output element has one writer and every sum runs in a fixed order: no atomics,
 // and the same result whatever the number of threads. The tile loops put a contiguous dimension (S, dh or dv)
 // innermost with no reduction along it, so the compiler vectorises them without reordering any sum,
-// exponentials included (exp_opmath); the reductions along a row of S (the softmax over slots) are `omp simd`
-// reductions, one partial result per vector lane combined in an order fixed at compile time, so they too are
-// deterministic on a machine. Each head's worker is cloned for AVX-512, AVX2 and the baseline ISA
+// exponentials included (exp_opmath); the reductions along the rows (the softmax over slots) run over all rows at
+// once, each row's in order (reduce_rows). Each head's worker is cloned for AVX-512, AVX2 and the baseline ISA
 // (VISIONMOE_CPU_CLONES).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/vectorized_math.h"
@@ -31,6 +31,7 @@ namespace visionmoe::whatwhere::cpu {
 namespace {
 
 using vectorized_math::exp_opmath;
+using vectorized_math::log_opmath;
 
 // The opmath values of n inputs: the inputs themselves when they are opmath already, else a copy in `buffer`.
 template <typename T, typename scalar_t>
@@ -42,6 +43,64 @@ VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buff
     return buffer;
   }
 }
+
+// Brings the next head's large inputs into cache while this head computes, a few 64-byte lines at a time: the
+// products call `advance()` once per block of rows, and each call requests the next share of the lines. A head
+// reads each input in several products, not in one stream the hardware prefetcher would follow; and requesting
+// all of a head's lines in one burst stalls on the few outstanding misses a core can have (software prefetches
+// wait for a free fill buffer), so the requests are spread over the head's arithmetic instead. The share per
+// call is learned from the number of calls the previous head made.
+class Prefetcher {
+ public:
+  // Starts on the next head's ranges (pointer, number of elements), in the order the head reads them, after
+  // requesting whatever the previous ranges still had unrequested; no ranges: nothing to prefetch.
+  template <typename... Ranges>
+  void start(const Ranges&... ranges) {
+    request(std::numeric_limits<int64_t>::max());
+    if (calls_ > 0) calls_per_head_ = calls_;
+    calls_ = 0;
+    count_ = 0;
+    current_ = 0;
+    int64_t lines = 0;
+    (add(ranges.first, ranges.second, lines), ...);
+    lines_per_call_ = std::max<int64_t>(1, (lines + calls_per_head_ - 1) / calls_per_head_);
+  }
+
+  void advance() {
+    ++calls_;
+    request(lines_per_call_);
+  }
+
+ private:
+  static constexpr int kMaxRanges = 8;
+  static constexpr int64_t kLine = 64;
+
+  template <typename T>
+  void add(const T* x, int64_t n, int64_t& lines) {
+    if (x == nullptr || n <= 0) return;
+    next_[count_] = reinterpret_cast<const char*>(x);
+    end_[count_] = next_[count_] + n * static_cast<int64_t>(sizeof(T));
+    lines += (end_[count_] - next_[count_] + kLine - 1) / kLine;
+    ++count_;
+  }
+
+  void request(int64_t lines) {
+    for (; current_ < count_ && lines > 0; ++current_) {
+      for (; next_[current_] < end_[current_] && lines > 0; next_[current_] += kLine, --lines) {
+        __builtin_prefetch(next_[current_], 0, 2);
+      }
+      if (next_[current_] < end_[current_]) return;
+    }
+  }
+
+  const char* next_[kMaxRanges] = {};
+  const char* end_[kMaxRanges] = {};
+  int count_ = 0;
+  int current_ = 0;
+  int64_t calls_ = 0;
+  int64_t calls_per_head_ = 64;  // a guess for the first head
+  int64_t lines_per_call_ = 1;
+};
 
 // One block of a small matrix product: out[i][j] = scale * sum_k a[i * a_row + k * a_column] * b[k * ldb + j] for
 // i < R and j < V * C, every sum running over k in order. The V * C columns are V GCC vectors of C elements
@@ -68,9 +127,14 @@ VISIONMOE_ALWAYS_INLINE void product_block(int64_t K, const T* __restrict__ a, i
       for (int v = 0; v < V; ++v) accumulator[i][v] += a_ik * b_row[v];
     }
   }
+  if (scale != T(1)) {
+    for (int i = 0; i < R; ++i) {
+      for (int v = 0; v < V; ++v) accumulator[i][v] *= scale;
+    }
+  }
   for (int i = 0; i < R; ++i) {
     for (int v = 0; v < V; ++v) {
-      const Columns result = accumulator[i][v] * scale;
+      const Columns& result = accumulator[i][v];
       if constexpr (std::is_same_v<T, out_t>) {
         std::memcpy(out + i * ldc + v * C, &result, sizeof(Columns));
       } else {
@@ -115,18 +179,21 @@ VISIONMOE_ALWAYS_INLINE void product_rows(int64_t columns, int64_t K, const T* a
 // out [rows, columns] (row stride ldc) = scale * A B, where A [rows, K] is read as a[i * a_row + k * a_column]
 // (so a transposed A costs nothing) and B [K, columns] is row-major with row stride ldb. Narrow products (a
 // single vector of columns, such as the [N, S] logit-shaped ones) take 8 rows at a time, wide ones 4 rows of up
-// to 4 vectors, so that either has 8 to 16 independent accumulators.
+// to 4 vectors, so that either has 8 to 16 independent accumulators. `prefetcher` advances once per block of rows.
 template <typename T, typename out_t>
 VISIONMOE_ALWAYS_INLINE void product(int64_t rows, int64_t columns, int64_t K, const T* a, int64_t a_row,
-                                     int64_t a_column, const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc) {
+                                     int64_t a_column, const T* b, int64_t ldb, T scale, out_t* out, int64_t ldc,
+                                     Prefetcher& prefetcher) {
   int64_t i = 0;
   if (columns < 32) {
     for (; i + 8 <= rows; i += 8) {
       product_rows<8, 1>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+      prefetcher.advance();
     }
   }
   for (; i + 4 <= rows; i += 4) {
     product_rows<4, 4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
+    prefetcher.advance();
   }
   for (; i < rows; ++i) {
     product_rows<1, 4>(columns, K, a + i * a_row, a_row, a_column, b, ldb, scale, out + i * ldc, ldc);
@@ -141,37 +208,55 @@ VISIONMOE_ALWAYS_INLINE void transpose(const T* __restrict__ x, int64_t rows, in
   }
 }
 
-// Asks for n elements from x to be brought into cache ahead of use, one request per 64-byte line. The kernels
-// issue it for the next head's large inputs while this head computes, so that reading them from memory overlaps
-// the arithmetic (a head reads each input in several products, not in one stream the hardware prefetcher
-// would follow).
-template <typename T>
-VISIONMOE_ALWAYS_INLINE void prefetch(const T* x, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(x);
-  for (int64_t offset = 0; offset < n * static_cast<int64_t>(sizeof(T)); offset += 64) {
-    __builtin_prefetch(bytes + offset, 0, 2);
+// out[n] = combine(...combine(combine(value(n * S), value(n * S + 1)), ...), value(n * S + S - 1)) for each of N
+// rows: a reduction along each row of an [N, S] tile, in order. Eight rows at a time, each in its own scalar
+// accumulator, so that eight independent chains run side by side. (A loop vectorised along a row would end each
+// row in a horizontal reduction across one vector, a chain of dependent scalar operations per row; and a loop
+// written with the rows innermost is interchanged back into that by the compiler.)
+template <typename T, typename Value, typename Combine>
+VISIONMOE_ALWAYS_INLINE void reduce_rows(int64_t N, int64_t S, T* __restrict__ out, const Value& value,
+                                         const Combine& combine) {
+  constexpr int kRows = 8;
+  int64_t n = 0;
+  for (; n + kRows <= N; n += kRows) {
+    T accumulator[kRows];
+#pragma GCC unroll 8
+    for (int i = 0; i < kRows; ++i) accumulator[i] = value((n + i) * S);
+    for (int64_t s = 1; s < S; ++s) {
+#pragma GCC unroll 8
+      for (int i = 0; i < kRows; ++i) accumulator[i] = combine(accumulator[i], value((n + i) * S + s));
+    }
+    for (int i = 0; i < kRows; ++i) out[n + i] = accumulator[i];
+  }
+  for (; n < N; ++n) {
+    T accumulator = value(n * S);
+    for (int64_t s = 1; s < S; ++s) accumulator = combine(accumulator, value(n * S + s));
+    out[n] = accumulator;
   }
 }
 
-// Softmax over slots of each row of L [N, S] into p [N, S], and the rows' log-sum-exps [N].
+template <typename T>
+VISIONMOE_ALWAYS_INLINE T add(T a, T b) {
+  return a + b;
+}
+
+// Softmax over slots of each row of L [N, S] into p [N, S], and the rows' log-sum-exps [N]; `row_max` and
+// `row_sum` are [N] scratch.
 template <typename T>
 VISIONMOE_ALWAYS_INLINE void softmax_over_slots(const T* __restrict__ L, int64_t N, int64_t S, T* __restrict__ p,
-                                                T* __restrict__ logsumexp) {
+                                                T* __restrict__ logsumexp, T* __restrict__ row_max,
+                                                T* __restrict__ row_sum) {
+  reduce_rows(N, S, row_max, [L](int64_t i) { return L[i]; }, [](T a, T b) { return b > a ? b : a; });
   for (int64_t n = 0; n < N; ++n) {
-    const T* row = L + n * S;
-    T* p_row = p + n * S;
-    T row_max = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : row_max)
-    for (int64_t s = 0; s < S; ++s) row_max = row[s] > row_max ? row[s] : row_max;
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t s = 0; s < S; ++s) {
-      p_row[s] = exp_opmath(row[s] - row_max);
-      sum += p_row[s];
-    }
-    const T inverse_sum = T(1) / sum;
-    for (int64_t s = 0; s < S; ++s) p_row[s] *= inverse_sum;
-    logsumexp[n] = row_max + std::log(sum);
+    for (int64_t s = 0; s < S; ++s) p[n * S + s] = exp_opmath(L[n * S + s] - row_max[n]);
+  }
+  reduce_rows(N, S, row_sum, [p](int64_t i) { return p[i]; }, add<T>);
+  for (int64_t n = 0; n < N; ++n) {
+    logsumexp[n] = row_max[n] + log_opmath(row_sum[n]);
+    row_sum[n] = T(1) / row_sum[n];
+  }
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t s = 0; s < S; ++s) p[n * S + s] *= row_sum[n];
   }
 }
 
@@ -243,28 +328,34 @@ VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const Forwa
   const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
   constexpr bool kConverts = !std::is_same_v<T, scalar_t>;
   Workspace<T> workspace;
-  workspace.reserve(dh * S + 2 * N * S + 2 * S + (kConverts ? N * dh + S * dh + N * dv + S * dv : 0));
+  workspace.reserve(dh * S + 2 * N * S + 2 * S + 2 * N + (kConverts ? N * dh + S * dh + N * dv + S * dv : 0));
   T* k_t = workspace.take(dh * S);
   T* logits_tile = workspace.take(N * S);  // L, then the softmax over tokens P_N in place
   T* p_slots = workspace.take(N * S);      // P_S
   T* column_max = workspace.take(S);
   T* column_sum = workspace.take(S);
+  T* row_max = workspace.take(N);
+  T* row_sum = workspace.take(N);
   T* q_copy = workspace.template take_copy<scalar_t>(N * dh);
   T* k_copy = workspace.template take_copy<scalar_t>(S * dh);
   T* v_tokens_copy = workspace.template take_copy<scalar_t>(N * dv);
   T* v_slots_copy = workspace.template take_copy<scalar_t>(S * dv);
   const T scale = static_cast<T>(shape.scale);
+  Prefetcher prefetcher;
 
   for (int64_t h = begin; h < end; ++h) {
     if (h + 1 < end) {
-      prefetch(ptr.q + (h + 1) * N * dh, N * dh);
-      prefetch(ptr.where + (h + 1) * N * S, N * S);
-      prefetch(ptr.v_tokens + (h + 1) * N * dv, N * dv);
+      const int64_t next = h + 1;
+      prefetcher.start(std::pair{ptr.q + next * N * dh, N * dh}, std::pair{ptr.k + next * S * dh, S * dh},
+                       std::pair{ptr.where + next * N * S, N * S}, std::pair{ptr.v_slots + next * S * dv, S * dv},
+                       std::pair{ptr.v_tokens + next * N * dv, N * dv});
+    } else {
+      prefetcher.start();
     }
     const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
     const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
     transpose(k, S, dh, k_t);
-    product(N, S, dh, q, dh, 1, k_t, S, T(1), logits_tile, S);
+    product(N, S, dh, q, dh, 1, k_t, S, T(1), logits_tile, S, prefetcher);
     const scalar_t* where = ptr.where + h * N * S;
     scalar_t* logits = ptr.logits + h * N * S;
     for (int64_t i = 0; i < N * S; ++i) {
@@ -272,12 +363,13 @@ VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const Forwa
       logits[i] = static_cast<scalar_t>(static_cast<T>(where[i]) + scale * logits_tile[i]);
       logits_tile[i] = static_cast<T>(logits[i]);
     }
-    softmax_over_slots(logits_tile, N, S, p_slots, ptr.token_logsumexp + h * N);
+    softmax_over_slots(logits_tile, N, S, p_slots, ptr.token_logsumexp + h * N, row_max, row_sum);
     softmax_over_tokens_in_place(logits_tile, N, S, ptr.slot_logsumexp + h * S, column_max, column_sum);
     const T* v_slots = in_opmath(ptr.v_slots + h * S * dv, S * dv, v_slots_copy);
-    product(N, dv, S, logits_tile, S, 1, v_slots, dv, T(1), ptr.token_update + h * N * dv, dv);
+    product(N, dv, S, logits_tile, S, 1, v_slots, dv, T(1), ptr.token_update + h * N * dv, dv, prefetcher);
     const T* v_tokens = in_opmath(ptr.v_tokens + h * N * dv, N * dv, v_tokens_copy);
-    product(S, dv, N, p_slots, 1, S, v_tokens, dv, T(1), ptr.slot_update + h * S * dv, dv);  // P_S^T v_tokens
+    product(S, dv, N, p_slots, 1, S, v_tokens, dv, T(1), ptr.slot_update + h * S * dv, dv,  // P_S^T v_tokens
+            prefetcher);
   }
 }
 
@@ -308,14 +400,16 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
   const int64_t N = shape.tokens, S = shape.slots, dh = shape.head_dim, dv = shape.value_dim;
   constexpr bool kConverts = !std::is_same_v<T, scalar_t>;
   Workspace<T> workspace;
-  workspace.reserve(4 * N * S + dv * S + S +
-                    (kConverts ? N * dh + S * dh + 2 * N * dv + 2 * S * dv : 0));
-  T* logits_tile = workspace.take(N * S);
+  workspace.reserve(3 * N * S + dv * S + S * dh + S + N +
+                    (kConverts ? N * S + N * dh + S * dh + 2 * N * dv + 2 * S * dv : 0));
+  T* logits_copy = workspace.template take_copy<scalar_t>(N * S);
+  T* scaled_k = workspace.take(S * dh);  // k / sqrt(dh)
   T* probabilities = workspace.take(N * S);  // P_N, then P_S
   T* grad_probabilities = workspace.take(N * S);  // G_N, then G_S
   T* grad_logits_tile = workspace.take(N * S);  // dL
   T* transposed = workspace.take(dv * S);  // v_slots^T, then grad_slot_update^T
   T* column_sum = workspace.take(S);
+  T* row_sum = workspace.take(N);
   T* q_copy = workspace.template take_copy<scalar_t>(N * dh);
   T* k_copy = workspace.template take_copy<scalar_t>(S * dh);
   T* v_tokens_copy = workspace.template take_copy<scalar_t>(N * dv);
@@ -323,17 +417,18 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
   T* grad_token_update_copy = workspace.template take_copy<scalar_t>(N * dv);
   T* grad_slot_update_copy = workspace.template take_copy<scalar_t>(S * dv);
   const T scale = static_cast<T>(shape.scale);
-
+  Prefetcher prefetcher;
   for (int64_t h = begin; h < end; ++h) {
     if (h + 1 < end) {
-      prefetch(ptr.logits + (h + 1) * N * S, N * S);
-      if (ptr.grad_logits != nullptr) prefetch(ptr.grad_logits + (h + 1) * N * S, N * S);
-      if (ptr.grad_token_update != nullptr) prefetch(ptr.grad_token_update + (h + 1) * N * dv, N * dv);
-      prefetch(ptr.v_tokens + (h + 1) * N * dv, N * dv);
-      prefetch(ptr.q + (h + 1) * N * dh, N * dh);
+      // Null pointers (absent gradients) are skipped.
+      const auto next = [&](const auto* x, int64_t n) { return std::pair{x == nullptr ? x : x + (h + 1) * n, n}; };
+      prefetcher.start(next(ptr.logits, N * S), next(ptr.grad_logits, N * S), next(ptr.grad_token_update, N * dv),
+                       next(ptr.v_slots, S * dv), next(ptr.grad_slot_update, S * dv), next(ptr.v_tokens, N * dv),
+                       next(ptr.q, N * dh), next(ptr.k, S * dh));
+    } else {
+      prefetcher.start();
     }
-    const scalar_t* logits = ptr.logits + h * N * S;
-    for (int64_t i = 0; i < N * S; ++i) logits_tile[i] = static_cast<T>(logits[i]);
+    const T* logits_tile = in_opmath(ptr.logits + h * N * S, N * S, logits_copy);
     if (ptr.grad_logits != nullptr) {
       const scalar_t* grad_logits = ptr.grad_logits + h * N * S;
       for (int64_t i = 0; i < N * S; ++i) grad_logits_tile[i] = static_cast<T>(grad_logits[i]);
@@ -353,7 +448,7 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
           in_opmath(ptr.grad_token_update + h * N * dv, N * dv, grad_token_update_copy);
       const T* v_slots = in_opmath(ptr.v_slots + h * S * dv, S * dv, v_slots_copy);
       transpose(v_slots, S, dv, transposed);
-      product(N, S, dv, grad_token_update, dv, 1, transposed, S, T(1), grad_probabilities, S);
+      product(N, S, dv, grad_token_update, dv, 1, transposed, S, T(1), grad_probabilities, S, prefetcher);
       std::fill(column_sum, column_sum + S, T(0));
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t s = 0; s < S; ++s) column_sum[s] += probabilities[n * S + s] * grad_probabilities[n * S + s];
@@ -363,7 +458,8 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
           grad_logits_tile[n * S + s] += probabilities[n * S + s] * (grad_probabilities[n * S + s] - column_sum[s]);
         }
       }
-      product(S, dv, N, probabilities, 1, S, grad_token_update, dv, T(1), ptr.grad_v_slots + h * S * dv, dv);
+      product(S, dv, N, probabilities, 1, S, grad_token_update, dv, T(1), ptr.grad_v_slots + h * S * dv, dv,
+              prefetcher);
     } else {
       std::fill(ptr.grad_v_slots + h * S * dv, ptr.grad_v_slots + (h + 1) * S * dv, scalar_t(0));
     }
@@ -379,16 +475,16 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
       const T* grad_slot_update = in_opmath(ptr.grad_slot_update + h * S * dv, S * dv, grad_slot_update_copy);
       const T* v_tokens = in_opmath(ptr.v_tokens + h * N * dv, N * dv, v_tokens_copy);
       transpose(grad_slot_update, S, dv, transposed);
-      product(N, S, dv, v_tokens, dv, 1, transposed, S, T(1), grad_probabilities, S);
+      product(N, S, dv, v_tokens, dv, 1, transposed, S, T(1), grad_probabilities, S, prefetcher);
+      reduce_rows(
+          N, S, row_sum, [&](int64_t i) { return probabilities[i] * grad_probabilities[i]; }, add<T>);
       for (int64_t n = 0; n < N; ++n) {
-        const T* p_row = probabilities + n * S;
-        const T* g_row = grad_probabilities + n * S;
-        T row_sum = 0;
-#pragma omp simd reduction(+ : row_sum)
-        for (int64_t s = 0; s < S; ++s) row_sum += p_row[s] * g_row[s];
-        for (int64_t s = 0; s < S; ++s) grad_logits_tile[n * S + s] += p_row[s] * (g_row[s] - row_sum);
+        for (int64_t s = 0; s < S; ++s) {
+          grad_logits_tile[n * S + s] += probabilities[n * S + s] * (grad_probabilities[n * S + s] - row_sum[n]);
+        }
       }
-      product(N, dv, S, probabilities, S, 1, grad_slot_update, dv, T(1), ptr.grad_v_tokens + h * N * dv, dv);
+      product(N, dv, S, probabilities, S, 1, grad_slot_update, dv, T(1), ptr.grad_v_tokens + h * N * dv, dv,
+              prefetcher);
     } else {
       std::fill(ptr.grad_v_tokens + h * N * dv, ptr.grad_v_tokens + (h + 1) * N * dv, scalar_t(0));
     }
@@ -397,8 +493,9 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
     for (int64_t i = 0; i < N * S; ++i) grad_where[i] = static_cast<scalar_t>(grad_logits_tile[i]);
     const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
     const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
-    product(N, dh, S, grad_logits_tile, S, 1, k, dh, scale, ptr.grad_q + h * N * dh, dh);
-    product(S, dh, N, grad_logits_tile, 1, S, q, dh, scale, ptr.grad_k + h * S * dh, dh);  // dL^T q
+    for (int64_t i = 0; i < S * dh; ++i) scaled_k[i] = scale * k[i];  // so that the product has no scaling
+    product(N, dh, S, grad_logits_tile, S, 1, scaled_k, dh, T(1), ptr.grad_q + h * N * dh, dh, prefetcher);
+    product(S, dh, N, grad_logits_tile, 1, S, q, dh, scale, ptr.grad_k + h * S * dh, dh, prefetcher);  // dL^T q
   }
 }
 
