@@ -6,7 +6,9 @@ inputs. Memory is reported two ways:
   - peak: each implementation's peak memory above a baseline, measured in a fresh process per implementation
     (peak resident memory, VmHWM, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so that one
     implementation's allocations cannot hide another's. The baseline process holds the same inputs and output
-    gradients and runs both implementations once on a tiny problem (loading the same libraries);
+    gradients and runs both implementations once on a tiny problem (loading the same libraries). Each of the
+    three processes runs ``--memory-probes`` times and the median is reported (the eager formulation's peak
+    alone varies by about 10 % from one process to the next); ``peak_mb_range`` gives the lowest and highest;
   - saved: the bytes of the storages autograd keeps from the forward to the backward (``saved_mb``), and those of
     them that are not inputs (``saved_activations_mb``: the eager formulation keeps both [B, H, N, S] softmax
     outputs, the fused operator the logits, which are an output anyway, and two log-sum-exps).
@@ -28,6 +30,7 @@ Results: benchmarks/results/whatwhere_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -76,8 +79,16 @@ def peak_memory_probe(args):
     print(peak_resident_bytes())
 
 
-def measure_peak_memory(args, implementation) -> int:
-    return peak_memory_in_fresh_process(__file__, args, implementation, ("tag", "warmup", "repeat", "rounds"))
+def measure_peak_memory(args, implementation) -> list[int]:
+    """Peak memory in bytes of ``args.memory_probes`` fresh processes running ``implementation``."""
+    return [peak_memory_in_fresh_process(__file__, args, implementation,
+                                         ("tag", "warmup", "repeat", "rounds", "memory_probes"))
+            for _ in range(args.memory_probes)]
+
+
+def peak_columns(peaks: list[int], baseline: float) -> dict:
+    above = [(peak - baseline) / 2**20 for peak in peaks]
+    return {"peak_mb": statistics.median(above), "peak_mb_range": f"{min(above):.1f}-{max(above):.1f}"}
 
 
 def main():
@@ -97,6 +108,7 @@ def main():
     parser.add_argument("--tag", default=None)
     parser.add_argument("--heap", default="kept", choices=["kept", "default"],
                         help="kept: glibc keeps freed memory in the process (see above); default: glibc's settings")
+    parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per peak-memory reading")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     heap_kept = args.heap == "kept" and keep_freed_memory_in_heap()
@@ -126,7 +138,7 @@ def main():
     steps = {name: (lambda name=name: step(name, inputs, output_grads)) for name in IMPLEMENTATIONS}
     seconds = timeit_rounds(steps, args.warmup, args.repeat, args.rounds, device, setup=clear)
     faults = {name: page_faults_per_call(steps[name], args.repeat, setup=clear) for name in IMPLEMENTATIONS}
-    baseline = measure_peak_memory(args, "none") if device.type == "cpu" else 0
+    baseline = statistics.median(measure_peak_memory(args, "none")) if device.type == "cpu" else 0
     input_storages = {x.untyped_storage().data_ptr() for x in inputs}
     rows = []
     for implementation, forward in IMPLEMENTATIONS.items():
@@ -134,7 +146,7 @@ def main():
         activations = {ptr: size for ptr, size in saved.items() if ptr not in input_storages}
         rows.append({"implementation": implementation, "median_ms": seconds[implementation] * 1e3,
                      "page_faults_per_step": faults[implementation],
-                     "peak_mb": (measure_peak_memory(args, implementation) - baseline) / 2**20,
+                     **peak_columns(measure_peak_memory(args, implementation), baseline),
                      "saved_mb": sum(saved.values()) / 2**20,
                      "saved_activations_mb": sum(activations.values()) / 2**20})
     fused, eager = rows
