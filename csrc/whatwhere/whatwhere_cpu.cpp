@@ -52,8 +52,10 @@ VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buff
 // call is learned from the number of calls the previous head made.
 class Prefetcher {
  public:
-  // Starts on the next head's ranges (pointer, number of elements), in the order the head reads them, after
-  // requesting whatever the previous ranges still had unrequested; no ranges: nothing to prefetch.
+  // Starts on the next head's ranges (pointer, number of elements), in the order the head uses them, after
+  // requesting whatever the previous ranges still had unrequested; no ranges: nothing to prefetch. Ranges of
+  // mutable elements are outputs, requested for writing, so that the head's stores to them find their lines
+  // already held instead of waiting on each line's read-for-ownership.
   template <typename... Ranges>
   void start(const Ranges&... ranges) {
     request(std::numeric_limits<int64_t>::max());
@@ -72,14 +74,15 @@ class Prefetcher {
   }
 
  private:
-  static constexpr int kMaxRanges = 8;
+  static constexpr int kMaxRanges = 12;
   static constexpr int64_t kLine = 64;
 
   template <typename T>
-  void add(const T* x, int64_t n, int64_t& lines) {
+  void add(T* x, int64_t n, int64_t& lines) {
     if (x == nullptr || n <= 0) return;
     next_[count_] = reinterpret_cast<const char*>(x);
     end_[count_] = next_[count_] + n * static_cast<int64_t>(sizeof(T));
+    for_writing_[count_] = !std::is_const_v<T>;
     lines += (end_[count_] - next_[count_] + kLine - 1) / kLine;
     ++count_;
   }
@@ -87,7 +90,11 @@ class Prefetcher {
   void request(int64_t lines) {
     for (; current_ < count_ && lines > 0; ++current_) {
       for (; next_[current_] < end_[current_] && lines > 0; next_[current_] += kLine, --lines) {
-        __builtin_prefetch(next_[current_], 0, 2);
+        if (for_writing_[current_]) {
+          __builtin_prefetch(next_[current_], 1, 2);
+        } else {
+          __builtin_prefetch(next_[current_], 0, 2);
+        }
       }
       if (next_[current_] < end_[current_]) return;
     }
@@ -95,6 +102,7 @@ class Prefetcher {
 
   const char* next_[kMaxRanges] = {};
   const char* end_[kMaxRanges] = {};
+  bool for_writing_[kMaxRanges] = {};
   int count_ = 0;
   int current_ = 0;
   int64_t calls_ = 0;
@@ -347,7 +355,9 @@ VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const Forwa
     if (h + 1 < end) {
       const int64_t next = h + 1;
       prefetcher.start(std::pair{ptr.q + next * N * dh, N * dh}, std::pair{ptr.k + next * S * dh, S * dh},
-                       std::pair{ptr.where + next * N * S, N * S}, std::pair{ptr.v_slots + next * S * dv, S * dv},
+                       std::pair{ptr.where + next * N * S, N * S}, std::pair{ptr.logits + next * N * S, N * S},
+                       std::pair{ptr.v_slots + next * S * dv, S * dv},
+                       std::pair{ptr.token_update + next * N * dv, N * dv},
                        std::pair{ptr.v_tokens + next * N * dv, N * dv});
     } else {
       prefetcher.start();
@@ -424,7 +434,8 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
       const auto next = [&](const auto* x, int64_t n) { return std::pair{x == nullptr ? x : x + (h + 1) * n, n}; };
       prefetcher.start(next(ptr.logits, N * S), next(ptr.grad_logits, N * S), next(ptr.grad_token_update, N * dv),
                        next(ptr.v_slots, S * dv), next(ptr.grad_slot_update, S * dv), next(ptr.v_tokens, N * dv),
-                       next(ptr.q, N * dh), next(ptr.k, S * dh));
+                       next(ptr.grad_v_tokens, N * dv), next(ptr.grad_where, N * S), next(ptr.q, N * dh),
+                       next(ptr.k, S * dh), next(ptr.grad_q, N * dh));
     } else {
       prefetcher.start();
     }
