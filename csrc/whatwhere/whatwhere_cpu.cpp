@@ -44,27 +44,32 @@ VISIONMOE_ALWAYS_INLINE const T* in_opmath(const scalar_t* x, int64_t n, T* buff
   }
 }
 
-// Brings the next head's large inputs into cache while this head computes, a few 64-byte lines at a time: the
-// products call `advance()` once per block of rows, and each call requests the next share of the lines. A head
-// reads each input in several products, not in one stream the hardware prefetcher would follow; and requesting
+// Brings the next head's large inputs and outputs into cache while this head computes, a few 64-byte lines at a
+// time: the products call `advance()` once per block of rows, and each call requests the next share of the lines.
+// A head reads each input in several products, not in one stream the hardware prefetcher would follow; and requesting
 // all of a head's lines in one burst stalls on the few outstanding misses a core can have (software prefetches
 // wait for a free fill buffer), so the requests are spread over the head's arithmetic instead. The share per
 // call is learned from the number of calls the previous head made.
 class Prefetcher {
  public:
-  // Starts on the next head's ranges (pointer, number of elements), in the order the head uses them, after
-  // requesting whatever the previous ranges still had unrequested; no ranges: nothing to prefetch. Ranges of
-  // mutable elements are outputs, requested for writing, so that the head's stores to them find their lines
-  // already held instead of waiting on each line's read-for-ownership.
+  // Heads [.., end) are this worker's: there is nothing to prefetch beyond the last one.
+  explicit Prefetcher(int64_t end) : end_head_(end) {}
+
+  // Starts on head `head`'s part of each range (base pointer, elements per head; null: absent), given in the order
+  // the head uses them, after requesting whatever the previous head's ranges still had unrequested; past the
+  // worker's last head, on nothing. Ranges of mutable elements are outputs, requested for writing, so that the
+  // head's stores to them find their lines already held instead of waiting on each line's read-for-ownership.
   template <typename... Ranges>
-  void start(const Ranges&... ranges) {
+  void start(int64_t head, const Ranges&... ranges) {
+    static_assert(sizeof...(Ranges) <= kMaxRanges, "more ranges than the prefetcher holds");
     request(std::numeric_limits<int64_t>::max());
     if (calls_ > 0) calls_per_head_ = calls_;
     calls_ = 0;
     count_ = 0;
     current_ = 0;
+    if (head >= end_head_) return;
     int64_t lines = 0;
-    (add(ranges.first, ranges.second, lines), ...);
+    (add(ranges.first, head, ranges.second, lines), ...);
     lines_per_call_ = std::max<int64_t>(1, (lines + calls_per_head_ - 1) / calls_per_head_);
   }
 
@@ -78,9 +83,9 @@ class Prefetcher {
   static constexpr int64_t kLine = 64;
 
   template <typename T>
-  void add(T* x, int64_t n, int64_t& lines) {
-    if (x == nullptr || n <= 0) return;
-    next_[count_] = reinterpret_cast<const char*>(x);
+  void add(T* base, int64_t head, int64_t n, int64_t& lines) {
+    if (base == nullptr || n <= 0) return;
+    next_[count_] = reinterpret_cast<const char*>(base + head * n);
     end_[count_] = next_[count_] + n * static_cast<int64_t>(sizeof(T));
     for_writing_[count_] = !std::is_const_v<T>;
     lines += (end_[count_] - next_[count_] + kLine - 1) / kLine;
@@ -100,6 +105,7 @@ class Prefetcher {
     }
   }
 
+  const int64_t end_head_;
   const char* next_[kMaxRanges] = {};
   const char* end_[kMaxRanges] = {};
   bool for_writing_[kMaxRanges] = {};
@@ -349,19 +355,12 @@ VISIONMOE_CPU_CLONES void forward_heads(const WhatWhereShape& shape, const Forwa
   T* v_tokens_copy = workspace.template take_copy<scalar_t>(N * dv);
   T* v_slots_copy = workspace.template take_copy<scalar_t>(S * dv);
   const T scale = static_cast<T>(shape.scale);
-  Prefetcher prefetcher;
+  Prefetcher prefetcher(end);
 
   for (int64_t h = begin; h < end; ++h) {
-    if (h + 1 < end) {
-      const int64_t next = h + 1;
-      prefetcher.start(std::pair{ptr.q + next * N * dh, N * dh}, std::pair{ptr.k + next * S * dh, S * dh},
-                       std::pair{ptr.where + next * N * S, N * S}, std::pair{ptr.logits + next * N * S, N * S},
-                       std::pair{ptr.v_slots + next * S * dv, S * dv},
-                       std::pair{ptr.token_update + next * N * dv, N * dv},
-                       std::pair{ptr.v_tokens + next * N * dv, N * dv});
-    } else {
-      prefetcher.start();
-    }
+    prefetcher.start(h + 1, std::pair{ptr.q, N * dh}, std::pair{ptr.k, S * dh}, std::pair{ptr.where, N * S},
+                     std::pair{ptr.logits, N * S}, std::pair{ptr.v_slots, S * dv}, std::pair{ptr.token_update, N * dv},
+                     std::pair{ptr.v_tokens, N * dv});
     const T* q = in_opmath(ptr.q + h * N * dh, N * dh, q_copy);
     const T* k = in_opmath(ptr.k + h * S * dh, S * dh, k_copy);
     transpose(k, S, dh, k_t);
@@ -427,18 +426,13 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
   T* grad_token_update_copy = workspace.template take_copy<scalar_t>(N * dv);
   T* grad_slot_update_copy = workspace.template take_copy<scalar_t>(S * dv);
   const T scale = static_cast<T>(shape.scale);
-  Prefetcher prefetcher;
+  Prefetcher prefetcher(end);
   for (int64_t h = begin; h < end; ++h) {
-    if (h + 1 < end) {
-      // Null pointers (absent gradients) are skipped.
-      const auto next = [&](const auto* x, int64_t n) { return std::pair{x == nullptr ? x : x + (h + 1) * n, n}; };
-      prefetcher.start(next(ptr.logits, N * S), next(ptr.grad_logits, N * S), next(ptr.grad_token_update, N * dv),
-                       next(ptr.v_slots, S * dv), next(ptr.grad_slot_update, S * dv), next(ptr.v_tokens, N * dv),
-                       next(ptr.grad_v_tokens, N * dv), next(ptr.grad_where, N * S), next(ptr.q, N * dh),
-                       next(ptr.k, S * dh), next(ptr.grad_q, N * dh));
-    } else {
-      prefetcher.start();
-    }
+    prefetcher.start(h + 1, std::pair{ptr.logits, N * S}, std::pair{ptr.grad_logits, N * S},
+                     std::pair{ptr.grad_token_update, N * dv}, std::pair{ptr.v_slots, S * dv},
+                     std::pair{ptr.grad_slot_update, S * dv}, std::pair{ptr.v_tokens, N * dv},
+                     std::pair{ptr.grad_v_tokens, N * dv}, std::pair{ptr.grad_where, N * S}, std::pair{ptr.q, N * dh},
+                     std::pair{ptr.k, S * dh}, std::pair{ptr.grad_q, N * dh});
     const T* logits_tile = in_opmath(ptr.logits + h * N * S, N * S, logits_copy);
     if (ptr.grad_logits != nullptr) {
       const scalar_t* grad_logits = ptr.grad_logits + h * N * S;
