@@ -10,8 +10,8 @@ Implementations:
 For each E, two steps are timed: the forward alone (``sinkhorn(logits)``, with autograd recording, as in
 training) and forward + backward (``sinkhorn(logits).backward(grad)``). Before timing, each implementation's
 log-plan and logits gradient are checked against the reference's in float64, so that a wrong result is never
-timed. ns_per_entry = forward + backward median / (G * T * E * K). On CUDA, peak_mb is the peak memory the
-forward + backward step allocates beyond its inputs.
+timed. ns_per_entry = forward + backward median / (G * T * E * K). peak_mb is the peak memory the forward +
+backward step allocates beyond its inputs (``common.allocated_peak_bytes``).
 
 Usage:
   python benchmarks/bench_sinkhorn.py                          # CPU, T=16384, E in 8, 32, 128, 20 iterations
@@ -28,7 +28,7 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import DTYPES, cuda_peak_bytes, format_table, timeit, write_results
+from common import DTYPES, allocated_peak_bytes, format_table, timeit, write_results
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
 # are a few units, and gradients of order one.
@@ -84,10 +84,9 @@ def check_against_float64(name: str, sinkhorn, logits, grad_log_plan, iterations
 
 
 def peak_memory_mb(step, logits, device: torch.device):
-    """Peak memory one forward + backward allocates beyond what was allocated before it (CUDA only)."""
+    """Peak memory one forward + backward allocates beyond what was allocated before it."""
     logits.grad = None
-    peak = cuda_peak_bytes(step, device)
-    return None if peak is None else peak / 1e6
+    return allocated_peak_bytes(step, device) / 1e6
 
 
 def main(argv=None) -> None:

@@ -16,9 +16,9 @@ dispatch and combine. FLOPs: 6 GEMMs of 2 G T S D each, so 12 G T S D per step.
 Memory: ``saved_mb`` is what autograd keeps from the forward for the backward, measured with
 ``torch.autograd.graph.saved_tensors_hooks`` as the bytes of the distinct storages it saves; ``beyond_inputs_mb``
 leaves out x's and the logits' storages, which the caller holds anyway. Both implementations save the slots
-(combine's input, here the dispatch's output); the eager one also saves both softmax outputs. On CUDA the peak
-allocated memory of a step above what was allocated before it is reported as well (``peak_mb``); CPU has no
-allocator statistics, so that column is empty there.
+(combine's input, here the dispatch's output); the eager one also saves both softmax outputs. The peak
+allocated memory of a step above what was allocated before it is reported as well (``peak_mb``,
+``common.allocated_peak_bytes``).
 
 Usage:
   python benchmarks/bench_soft_moe.py                               # CPU, G=32 T=196 D=384 E=16, P=1 and P=12
@@ -36,7 +36,7 @@ import torch
 
 from visionmoe import ops, reference
 
-from common import DTYPES, cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import DTYPES, allocated_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
 
 IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
 
@@ -145,11 +145,11 @@ def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
     for name, module in IMPLEMENTATIONS.items():
         total, beyond_inputs = saved_bytes(module, x, logits)
         clear_grads()
-        peak = cuda_peak_bytes(steps[name], device)
+        peak = allocated_peak_bytes(steps[name], device)
         rows.append({"S": S, "implementation": name, "median_ms": seconds[name] * 1e3,
                      "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
                      "gflop_per_s": flops / seconds[name] / 1e9, "saved_mb": total / 1e6,
-                     "beyond_inputs_mb": beyond_inputs / 1e6, "peak_mb": None if peak is None else peak / 1e6})
+                     "beyond_inputs_mb": beyond_inputs / 1e6, "peak_mb": peak / 1e6})
     rows.append({"S": S, "implementation": "gemm_only", "median_ms": seconds["gemm_only"] * 1e3,
                  "visionmoe_speedup": seconds["gemm_only"] / seconds["visionmoe"],
                  "gflop_per_s": flops / seconds["gemm_only"] / 1e9, "saved_mb": None, "beyond_inputs_mb": None,
@@ -181,7 +181,8 @@ def main(argv=None) -> None:
         "experts": args.experts,
         "slots_per_expert": args.slots_per_expert,
         "flops_formula": "12 G T S D (six batched GEMMs of 2 G T S D)",
-        "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); peak_mb: CUDA only",
+        "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); peak_mb: peak allocated "
+                  "during a step beyond what was allocated before it",
         "warmup": args.warmup,
         "repeat": args.repeat,
         "rounds": args.rounds,

@@ -18,8 +18,8 @@ for several rounds and each one's median over the rounds reported (see benchmark
 each implementation's loss and gradient are checked against the float64 reference, so that a wrong result is
 never timed. ``ns_per_entry`` = forward + backward median / (T * E); ``saved_mb`` is what autograd keeps for
 the backward (the distinct storages), ``beyond_inputs_mb`` the same without the storages of the student's logits
-and the teacher, which the caller holds anyway; on CUDA ``peak_mb`` is the peak memory the forward + backward step
-allocates beyond its inputs.
+and the teacher, which the caller holds anyway; ``peak_mb`` is the peak memory the forward + backward step
+allocates beyond its inputs (``common.allocated_peak_bytes``).
 
 Usage:
   python benchmarks/bench_teacher_routing.py                   # CPU, T=16384, E in 8 32 128, both formats
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import DTYPES, cuda_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import DTYPES, allocated_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes: the loss is a mean
 # of values of order one, the gradient entries are of order 1 / T.
@@ -148,7 +148,7 @@ def run_config(args, device, dtype, E: int, teacher_format: str) -> list[dict]:
         saved_bytes = sum(storages.values())
         beyond_inputs_bytes = sum(nbytes for pointer, nbytes in storages.items() if pointer not in inputs)
         clear_grad()
-        peak = cuda_peak_bytes(steps[name], device)
+        peak = allocated_peak_bytes(steps[name], device)
         rows.append({
             "teacher": teacher_format,
             "experts": E,
@@ -159,7 +159,7 @@ def run_config(args, device, dtype, E: int, teacher_format: str) -> list[dict]:
             "ns_per_entry": seconds[name] * 1e9 / (T * E),
             "saved_mb": saved_bytes / 1e6,
             "beyond_inputs_mb": beyond_inputs_bytes / 1e6,
-            "peak_mb": None if peak is None else peak / 1e6,
+            "peak_mb": peak / 1e6,
         })
     return rows
 
@@ -192,7 +192,8 @@ def main(argv=None) -> None:
         "teacher_formats": args.formats,
         "inputs": "student logits 2 * standard normal; teacher logits standard normal, probabilities their softmax",
         "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); beyond_inputs_mb: without "
-                  "the student's logits and the teacher; peak_mb: CUDA only",
+                  "the student's logits and the teacher; peak_mb: peak allocated during a step beyond what was "
+                  "allocated before it",
         "warmup": args.warmup,
         "repeat": args.repeat,
         "rounds": args.rounds,
