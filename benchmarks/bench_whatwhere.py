@@ -2,13 +2,20 @@
 formulation (``visionmoe.reference.whatwhere_attention``); time and memory, in one run.
 
 Both get gradients for all three outputs (token_update, slot_update, logits) and compute gradients for all five
-inputs. Memory is reported two ways:
-  - peak: each implementation's peak memory above a baseline, measured in a fresh process per implementation
-    (peak resident memory, VmHWM, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so that one
-    implementation's allocations cannot hide another's. The baseline process holds the same inputs and output
-    gradients and runs both implementations once on a tiny problem (loading the same libraries). Each of the
-    three processes runs ``--memory-probes`` times and the median is reported (the eager formulation's peak
-    alone varies by about 10 % from one process to the next); ``peak_mb_range`` gives the lowest and highest;
+inputs. Memory is reported three ways:
+  - allocated: the peak of the bytes a step holds allocated through PyTorch's allocator beyond what was
+    allocated before it (``common.allocated_peak_bytes``: ``torch.cuda.max_memory_allocated`` on CUDA, the
+    profiler's allocation events on the CPU): the tensors themselves, whatever heap holds them. Both
+    implementations return three outputs, which the caller holds through the backward, and five gradients, so
+    neither can go below their sum (69 MiB at the default sizes);
+  - resident (CPU only): each implementation's peak resident memory (VmHWM) above a baseline, measured in a fresh
+    process per implementation so that one implementation's allocations cannot hide another's. The baseline
+    process holds the same inputs and output gradients and runs both implementations once on a tiny problem
+    (loading the same libraries). Each of the three processes runs ``--memory-probes`` times and the median is
+    reported, with the lowest and highest in ``resident_peak_mb_range``. It includes what glibc's heap holds
+    beyond the live tensors: the eager formulation's sequence of differently sized temporaries fragments the
+    heap, which grows about 20-25 MiB past its allocated peak, by an amount that varies from one process to the
+    next;
   - saved: the bytes of the storages autograd keeps from the forward to the backward (``saved_mb``), and those of
     them that are not inputs (``saved_activations_mb``: the eager formulation keeps both [B, H, N, S] softmax
     outputs, the fused operator the logits, which are an output anyway, and two log-sum-exps).
@@ -33,11 +40,12 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (cuda_peak_bytes, format_table, keep_freed_memory_in_heap, page_faults_per_call,  # noqa: E402
+from common import (allocated_peak_bytes, format_table, keep_freed_memory_in_heap, page_faults_per_call,  # noqa: E402
                     peak_memory_in_fresh_process, peak_resident_bytes, saved_storages, timeit_rounds, write_results)
 
 from visionmoe import ops, reference  # noqa: E402
@@ -63,32 +71,31 @@ def step(implementation, inputs, output_grads):
     torch.autograd.backward(IMPLEMENTATIONS[implementation](*inputs), output_grads)
 
 
-def peak_memory_probe(args):
-    """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+def resident_peak_probe(args):
+    """Runs in a fresh process: one CPU step of one implementation (or none), prints the peak resident bytes."""
+    dtype = getattr(torch, args.dtype)
     for implementation in IMPLEMENTATIONS:  # loads and initialises what each implementation uses, on a tiny problem
-        step(implementation, *build(args, device, dtype, batch=1))
-    inputs, output_grads = build(args, device, dtype)
-    if device.type == "cuda":
-        peak = cuda_peak_bytes(lambda: args.memory_probe != "none" and step(args.memory_probe, inputs, output_grads),
-                               device)
-        print(peak)
-        return
+        step(implementation, *build(args, "cpu", dtype, batch=1))
+    inputs, output_grads = build(args, "cpu", dtype)
     if args.memory_probe != "none":
         step(args.memory_probe, inputs, output_grads)
     print(peak_resident_bytes())
 
 
-def measure_peak_memory(args, implementation) -> list[int]:
-    """Peak memory in bytes of ``args.memory_probes`` fresh processes running ``implementation``."""
+def resident_peaks(args, implementation) -> list[int]:
+    """Peak resident bytes of ``args.memory_probes`` fresh processes running ``implementation``."""
     return [peak_memory_in_fresh_process(__file__, args, implementation,
                                          ("tag", "warmup", "repeat", "rounds", "memory_probes"))
             for _ in range(args.memory_probes)]
 
 
-def peak_columns(peaks: list[int], baseline: float) -> dict:
-    above = [(peak - baseline) / 2**20 for peak in peaks]
-    return {"peak_mb": statistics.median(above), "peak_mb_range": f"{min(above):.1f}-{max(above):.1f}"}
+def resident_columns(args, implementation, baseline: Optional[float]) -> dict:
+    """Median and range of the resident peaks above ``baseline`` in MiB; empty columns where it is None (CUDA)."""
+    if baseline is None:
+        return {"resident_peak_mb": None, "resident_peak_mb_range": None}
+    above = [(peak - baseline) / 2**20 for peak in resident_peaks(args, implementation)]
+    return {"resident_peak_mb": statistics.median(above),
+            "resident_peak_mb_range": f"{min(above):.1f}-{max(above):.1f}"}
 
 
 def main():
@@ -115,7 +122,7 @@ def main():
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
-        peak_memory_probe(args)
+        resident_peak_probe(args)
         return
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -138,21 +145,26 @@ def main():
     steps = {name: (lambda name=name: step(name, inputs, output_grads)) for name in IMPLEMENTATIONS}
     seconds = timeit_rounds(steps, args.warmup, args.repeat, args.rounds, device, setup=clear)
     faults = {name: page_faults_per_call(steps[name], args.repeat, setup=clear) for name in IMPLEMENTATIONS}
-    baseline = statistics.median(measure_peak_memory(args, "none")) if device.type == "cpu" else 0
+    baseline = statistics.median(resident_peaks(args, "none")) if device.type == "cpu" else None
     input_storages = {x.untyped_storage().data_ptr() for x in inputs}
     rows = []
     for implementation, forward in IMPLEMENTATIONS.items():
         saved = saved_storages(lambda: forward(*inputs))
         activations = {ptr: size for ptr, size in saved.items() if ptr not in input_storages}
+        clear()
+        allocated = allocated_peak_bytes(steps[implementation], device)
         rows.append({"implementation": implementation, "median_ms": seconds[implementation] * 1e3,
                      "page_faults_per_step": faults[implementation],
-                     **peak_columns(measure_peak_memory(args, implementation), baseline),
+                     "allocated_peak_mb": allocated / 2**20,
+                     **resident_columns(args, implementation, baseline),
                      "saved_mb": sum(saved.values()) / 2**20,
                      "saved_activations_mb": sum(activations.values()) / 2**20})
     fused, eager = rows
     for row in rows:
         row["time_vs_eager"] = row["median_ms"] / eager["median_ms"]
-        row["peak_vs_eager"] = row["peak_mb"] / eager["peak_mb"]
+        row["allocated_vs_eager"] = row["allocated_peak_mb"] / eager["allocated_peak_mb"]
+        row["resident_vs_eager"] = (None if baseline is None
+                                    else row["resident_peak_mb"] / eager["resident_peak_mb"])
         row["saved_vs_eager"] = row["saved_mb"] / eager["saved_mb"]
     print(f"What-where attention forward + backward: B={args.batch} H={args.heads} N={args.tokens} S={args.slots} "
           f"dh={args.head_dim} {args.dtype} on {device}, {torch.get_num_threads()} threads")
@@ -160,8 +172,9 @@ def main():
     print(f"speed-up of the fused operator: {eager['median_ms'] / fused['median_ms']:.2f}x")
     meta = {"benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
             **{key: value for key, value in vars(args).items() if key != "memory_probe"},
-            "memory": "peak: above a baseline process holding the same inputs and output gradients; saved: storages "
-                      "autograd keeps for the backward",
+            "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; resident: peak "
+                      "resident memory above a baseline process holding the same inputs and output gradients; "
+                      "saved: storages autograd keeps for the backward",
             "heap_kept": heap_kept}
     tag = args.tag if args.heap == "kept" else "_".join(filter(None, [args.tag, "default-heap"]))
     paths = write_results("whatwhere", rows, meta, device=device, tag=tag)
