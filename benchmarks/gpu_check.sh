@@ -31,7 +31,8 @@ if [ "$#" -eq 0 ]; then
     "benchmarks/bench_expert_mlp.py --device cuda --dtype bfloat16 --dim 768 --hidden 3072 --rows 65536" \
     "benchmarks/bench_moe_layer.py --device cuda --dim 768 --hidden 3072 --tokens 65536 --dtype bfloat16" \
     "benchmarks/bench_teacher_routing.py --device cuda" \
-    "benchmarks/bench_whatwhere.py --device cuda"
+    "benchmarks/bench_whatwhere.py --device cuda" \
+    "benchmarks/bench_wwt_model.py --device cuda --batch 64"
 fi
 for bench in "$@"; do
   echo "== $bench"
