@@ -6,9 +6,11 @@ All four route with the same softmax top-K router (x W, softmax, top-K, capacity
 capacity-based ones) and run the same expert weights; the dense MLP is one expert applied to every token
 (K = 1 and capacity factor 1 give the MoE layers the same expert FLOPs).
 
-Peak memory is each implementation's peak resident memory above a baseline, measured in a fresh process per
-implementation (peak resident memory, VmHWM, on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), so one
-implementation's allocations cannot hide another's.
+Memory is reported two ways: ``allocated_peak_mb``, the peak of the bytes a step holds allocated through
+PyTorch's allocator beyond what was allocated before it (``common.allocated_peak_bytes``), and ``peak_mb``, each
+implementation's peak memory above a baseline, measured in a fresh process per implementation (peak resident
+memory, VmHWM, on CPU, which includes what the C library's heap holds beyond live tensors;
+``torch.cuda.max_memory_allocated`` on CUDA), so one implementation's allocations cannot hide another's.
 
 Usage:
   python benchmarks/bench_moe_layer.py                     # CPU: D=384, F=1536, E=16, K=1, T=8192
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (format_table, peak_memory_in_fresh_process, peak_resident_bytes, timeit,  # noqa: E402
+from common import (allocated_peak_bytes, format_table, peak_memory_in_fresh_process, peak_resident_bytes, timeit,  # noqa: E402
                     write_results)
 
 from visionmoe import reference  # noqa: E402
@@ -141,11 +143,15 @@ def main():
     for implementation in IMPLEMENTATIONS:
         repeat = min(args.repeat, args.einsum_repeat) if implementation == "einsum" else args.repeat
         seconds = timeit(lambda: step(implementation, layer, x, grad), args.warmup, repeat, device, setup=clear)
+        clear()
+        allocated = allocated_peak_bytes(lambda: step(implementation, layer, x, grad), device)
         peak = measure_peak_memory(args, implementation) - baseline
-        rows.append({"implementation": implementation, "median_ms": seconds * 1e3, "peak_mb": peak / 2**20})
+        rows.append({"implementation": implementation, "median_ms": seconds * 1e3,
+                     "allocated_peak_mb": allocated / 2**20, "peak_mb": peak / 2**20})
     dense = rows[0]
     for row in rows:
         row["time_vs_dense"] = row["median_ms"] / dense["median_ms"]
+        row["allocated_vs_dense"] = row["allocated_peak_mb"] / dense["allocated_peak_mb"]
         row["memory_vs_dense"] = row["peak_mb"] / dense["peak_mb"]
     visionmoe_ms = rows[1]["median_ms"]
     for row in rows:
@@ -155,7 +161,8 @@ def main():
     print(format_table(rows))
     meta = {"benchmark": "MoE MLP forward + backward against dense, expert loop and one-hot einsum",
             **{key: value for key, value in vars(args).items() if key != "memory_probe"}, "capacity": capacity,
-            "memory": "peak above a baseline process holding the same inputs and weights"}
+            "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; peak: above a "
+                      "baseline process holding the same inputs and weights"}
     paths = write_results("moe_layer", rows, meta, device=device, tag=args.tag)
     print("wrote", *paths)
 
