@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,3 +17,12 @@ def device(request):
 def seeded():
     """Every test draws the same random numbers on every run."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def allocated_peak_bytes():
+    """The benchmarks' measurement of a step's peak allocated bytes (``benchmarks/common.py``), for tests that
+    check how much memory an operator holds at once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import allocated_peak_bytes as measure
+    return measure

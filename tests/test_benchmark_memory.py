@@ -1,18 +1,12 @@
 """The benchmarks' memory measurement (benchmarks/common.py): allocated peaks on hand-made steps whose peak is known,
 on the CPU and, where present, on CUDA."""
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import allocated_peak_bytes  # noqa: E402
 
 MIB = 2**20
 
 
-def test_allocated_peak_counts_what_is_live_at_once(device):
+def test_allocated_peak_counts_what_is_live_at_once(device, allocated_peak_bytes):
     def step():
         first = torch.empty(MIB, dtype=torch.uint8, device=device)
         second = torch.empty(2 * MIB, dtype=torch.uint8, device=device)
@@ -23,7 +17,7 @@ def test_allocated_peak_counts_what_is_live_at_once(device):
     assert allocated_peak_bytes(step, device) == 3 * MIB
 
 
-def test_allocated_peak_is_above_what_was_allocated_before(device):
+def test_allocated_peak_is_above_what_was_allocated_before(device, allocated_peak_bytes):
     held = torch.empty(4 * MIB, dtype=torch.uint8, device=device)
 
     def step():
@@ -34,7 +28,7 @@ def test_allocated_peak_is_above_what_was_allocated_before(device):
     assert held.numel() == 4 * MIB
 
 
-def test_allocated_peak_of_forward_and_backward_includes_the_gradients(device):
+def test_allocated_peak_of_forward_and_backward_includes_the_gradients(device, allocated_peak_bytes):
     x = torch.randn(256, 1024, device=device, requires_grad=True)  # 1 MiB
 
     def step():

@@ -98,8 +98,10 @@ std::tuple<at::Tensor, at::Tensor> soft_dispatch_backward(const at::Tensor& grad
   check_grad(op, "grad_slots", grad_slots, {x.size(0), logits.size(2), x.size(2)}, "x", x);
   const c10::DeviceGuard guard(x.device());
   const at::Tensor weights = softmax_in_opmath(logits, kTokenAxis);
-  const at::Tensor grad_weights = at::bmm(x, grad_slots.transpose(1, 2));
-  at::Tensor grad_logits = softmax_backward(grad_weights, weights, kTokenAxis, logits.scalar_type());
+  // The [G, T, S] gradient of the weights is a temporary, freed before grad_x is allocated, so that the step's
+  // peak holds one [G, T, S] tensor fewer.
+  at::Tensor grad_logits =
+      softmax_backward(at::bmm(x, grad_slots.transpose(1, 2)), weights, kTokenAxis, logits.scalar_type());
   at::Tensor grad_x = at::bmm(weights.to(x.scalar_type()), grad_slots);
   return {grad_x, grad_logits};
 }
@@ -118,8 +120,9 @@ std::tuple<at::Tensor, at::Tensor> soft_combine_backward(const at::Tensor& grad_
   check_grad(op, "grad_out", grad_out, {y.size(0), logits.size(1), y.size(2)}, "y", y);
   const c10::DeviceGuard guard(y.device());
   const at::Tensor weights = softmax_in_opmath(logits, kSlotAxis);
-  const at::Tensor grad_weights = at::bmm(grad_out, y.transpose(1, 2));
-  at::Tensor grad_logits = softmax_backward(grad_weights, weights, kSlotAxis, logits.scalar_type());
+  // As in soft_dispatch_backward: the weights' gradient is freed before grad_y is allocated.
+  at::Tensor grad_logits =
+      softmax_backward(at::bmm(grad_out, y.transpose(1, 2)), weights, kSlotAxis, logits.scalar_type());
   at::Tensor grad_y = at::bmm(weights.to(y.scalar_type()).transpose(1, 2), grad_out);
   return {grad_y, grad_logits};
 }
