@@ -91,7 +91,6 @@ def main(argv=None) -> None:
     seconds = timeit_rounds(steps, args.warmup, args.repeat, args.rounds, device, setup=clear)
     rows = []
     for attention in ATTENTION:
-        clear()
         saved = saved_storages(lambda: forward(attention))
         clear()
         rows.append({"attention": attention, "median_ms": seconds[attention] * 1e3,

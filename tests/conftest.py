@@ -23,6 +23,8 @@ def seeded():
 def allocated_peak_bytes():
     """The benchmarks' measurement of a step's peak allocated bytes (``benchmarks/common.py``), for tests that
     check how much memory an operator holds at once."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
     from common import allocated_peak_bytes as measure
     return measure
