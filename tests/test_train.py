@@ -79,7 +79,19 @@ def test_config_file_with_overrides(tmp_path):
     ({}, ["epochs=0"], "config key 'epochs' must be >= 1, got 0"),
     ({"lr": 0}, [], "config key 'lr' must be > 0"),
     ({"epochs": 2, "warmup_epochs": 3}, [], "config key 'warmup_epochs' must be in [0, epochs]"),
-    ({"aux_loss_weights": {"load": -1}}, [], "config key 'aux_loss_weights.load' must be a number >= 0"),
+    ({"aux_loss_weights": {"load": -1}}, [], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
+    # Non-finite numbers pass "> 0" (inf) or would make every loss nan.
+    ({}, ["lr=.inf"], "config key 'lr' must be a finite number, got inf"),
+    ({}, ["weight_decay=.nan"], "config key 'weight_decay' must be a finite number, got nan"),
+    ({}, ["tgr_weight=.inf"], "config key 'tgr_weight' must be a finite number"),
+    ({}, ["aux_loss_weights.load=.inf"], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
+    ({}, ["aux_loss_weights=null"], "config key 'aux_loss_weights' must be dict, got NoneType None"),
+    ({}, ["aux_loss_weights=0.1"], "config key 'aux_loss_weights' must be dict"),
+    ({}, ["seed=99999999999"], "config key 'seed' must be in [0, 2**32)"),
+    ({}, ["batch_size=1e3"], "config key 'batch_size' must be int, got float 1000.0"),
+    ({}, ["output_dir="], "config key 'output_dir' must be a directory, got an empty string"),
+    ({}, ["output_dir=  "], "config key 'output_dir' must be a directory"),
+    ({}, ["lr=[1,"], "the value of override 'lr=[1,' is not valid YAML: expected the node content"),
     ({}, ["epochs.x=1"], "config key 'epochs' is not a mapping"),
     ({}, ["lr"], "override must look like key=value"),
     ({"device": "tpu"}, [], "config key 'device' must be"),
@@ -88,6 +100,18 @@ def test_config_errors_name_the_key(values, overrides, message):
     with pytest.raises(ValueError) as error:
         config_from_dict(values, overrides)
     assert message in str(error.value)
+
+
+def test_exponent_notation_is_a_float_at_any_depth(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e30 and 1.5e3 as strings; a nested option would reach the model as text.
+    config = config_from_dict({}, ["model_options.moe.capacity_factor=1e30", "lr=2e-3", "min_lr=1.5e-4",
+                                   "dataset_options.scale=-1E2"])
+    assert config.model_options == {"moe": {"capacity_factor": 1e30}}
+    assert (config.lr, config.min_lr, config.dataset_options["scale"]) == (2e-3, 1.5e-4, -100.0)
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nmodel_options:\n  moe:\n    capacity_factor: 2e0\nmodel: 1e3x\n")
+    config = load_config(path)
+    assert config.lr == 1e-3 and config.model_options["moe"]["capacity_factor"] == 2.0 and config.model == "1e3x"
 
 
 def test_config_file_errors(tmp_path):
@@ -99,6 +123,9 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a mapping"):
+        load_config(bad)
+    bad.write_bytes(b"lr: \xff\xfe\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
         load_config(bad)
 
 

@@ -4,6 +4,8 @@ with errors that name the offending key."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
@@ -94,7 +96,6 @@ class TrainConfig:
     init_from: Optional[str] = None
 
     def __post_init__(self):
-        _read_exponent_floats(self)
         validate(self)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -131,22 +132,24 @@ def _is_type(value: Any, expected: type | tuple) -> bool:
     return isinstance(value, expected)
 
 
-def _exponent_float(value: Any) -> Any:
-    """``value`` as a float when it is a string such as "1e-3": YAML 1.1 (PyYAML) reads exponent notation
-    without a dot as a string."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading exponent notation without a dot or without an exponent sign (``1e-3``,
+    ``1e30``, ``1.5e3``) as a float, as YAML 1.2 does: YAML 1.1 reads it as a string, which would reach nested
+    options such as ``model_options.moe.capacity_factor`` unchecked."""
 
 
-def _read_exponent_floats(config: TrainConfig) -> None:
-    for key, (expected, _) in _TYPES.items():
-        if expected is float:
-            setattr(config, key, _exponent_float(getattr(config, key)))
-    config.aux_loss_weights = {name: _exponent_float(weight) for name, weight in config.aux_loss_weights.items()}
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML's message quotes the offending text over several lines)."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if problem is None:
+        return " ".join(str(error).split())
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def _check_types(config: TrainConfig) -> None:
@@ -159,9 +162,12 @@ def _check_types(config: TrainConfig) -> None:
             names = " or ".join(option.__name__ for option in options)
             raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{names}, "
                              f"got {type(value).__name__} {value!r}")
+        # inf and nan pass the range checks below (inf > 0) or would turn the run's losses into nan.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
     for name, weight in config.aux_loss_weights.items():
-        if not _is_type(weight, float) or weight < 0:
-            raise ValueError(f"config key 'aux_loss_weights.{name}' must be a number >= 0, got {weight!r}")
+        if not _is_type(weight, float) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"config key 'aux_loss_weights.{name}' must be a finite number >= 0, got {weight!r}")
 
 
 def validate(config: TrainConfig) -> None:
@@ -180,6 +186,8 @@ def validate(config: TrainConfig) -> None:
         ("tgr_weight", config.tgr_weight >= 0, ">= 0"),
         ("tgr_pretrain_epochs", config.tgr_pretrain_epochs >= 0, ">= 0"),
         ("consistency_probe", config.consistency_probe >= 0, ">= 0 (0 disables it)"),
+        # The per-epoch generators are seeded with about seed * 2**21, which must fit torch's 64 bits.
+        ("seed", 0 <= config.seed < 2**32, "in [0, 2**32)"),
     ]
     for key, ok, requirement in bounds:
         if not ok:
@@ -187,6 +195,9 @@ def validate(config: TrainConfig) -> None:
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
     tgr_fraction(config.tgr_schedule)
+    if not config.output_dir.strip():
+        raise ValueError("config key 'output_dir' must be a directory, got an empty string (write '.' for the "
+                         "current directory)")
     if config.teacher is not None and not config.teacher.strip():
         raise ValueError("config key 'teacher' must be a checkpoint directory or null, got an empty string")
 
@@ -196,7 +207,12 @@ def tgr_fraction(schedule: str | float) -> float:
     ``tgr_schedule`` value: "full" 1, "first_half" 0.5, or a number (or numeric string) in (0, 1]."""
     if isinstance(schedule, str) and schedule in TGR_SCHEDULES:
         return TGR_SCHEDULES[schedule]
-    fraction = _exponent_float(schedule)
+    fraction = schedule
+    if isinstance(schedule, str):  # the --tgr-schedule flag gives its number as text
+        try:
+            fraction = float(schedule)
+        except ValueError:
+            pass
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"config key 'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], "
                          f"got {schedule!r}")
@@ -208,7 +224,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, separator, raw_value = text.partition("=")
     if not separator or not key.strip():
         raise ValueError(f"override must look like key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw_value) if raw_value.strip() else ""
+    path = key.strip().split(".")
+    if not raw_value.strip():
+        return path, ""
+    try:
+        return path, yaml.load(raw_value, Loader=_YamlLoader)
+    except yaml.YAMLError as error:
+        raise ValueError(f"the value of override {text!r} is not valid YAML: {_yaml_problem(error)}") from error
 
 
 def apply_overrides(values: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
@@ -244,19 +266,27 @@ def config_from_dict(values: Dict[str, Any], overrides: Iterable[str] = ()) -> T
     return TrainConfig(**merged)
 
 
+def read_config_file(path: Optional[str | Path]) -> Dict[str, Any]:
+    """The keys the YAML file at ``path`` sets, unvalidated ({} when None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with path.open("rb") as file:  # bytes: PyYAML decodes them and reports bad UTF-8 as a YAML error
+        try:
+            values = yaml.load(file, Loader=_YamlLoader) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must be a mapping of keys to values, got "
+                         f"{type(values).__name__}")
+    return values
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> TrainConfig:
     """The config of the YAML file at ``path`` (defaults when None) with ``overrides`` applied."""
-    values: Dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        with path.open() as file:
-            try:
-                values = yaml.safe_load(file) or {}
-            except yaml.YAMLError as error:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {error}") from error
-    return config_from_dict(values, overrides)
+    return config_from_dict(read_config_file(path), overrides)
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:
