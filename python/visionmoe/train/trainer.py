@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import random
 import signal
 import time
@@ -109,13 +110,26 @@ def expert_load_ratio(model: nn.Module) -> Optional[float]:
 
 
 class _CsvLog:
-    """Appends rows to a CSV file, writing the header when the file is new."""
+    """Appends rows to a CSV file, writing the header when the file is new. Existing rows whose integer ``column``
+    exceeds ``last`` are dropped first: they were logged after the checkpoint the run resumes from (or by an
+    earlier run in the same directory), and the run logs those epochs or steps again."""
 
-    def __init__(self, path: Path, columns: List[str]):
+    def __init__(self, path: Path, columns: List[str], column: str, last: int):
         self.path, self.columns = path, columns
-        if not path.exists():
-            with path.open("w", newline="") as file:
-                csv.writer(file).writerow(columns)
+        if path.exists():
+            with path.open(newline="") as file:
+                rows = list(csv.DictReader(file))
+            kept = [row for row in rows if int(row[column]) <= last]
+            if len(kept) == len(rows):
+                return
+        else:
+            kept = []
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w", newline="") as file:
+            writer = csv.DictWriter(file, columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, path)
 
     def append(self, row: Dict[str, Any]) -> None:
         with self.path.open("a", newline="") as file:
@@ -246,7 +260,7 @@ class Trainer:
 
     def _load(self, directory: str | Path) -> None:
         directory = check_checkpoint_dir(directory)
-        state = load_trainer_state(directory)
+        state = load_trainer_state(directory)  # refuses a partial, corrupt or mixed checkpoint
         if state["model"] != self.config.model:
             raise ValueError(f"the checkpoint in {str(directory)!r} is of model {state['model']!r}, "
                              f"not of config key 'model' = {self.config.model!r}")
@@ -404,7 +418,6 @@ class Trainer:
                 totals.teacher_router_loss_sum += step["teacher_router_loss"] * step["samples"]
                 totals.teacher_router_samples += step["samples"]
             self.global_step += 1
-            self._between_steps = True
             totals.seconds += time.perf_counter() - started
             started = time.perf_counter()
             row = dict(epoch=self.epoch + 1, step=self.global_step, lr=step["lr"], loss=step["loss"],
@@ -412,6 +425,9 @@ class Trainer:
                        expert_load_ratio=step["expert_load_ratio"], distillation_loss=step["distillation_loss"],
                        teacher_router_loss=step["teacher_router_loss"])
             self._log_step(row, progress, step_log, writer)
+            # Only now, with the step's row logged, is the state one to checkpoint: a second Ctrl-C before this
+            # point keeps the previous checkpoint, whose resumption logs this step again.
+            self._between_steps = True
             if self.step_callback is not None:
                 self.step_callback(self, self.global_step)
             self._stop_if_requested()
@@ -443,7 +459,8 @@ class Trainer:
                     writer.add_scalar(f"step/{name}", row[name], row["step"])
 
     # Ctrl-C: the first one asks the loop to stop after the current step (so the checkpoint holds a consistent
-    # state); a second one interrupts at once, without a checkpoint.
+    # state); a second one interrupts at once. When that is during the checkpoint's save, the save is abandoned and
+    # the last complete checkpoint stays, since saves are atomic (see checkpoint.py).
     def _request_stop(self, signum, frame) -> None:
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -470,8 +487,9 @@ class Trainer:
         KeyboardInterrupt from the step callback) checkpoints the state after the last finished step and returns
         with ``interrupted=True``."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        epoch_log = _CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS)
-        step_log = _CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS) if self.config.log_steps else None
+        epoch_log = _CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch)
+        step_log = (_CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
+                    if self.config.log_steps else None)
         writer = _tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard else None
         self._stop_requested = False
         self._between_steps = True
@@ -513,7 +531,12 @@ class Trainer:
                 progress.write("Interrupted inside an optimiser step: no checkpoint written for this step")
                 raise
             interrupted = True
-            self.save()
+            try:
+                self.save()
+            except KeyboardInterrupt:
+                progress.write(f"Interrupted again while saving step {self.global_step}: --resume "
+                               f"{self.checkpoint_dir} continues from the last checkpoint saved completely")
+                raise
             progress.write(f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved to "
                            f"{self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}")
         finally:
