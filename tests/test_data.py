@@ -9,6 +9,7 @@ from PIL import Image
 
 from visionmoe.data import (
     Compose,
+    DataFileError,
     Normalize,
     RandomCrop,
     RandomHorizontalFlip,
@@ -282,8 +283,30 @@ def test_image_folder_errors(tmp_path):
         create_dataset("image_folder", "train", root=tmp_path)
     (tmp_path / "train" / "empty" / "bad.png").write_bytes(b"not an image")
     broken = create_dataset("image_folder", "train", root=tmp_path)
-    with pytest.raises(ValueError, match="cannot read image .*bad.png"):
+    with pytest.raises(DataFileError, match="cannot read image .*bad.png"):
         broken[0]
+    with pytest.raises(ValueError, match="bad_images must be one of error, check, skip, got 'ignore'"):
+        create_dataset("image_folder", "train", root=tmp_path, bad_images="ignore")
+    with pytest.raises(DataFileError, match="1 of 1 images in .* cannot be read"):
+        create_dataset("image_folder", "train", root=tmp_path, bad_images="skip")  # nothing would be left
+
+
+def test_image_folder_finds_or_skips_unreadable_images_up_front(tmp_path):
+    _write_images(tmp_path / "train", ["cat", "dog"])
+    (tmp_path / "train" / "cat" / "broken.png").write_bytes(b"not an image")
+    whole = (tmp_path / "train" / "dog" / "0.png").read_bytes()
+    (tmp_path / "train" / "dog" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    lazy = create_dataset("image_folder", "train", root=tmp_path)
+    assert len(lazy) == 6
+    with pytest.raises(DataFileError, match=r"cannot read image .*broken.png.*bad_images='check' finds every such"):
+        lazy[2]
+    with pytest.raises(DataFileError, match=r"2 of 6 images in .* cannot be read: .*broken.png.*truncated.png"):
+        create_dataset("image_folder", "train", root=tmp_path, bad_images="check")
+    with pytest.warns(UserWarning, match=r"skipping 2 of 6 images in .*broken.png.*truncated.png"):
+        skipped = create_dataset("image_folder", "train", root=tmp_path, bad_images="skip")
+    assert skipped.classes == ("cat", "dog") and len(skipped) == 4
+    assert [label for _, label in skipped.samples] == [0, 0, 1, 1]
+    assert skipped[3][0].shape == (3, 32, 32)
 
 
 # ------------------------------------------------------------------------------------------------ augmentations

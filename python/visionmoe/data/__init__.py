@@ -15,7 +15,7 @@ from . import cifar, digit_scenes, digits, image_folder, transforms
 from .cifar import CifarDataset
 from .digit_scenes import DigitScenesDataset, collate_scenes
 from .digits import DigitsDataset
-from .factory import DATASETS, create_dataset, list_datasets
+from .factory import DATASETS, DataFileError, create_dataset, list_datasets
 from .image_folder import ImageFolderDataset
 from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, default_augmentation
 
@@ -23,6 +23,7 @@ __all__ = [
     "DATASETS",
     "CifarDataset",
     "Compose",
+    "DataFileError",
     "DigitScenesDataset",
     "DigitsDataset",
     "ImageFolderDataset",

@@ -11,6 +11,10 @@ from ..registry import Registry
 DATASETS = Registry("dataset")
 
 
+class DataFileError(ValueError):
+    """A file of a data set that cannot be read (corrupt, truncated, not an image); the message names it."""
+
+
 def create_dataset(name: str, split: str, root: Optional[str] = None, **options) -> Dataset:
     """Builds the data set registered as ``name`` for ``split``.
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence
+import warnings
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .factory import DATASETS
+from .factory import DATASETS, DataFileError
 from .transforms import Normalize, default_augmentation
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+BAD_IMAGE_POLICIES = ("error", "check", "skip")
 
 
 @DATASETS.register("image_folder")
@@ -22,7 +24,12 @@ class ImageFolderDataset(Dataset):
 
     Each image is converted to RGB (``in_chans=3``) or greyscale (``in_chans=1``), resized to ``image_size`` x
     ``image_size`` (bilinear), scaled to [0, 1] and normalised per channel with ``mean`` and ``std``.
-    ``augment=True`` adds a random shift and horizontal flip; ``transform`` replaces it with any callable."""
+    ``augment=True`` adds a random shift and horizontal flip; ``transform`` replaces it with any callable.
+
+    ``bad_images`` says what an image that cannot be read does: "error" (the default) raises a
+    :class:`~visionmoe.data.DataFileError` naming it when it is read; "check" reads every image here, once, and
+    raises one naming the unreadable ones before any training starts; "skip" reads every image here and leaves the
+    unreadable ones out, with a warning naming them. Checking costs one pass of decoding over the folder."""
 
     def __init__(
         self,
@@ -34,6 +41,7 @@ class ImageFolderDataset(Dataset):
         std: Sequence[float] = (0.5,),
         augment: bool = False,
         transform: Optional[Callable] = None,
+        bad_images: str = "error",
     ):
         if root is None:
             raise ValueError("image_folder needs root: a directory laid out as root/<split>/<class>/<image>")
@@ -43,6 +51,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"image_size must be positive, got {image_size}")
         if augment and transform is not None:
             raise ValueError("pass either augment=True or a transform, not both")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}")
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder root {root!r} is not a directory")
@@ -66,29 +76,55 @@ class ImageFolderDataset(Dataset):
             if not files:
                 raise ValueError(f"class directory {class_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             samples.extend((path, label) for path in files)
-        self.samples = samples
         self.split = split
         self.root = root
         self.classes = tuple(classes)
         self.num_classes = len(classes)
         self.image_size = image_size
         self.in_chans = in_chans
+        self.samples = samples if bad_images == "error" else self._readable(samples, directory, bad_images)
         self.normalize = Normalize(mean, std)
         self.transform = default_augmentation(image_size, flip=True) if augment else transform
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _read(self, path: str):
+        """The image at ``path``, decoded, converted and resized, or a DataFileError naming it."""
         from PIL import Image
 
-        path, label = self.samples[index]
         try:
             with Image.open(path) as opened:
                 picture = opened.convert("RGB" if self.in_chans == 3 else "L")
-                picture = picture.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        except OSError as error:
-            raise ValueError(f"cannot read image {path!r}: {error}") from error
+                return picture.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        # Pillow reports damaged files as OSError mostly, but some decoders raise SyntaxError or ValueError.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise DataFileError(f"cannot read image {path!r}: {error} (the data set option bad_images='check' "
+                                f"finds every such image up front, 'skip' leaves them out)") from error
+
+    def _readable(self, samples: List[Tuple[str, int]], directory: str, policy: str) -> List[Tuple[str, int]]:
+        """``samples`` without the images that cannot be read: an error naming them for ``policy`` "check", a
+        warning naming them for "skip"."""
+        readable, bad = [], []
+        for path, label in samples:
+            try:
+                self._read(path)
+            except DataFileError as error:
+                bad.append((path, error.__cause__))
+                continue
+            readable.append((path, label))
+        if not bad:
+            return samples
+        named = "; ".join(f"{path!r} ({error})" for path, error in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if policy == "check" or not readable:
+            raise DataFileError(f"{len(bad)} of {len(samples)} images in {directory!r} cannot be read: {named}")
+        warnings.warn(f"skipping {len(bad)} of {len(samples)} images in {directory!r} that cannot be read: {named}",
+                      stacklevel=3)
+        return readable
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        picture = self._read(path)
         pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)
         image = pixels.permute(2, 0, 1) if pixels.dim() == 3 else pixels.unsqueeze(0)
         image = self.normalize(image.contiguous())
