@@ -76,3 +76,25 @@ def test_errors_are_clear(tmp_path, capsys):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(model, torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1).long()), 10,
                  batch_size=0)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda:99", "visionmoe-eval: error: --device is 'cuda:99' but "),  # no CUDA, or not that many devices
+    ("gpu", "visionmoe-eval: error: --device is 'gpu', which is not a device name"),
+])
+def test_an_unusable_device_is_a_one_line_error(checkpoint, capsys, device, message):
+    assert main([str(checkpoint), "--dataset", "digits", "--device", device]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(message) and error.count("\n") == 1
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error_naming_the_file(checkpoint, capsys):
+    weights = checkpoint / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert main([str(checkpoint), "--dataset", "digits"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"visionmoe-eval: error: checkpoint file {str(weights)!r} does not match")
+    assert error.count("\n") == 1
+    (checkpoint / "checkpoint" / "manifest.json").unlink()  # as saved before manifests: read, and fail, as is
+    assert main([str(checkpoint), "--dataset", "digits"]) == 2
+    assert capsys.readouterr().err.startswith(f"visionmoe-eval: error: cannot read model weights {str(weights)!r}")

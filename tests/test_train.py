@@ -3,13 +3,16 @@ checkpoints, loading a checkpoint in a fresh process, logs."""
 
 import csv
 import math
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from visionmoe.train import TrainConfig, Trainer, config_from_dict, load_config, warmup_cosine
@@ -159,6 +162,73 @@ def test_cli_trains_and_resumes_with_the_checkpoint_config(tmp_path, datasets, m
     # Without --config, --resume takes the checkpoint's config (the tiny model), here extended by one epoch.
     assert main(["--resume", str(output_dir), "--epochs", "2"]) == 0
     assert [row["epoch"] for row in read_csv(output_dir / "metrics.csv")] == ["1", "2"]
+
+
+def cli_error(capsys, argv, code=2) -> str:
+    """The one line that ``visionmoe-train argv`` prints on stderr as it exits with ``code``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == code
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith("visionmoe-train: error: ")
+    return error
+
+
+def test_resume_writes_beside_the_checkpoint_or_where_told(tmp_path, datasets, monkeypatch, capsys):
+    monkeypatch.setattr("visionmoe.train.trainer.build_datasets", lambda config: datasets)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_options: {TINY_MODEL!r}\nprogress: false\ntensorboard: false\ndevice: cpu\n"
+                    f"batch_size: 32\nepochs: 1\n")
+    original = tmp_path / "original"
+    assert main(["--config", str(path), "--output-dir", str(original)]) == 0
+    # A copied checkpoint continues beside the copy, not in the run it was copied from (its saved output_dir).
+    copy = tmp_path / "copy"
+    shutil.copytree(original / "checkpoint", copy / "checkpoint")
+    assert main(["--resume", str(copy / "checkpoint"), "--epochs", "2"]) == 0
+    assert f"writing logs and checkpoints to {copy}" in capsys.readouterr().out
+    assert [row["epoch"] for row in read_csv(copy / "metrics.csv")] == ["2"]
+    assert [row["epoch"] for row in read_csv(original / "metrics.csv")] == ["1"]
+    # With --config (no output_dir in it) as well; an output directory given anywhere wins.
+    assert main(["--resume", str(original), "--config", str(path), "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in read_csv(original / "metrics.csv")] == ["1", "2"]
+    elsewhere = tmp_path / "elsewhere"
+    assert main(["--resume", str(copy), "--epochs", "3", "--set", f"output_dir={elsewhere}"]) == 0
+    assert [row["epoch"] for row in read_csv(elsewhere / "metrics.csv")] == ["3"]
+    # A checkpoint under another name would write over the checkpoint/ beside it.
+    shutil.copytree(original / "checkpoint", original / "epoch2")
+    assert "would write its checkpoints over" in cli_error(capsys, ["--resume", str(original / "epoch2")])
+
+
+def test_cli_errors_are_one_line(tmp_path, datasets, monkeypatch, capsys):
+    monkeypatch.setattr("visionmoe.train.trainer.build_datasets", lambda config: datasets)
+    assert cli_error(capsys, ["--device", "cuda:99"]).startswith(
+        "visionmoe-train: error: config key 'device' is 'cuda:99' but")
+    assert "'model_options' do not make a model: " in cli_error(capsys, ["--set", "model_options.depthh=2"])
+    assert "config key 'output_dir' must be a directory" in cli_error(capsys, ["--set", "output_dir="])
+    Trainer(tiny_config(tmp_path, epochs=1), *datasets).fit()
+    state = tmp_path / "checkpoint" / "trainer_state.pt"
+    state.write_bytes(b"garbage")
+    assert f"checkpoint file {str(state)!r} does not match" in cli_error(capsys, ["--resume", str(tmp_path)])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_stops_training_with_one_line(tmp_path, capsys, workers):
+    rng = np.random.RandomState(0)
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(2):
+                Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)).save(
+                    tmp_path / split / name / f"{index}.png")
+    broken = tmp_path / "train" / "b" / "broken.png"
+    broken.write_bytes(b"not an image")
+    argv = ["--dataset", "image_folder", "--data-root", str(tmp_path), "--epochs", "1", "--batch-size", "8",
+            "--output-dir", str(tmp_path / "run"), "--set", f"model_options={TINY_MODEL!r}", "--set", "progress=false",
+            "--set", "tensorboard=false", "--set", f"num_workers={workers}", "--device", "cpu"]
+    assert cli_error(capsys, argv, code=1) == (
+        f"visionmoe-train: error: cannot read image {str(broken)!r}: cannot identify image file {str(broken)!r} "
+        f"(the data set option bad_images='check' finds every such image up front, 'skip' leaves them out)")
+    assert str(broken) in cli_error(capsys, argv + ["--set", "dataset_options.bad_images=check"])
 
 
 def test_unreported_aux_loss_weight_warns(tmp_path, datasets):

@@ -16,12 +16,16 @@ import torch
 from ..data import create_dataset
 from ..train import load_model
 from ..train.checkpoint import check_checkpoint_dir
+from ..train.cli import error_line
+from ..train.trainer import resolve_device
 from ..layers import MoEMLP
 from .plots import patch_assignments, write_patch_assignment_plot, write_plots, write_routing_consistency_plot
 from .report import evaluate
 
 
 def main(argv=None) -> int:
+    """Entry point of ``visionmoe-eval``; returns 0 after writing the report, 2 with a one-line error naming the
+    option or file for a bad command line, checkpoint or data set."""
     parser = argparse.ArgumentParser(prog="visionmoe-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training output directory or its checkpoint/ directory")
@@ -29,23 +33,24 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--data-root", default=None, help="local data directory, for data sets that need one")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--output-dir", default=None, help="where report.json and the plots go "
                                                            "(default: <checkpoint>/eval)")
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.checkpoint, map_location=args.device)
+        device = str(resolve_device(args.device, "--device"))
+        model = load_model(args.checkpoint, map_location=device)
         dataset = create_dataset(args.dataset, args.split, root=args.data_root)
-        report = evaluate(model, dataset, dataset.num_classes, batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"visionmoe-eval: {error}", file=sys.stderr)
+        report = evaluate(model, dataset, dataset.num_classes, batch_size=args.batch_size, device=device)
+        output = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        plots = write_plots(report, output, dataset.classes)
+        plots += _assignment_plots(model, dataset, output, device)
+        plots += _consistency_plots(Path(args.checkpoint), output)
+    except (FileNotFoundError, ValueError, OSError) as error:  # ValueError includes CheckpointError, DataFileError
+        print(f"{parser.prog}: error: {error_line(error)}", file=sys.stderr)
         return 2
-    output = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    plots = write_plots(report, output, dataset.classes)
-    plots += _assignment_plots(model, dataset, output, args.device)
-    plots += _consistency_plots(Path(args.checkpoint), output)
     print(f"{args.dataset}/{args.split}: accuracy {report.accuracy:.4f}, loss {report.loss:.4f} "
           f"({report.num_images} images)")
     for layer in report.layers:

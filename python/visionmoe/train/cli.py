@@ -5,7 +5,8 @@ Examples::
 
     visionmoe-train --model vmoe_tiny_32 --dataset digits --epochs 20 --output-dir runs/digits
     visionmoe-train --config run.yaml --set model_options.depth=6 --set aux_loss_weights.load=0.01
-    visionmoe-train --resume runs/digits            # continues from runs/digits/checkpoint with its config
+    visionmoe-train --resume runs/digits            # continues from runs/digits/checkpoint with its config,
+                                                    # writing into runs/digits
     visionmoe-train --config run.yaml --teacher runs/dense_teacher --tgr-weight 5.0 --tgr-schedule first_half
 """
 
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from .checkpoint import check_checkpoint_dir, load_checkpoint_config
-from .config import config_from_dict, load_config
+from ..data import DataFileError
+from .checkpoint import CheckpointError, check_checkpoint_dir, load_checkpoint_config
+from .config import config_from_dict, parse_override, read_config_file
 
 # Flags that set the config key of the same name (--batch-size sets batch_size).
 _CONFIG_FLAGS = ("model", "dataset", "data_root", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
@@ -61,39 +64,80 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fine-tune: start from the model weights of this checkpoint (a head of another shape "
                              "starts fresh); optimiser and schedule start afresh")
     parser.add_argument("--resume", metavar="DIR",
-                        help="checkpoint directory (or output directory holding checkpoint/) to continue from")
+                        help="checkpoint directory (or output directory holding checkpoint/) to continue from; "
+                             "the run writes into the directory holding the checkpoint unless an output "
+                             "directory is given")
     return parser
+
+
+def resume_output_dir(checkpoint: str | Path) -> Path:
+    """Where a run resumed from ``checkpoint`` writes when no output directory is given: the directory holding the
+    checkpoint, so that a copied checkpoint continues beside the copy rather than in the directory of the run it
+    was copied from. Its checkpoints go to ``checkpoint/`` there, so a checkpoint under another name may not
+    resume where that would overwrite a ``checkpoint/`` beside it."""
+    checkpoint = check_checkpoint_dir(checkpoint)
+    run_dir = checkpoint.parent
+    target = run_dir / "checkpoint"
+    if checkpoint != target and target.exists():
+        raise ValueError(f"resuming {str(checkpoint)!r} would write its checkpoints over {str(target)!r}; give the "
+                         f"run an output directory with --output-dir")
+    return run_dir
 
 
 def config_from_args(args: argparse.Namespace):
     """The run's config: the --config file (or, with --resume and no --config, the checkpoint's config), then the
-    flags, then the --set overrides."""
+    flags, then the --set overrides; with --resume and no output directory from any of them, the directory of
+    :func:`resume_output_dir`."""
     if args.config is None and args.resume is not None:
         base = load_checkpoint_config(args.resume).to_dict()
+        output_dir_given = False  # the saved one is where the checkpoint was written, maybe before a copy
     else:
-        base = load_config(args.config).to_dict()
+        base = read_config_file(args.config)
+        output_dir_given = "output_dir" in base
     for key in _CONFIG_FLAGS:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
+    output_dir_given |= args.output_dir is not None
+    output_dir_given |= any(parse_override(override)[0] == ["output_dir"] for override in args.overrides)
+    if args.resume is not None and not output_dir_given:
+        base["output_dir"] = str(resume_output_dir(args.resume))
     return config_from_dict(base, args.overrides)
+
+
+def error_line(error: BaseException) -> str:
+    """The message of ``error`` on one line. An error raised in a DataLoader worker process comes back with
+    "Caught <Type> in DataLoader worker process N." and the worker's traceback as its message, whose last line is
+    the original ``module.Type: message``; other messages have their lines joined."""
+    message = str(error).strip()
+    lines = message.splitlines()
+    if lines and lines[0].startswith("Caught ") and "Original Traceback" in message:
+        return lines[-1].removeprefix(f"{type(error).__module__}.{type(error).__qualname__}: ")
+    return " ".join(message.split()) or type(error).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``visionmoe-train``; returns 0 when training finished, 130 when Ctrl-C stopped it (after
-    saving a checkpoint), 2 for a bad config or command line."""
+    saving a checkpoint, unless a second Ctrl-C came first), 2 for a bad config, command line or checkpoint, 1 for
+    a data file or checkpoint that fails during training. Errors are one line naming the key or file."""
     from .trainer import Trainer
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        if args.resume is not None:
-            check_checkpoint_dir(args.resume)
         trainer = Trainer(config, resume=args.resume)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
-        parser.error(str(error))
-    result = trainer.fit()
+        parser.error(error_line(error))
+    if args.resume is not None:
+        print(f"resuming step {trainer.global_step} from {args.resume}; writing logs and "
+              f"checkpoints to {trainer.output_dir}")
+    try:
+        result = trainer.fit()
+    except (DataFileError, CheckpointError, OSError) as error:  # e.g. an unreadable image, a full disk
+        parser.exit(1, f"{parser.prog}: error: {error_line(error)}\n")
+    except KeyboardInterrupt:  # a second Ctrl-C; the trainer has said what it kept
+        return 130
     if result.interrupted:
         return 130
     final = result.history[-1] if result.history else None

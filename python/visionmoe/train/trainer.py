@@ -73,12 +73,21 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
             create_dataset(config.dataset, config.val_split, **options))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "config key 'device'") -> torch.device:
+    """The device ``name`` means ("auto": CUDA when available, else the CPU), or a ValueError naming ``option``
+    when torch does not know the name or the device is not on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config key 'device' is {name!r} but CUDA is not available")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"{option} is {name!r}, which is not a device name (cpu, cuda, cuda:N)") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} is {name!r} but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s)")
     return device
 
 
@@ -188,6 +197,7 @@ class Trainer:
                  resume: Optional[str | Path] = None, step_callback: Optional[StepCallback] = None):
         if (train_set is None) != (val_set is None):
             raise ValueError("pass both train_set and val_set, or neither (to build them from the config)")
+        self.device = resolve_device(config.device)  # before the data sets: a wrong device fails at once
         if train_set is None:
             train_set, val_set = build_datasets(config)
         if len(train_set) == 0:
@@ -198,12 +208,15 @@ class Trainer:
         self.config = dataclasses.replace(config, model_options=model_options)
         self.train_set, self.val_set = train_set, val_set
         self.step_callback = step_callback
-        self.device = resolve_device(config.device)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoint"
 
         seed_everything(config.seed)
-        self.model = create_model(config.model, **model_options).to(self.device)
+        try:
+            self.model = create_model(config.model, **model_options).to(self.device)
+        except (TypeError, ValueError, OverflowError) as error:  # e.g. an unknown or mistyped model option
+            raise ValueError(f"config keys 'model' ({config.model!r}) and 'model_options' do not make a model: "
+                             f"{error}") from error
         if config.init_from is not None and resume is None:
             reinitialised = load_matching_weights(self.model, config.init_from)
             if reinitialised:
