@@ -37,7 +37,8 @@ def reference(datasets, tmp_path_factory):
 
 def assert_same_run(directory: Path, reference, model: nn.Module) -> None:
     reference_dir, reference_weights = reference
-    assert without_timing(read_csv(directory / "metrics.csv")) == without_timing(read_csv(reference_dir / "metrics.csv"))
+    metrics, reference_metrics = (read_csv(path / "metrics.csv") for path in (directory, reference_dir))
+    assert without_timing(metrics) == without_timing(reference_metrics)
     assert read_csv(directory / "steps.csv") == read_csv(reference_dir / "steps.csv")
     weights = model.state_dict()
     assert weights.keys() == reference_weights.keys()
@@ -144,6 +145,21 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     step, weights = loaded_step(directory)
     assert step == 3
     assert_same_weights(weights, before)
+
+
+def test_a_save_replaces_only_a_checkpoint(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"'.*run' holds files that are not part of a checkpoint \(notes.txt\); "
+                                              "a save replaces the whole directory"):
+        save_step(tmp_path / "run", 1)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    # A checkpoint of an older version (no manifest, perhaps a temporary file of its one-by-one save) is replaced.
+    save_step(tmp_path / "old", 1)
+    (tmp_path / "old" / MANIFEST_FILE).unlink()
+    (tmp_path / "old" / (STATE_FILE + ".tmp")).write_bytes(b"")
+    save_step(tmp_path / "old", 2)
+    assert loaded_step(tmp_path / "old")[0] == 2
 
 
 def test_the_manifest_records_the_step_and_each_file_hash(tmp_path):

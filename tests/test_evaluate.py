@@ -41,6 +41,14 @@ def test_cli_writes_report_and_plots(checkpoint, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_eval_of_a_checkpoint_directory_writes_beside_it(checkpoint):
+    # Inside, the next save (which replaces the checkpoint directory whole) would refuse or lose the report.
+    assert main([str(checkpoint / "checkpoint"), "--dataset", "digits", "--split", "val"]) == 0
+    assert (checkpoint / "eval" / "report.json").is_file()
+    assert sorted(path.name for path in (checkpoint / "checkpoint").iterdir()) == [
+        "config.yaml", "manifest.json", "model.safetensors", "trainer_state.pt"]
+
+
 def test_class_usage_counts_each_class_tokens():
     # K = 1 and capacity C = T (capacity factor E): nothing is dropped, so each class's column of the table sums
     # to its images times their tokens (4 x 4 patches and the class token).

@@ -34,15 +34,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None, help="local data directory, for data sets that need one")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--output-dir", default=None, help="where report.json and the plots go "
-                                                           "(default: <checkpoint>/eval)")
+    parser.add_argument("--output-dir", default=None, help="where report.json and the plots go (default: eval/ "
+                                                           "beside the checkpoint directory, in its run directory)")
     args = parser.parse_args(argv)
     try:
         device = str(resolve_device(args.device, "--device"))
         model = load_model(args.checkpoint, map_location=device)
         dataset = create_dataset(args.dataset, args.split, root=args.data_root)
         report = evaluate(model, dataset, dataset.num_classes, batch_size=args.batch_size, device=device)
-        output = Path(args.output_dir) if args.output_dir else Path(args.checkpoint) / "eval"
+        # Not inside the checkpoint directory: a save replaces that directory whole.
+        output = Path(args.output_dir) if args.output_dir else check_checkpoint_dir(args.checkpoint).parent / "eval"
         output.mkdir(parents=True, exist_ok=True)
         (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         plots = write_plots(report, output, dataset.classes)

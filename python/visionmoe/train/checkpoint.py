@@ -42,6 +42,8 @@ CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
 MANIFEST_VERSION = 1
 # Beside checkpoint directory X: X.new is a save in progress, X.old the previous checkpoint while X.new replaces it.
 NEW_SUFFIX, OLD_SUFFIX = ".new", ".old"
+# What a save may replace: the files of a checkpoint, and the temporary files of older versions' one-by-one saves.
+_REPLACEABLE = {*CHECKPOINT_FILES, MANIFEST_FILE, *(name + ".tmp" for name in CHECKPOINT_FILES)}
 
 
 class CheckpointError(ValueError):
@@ -120,6 +122,14 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted_save(directory)
+    if directory.is_dir():
+        others = sorted(path.name for path in directory.iterdir() if path.name not in _REPLACEABLE)
+        if others:
+            raise CheckpointError(f"{str(directory)!r} holds files that are not part of a checkpoint "
+                                  f"({', '.join(others[:5])}); a save replaces the whole directory, so move them "
+                                  f"out or save elsewhere")
+    elif directory.exists():
+        raise CheckpointError(f"cannot save a checkpoint to {str(directory)!r}: it is a file")
     staging, previous = _sibling(directory, NEW_SUFFIX), _sibling(directory, OLD_SUFFIX)
     # With the checkpoint back in place, these can only be a save that failed before its swap and the remains of
     # a deletion that did not finish.
