@@ -209,6 +209,11 @@ def test_cli_errors_are_one_line(tmp_path, datasets, monkeypatch, capsys):
     state = tmp_path / "checkpoint" / "trainer_state.pt"
     state.write_bytes(b"garbage")
     assert f"checkpoint file {str(state)!r} does not match" in cli_error(capsys, ["--resume", str(tmp_path)])
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (tmp_path / "checkpoint" / "manifest.json").unlink()  # as an older version saved it
+    error = cli_error(capsys, ["--init-from", str(tmp_path), "--set", f"model_options={TINY_MODEL!r}"])
+    assert f"cannot read model weights {str(weights)!r}" in error
 
 
 @pytest.mark.parametrize("workers", [0, 1])

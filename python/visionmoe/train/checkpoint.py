@@ -82,8 +82,11 @@ def _sibling(directory: Path, suffix: str) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as file:  # in blocks: hashlib.file_digest needs Python 3.11, the package supports 3.10
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -227,13 +230,15 @@ def _verified_file(directory: str | Path, name: str) -> Path:
     return directory / name
 
 
-def _read_weights(path: Path) -> tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The tensors and metadata of the safetensors file ``path``, or a CheckpointError naming it."""
+def _read_weights(path: Path, tensors: bool = True) -> tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors (none unless ``tensors``) and metadata of the safetensors file ``path``, or a CheckpointError
+    naming it."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
     try:
         with safe_open(str(path), framework="pt") as file:
-            return {name: file.get_tensor(name) for name in file.keys()}, file.metadata() or {}
+            read = {name: file.get_tensor(name) for name in file.keys()} if tensors else {}
+            return read, file.metadata() or {}
     except Exception as error:  # safetensors raises its own SafetensorError (not exported) and OSError
         raise CheckpointError(f"cannot read model weights {str(path)!r}: {error}") from error
 
@@ -254,8 +259,7 @@ def load_trainer_state(directory: str | Path) -> Dict[str, Any]:
         state = torch.load(path, weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors for a damaged file
         raise CheckpointError(f"cannot read trainer state {str(path)!r}: {error}") from error
-    with safe_open(str(directory / MODEL_FILE), framework="pt") as file:
-        weights_step = json.loads((file.metadata() or {}).get("global_step", "null"))
+    weights_step = json.loads(_read_weights(directory / MODEL_FILE, tensors=False)[1].get("global_step", "null"))
     step = manifest["global_step"]
     if not isinstance(state, dict) or state.get("global_step") != step or weights_step != step:
         found = state.get("global_step") if isinstance(state, dict) else None
