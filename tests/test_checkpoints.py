@@ -216,6 +216,12 @@ def test_a_checkpoint_without_manifest_loads_weights_but_does_not_resume(tmp_pat
         load_model(directory)
 
 
+def test_a_checkpoint_not_saved_by_the_trainer_does_not_resume(tmp_path, datasets):
+    save_step(tmp_path / "checkpoint", 3)  # a trainer state of only the model name and the step
+    with pytest.raises(CheckpointError, match=r"lacks \['epoch', 'epoch_totals', .*not saved by Trainer.save"):
+        Trainer(tiny_config(tmp_path), *datasets, resume=tmp_path)
+
+
 def test_weights_of_another_dtype_are_refused(tmp_path):
     model = tiny_model(0)
     model.head.bias = nn.Parameter(torch.arange(4), requires_grad=False)  # int64 where the model has float32

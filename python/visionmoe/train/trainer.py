@@ -40,14 +40,18 @@ from ..losses import routing_distillation_loss
 from ..metrics import RoutingConsistencyTracker
 from ..models import create_model
 from ..routers import RouterMetrics
-from .checkpoint import (capture_rng_states, check_checkpoint_dir, load_matching_weights, load_model,
-                         load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_states, check_checkpoint_dir, load_matching_weights,
+                         load_model, load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
 from .config import TrainConfig, tgr_fraction
 
 EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
                  "distillation_loss", "teacher_router_loss", "val_loss", "val_accuracy", "epoch_seconds"]
 STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio", "distillation_loss",
                 "teacher_router_loss"]
+
+# What Trainer.save always writes into the trainer state, and resuming reads.
+_STATE_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "steps_per_epoch",
+               "epoch_totals", "rng"}
 
 # A (trainer, global step) hook called after every optimiser step; raising KeyboardInterrupt there stops the run
 # exactly as Ctrl-C does.
@@ -274,6 +278,10 @@ class Trainer:
     def _load(self, directory: str | Path) -> None:
         directory = check_checkpoint_dir(directory)
         state = load_trainer_state(directory)  # refuses a partial, corrupt or mixed checkpoint
+        missing = sorted(_STATE_KEYS - state.keys())
+        if missing:
+            raise CheckpointError(f"the trainer state in {str(directory)!r} lacks {missing}: it was not saved by "
+                                  f"Trainer.save, so it cannot be resumed")
         if state["model"] != self.config.model:
             raise ValueError(f"the checkpoint in {str(directory)!r} is of model {state['model']!r}, "
                              f"not of config key 'model' = {self.config.model!r}")
