@@ -266,8 +266,10 @@ def test_two_real_ctrl_c_in_a_training_process(tmp_path, datasets, reference):
     # The child waits for the first SIGINT after step 4, then, in the save that SIGINT starts, for the second one
     # between the two renames of the swap: the worst moment, when the checkpoint directory itself is missing.
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
         sys.path.insert(0, {str(TESTS)!r})
+        # As in a terminal, whatever the test runner inherited (a background job ignores SIGINT).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from test_train import colour_rule_dataset, tiny_config
         from visionmoe.train import Trainer
 
