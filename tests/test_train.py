@@ -215,6 +215,12 @@ def test_cli_errors_are_one_line(tmp_path, datasets, monkeypatch, capsys):
     error = cli_error(capsys, ["--init-from", str(tmp_path), "--set", f"model_options={TINY_MODEL!r}"])
     assert f"cannot read model weights {str(weights)!r}" in error
 
+    def unreadable(config):
+        raise PermissionError(13, "Permission denied", "/data/train")
+
+    monkeypatch.setattr("visionmoe.train.trainer.build_datasets", unreadable)
+    assert cli_error(capsys, []) == "visionmoe-train: error: [Errno 13] Permission denied: '/data/train'"
+
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_unreadable_image_stops_training_with_one_line(tmp_path, capsys, workers):

@@ -252,8 +252,8 @@ def load_trainer_state(directory: str | Path) -> Dict[str, Any]:
     if manifest is None:
         raise CheckpointError(f"checkpoint {str(directory)!r} has no {MANIFEST_FILE} (it was saved by an older "
                               f"visionmoe), so nothing shows that its weights and trainer state are of the same step "
-                              f"and it cannot be resumed; start a new run from its weights with --init-from, or "
-                              f"re-save it from a run of this version")
+                              f"and it cannot be resumed; start a new run from its weights with --init-from (the "
+                              f"optimiser and schedule start afresh)")
     path = directory / STATE_FILE
     try:
         state = torch.load(path, weights_only=True)
