@@ -262,6 +262,23 @@ def test_a_second_ctrl_c_during_the_save_resumes_into_the_same_run(tmp_path, dat
     assert_same_run(tmp_path, reference, resumed.model)
 
 
+def test_a_second_ctrl_c_inside_a_step_resumes_from_the_last_checkpoint(tmp_path, datasets, reference,
+                                                                        monkeypatch):
+    def interrupted(optimizer):
+        raise KeyboardInterrupt
+
+    def ctrl_c_in_the_next_step(trainer, step):
+        if step == 4:  # step 5 stops inside its optimiser step, as a second Ctrl-C does before the step ends
+            monkeypatch.setattr(trainer.scaler, "step", interrupted)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_config(tmp_path), *datasets, step_callback=ctrl_c_in_the_next_step).fit()
+    resumed = Trainer(tiny_config(tmp_path), *datasets, resume=tmp_path)
+    assert resumed.global_step == 3  # the end of epoch 1: no checkpoint of a half-done step
+    resumed.fit()
+    assert_same_run(tmp_path, reference, resumed.model)
+
+
 def test_two_real_ctrl_c_in_a_training_process(tmp_path, datasets, reference):
     # The child waits for the first SIGINT after step 4, then, in the save that SIGINT starts, for the second one
     # between the two renames of the swap: the worst moment, when the checkpoint directory itself is missing.
