@@ -36,6 +36,7 @@ def reference(datasets, tmp_path_factory):
 
 
 def assert_same_run(directory: Path, reference, model: nn.Module) -> None:
+    """The run in ``directory`` logged the same epochs and steps as the reference and ended with its weights."""
     reference_dir, reference_weights = reference
     metrics, reference_metrics = (read_csv(path / "metrics.csv") for path in (directory, reference_dir))
     assert without_timing(metrics) == without_timing(reference_metrics)
@@ -47,6 +48,7 @@ def assert_same_run(directory: Path, reference, model: nn.Module) -> None:
 
 
 def tiny_model(seed: int) -> nn.Module:
+    """The tests' tiny V-MoE, initialised from ``seed``."""
     torch.manual_seed(seed)
     return create_model("vmoe_tiny_32", **TINY_MODEL)
 
@@ -67,6 +69,7 @@ def loaded_step(directory: Path) -> tuple[int, nn.Module]:
 
 
 def assert_same_weights(model: nn.Module, expected: nn.Module) -> None:
+    """Every tensor of ``model`` equals ``expected``'s exactly."""
     for (name, value), other in zip(model.state_dict().items(), expected.state_dict().values()):
         assert torch.equal(value, other), name
 

@@ -78,10 +78,12 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
 
 
 def _sibling(directory: Path, suffix: str) -> Path:
+    """``directory`` with ``suffix`` appended to its name, beside it."""
     return directory.with_name(directory.name + suffix)
 
 
 def _sha256(path: Path) -> str:
+    """The SHA-256 of the file ``path``, in hexadecimal."""
     digest = hashlib.sha256()
     with path.open("rb") as file:  # in blocks: hashlib.file_digest needs Python 3.11, the package supports 3.10
         for block in iter(lambda: file.read(1 << 20), b""):
@@ -121,7 +123,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig
                     ) -> Path:
     """Atomically replaces the checkpoint in ``directory`` by ``model.safetensors`` (with the model name, options
     and step in its metadata), ``trainer_state.pt``, ``config.yaml`` and their ``manifest.json`` (see the module
-    docstring); returns ``directory``."""
+    docstring); returns ``directory``. A directory holding anything else is refused, since it is replaced whole."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted_save(directory)
