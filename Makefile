@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 SOURCES := $(shell find csrc python -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py' \)) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: install demo test bench cuda-compile clean
+.PHONY: install demo test fuzz bench cuda-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_OPTS) $(VENV)
@@ -38,6 +38,13 @@ demo: install
 # -p no:cacheprovider keeps a read-only checkout clean; pytest exits non-zero when it collects no tests.
 test: install
 	$(PY) -m pytest -p no:cacheprovider -ra $(PYTEST_ARGS) tests
+
+# The long fuzz run: thousands of seeded cases over every operator family, in worker processes so that a crash is
+# a reported outcome; the summary (cases, outcomes, every failure with its replayable input) goes to the JSON file.
+FUZZ_CASES ?= 8000
+FUZZ_SEED ?= 1
+fuzz: install
+	$(PY) tests/fuzz/fuzz_runner.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --output benchmarks/results/fuzz_cpu.json
 
 bench: install
 	$(PY) benchmarks/bench_dispatch.py
