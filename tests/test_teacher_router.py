@@ -167,6 +167,12 @@ def test_teacher_router_errors():
         TeacherRouter(teacher, [1, 3], [4])
     with pytest.raises(ValueError, match="dim could not be read"):
         TeacherRouter(_blocks_only(), [0], 4)
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1, got float 4.0"):
+        TeacherRouter(teacher, [1], 4.0)
+    with pytest.raises(ValueError, match="importance_weight must be a finite number >= 0, got nan"):
+        TeacherRouter(teacher, [1], 4, importance_weight=float("nan"))
+    with pytest.raises(ValueError, match="normalize_features must be True or False, got int 1"):
+        TeacherRouter(teacher, [1], 4, normalize_features=1)
     with pytest.raises(ValueError, match="the student has no sparse MoE layers"):
         aligned_blocks(dense_teacher())
     with pytest.raises(ValueError, match="MoE layer 0: the student routes"):

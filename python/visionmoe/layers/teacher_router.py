@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..routers.checks import check_flag, check_int, check_real
 from .moe_mlp import MoEMLP
 
 # The TGR paper's teacher-router loss weights: 0.005 * CV(Imp)^2 + 0.005 * mean token entropy, per layer.
@@ -75,22 +76,24 @@ class TeacherRouter(nn.Module):
         if check_block_indices(layers, len(blocks), "layers") != layers:
             raise ValueError(f"layers must be increasing block indices (the student's MoE layers in order), "
                              f"got {layers}")
-        experts_per_layer = [num_experts] * len(layers) if isinstance(num_experts, int) else list(num_experts)
-        if len(experts_per_layer) != len(layers) or any(e < 1 for e in experts_per_layer):
-            raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
-                             f"got {num_experts!r}")
+        if isinstance(num_experts, (list, tuple)):
+            if len(num_experts) != len(layers):
+                raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
+                                 f"got {num_experts!r}")
+            experts_per_layer = [check_int(f"num_experts[{i}]", e, 1) for i, e in enumerate(num_experts)]
+        else:
+            experts_per_layer = [check_int("num_experts", num_experts, 1)] * len(layers)
         if dim is None:
             dim = getattr(teacher, "embed_dim", None) or getattr(teacher, "config", {}).get("embed_dim")
             if dim is None:
                 raise ValueError("dim could not be read from teacher.embed_dim or teacher.config; pass dim")
-        for name, weight in (("importance_weight", importance_weight), ("entropy_weight", entropy_weight)):
-            if not weight >= 0:
-                raise ValueError(f"{name} must be >= 0, got {weight!r}")
+        self.dim = check_int("dim", dim, 1)
         self.teacher = teacher.requires_grad_(False).eval()
         self.layers = layers
-        self.importance_weight, self.entropy_weight = importance_weight, entropy_weight
-        self.normalize_features = normalize_features
-        self.routers = nn.ModuleList(nn.Linear(dim, e, bias=False) for e in experts_per_layer)
+        self.importance_weight = check_real("importance_weight", importance_weight, at_least=0)
+        self.entropy_weight = check_real("entropy_weight", entropy_weight, at_least=0)
+        self.normalize_features = check_flag("normalize_features", normalize_features)
+        self.routers = nn.ModuleList(nn.Linear(self.dim, e, bias=False) for e in experts_per_layer)
         self._features: Dict[int, torch.Tensor] = {}
         self._capturing = False
         self._hooks = [blocks[i].register_forward_hook(self._capture_hook(i)) for i in layers]

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import ops
 from ..registry import Registry
+from .checks import check_int, check_real
 
 
 @dataclasses.dataclass
@@ -68,12 +69,8 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        self.dim = dim
-        self.num_experts = num_experts
+        self.dim = check_int("dim", dim, 1)
+        self.num_experts = check_int("num_experts", num_experts, 1)
 
     def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -89,14 +86,12 @@ def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_
     return -(-capacity // multiple) * multiple
 
 
-def check_capacity_options(capacity_factor, capacity_multiple: int, allow_dropless: bool) -> None:
-    if capacity_factor is None:
-        if not allow_dropless:
-            raise ValueError("capacity_factor must be a number > 0 for this router (it has no dropless mode)")
-    elif not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless routing), got {capacity_factor}")
-    if capacity_multiple < 1:
-        raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
+def check_capacity_options(capacity_factor, capacity_multiple: int,
+                           allow_dropless: bool) -> Tuple[Optional[float], int]:
+    """The checked ``(capacity_factor, capacity_multiple)``; None for the factor means dropless routing."""
+    capacity_factor = check_real("capacity_factor", capacity_factor, greater_than=0,
+                                 none_means="dropless routing" if allow_dropless else None)
+    return capacity_factor, check_int("capacity_multiple", capacity_multiple, 1)
 
 
 def unrouted_fraction(plan) -> torch.Tensor:
@@ -116,9 +111,7 @@ class SinkhornSelection:
     def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
                  **options):
         super().__init__(dim, num_experts, **options)
-        if sinkhorn_iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
-        self.sinkhorn_iterations = sinkhorn_iterations
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 0)
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         # The router checked its logits already (check_finite), so the operator's synchronising check is skipped.

@@ -19,6 +19,7 @@ from .base import (
     gate_logits,
     register_router,
 )
+from .checks import check_flag, check_real
 
 
 @register_router("expert_choice")
@@ -37,13 +38,10 @@ class ExpertChoiceRouter(Router):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
                  noise_std: float = 0.0, check_finite: bool = True):
         super().__init__(dim, num_experts)
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=False)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
-        self.noise_std = noise_std
-        self.check_finite = check_finite
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=False)
+        self.noise_std = check_real("noise_std", noise_std, at_least=0)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def capacity(self, tokens_per_group: int) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 from .. import losses, ops
 from ..plan import RoutingPlan
 from .base import Router, RouterMetrics, as_groups, register_router
+from .checks import check_int, check_real
 from .sparse_expert_choice import unreached_fraction
 
 
@@ -59,14 +60,10 @@ class HindsightRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, output_dim: Optional[int] = None, tau: float = 1.0):
         super().__init__(dim, num_experts)
-        output_dim = dim if output_dim is None else output_dim
-        if output_dim < 1:
-            raise ValueError(f"output_dim must be >= 1, got {output_dim}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.output_dim = output_dim
-        self.tau = tau
-        self.scorer = nn.Linear(output_dim, 1, bias=False)
+        output_dim = check_int("output_dim", output_dim, 1, none_means="dim")
+        self.output_dim = self.dim if output_dim is None else output_dim
+        self.tau = check_real("tau", tau, greater_than=0)
+        self.scorer = nn.Linear(self.output_dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> Tuple[RoutingPlan, RouterMetrics]:
         x = as_groups(x)

@@ -21,6 +21,7 @@ from .base import (
     gate_logits,
     register_router,
 )
+from .checks import check_flag, check_int, check_real
 
 
 @register_router("topk")
@@ -50,18 +51,13 @@ class TokenChoiceRouter(Router):
                  capacity_multiple: int = 1, batch_priority: bool = False, noise_std: float = 1.0,
                  renormalize: bool = False, check_finite: bool = True):
         super().__init__(dim, num_experts)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts] = [1, {num_experts}], got {k}")
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=True)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.k = k
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
-        self.batch_priority = batch_priority
-        self.noise_std = noise_std
-        self.renormalize = renormalize
-        self.check_finite = check_finite
+        self.k = check_int("k", k, 1, self.num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=True)
+        self.batch_priority = check_flag("batch_priority", batch_priority)
+        self.noise_std = check_real("noise_std", noise_std, at_least=0)
+        self.renormalize = check_flag("renormalize", renormalize)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def capacity(self, tokens_per_group: int) -> Optional[int]:

@@ -1,0 +1,86 @@
+"""Routers and layers reject bad options at construction, and bad inputs at forward, with errors naming the
+option or input and what was expected; empty inputs route to empty outputs."""
+
+import math
+
+import pytest
+import torch
+
+from visionmoe.layers import ConvMoE, MoEMLP, SoftMoEMLP
+from visionmoe.routers import create_router, list_routers
+
+NAN, INF = math.nan, math.inf
+
+# (router, options, the error's start): non-finite numbers, and options of the wrong type.
+BAD_ROUTER_OPTIONS = [
+    ("topk", dict(capacity_multiple=NAN), "capacity_multiple must be an integer >= 1"),
+    ("topk", dict(capacity_multiple=4.0), "capacity_multiple must be an integer >= 1"),
+    ("topk", dict(capacity_factor=INF), "capacity_factor must be a finite number > 0"),
+    ("topk", dict(capacity_factor=NAN), "capacity_factor must be a finite number > 0"),
+    ("topk", dict(capacity_factor="1.0"), "capacity_factor must be a number > 0"),
+    ("topk", dict(k=2.0), "k must be an integer in [1, 4]"),
+    ("topk", dict(k="2"), "k must be an integer in [1, 4]"),
+    ("topk", dict(k=True), "k must be an integer in [1, 4]"),
+    ("topk", dict(noise_std=NAN), "noise_std must be a finite number >= 0"),
+    ("topk", dict(noise_std=-INF), "noise_std must be a finite number >= 0"),
+    ("topk", dict(batch_priority=1), "batch_priority must be True or False"),
+    ("topk", dict(renormalize="yes"), "renormalize must be True or False"),
+    ("topk", dict(check_finite=None), "check_finite must be True or False"),
+    ("sinkhorn_topk", dict(sinkhorn_iterations="20"), "sinkhorn_iterations must be an integer >= 0"),
+    ("sinkhorn_topk", dict(sinkhorn_iterations=True), "sinkhorn_iterations must be an integer >= 0"),
+    ("expert_choice", dict(capacity_factor=None), "capacity_factor must be a number > 0"),
+    ("expert_choice", dict(capacity_factor=INF), "capacity_factor must be a finite number > 0"),
+    ("expert_choice", dict(noise_std=INF), "noise_std must be a finite number >= 0"),
+    ("sinkhorn_expert_choice", dict(sinkhorn_iterations=2.5), "sinkhorn_iterations must be an integer >= 0"),
+    ("sparse_expert_choice", dict(gamma=NAN), "gamma must be a finite number > 0"),
+    ("sparse_expert_choice", dict(lr=INF), "lr must be a finite number > 0"),
+    ("sparse_expert_choice", dict(capacity_multiple=NAN), "capacity_multiple must be an integer >= 1"),
+    ("sparse_topk", dict(k=1.5), "k must be an integer in [1, 4]"),
+    ("sparse_topk", dict(iterations="100"), "iterations must be an integer >= 1"),
+    ("sparse_topk", dict(combine=None), "combine must be one of"),
+    ("soft", dict(slots_per_expert=2.0), "slots_per_expert must be an integer >= 1"),
+    ("soft", dict(slots_per_expert=None, num_tokens=16, capacity_factor=NAN),
+     "capacity_factor must be a finite number > 0"),
+    ("soft", dict(noise_std=NAN), "noise_std must be a finite number >= 0"),
+    ("hindsight", dict(tau=INF), "tau must be a finite number > 0"),
+    ("hindsight", dict(output_dim=8.0), "output_dim must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("name, options, message", BAD_ROUTER_OPTIONS)
+def test_bad_router_options_are_rejected_at_construction(name, options, message):
+    options = {"slots_per_expert": 2, **options} if name == "soft" else options
+    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+        create_router(name, 8, 4, **options)
+
+
+@pytest.mark.parametrize("name", list_routers())
+@pytest.mark.parametrize("dim, num_experts, message", [
+    (8.0, 4, "dim must be an integer >= 1"), (8, "4", "num_experts must be an integer >= 1"),
+    (True, 4, "dim must be an integer >= 1"),
+])
+def test_bad_router_sizes_are_rejected(name, dim, num_experts, message):
+    with pytest.raises(ValueError, match=message):
+        create_router(name, dim, num_experts, **({"slots_per_expert": 1} if name == "soft" else {}))
+
+
+def test_wrong_option_types_are_type_errors_too():
+    with pytest.raises(TypeError, match="k must be an integer"):
+        create_router("topk", 8, 4, k=2.0)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: MoEMLP(8, 16, 4, group_size=2.0), "group_size must be an integer >= 1"),
+    (lambda: MoEMLP(8, 16.0, 4), "hidden_dim must be an integer >= 1"),
+    (lambda: MoEMLP(8, 16, 4, capacity_factor=INF), "capacity_factor must be a finite number > 0"),
+    (lambda: SoftMoEMLP(8, 16, 4, slots_per_expert=NAN), "slots_per_expert must be an integer >= 1"),
+    (lambda: ConvMoE(3, 4, 4, k=1.0), r"k must be an integer in \[1, 4\]"),
+    (lambda: ConvMoE(3, 4, 4, stride=2.0), "stride must be an integer >= 1"),
+    (lambda: ConvMoE(3, 4, 4, capacity_factor=NAN), "capacity_factor must be a finite number > 0"),
+    (lambda: ConvMoE(3, 4, 4, constraint="relative_importance", constraint_threshold=NAN),
+     "constraint_threshold must be a finite number >= 0"),
+    (lambda: ConvMoE(3, 4, 4, renormalize=0), "renormalize must be True or False"),
+])
+def test_bad_layer_options_are_rejected_at_construction(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
