@@ -183,3 +183,20 @@ def test_sinkhorn_iterations_are_validated_and_used(name):
         expected = ops.expert_choice_route(metrics.logits, router.capacity(24), weights=metrics.probs)
     assert torch.equal(plan.sorted_token, expected.sorted_token)
     torch.testing.assert_close(plan.weight, expected.weight)
+
+
+@pytest.mark.parametrize("name", ["topk", "sinkhorn_topk", "expert_choice", "sinkhorn_expert_choice"])
+def test_importance_loss_is_of_the_probabilities_without_noise(name):
+    # V-MoE's test of its router: the importance loss is the same for two noise seeds (the noise only changes
+    # which experts are selected), and equals the loss of softmax(x W).
+    router = make(name, noise_std=1.0).train()
+    x = torch.randn(2, 24, 16)
+    torch.manual_seed(1)
+    _, first = router(x)
+    torch.manual_seed(2)
+    _, second = router(x)
+    assert not torch.equal(first.logits, second.logits)
+    assert torch.equal(first.aux_losses["importance"], second.aux_losses["importance"])
+    torch.testing.assert_close(first.aux_losses["importance"],
+                               visionmoe.losses.importance_loss(router.proj(x).softmax(dim=-1)))
+

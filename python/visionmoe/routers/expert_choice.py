@@ -58,7 +58,8 @@ class ExpertChoiceRouter(Router):
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
         aux = {}
         if x.shape[1] > 0:  # an empty input has nothing to balance
-            aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
+            # The importance of the probabilities without noise, as V-MoE's (it does not depend on the noise drawn).
+            aux = {"importance": losses.importance_loss(logits.softmax(dim=-1)), "z_loss": losses.router_z_loss(logits)}
         return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
 
 

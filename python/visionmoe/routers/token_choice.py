@@ -43,8 +43,9 @@ class TokenChoiceRouter(Router):
         renormalize: divide each token's K combine weights by their sum.
         check_finite: reject NaN or infinite logits (an asynchronous check, no synchronisation).
 
-    ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``. Auxiliary losses: ``importance``,
-    ``load`` (when noise is on, in training), ``switch`` and ``z_loss``.
+    ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``. Auxiliary losses: ``importance`` (of
+    the probabilities without noise, as V-MoE), ``load`` (when noise is on, in training), ``switch`` and
+    ``z_loss``.
     """
 
     def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: Optional[float] = 1.0,
@@ -77,12 +78,15 @@ class TokenChoiceRouter(Router):
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
                                     training=self.training)  # [G, T, E]
         probs = noisy.softmax(dim=-1)
-        plan = ops.topk_route(self.selection_scores(noisy, probs), self.k, self.capacity(x.shape[1]),
-                              batch_priority=self.batch_priority, weights=probs, renormalize=self.renormalize)
+        scores = self.selection_scores(noisy, probs)
+        plan = ops.topk_route(scores, self.k, self.capacity(x.shape[1]), batch_priority=self.batch_priority,
+                              weights=probs, renormalize=self.renormalize)
         aux = {}
         if x.shape[1] > 0:  # an empty input has nothing to balance
             aux = {
-                "importance": losses.importance_loss(probs),
+                # As V-MoE: the importance of the probabilities without noise (its value does not depend on the
+                # noise drawn), the Switch loss of the noisy ones the experts were chosen on.
+                "importance": losses.importance_loss(logits.softmax(dim=-1)),
                 "switch": losses.switch_load_balancing_loss(probs),
                 "z_loss": losses.router_z_loss(logits),
             }
