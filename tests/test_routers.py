@@ -200,3 +200,20 @@ def test_importance_loss_is_of_the_probabilities_without_noise(name):
     torch.testing.assert_close(first.aux_losses["importance"],
                                visionmoe.losses.importance_loss(router.proj(x).softmax(dim=-1)))
 
+
+def test_sinkhorn_switch_loss_counts_the_experts_tokens_were_sent_to():
+    # Every token prefers expert 0, so the argmax of the probabilities is 0 everywhere, while the Sinkhorn scores
+    # balance the choice: the Switch loss must count the experts the plan sends the tokens to.
+    router = make("sinkhorn_topk", k=1, capacity_factor=None).eval()
+    with torch.no_grad():
+        router.proj.weight.zero_()
+        router.proj.weight[0, 0] = 1.0
+    x = torch.randn(1, 32, 16)
+    x[..., 0] = 2.0 + 0.1 * x[..., 0]
+    plan, metrics = router(x)
+    sent_to = torch.empty(32, dtype=torch.long)
+    sent_to[plan.sorted_token] = plan.sorted_expert  # dropless, K = 1, one group: one assignment per token
+    assert sent_to.unique().numel() > 1 and metrics.probs.argmax(-1).unique().tolist() == [0]
+    fraction = torch.bincount(sent_to, minlength=4).float() / 32
+    expected = 4 * (fraction * metrics.probs[0].mean(0)).sum()
+    torch.testing.assert_close(metrics.aux_losses["switch"], expected)

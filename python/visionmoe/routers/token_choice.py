@@ -44,8 +44,8 @@ class TokenChoiceRouter(Router):
         check_finite: reject NaN or infinite logits (an asynchronous check, no synchronisation).
 
     ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``. Auxiliary losses: ``importance`` (of
-    the probabilities without noise, as V-MoE), ``load`` (when noise is on, in training), ``switch`` and
-    ``z_loss``.
+    the probabilities without noise, as V-MoE), ``load`` (when noise is on, in training), ``switch`` (counting
+    each token's first choice) and ``z_loss``.
     """
 
     def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: Optional[float] = 1.0,
@@ -87,7 +87,9 @@ class TokenChoiceRouter(Router):
                 # As V-MoE: the importance of the probabilities without noise (its value does not depend on the
                 # noise drawn), the Switch loss of the noisy ones the experts were chosen on.
                 "importance": losses.importance_loss(logits.softmax(dim=-1)),
-                "switch": losses.switch_load_balancing_loss(probs),
+                # Counted by each token's first choice on the scores the top-K was taken on, which are not the
+                # probabilities under Sinkhorn selection or a hard constraint (ties to the lower index, as topk).
+                "switch": losses.switch_load_balancing_loss(probs, scores.argmax(dim=-1)),
                 "z_loss": losses.router_z_loss(logits),
             }
             if self.training and self.noise_std > 0:
