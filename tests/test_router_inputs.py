@@ -84,3 +84,49 @@ def test_wrong_option_types_are_type_errors_too():
 def test_bad_layer_options_are_rejected_at_construction(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def make_router(name):
+    return create_router(name, 8, 4, **({"slots_per_expert": 2} if name == "soft" else {}))
+
+
+@pytest.mark.parametrize("name", list_routers())
+def test_routers_name_a_wrong_width_or_dtype_of_x(name):
+    router = make_router(name)
+    with pytest.raises(ValueError, match=r"x must have width D = 8, got shape \(2, 5, 7\)"):
+        router(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.int64"):
+        router(torch.ones(2, 5, 8, dtype=torch.long))
+    with pytest.raises(TypeError, match="x must be a tensor, got list"):
+        router([[0.0] * 8])
+    if name in ("soft", "hindsight"):  # they cast their weights to x's dtype, or have none that x meets
+        assert router(torch.randn(2, 5, 8, dtype=torch.float64))[0] is not None
+    else:
+        with pytest.raises(ValueError, match="x must have the dtype of the layer's weights, torch.float32, got "
+                                             "torch.float64"):
+            router(torch.randn(2, 5, 8, dtype=torch.float64))
+
+
+def test_under_autocast_any_floating_dtype_of_x_is_accepted():
+    router = make_router("topk")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan, metrics = router(torch.randn(2, 5, 8, dtype=torch.bfloat16))
+    assert metrics.probs.shape == (2, 5, 4)
+
+
+@pytest.mark.parametrize("layer, x, message", [
+    (lambda: MoEMLP(8, 16, 4), torch.randn(2, 5, 8, dtype=torch.float64), "x must have the dtype of the layer's "
+     "weights, torch.float32, got torch.float64"),
+    (lambda: MoEMLP(8, 16, 4, "expert_choice"), torch.ones(2, 5, 8, dtype=torch.long),
+     "x must be a floating-point tensor"),
+    (lambda: SoftMoEMLP(8, 16, 4), torch.randn(2, 5, 8, dtype=torch.bfloat16), "x must have the dtype of the "
+     "layer's weights, torch.float32, got torch.bfloat16"),
+    (lambda: SoftMoEMLP(8, 16, 4), torch.randn(2, 5, 6), r"x must have shape \[B, N, D\] with D = 8"),
+    (lambda: ConvMoE(3, 4, 4), torch.randn(2, 3, 8, 8, dtype=torch.float64), "x must have the dtype of the layer's "
+     "weights, torch.float32, got torch.float64"),
+    (lambda: ConvMoE(3, 4, 4, gating="location"), torch.ones(2, 3, 8, 8, dtype=torch.uint8),
+     "x must be a floating-point tensor"),
+])
+def test_layers_name_a_wrong_dtype_or_width_of_x(layer, x, message):
+    with pytest.raises(ValueError, match=message):
+        layer()(x)

@@ -424,7 +424,7 @@ def test_hindsight_bad_input():
     with pytest.raises(ValueError, match="output_dim must be >= 1, got 0"):
         create_router("hindsight", 6, 3, output_dim=0)
     router = create_router("hindsight", 6, 3, output_dim=4)
-    with pytest.raises(ValueError, match="x must have width dim = 6"):
+    with pytest.raises(ValueError, match="x must have width D = 6"):
         router(torch.randn(5, 7))
     plan, _ = router(torch.randn(5, 6))
     with pytest.raises(ValueError, match=r"expert_out must have shape \[A, output_dim\] = \[15, 4\]"):

@@ -1,6 +1,7 @@
 """Teacher-guided routing: the teacher router's hooks, freezing and losses, the distillation loss's gradients, and
 the trainer's integration (schedule, pre-training, config errors, exact resume, the teacher in a fresh process)."""
 
+import copy
 import subprocess
 import sys
 
@@ -173,6 +174,12 @@ def test_teacher_router_errors():
         TeacherRouter(teacher, [1], 4, importance_weight=float("nan"))
     with pytest.raises(ValueError, match="normalize_features must be True or False, got int 1"):
         TeacherRouter(teacher, [1], 4, normalize_features=1)
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"teacher block 1 must return \[B, N, D\] features with D = 12"):
+        TeacherRouter(teacher, [1], 4, dim=12)(images)
+    with pytest.raises(ValueError, match="teacher block 1's features must have the dtype of the layer's weights, "
+                                         "torch.float32, got torch.float64"):
+        TeacherRouter(copy.deepcopy(teacher).double(), [1], 4)(images.double())
     with pytest.raises(ValueError, match="the student has no sparse MoE layers"):
         aligned_blocks(dense_teacher())
     with pytest.raises(ValueError, match="MoE layer 0: the student routes"):

@@ -44,7 +44,7 @@ from torch import nn
 
 from .. import ops
 from ..routers import RouterMetrics, TokenChoiceRouter
-from ..routers.checks import check_choice, check_int, check_real
+from ..routers.checks import check_choice, check_input_dtype, check_int, check_real
 
 GATINGS = ("image", "location")
 EXPERT_BODIES = ("basic", "bottleneck")
@@ -245,6 +245,7 @@ class ConvMoE(nn.Module):
         return -(-height // self.stride), -(-width // self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_dtype("x", x, self.router.proj.weight.dtype)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels}, got {tuple(x.shape)}")
         mixed = self._image_moe(x) if self.gating == "image" else self._location_moe(x)

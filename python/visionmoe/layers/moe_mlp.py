@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..routers import RouterMetrics, create_router
-from ..routers.checks import check_choice, check_int
+from ..routers.checks import check_choice, check_input_dtype, check_int
 
 # The activations the expert operator implements.
 ACTIVATIONS = ops.ACTIVATIONS
@@ -73,6 +73,13 @@ class ExpertMLPs(nn.Module):
                f"activation={self.activation!r}"
 
 
+def check_tokens(x: torch.Tensor, experts: ExpertMLPs) -> None:
+    """Rejects an MoE MLP's input x unless it is [B, N, D] floating-point tokens of the experts' D and dtype."""
+    check_input_dtype("x", x, experts.w1.dtype)
+    if x.dim() != 3 or x.shape[-1] != experts.dim:
+        raise ValueError(f"x must have shape [B, N, D] with D = {experts.dim}, got {tuple(x.shape)}")
+
+
 class MoEMLP(nn.Module):
     """A sparse MoE MLP: route, dispatch, run the experts, combine. [B, N, D] -> [B, N, D].
 
@@ -112,8 +119,7 @@ class MoEMLP(nn.Module):
         return layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
 
     def _groups(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        check_tokens(x, self.experts)
         B, N, D = x.shape
         if self.group_size is None:
             return x.reshape(1, B * N, D)
@@ -161,8 +167,7 @@ class SoftMoEMLP(nn.Module):
         self.last_metrics: Optional[RouterMetrics] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        check_tokens(x, self.experts)
         plan, self.last_metrics = self.router(x)
         slots = plan.dispatch(x)  # [B, E, P, D]
         B, E, P, D = slots.shape

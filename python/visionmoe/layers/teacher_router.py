@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
-from ..routers.checks import check_flag, check_int, check_real
+from ..routers.checks import check_flag, check_input_dtype, check_int, check_real
 from .moe_mlp import MoEMLP
 
 # The TGR paper's teacher-router loss weights: 0.005 * CV(Imp)^2 + 0.005 * mean token entropy, per layer.
@@ -109,9 +109,9 @@ class TeacherRouter(nn.Module):
         def hook(module, inputs, output):
             if not self._capturing:
                 return
-            if not isinstance(output, torch.Tensor) or output.dim() != 3:
-                raise ValueError(f"teacher block {index} must return [B, N, D] features, got "
-                                 f"{tuple(getattr(output, 'shape', ()))}")
+            if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[-1] != self.dim:
+                raise ValueError(f"teacher block {index} must return [B, N, D] features with D = {self.dim} (the "
+                                 f"teacher router's dim), got {tuple(getattr(output, 'shape', ()))}")
             self._features[index] = output
             if index == self.layers[-1]:
                 raise _FeaturesCaptured
@@ -141,7 +141,8 @@ class TeacherRouter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         probs = []
-        for router, features in zip(self.routers, self.teacher_features(images)):
+        for index, router, features in zip(self.layers, self.routers, self.teacher_features(images)):
+            check_input_dtype(f"teacher block {index}'s features", features, router.weight.dtype)
             if self.normalize_features:
                 features = F.layer_norm(features, features.shape[-1:])
             probs.append(router(features).softmax(dim=-1))

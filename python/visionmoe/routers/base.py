@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import ops
 from ..registry import Registry
-from .checks import check_int, check_real
+from .checks import check_input_dtype, check_int, check_real
 
 
 @dataclasses.dataclass
@@ -74,6 +74,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def grouped_input(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """x [T, D] or [G, T, D] as [G, T, D], checked to be a floating-point tensor of width D and, unless
+        ``dtype`` is None, of that dtype (the router's weights' that x meets), so that a wrong input is named
+        here rather than by a matrix product inside the router."""
+        check_input_dtype("x", x, dtype)
+        x = as_groups(x)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have width D = {self.dim}, got shape {tuple(x.shape)}")
+        return x
 
 
 def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_factor: float,

@@ -1,9 +1,10 @@
-"""Checks of the Python options that routers and layers are built with, shared by all of them.
+"""Checks shared by all routers and layers: of the Python options they are built with, and of the dtype of
+their inputs.
 
-Each check returns the option as the type the module computes with (``int``, ``float``, ``bool``) or raises
-an error naming the option, what it must be and what it got. Options are checked at construction: a wrong
-type or a non-finite number would otherwise surface only at the first forward pass, as an error about some
-internal value (``'<' not supported``, ``cannot convert float NaN to integer``), or not at all.
+Each option check returns the option as the type the module computes with (``int``, ``float``, ``bool``) or
+raises an error naming the option, what it must be and what it got. Options are checked at construction: a
+wrong type or a non-finite number would otherwise surface only at the first forward pass, as an error about
+some internal value (``'<' not supported``, ``cannot convert float NaN to integer``), or not at all.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Optional, Sequence
+
+import torch
 
 
 class OptionTypeError(TypeError, ValueError):
@@ -75,3 +78,16 @@ def check_choice(name: str, value, choices: Sequence[str], *, allow_none: bool =
         none = "None or " if allow_none else ""
         raise ValueError(f"{name} must be {none}one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_input_dtype(name: str, x: torch.Tensor, dtype: Optional[torch.dtype]) -> None:
+    """Rejects an input ``x`` that is not a floating-point tensor, or whose dtype is not ``dtype`` (that of the
+    weights it meets; None where the module casts its weights to x's dtype). Under ``torch.autocast`` the
+    weights are cast to the autocast dtype, so any floating-point x is accepted there."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name} must have the dtype of the layer's weights, {dtype}, got {x.dtype} (convert the "
+                         "input or the layer, or run under torch.autocast)")

@@ -13,7 +13,6 @@ from .base import (
     Router,
     RouterMetrics,
     SinkhornSelection,
-    as_groups,
     capacity_from_factor,
     check_capacity_options,
     gate_logits,
@@ -51,7 +50,7 @@ class ExpertChoiceRouter(Router):
         return probs
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite,
                                     noise_std=self.noise_std / self.num_experts, training=self.training)
         probs = noisy.softmax(dim=-1)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import losses, ops
 from ..plan import RoutingPlan
-from .base import Router, RouterMetrics, as_groups, register_router
+from .base import Router, RouterMetrics, register_router
 from .checks import check_int, check_real
 from .sparse_expert_choice import unreached_fraction
 
@@ -66,9 +66,7 @@ class HindsightRouter(Router):
         self.scorer = nn.Linear(self.output_dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> Tuple[RoutingPlan, RouterMetrics]:
-        x = as_groups(x)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have width dim = {self.dim}, got shape {tuple(x.shape)}")
+        x = self.grouped_input(x)  # any floating-point dtype: x only sets the plan's weights' dtype
         num_groups, tokens_per_group, _ = x.shape
         num_tokens, num_experts = num_groups * tokens_per_group, self.num_experts
         # Listed expert-major (virtual expert e * G + g holds tokens g * T .. g * T + T - 1), so the plan keeps

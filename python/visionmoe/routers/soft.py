@@ -164,9 +164,7 @@ class SoftRouter(Router):
         nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> Tuple[SoftRoutingPlan, RouterMetrics]:
-        x = as_groups(x)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have width D = {self.dim}, got shape {tuple(x.shape)}")
+        x = self.grouped_input(x)  # any floating-point dtype: the slot keys are cast to it
         slot_keys = (self.scale * _l2_normalize(self.phi, dim=0)).to(x.dtype)
         logits = _l2_normalize(x, dim=-1) @ slot_keys
         if self.training and self.noise_std > 0:

@@ -209,7 +209,7 @@ class _SparsityConstrainedRouter(Router):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         logits, _ = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=0.0, training=self.training)
         probs = logits.softmax(dim=-1)
         transport = sparsity_constrained_transport(

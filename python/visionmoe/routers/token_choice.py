@@ -15,7 +15,6 @@ from .base import (
     Router,
     RouterMetrics,
     SinkhornSelection,
-    as_groups,
     capacity_from_factor,
     check_capacity_options,
     gate_logits,
@@ -73,7 +72,7 @@ class TokenChoiceRouter(Router):
         return probs
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         noise_std = self.noise_std / self.num_experts
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
                                     training=self.training)  # [G, T, E]
