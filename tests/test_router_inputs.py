@@ -130,3 +130,56 @@ def test_under_autocast_any_floating_dtype_of_x_is_accepted():
 def test_layers_name_a_wrong_dtype_or_width_of_x(layer, x, message):
     with pytest.raises(ValueError, match=message):
         layer()(x)
+
+
+@pytest.mark.parametrize("name", list_routers())
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8), (0, 0, 8), (0, 8)])
+def test_routers_route_empty_inputs_to_empty_plans(name, training, shape):
+    router = make_router(name).train(training)
+    plan, metrics = router(torch.randn(shape))
+    groups, tokens = (1, 0) if len(shape) == 2 else shape[:2]
+    assert metrics.probs.shape == metrics.logits.shape == (groups, tokens, 4)
+    assert metrics.load.tolist() == ([groups * 2.0] * 4 if name == "soft" else [0.0] * 4)  # Soft MoE: G * P
+    assert metrics.dropped_fraction.item() == 0 and metrics.unrouted_fraction.item() == 0
+    assert metrics.aux_losses == {}
+    if name == "soft":
+        return
+    assert plan.num_assignments == 0 and plan.num_tokens == 0
+    if name == "hindsight":
+        chosen, choice = router.choose(plan, torch.randn(0, 8))
+        assert chosen.num_assignments == 0 and choice.load.tolist() == [0.0] * 4 and choice.aux_losses == {}
+        assert choice.unrouted_fraction.item() == 0
+
+
+@pytest.mark.parametrize("router", [n for n in list_routers() if n != "soft"])
+@pytest.mark.parametrize("group_size", [None, 1])
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8)])
+def test_moe_mlp_maps_an_empty_batch_to_an_empty_output(router, group_size, shape):
+    layer = MoEMLP(8, 16, 4, router, group_size=group_size).train()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == shape and layer.last_metrics.load.tolist() == [0.0] * 4
+    y.sum().backward()
+    assert x.grad.shape == shape
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 0, 8)])
+def test_soft_moe_mlp_maps_an_empty_batch_to_an_empty_output(shape):
+    layer = SoftMoEMLP(8, 16, 4, slots_per_expert=2)
+    assert layer(torch.randn(shape)).shape == shape
+    assert layer.last_metrics.probs.shape == (*shape[:2], 4)
+
+
+@pytest.mark.parametrize("gating", ["image", "location"])
+@pytest.mark.parametrize("training", [True, False])
+def test_conv_moe_maps_an_empty_batch_to_an_empty_output(gating, training):
+    layer = ConvMoE(3, 4, 4, k=2, stride=2, gating=gating, constraint="relative_importance").train(training)
+    statistic = layer.router.importance_statistic.clone()
+    x = torch.randn(0, 3, 7, 7, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 4, 4, 4) and layer.last_gate_weights.shape[:2] == (0, 4)
+    assert torch.equal(layer.router.importance_statistic, statistic)  # no image, no change of the statistic
+    y.sum().backward()
+    with pytest.raises(ValueError, match=r"x must have shape \[B, Ci, H, W\] with Ci = 3 and H, W >= 1"):
+        layer(torch.randn(2, 3, 0, 7))

@@ -356,3 +356,12 @@ def test_cli_trains_with_a_teacher_in_a_fresh_process(tmp_path):
     assert float(row["distillation_loss"]) > 0 and float(row["teacher_router_loss"]) > 0
     saved = (tmp_path / "student" / "checkpoint" / "config.yaml").read_text()
     assert "tgr_weight: 2.5" in saved and "tgr_schedule: first_half" in saved
+
+
+def test_an_empty_batch_gives_empty_teacher_probabilities_and_zero_losses():
+    router = TeacherRouter(dense_teacher(), [1, 3], 4)
+    probs = router(torch.randn(0, 3, 32, 32))
+    assert [p.shape for p in probs] == [(0, 17, 4)] * 2
+    router_losses = router.losses(probs)
+    assert {name: value.item() for name, value in router_losses.items()} == {"teacher_importance": 0.0,
+                                                                             "teacher_entropy": 0.0}

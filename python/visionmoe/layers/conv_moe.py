@@ -167,16 +167,16 @@ class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
 
     def forward(self, x: torch.Tensor):
         plan, metrics = super().forward(x)
-        if self.constraint is not None and self.training:
+        # An empty batch gives no expert any share; counted as a step, it would move every statistic.
+        if self.constraint is not None and self.training and plan.num_tokens > 0:
             self._update_statistic(plan)
         return plan, metrics
 
     @torch.no_grad()
     def _update_statistic(self, plan) -> None:
-        num_tokens = plan.token_offsets.shape[0] - 1
         kept_weight = (plan.weight * plan.kept()).to(self.importance_statistic.dtype)
         expert = plan.sorted_expert // plan.num_groups
-        share = torch.zeros_like(self.importance_statistic).index_add(0, expert, kept_weight) / max(num_tokens, 1)
+        share = torch.zeros_like(self.importance_statistic).index_add(0, expert, kept_weight) / plan.num_tokens
         if self.constraint == "relative_importance":
             self.importance_statistic.add_(self.num_experts * share - 1)
         else:
@@ -246,8 +246,9 @@ class ConvMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_dtype("x", x, self.router.proj.weight.dtype)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels}, got {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels} and H, W >= 1 (an image "
+                             f"of no pixels has nothing to gate on), got {tuple(x.shape)}")
         mixed = self._image_moe(x) if self.gating == "image" else self._location_moe(x)
         return F.relu(self.shortcut(x) + mixed)
 
@@ -259,7 +260,8 @@ class ConvMoE(nn.Module):
         C = plan.capacity
         rows = ops.dispatch(x.reshape(B, Ci * H * W), plan, "padded").view(E, C, Ci, H, W)
         valid = torch.arange(C, device=x.device) < plan.expert_load().unsqueeze(1)  # [E, C]
-        expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, -1) for e, body in enumerate(self.experts)])
+        expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, self.out_channels * Ho * Wo)
+                                  for e, body in enumerate(self.experts)])
         self.last_gate_weights = self._dense_weights(plan, B)
         return ops.combine(expert_out, plan, B).view(B, self.out_channels, Ho, Wo)
 

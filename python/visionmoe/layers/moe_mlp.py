@@ -121,7 +121,8 @@ class MoEMLP(nn.Module):
     def _groups(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.experts)
         B, N, D = x.shape
-        if self.group_size is None:
+        # An empty batch is one empty group: a plan of no groups would address no experts to dispatch to.
+        if self.group_size is None or B == 0:
             return x.reshape(1, B * N, D)
         if B % self.group_size != 0:
             raise ValueError(f"the batch size {B} is not a multiple of group_size={self.group_size}")
@@ -169,6 +170,9 @@ class SoftMoEMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.experts)
         plan, self.last_metrics = self.router(x)
+        if x.shape[1] == 0:
+            # No token to mix into the slots (their softmax over the tokens is undefined) and none to output.
+            return torch.zeros_like(x)
         slots = plan.dispatch(x)  # [B, E, P, D]
         B, E, P, D = slots.shape
         expert_out = self.experts(slots.transpose(0, 1).reshape(E, B * P, D))

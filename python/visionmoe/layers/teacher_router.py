@@ -152,10 +152,13 @@ class TeacherRouter(nn.Module):
         """The routers' own losses, weighted and summed over layers: ``teacher_importance`` (the squared
         coefficient of variation of Imp_e = mean_t p_t[t, e], over the whole batch) and ``teacher_entropy`` (the
         mean entropy of each token's p_t)."""
-        tokens = [p.reshape(-1, p.shape[-1]) for p in probs]
+        # A layer of no tokens (an empty batch) adds 0: the losses are undefined on none, and there is nothing to
+        # balance or make confident.
+        tokens = [p.reshape(-1, p.shape[-1]) for p in probs if p.numel() > 0]
+        zero = probs[0].new_zeros((), dtype=torch.float32)
         return {
-            "teacher_importance": self.importance_weight * sum(losses.importance_loss(p) for p in tokens),
-            "teacher_entropy": self.entropy_weight * sum(losses.entropy_loss(p) for p in tokens),
+            "teacher_importance": self.importance_weight * sum((losses.importance_loss(p) for p in tokens), zero),
+            "teacher_entropy": self.entropy_weight * sum((losses.entropy_loss(p) for p in tokens), zero),
         }
 
     @property

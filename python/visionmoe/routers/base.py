@@ -41,14 +41,17 @@ class RouterMetrics:
 
     @classmethod
     def of_plan(cls, plan, probs: torch.Tensor, logits: torch.Tensor,
-                aux_losses: Optional[Dict[str, torch.Tensor]] = None,
+                aux_losses: Optional[Callable[[], Dict[str, torch.Tensor]]] = None,
                 unrouted: Optional[torch.Tensor] = None) -> "RouterMetrics":
         """The metrics of a sparse routing plan: per-expert load, dropped fraction and (unless ``unrouted`` is
-        given) the fraction of tokens with no kept assignment."""
-        return cls(probs=probs, logits=logits, load=plan.expert_load().to(probs.dtype),
-                   dropped_fraction=plan.dropped_fraction(),
+        given) the fraction of tokens with no kept assignment. ``aux_losses`` computes the auxiliary losses; it
+        is called only when there are tokens (on none the losses are undefined, and nothing needs balancing)."""
+        has_tokens = probs.numel() > 0
+        # A plan of no groups has no virtual experts, so it cannot tell how many real ones got nothing.
+        load = plan.expert_load() if plan.num_groups > 0 else probs.new_zeros(probs.shape[-1])
+        return cls(probs=probs, logits=logits, load=load.to(probs.dtype), dropped_fraction=plan.dropped_fraction(),
                    unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
-                   aux_losses={} if aux_losses is None else aux_losses)
+                   aux_losses=aux_losses() if aux_losses is not None and has_tokens else {})
 
 
 def as_groups(x: torch.Tensor, name: str = "x", last: str = "D") -> torch.Tensor:
@@ -104,14 +107,19 @@ def check_capacity_options(capacity_factor, capacity_multiple: int,
     return capacity_factor, check_int("capacity_multiple", capacity_multiple, 1)
 
 
-def unrouted_fraction(plan) -> torch.Tensor:
-    """The fraction of the plan's tokens with no kept assignment."""
+def unrouted_fraction(plan, count_zero_weights: bool = True) -> torch.Tensor:
+    """The fraction of the plan's tokens with no kept assignment (0 for a plan of no tokens).
+
+    With ``count_zero_weights=False`` an assignment of weight 0 does not count either: expert choice may fill a
+    column with zero-weight tokens, which the expert computes but which receive nothing from it.
+    """
     num_tokens = plan.token_offsets.shape[0] - 1
     if num_tokens == 0:
         return torch.zeros((), device=plan.slot.device)
-    kept_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
-        0, plan.sorted_token, plan.kept().to(torch.float32))
-    return (kept_per_token == 0).to(torch.float32).mean()
+    reaching = plan.kept() if count_zero_weights else plan.kept() & (plan.weight > 0)
+    reached_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
+        0, plan.sorted_token, reaching.to(torch.float32))
+    return (reached_per_token == 0).to(torch.float32).mean()
 
 
 class SinkhornSelection:
@@ -124,6 +132,8 @@ class SinkhornSelection:
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 0)
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        if noisy_logits.numel() == 0:
+            return probs  # Sinkhorn balancing is undefined over no tokens, and there is nothing to select
         # The router checked its logits already (check_finite), so the operator's synchronising check is skipped.
         return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
 

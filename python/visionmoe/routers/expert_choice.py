@@ -55,11 +55,11 @@ class ExpertChoiceRouter(Router):
                                     noise_std=self.noise_std / self.num_experts, training=self.training)
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
-        aux = {}
-        if x.shape[1] > 0:  # an empty input has nothing to balance
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, lambda: {
             # The importance of the probabilities without noise, as V-MoE's (it does not depend on the noise drawn).
-            aux = {"importance": losses.importance_loss(logits.softmax(dim=-1)), "z_loss": losses.router_z_loss(logits)}
-        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
+            "importance": losses.importance_loss(logits.softmax(dim=-1)),
+            "z_loss": losses.router_z_loss(logits),
+        })
 
 
 @register_router("sinkhorn_expert_choice")

@@ -28,6 +28,7 @@ from .base import (
     check_capacity_options,
     gate_logits,
     register_router,
+    unrouted_fraction,
 )
 from .checks import check_choice, check_flag, check_int, check_real
 
@@ -140,6 +141,9 @@ def sparsity_constrained_transport(
     similarity = as_groups(similarity, "similarity")
     similarity = similarity.to(torch.promote_types(similarity.dtype, torch.float32))
     num_tokens, num_experts = similarity.shape[1:]
+    if similarity.numel() == 0:
+        # No token to transport (k may then be 0, e.g. a capacity derived from T = 0): the plan is empty.
+        return torch.zeros_like(similarity).squeeze(0) if ungrouped else torch.zeros_like(similarity)
     # Canonical form [G, N, M]: each of the M slices along N holds at most k non-zeros and sums to slice_mass;
     # the potentials live on the N side, whose marginal is potential_mass.
     if constrain == "experts":
@@ -172,19 +176,6 @@ def check_solver_options(gamma: float, iterations: int, lr: float) -> Tuple[floa
     """The checked ``(gamma, iterations, lr)`` of the semi-dual solver."""
     return (check_real("gamma", gamma, greater_than=0), check_int("iterations", iterations, 1),
             check_real("lr", lr, greater_than=0))
-
-
-def unreached_fraction(plan: RoutingPlan) -> torch.Tensor:
-    """The fraction of the plan's tokens that no kept assignment with a positive weight reaches.
-
-    Unlike :func:`visionmoe.routers.base.unrouted_fraction`, an assignment of weight 0 does not count: expert
-    choice fills a column with fewer than C non-zeros with zero-weight tokens, which the expert computes but
-    which receive nothing from it.
-    """
-    reaching = (plan.kept() & (plan.weight > 0)).to(torch.float32)
-    num_tokens = plan.token_offsets.shape[0] - 1
-    reached_per_token = torch.zeros(num_tokens, device=reaching.device).index_add(0, plan.sorted_token, reaching)
-    return (reached_per_token == 0).to(torch.float32).mean()
 
 
 class _SparsityConstrainedRouter(Router):
@@ -220,8 +211,11 @@ class _SparsityConstrainedRouter(Router):
         else:
             weights = torch.where(transport > 0, probs.to(transport.dtype), torch.zeros_like(transport))
         plan = self.route(transport.detach(), weights)
-        aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
-        return plan, RouterMetrics.of_plan(plan, probs, logits, aux, unrouted=unreached_fraction(plan))
+        # Expert choice fills a column with fewer than C non-zeros with zero-weight tokens, which receive nothing.
+        unrouted = unrouted_fraction(plan, count_zero_weights=False)
+        return plan, RouterMetrics.of_plan(
+            plan, probs, logits, lambda: {"importance": losses.importance_loss(probs),
+                                          "z_loss": losses.router_z_loss(logits)}, unrouted=unrouted)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, gamma={self.gamma}, iterations={self.iterations}, "

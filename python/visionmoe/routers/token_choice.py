@@ -80,8 +80,8 @@ class TokenChoiceRouter(Router):
         scores = self.selection_scores(noisy, probs)
         plan = ops.topk_route(scores, self.k, self.capacity(x.shape[1]), batch_priority=self.batch_priority,
                               weights=probs, renormalize=self.renormalize)
-        aux = {}
-        if x.shape[1] > 0:  # an empty input has nothing to balance
+
+        def aux_losses():
             aux = {
                 # As V-MoE: the importance of the probabilities without noise (its value does not depend on the
                 # noise drawn), the Switch loss of the noisy ones the experts were chosen on.
@@ -93,7 +93,9 @@ class TokenChoiceRouter(Router):
             }
             if self.training and self.noise_std > 0:
                 aux["load"] = losses.load_loss(logits, noisy, noise_std, self.k)
-        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
+            return aux
+
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux_losses)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
