@@ -68,6 +68,9 @@ class SlotBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         if valid is None or not self.training:
             return super().forward(x)
+        # In the dtype of the running statistics, as nn.BatchNorm2d computes under autocast, where x may be
+        # bfloat16: its 8-bit mantissa cannot even hold the count of a large batch's pixels.
+        x = x.to(self.running_mean.dtype)
         slot_weight = valid.to(x.dtype).view(-1, 1, 1, 1)
         count = slot_weight.sum() * (x.shape[2] * x.shape[3])
         mean = (x * slot_weight).sum(dim=(0, 2, 3)) / count.clamp_min(1)
