@@ -12,6 +12,7 @@ teacher with another number of tokens (another patch size, register tokens) is r
 
 from __future__ import annotations
 
+import collections.abc
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -76,7 +77,7 @@ class TeacherRouter(nn.Module):
         if check_block_indices(layers, len(blocks), "layers") != layers:
             raise ValueError(f"layers must be increasing block indices (the student's MoE layers in order), "
                              f"got {layers}")
-        if isinstance(num_experts, (list, tuple)):
+        if isinstance(num_experts, collections.abc.Sequence):
             if len(num_experts) != len(layers):
                 raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
                                  f"got {num_experts!r}")
