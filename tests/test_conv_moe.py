@@ -128,6 +128,37 @@ def test_hard_constraint_excludes_at_most_e_minus_k_and_only_in_training():
     assert layer.last_gate_weights[:, [1, 3]].sum() > 0  # no constraint at inference
 
 
+@pytest.mark.parametrize("gating", ["image", "location"])
+def test_trains_under_bfloat16_autocast(gating):
+    # The batch norms of capacity-padded batches keep float32 statistics, as nn.BatchNorm2d does under autocast.
+    layer = _layer(gating).train()
+    reference = copy.deepcopy(layer)
+    x = torch.randn(6, 8, 7, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    reference(x)
+    for norm, expected in zip(layer.experts[0].norms, reference.experts[0].norms):
+        assert norm.running_mean.dtype == torch.float32
+        torch.testing.assert_close(norm.running_mean, expected.running_mean, rtol=0.05, atol=0.02)
+
+
+def test_switch_loss_counts_the_admitted_experts_under_the_hard_constraint():
+    # Expert 1 is excluded, so no location is sent to it even where its probability is the highest: the Switch
+    # loss counts each location's first choice among the admitted experts.
+    layer = _layer(gating="location", constraint="relative_importance", noise_std=0.0)
+    layer.router.importance_statistic.copy_(torch.tensor([0.0, 3.0, 0.0, 0.0]))
+    with torch.no_grad():
+        layer.router.proj.weight[1] = 1.0  # the inputs are positive: expert 1 has the largest logit everywhere
+    layer.train()(torch.rand(4, 8, 6, 6))
+    metrics = layer.last_metrics
+    sent_to = layer.last_gate_weights.argmax(dim=1).flatten()  # K = 1: the one expert of each location
+    assert 1 not in sent_to.tolist() and metrics.probs.argmax(-1).eq(1).all()
+    fraction = torch.bincount(sent_to, minlength=4).float() / sent_to.numel()
+    expected = 4 * (fraction * metrics.probs[0].mean(0)).sum()
+    torch.testing.assert_close(metrics.aux_losses["switch"], expected)
+
+
 @pytest.mark.parametrize("gating, constraint", [("image", None), ("location", None),
                                                  ("image", "relative_importance")])
 def test_compiles_without_graph_breaks(gating, constraint):

@@ -1,8 +1,11 @@
 """The example scripts run end to end with small settings, in fresh processes as a user would run them."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -37,3 +40,18 @@ def test_convert_timm_vit(tmp_path):
     assert "MoE layers: blocks." in output
     assert "largest change of the logits right after conversion" in output
     assert "fine-tuned 2 steps" in output
+
+
+def test_converted_vit_computes_what_the_dense_one_did():
+    # The claim of convert_timm_vit.py: right after conversion with its options, the MoE model's output is the
+    # dense model's, up to float rounding, in eval mode and, the experts being identical, in training mode too.
+    spec = importlib.util.spec_from_file_location("convert_timm_vit", EXAMPLES / "convert_timm_vit.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.dense_vit().eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(images)
+        example.moeify(model, **example.MOE_OPTIONS)
+        torch.testing.assert_close(model(images), dense, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.train()(images), dense, rtol=1e-5, atol=1e-5)

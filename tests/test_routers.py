@@ -118,7 +118,7 @@ def test_bad_options_are_rejected(name):
 
 
 def test_k_larger_than_experts_is_rejected():
-    with pytest.raises(ValueError, match=r"k must be in \[1, num_experts\] = \[1, 4\], got 5"):
+    with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
         make("topk", k=5)
     with pytest.raises(ValueError, match="num_experts must be >= 1"):
         create_router("topk", 8, 0)
@@ -183,3 +183,37 @@ def test_sinkhorn_iterations_are_validated_and_used(name):
         expected = ops.expert_choice_route(metrics.logits, router.capacity(24), weights=metrics.probs)
     assert torch.equal(plan.sorted_token, expected.sorted_token)
     torch.testing.assert_close(plan.weight, expected.weight)
+
+
+@pytest.mark.parametrize("name", ["topk", "sinkhorn_topk", "expert_choice", "sinkhorn_expert_choice"])
+def test_importance_loss_is_of_the_probabilities_without_noise(name):
+    # V-MoE's test of its router: the importance loss is the same for two noise seeds (the noise only changes
+    # which experts are selected), and equals the loss of softmax(x W).
+    router = make(name, noise_std=1.0).train()
+    x = torch.randn(2, 24, 16)
+    torch.manual_seed(1)
+    _, first = router(x)
+    torch.manual_seed(2)
+    _, second = router(x)
+    assert not torch.equal(first.logits, second.logits)
+    assert torch.equal(first.aux_losses["importance"], second.aux_losses["importance"])
+    torch.testing.assert_close(first.aux_losses["importance"],
+                               visionmoe.losses.importance_loss(router.proj(x).softmax(dim=-1)))
+
+
+def test_sinkhorn_switch_loss_counts_the_experts_tokens_were_sent_to():
+    # Every token prefers expert 0, so the argmax of the probabilities is 0 everywhere, while the Sinkhorn scores
+    # balance the choice: the Switch loss must count the experts the plan sends the tokens to.
+    router = make("sinkhorn_topk", k=1, capacity_factor=None).eval()
+    with torch.no_grad():
+        router.proj.weight.zero_()
+        router.proj.weight[0, 0] = 1.0
+    x = torch.randn(1, 32, 16)
+    x[..., 0] = 2.0 + 0.1 * x[..., 0]
+    plan, metrics = router(x)
+    sent_to = torch.empty(32, dtype=torch.long)
+    sent_to[plan.sorted_token] = plan.sorted_expert  # dropless, K = 1, one group: one assignment per token
+    assert sent_to.unique().numel() > 1 and metrics.probs.argmax(-1).unique().tolist() == [0]
+    fraction = torch.bincount(sent_to, minlength=4).float() / 32
+    expected = 4 * (fraction * metrics.probs[0].mean(0)).sum()
+    torch.testing.assert_close(metrics.aux_losses["switch"], expected)

@@ -1,6 +1,7 @@
 """Teacher-guided routing: the teacher router's hooks, freezing and losses, the distillation loss's gradients, and
 the trainer's integration (schedule, pre-training, config errors, exact resume, the teacher in a fresh process)."""
 
+import copy
 import subprocess
 import sys
 
@@ -167,6 +168,19 @@ def test_teacher_router_errors():
         TeacherRouter(teacher, [1, 3], [4])
     with pytest.raises(ValueError, match="dim could not be read"):
         TeacherRouter(_blocks_only(), [0], 4)
+    with pytest.raises(ValueError, match="num_experts must be an integer >= 1, got float 4.0"):
+        TeacherRouter(teacher, [1], 4.0)
+    assert [r.out_features for r in TeacherRouter(teacher, [1, 3], range(3, 5)).routers] == [3, 4]
+    with pytest.raises(ValueError, match="importance_weight must be a finite number >= 0, got nan"):
+        TeacherRouter(teacher, [1], 4, importance_weight=float("nan"))
+    with pytest.raises(ValueError, match="normalize_features must be True or False, got int 1"):
+        TeacherRouter(teacher, [1], 4, normalize_features=1)
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"teacher block 1 must return \[B, N, D\] features with D = 12"):
+        TeacherRouter(teacher, [1], 4, dim=12)(images)
+    with pytest.raises(ValueError, match="teacher block 1's features must have the dtype of the layer's weights, "
+                                         "torch.float32, got torch.float64"):
+        TeacherRouter(copy.deepcopy(teacher).double(), [1], 4)(images.double())
     with pytest.raises(ValueError, match="the student has no sparse MoE layers"):
         aligned_blocks(dense_teacher())
     with pytest.raises(ValueError, match="MoE layer 0: the student routes"):
@@ -343,3 +357,12 @@ def test_cli_trains_with_a_teacher_in_a_fresh_process(tmp_path):
     assert float(row["distillation_loss"]) > 0 and float(row["teacher_router_loss"]) > 0
     saved = (tmp_path / "student" / "checkpoint" / "config.yaml").read_text()
     assert "tgr_weight: 2.5" in saved and "tgr_schedule: first_half" in saved
+
+
+def test_an_empty_batch_gives_empty_teacher_probabilities_and_zero_losses():
+    router = TeacherRouter(dense_teacher(), [1, 3], 4)
+    probs = router(torch.randn(0, 3, 32, 32))
+    assert [p.shape for p in probs] == [(0, 17, 4)] * 2
+    router_losses = router.losses(probs)
+    assert {name: value.item() for name, value in router_losses.items()} == {"teacher_importance": 0.0,
+                                                                             "teacher_entropy": 0.0}

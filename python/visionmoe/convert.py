@@ -15,7 +15,7 @@ from .models.vit import check_block_indices, default_moe_blocks
 
 
 def _dense_mlp(block: nn.Module, index: int) -> nn.Module:
-    """``block.mlp`` after checking that an MoE layer upcycled from fc1 and fc2 computes what it computes."""
+    """``block.mlp`` after checking that experts upcycled from its fc1 and fc2 compute what it computes."""
     mlp = getattr(block, "mlp", None)
     if not isinstance(mlp, nn.Module):
         raise ValueError(f"blocks[{index}] ({type(block).__name__}) has no .mlp module")
@@ -42,6 +42,12 @@ def moeify(model: nn.Module, blocks: Optional[Iterable[int]] = None, num_experts
     ``MoEMLP.from_dense(fc1, fc2, num_experts, router, **options)``: every expert starts as a copy of the dense
     MLP, the router starts fresh, on the MLP's device and dtype and in its training mode. All chosen blocks are
     checked before any is replaced, so on error the model is unchanged.
+
+    An MoE layer of identical experts outputs MLP(x) times the sum of the token's kept combine weights, so the
+    converted model computes what the dense one did only when each token's weights sum to 1 and none of its
+    assignments is dropped: e.g. ``router="topk", renormalize=True, capacity_factor=None`` (any K). With the
+    defaults (K=1, no renormalisation, capacity factor 1.0) each MLP output is scaled by the token's top
+    probability, and tokens beyond an expert's capacity get none.
 
     Args:
         model: a module with ``.blocks``, an indexable sequence of blocks (nn.Sequential or nn.ModuleList).

@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import ops
 from ..routers import RouterMetrics, TokenChoiceRouter
+from ..routers.checks import check_choice, check_input_dtype, check_int, check_real
 
 GATINGS = ("image", "location")
 EXPERT_BODIES = ("basic", "bottleneck")
@@ -61,13 +62,15 @@ class SlotBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
-        if momentum is None or not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be a number in [0, 1], got {momentum}")
-        super().__init__(num_features, eps=eps, momentum=momentum)
+        super().__init__(check_int("num_features", num_features, 1), eps=check_real("eps", eps, greater_than=0),
+                         momentum=check_real("momentum", momentum, at_least=0, at_most=1))
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         if valid is None or not self.training:
             return super().forward(x)
+        # In the dtype of the running statistics, as nn.BatchNorm2d computes under autocast, where x may be
+        # bfloat16: its 8-bit mantissa cannot even hold the count of a large batch's pixels.
+        x = x.to(self.running_mean.dtype)
         slot_weight = valid.to(x.dtype).view(-1, 1, 1, 1)
         count = slot_weight.sum() * (x.shape[2] * x.shape[3])
         mean = (x * slot_weight).sum(dim=(0, 2, 3)) / count.clamp_min(1)
@@ -96,8 +99,9 @@ class ResidualBody(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, width: int, stride: int = 1, kind: str = "basic"):
         super().__init__()
-        if kind not in EXPERT_BODIES:
-            raise ValueError(f"expert must be one of {EXPERT_BODIES}, got {kind!r}")
+        check_choice("expert", kind, EXPERT_BODIES)
+        in_channels, out_channels, width, stride = (check_int(name, value, 1) for name, value in (
+            ("in_channels", in_channels), ("out_channels", out_channels), ("expert_width", width), ("stride", stride)))
         if kind == "basic":
             shapes = [(in_channels, width, 3, stride), (width, out_channels, 3, 1)]
         else:
@@ -145,12 +149,8 @@ class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
     def __init__(self, dim: int, num_experts: int, constraint: Optional[str] = None, threshold: float = 0.1,
                  **options):
         super().__init__(dim, num_experts, **options)
-        if constraint is not None and constraint not in HARD_CONSTRAINTS:
-            raise ValueError(f"constraint must be None or one of {HARD_CONSTRAINTS}, got {constraint!r}")
-        if not threshold >= 0:
-            raise ValueError(f"constraint_threshold must be >= 0, got {threshold}")
-        self.constraint = constraint
-        self.threshold = threshold
+        self.constraint = check_choice("constraint", constraint, HARD_CONSTRAINTS, allow_none=True)
+        self.threshold = check_real("constraint_threshold", threshold, at_least=0)
         self.register_buffer("importance_statistic", torch.zeros(num_experts))
         self.register_buffer("constraint_steps", torch.zeros((), dtype=torch.long))
 
@@ -170,16 +170,16 @@ class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
 
     def forward(self, x: torch.Tensor):
         plan, metrics = super().forward(x)
-        if self.constraint is not None and self.training:
+        # An empty batch gives no expert any share; counted as a step, it would move every statistic.
+        if self.constraint is not None and self.training and plan.num_tokens > 0:
             self._update_statistic(plan)
         return plan, metrics
 
     @torch.no_grad()
     def _update_statistic(self, plan) -> None:
-        num_tokens = plan.token_offsets.shape[0] - 1
         kept_weight = (plan.weight * plan.kept()).to(self.importance_statistic.dtype)
         expert = plan.sorted_expert // plan.num_groups
-        share = torch.zeros_like(self.importance_statistic).index_add(0, expert, kept_weight) / max(num_tokens, 1)
+        share = torch.zeros_like(self.importance_statistic).index_add(0, expert, kept_weight) / plan.num_tokens
         if self.constraint == "relative_importance":
             self.importance_statistic.add_(self.num_experts * share - 1)
         else:
@@ -220,13 +220,11 @@ class ConvMoE(nn.Module):
                  capacity_factor: Optional[float] = None, constraint: Optional[str] = None,
                  constraint_threshold: float = 0.1, renormalize: bool = True, **router_options):
         super().__init__()
-        if gating not in GATINGS:
-            raise ValueError(f"gating must be one of {GATINGS}, got {gating!r}")
-        if expert not in EXPERT_BODIES:
-            raise ValueError(f"expert must be one of {EXPERT_BODIES}, got {expert!r}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        check_choice("gating", gating, GATINGS)
+        check_choice("expert", expert, EXPERT_BODIES)
+        # Checked here, not only by the router and the bodies, so that errors name this layer's options.
+        in_channels, out_channels, stride = (check_int(name, value, 1) for name, value in (
+            ("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride)))
         if gating == "image" and capacity_factor is None:
             capacity_factor = DEFAULT_IMAGE_CAPACITY_FACTOR
         if gating == "location" and capacity_factor is not None:
@@ -234,16 +232,14 @@ class ConvMoE(nn.Module):
                              "on every image")
         if expert_width is None:
             expert_width = out_channels if expert == "basic" else max(out_channels // 4, 1)
-        if expert_width < 1:
-            raise ValueError(f"expert_width must be >= 1, got {expert_width}")
-        self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, num_experts
-        self.stride, self.gating = stride, gating
         self.router = ConstrainedTokenChoiceRouter(
             in_channels, num_experts, constraint, constraint_threshold, k=k,
             capacity_factor=capacity_factor if gating == "image" else None, renormalize=renormalize,
             **router_options)
+        self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, self.router.num_experts
+        self.stride, self.gating = stride, gating
         self.experts = nn.ModuleList(ResidualBody(in_channels, out_channels, expert_width, stride, expert)
-                                     for _ in range(num_experts))
+                                     for _ in range(self.num_experts))
         self.shortcut = residual_shortcut(in_channels, out_channels, stride)
         self.last_metrics: Optional[RouterMetrics] = None
         self.last_gate_weights: Optional[torch.Tensor] = None
@@ -252,8 +248,10 @@ class ConvMoE(nn.Module):
         return -(-height // self.stride), -(-width // self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels}, got {tuple(x.shape)}")
+        check_input_dtype("x", x, self.router.proj.weight.dtype)
+        if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels} and H, W >= 1 (an image "
+                             f"of no pixels has nothing to gate on), got {tuple(x.shape)}")
         mixed = self._image_moe(x) if self.gating == "image" else self._location_moe(x)
         return F.relu(self.shortcut(x) + mixed)
 
@@ -265,7 +263,8 @@ class ConvMoE(nn.Module):
         C = plan.capacity
         rows = ops.dispatch(x.reshape(B, Ci * H * W), plan, "padded").view(E, C, Ci, H, W)
         valid = torch.arange(C, device=x.device) < plan.expert_load().unsqueeze(1)  # [E, C]
-        expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, -1) for e, body in enumerate(self.experts)])
+        expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, self.out_channels * Ho * Wo)
+                                  for e, body in enumerate(self.experts)])
         self.last_gate_weights = self._dense_weights(plan, B)
         return ops.combine(expert_out, plan, B).view(B, self.out_channels, Ho, Wo)
 

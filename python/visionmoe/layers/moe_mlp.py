@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..routers import RouterMetrics, create_router
+from ..routers.checks import check_choice, check_input_dtype, check_int
 
 # The activations the expert operator implements.
 ACTIVATIONS = ops.ACTIVATIONS
@@ -30,16 +31,14 @@ class ExpertMLPs(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {hidden_dim}")
-        self.num_experts, self.dim, self.hidden_dim, self.activation = num_experts, dim, hidden_dim, activation
-        first = 2 * hidden_dim if activation == "silu_gated" else hidden_dim
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, first))
-        self.b1 = nn.Parameter(torch.empty(num_experts, first))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
-        self.b2 = nn.Parameter(torch.empty(num_experts, dim))
+        self.num_experts, self.dim, self.hidden_dim = (check_int(name, value, 1) for name, value in (
+            ("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)))
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        first = 2 * self.hidden_dim if activation == "silu_gated" else self.hidden_dim
+        self.w1 = nn.Parameter(torch.empty(self.num_experts, self.dim, first))
+        self.b1 = nn.Parameter(torch.empty(self.num_experts, first))
+        self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.dim))
+        self.b2 = nn.Parameter(torch.empty(self.num_experts, self.dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,6 +73,13 @@ class ExpertMLPs(nn.Module):
                f"activation={self.activation!r}"
 
 
+def check_tokens(x: torch.Tensor, experts: ExpertMLPs) -> None:
+    """Rejects an MoE MLP's input x unless it is [B, N, D] floating-point tokens of the experts' D and dtype."""
+    check_input_dtype("x", x, experts.w1.dtype)
+    if x.dim() != 3 or x.shape[-1] != experts.dim:
+        raise ValueError(f"x must have shape [B, N, D] with D = {experts.dim}, got {tuple(x.shape)}")
+
+
 class MoEMLP(nn.Module):
     """A sparse MoE MLP: route, dispatch, run the experts, combine. [B, N, D] -> [B, N, D].
 
@@ -98,11 +104,10 @@ class MoEMLP(nn.Module):
         super().__init__()
         if router == "soft":
             raise ValueError("the soft router mixes tokens into slots; use SoftMoEMLP for it")
-        if group_size is not None and group_size < 1:
-            raise ValueError(f"group_size must be >= 1 or None, got {group_size}")
-        self.dim, self.num_experts, self.group_size = dim, num_experts, group_size
+        self.group_size = check_int("group_size", group_size, 1, none_means="routing the whole batch as one group")
         self.router = create_router(router, dim, num_experts, **router_options)
         self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)
+        self.dim, self.num_experts = self.experts.dim, self.experts.num_experts
         self.last_metrics: Optional[RouterMetrics] = None
         self.last_plan = None
 
@@ -114,10 +119,10 @@ class MoEMLP(nn.Module):
         return layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
 
     def _groups(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        check_tokens(x, self.experts)
         B, N, D = x.shape
-        if self.group_size is None:
+        # An empty batch is one empty group: a plan of no groups would address no experts to dispatch to.
+        if self.group_size is None or B == 0:
             return x.reshape(1, B * N, D)
         if B % self.group_size != 0:
             raise ValueError(f"the batch size {B} is not a multiple of group_size={self.group_size}")
@@ -157,15 +162,17 @@ class SoftMoEMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1, *,
                  activation: str = "gelu", **router_options):
         super().__init__()
-        self.dim, self.num_experts = dim, num_experts
         self.router = create_router("soft", dim, num_experts, slots_per_expert=slots_per_expert, **router_options)
         self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)
+        self.dim, self.num_experts = self.experts.dim, self.experts.num_experts
         self.last_metrics: Optional[RouterMetrics] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape [B, N, D] with D = {self.dim}, got {tuple(x.shape)}")
+        check_tokens(x, self.experts)
         plan, self.last_metrics = self.router(x)
+        if x.shape[1] == 0:
+            # No token to mix into the slots (their softmax over the tokens is undefined) and none to output.
+            return torch.zeros_like(x)
         slots = plan.dispatch(x)  # [B, E, P, D]
         B, E, P, D = slots.shape
         expert_out = self.experts(slots.transpose(0, 1).reshape(E, B * P, D))

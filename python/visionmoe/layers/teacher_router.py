@@ -12,6 +12,7 @@ teacher with another number of tokens (another patch size, register tokens) is r
 
 from __future__ import annotations
 
+import collections.abc
 import re
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
+from ..routers.checks import check_flag, check_input_dtype, check_int, check_real
 from .moe_mlp import MoEMLP
 
 # The TGR paper's teacher-router loss weights: 0.005 * CV(Imp)^2 + 0.005 * mean token entropy, per layer.
@@ -75,22 +77,24 @@ class TeacherRouter(nn.Module):
         if check_block_indices(layers, len(blocks), "layers") != layers:
             raise ValueError(f"layers must be increasing block indices (the student's MoE layers in order), "
                              f"got {layers}")
-        experts_per_layer = [num_experts] * len(layers) if isinstance(num_experts, int) else list(num_experts)
-        if len(experts_per_layer) != len(layers) or any(e < 1 for e in experts_per_layer):
-            raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
-                             f"got {num_experts!r}")
+        if isinstance(num_experts, collections.abc.Sequence):
+            if len(num_experts) != len(layers):
+                raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
+                                 f"got {num_experts!r}")
+            experts_per_layer = [check_int(f"num_experts[{i}]", e, 1) for i, e in enumerate(num_experts)]
+        else:
+            experts_per_layer = [check_int("num_experts", num_experts, 1)] * len(layers)
         if dim is None:
             dim = getattr(teacher, "embed_dim", None) or getattr(teacher, "config", {}).get("embed_dim")
             if dim is None:
                 raise ValueError("dim could not be read from teacher.embed_dim or teacher.config; pass dim")
-        for name, weight in (("importance_weight", importance_weight), ("entropy_weight", entropy_weight)):
-            if not weight >= 0:
-                raise ValueError(f"{name} must be >= 0, got {weight!r}")
+        self.dim = check_int("dim", dim, 1)
         self.teacher = teacher.requires_grad_(False).eval()
         self.layers = layers
-        self.importance_weight, self.entropy_weight = importance_weight, entropy_weight
-        self.normalize_features = normalize_features
-        self.routers = nn.ModuleList(nn.Linear(dim, e, bias=False) for e in experts_per_layer)
+        self.importance_weight = check_real("importance_weight", importance_weight, at_least=0)
+        self.entropy_weight = check_real("entropy_weight", entropy_weight, at_least=0)
+        self.normalize_features = check_flag("normalize_features", normalize_features)
+        self.routers = nn.ModuleList(nn.Linear(self.dim, e, bias=False) for e in experts_per_layer)
         self._features: Dict[int, torch.Tensor] = {}
         self._capturing = False
         self._hooks = [blocks[i].register_forward_hook(self._capture_hook(i)) for i in layers]
@@ -106,9 +110,9 @@ class TeacherRouter(nn.Module):
         def hook(module, inputs, output):
             if not self._capturing:
                 return
-            if not isinstance(output, torch.Tensor) or output.dim() != 3:
-                raise ValueError(f"teacher block {index} must return [B, N, D] features, got "
-                                 f"{tuple(getattr(output, 'shape', ()))}")
+            if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[-1] != self.dim:
+                raise ValueError(f"teacher block {index} must return [B, N, D] features with D = {self.dim} (the "
+                                 f"teacher router's dim), got {tuple(getattr(output, 'shape', ()))}")
             self._features[index] = output
             if index == self.layers[-1]:
                 raise _FeaturesCaptured
@@ -138,7 +142,8 @@ class TeacherRouter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
         probs = []
-        for router, features in zip(self.routers, self.teacher_features(images)):
+        for index, router, features in zip(self.layers, self.routers, self.teacher_features(images)):
+            check_input_dtype(f"teacher block {index}'s features", features, router.weight.dtype)
             if self.normalize_features:
                 features = F.layer_norm(features, features.shape[-1:])
             probs.append(router(features).softmax(dim=-1))
@@ -148,10 +153,13 @@ class TeacherRouter(nn.Module):
         """The routers' own losses, weighted and summed over layers: ``teacher_importance`` (the squared
         coefficient of variation of Imp_e = mean_t p_t[t, e], over the whole batch) and ``teacher_entropy`` (the
         mean entropy of each token's p_t)."""
-        tokens = [p.reshape(-1, p.shape[-1]) for p in probs]
+        # A layer of no tokens (an empty batch) adds 0: the losses are undefined on none, and there is nothing to
+        # balance or make confident.
+        tokens = [p.reshape(-1, p.shape[-1]) for p in probs if p.numel() > 0]
+        zero = probs[0].new_zeros((), dtype=torch.float32)
         return {
-            "teacher_importance": self.importance_weight * sum(losses.importance_loss(p) for p in tokens),
-            "teacher_entropy": self.entropy_weight * sum(losses.entropy_loss(p) for p in tokens),
+            "teacher_importance": self.importance_weight * sum((losses.importance_loss(p) for p in tokens), zero),
+            "teacher_entropy": self.entropy_weight * sum((losses.entropy_loss(p) for p in tokens), zero),
         }
 
     @property

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..routers.checks import check_choice, check_int
 
 #: How the slots aggregate the tokens. "softmax": PAPERS.md's block as written, the softmax of the shared logits
 #: over S summed over the N tokens. "mean": slot attention's weighted mean (Locatello et al. 2020), the same sum
@@ -61,18 +62,15 @@ class WhatWhereBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, num_slots: int, slot_mlp: nn.Module, token_mlp: Optional[nn.Module],
                  where_mlp: Optional[nn.Module], slot_update: str = "softmax", where_residual: str = "replace"):
         super().__init__()
-        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_slots", num_slots)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        dim, num_heads, num_slots = (check_int(name, value, 1) for name, value in
+                                     (("dim", dim), ("num_heads", num_heads), ("num_slots", num_slots)))
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
         if (token_mlp is None) != (where_mlp is None):
             raise ValueError("token_mlp and where_mlp must both be modules, or both None for a slots-only last "
                              f"block; got token_mlp={type(token_mlp).__name__}, where_mlp={type(where_mlp).__name__}")
-        if slot_update not in SLOT_UPDATES:
-            raise ValueError(f"slot_update must be one of {SLOT_UPDATES}, got {slot_update!r}")
-        if where_residual not in WHERE_RESIDUALS:
-            raise ValueError(f"where_residual must be one of {WHERE_RESIDUALS}, got {where_residual!r}")
+        check_choice("slot_update", slot_update, SLOT_UPDATES)
+        check_choice("where_residual", where_residual, WHERE_RESIDUALS)
         self.dim, self.num_heads, self.num_slots = dim, num_heads, num_slots
         self.slot_update, self.where_residual = slot_update, where_residual
         self.updates_tokens = token_mlp is not None

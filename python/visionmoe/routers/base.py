@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import ops
 from ..registry import Registry
+from .checks import check_input_dtype, check_int, check_real
 
 
 @dataclasses.dataclass
@@ -40,14 +41,17 @@ class RouterMetrics:
 
     @classmethod
     def of_plan(cls, plan, probs: torch.Tensor, logits: torch.Tensor,
-                aux_losses: Optional[Dict[str, torch.Tensor]] = None,
+                aux_losses: Optional[Callable[[], Dict[str, torch.Tensor]]] = None,
                 unrouted: Optional[torch.Tensor] = None) -> "RouterMetrics":
         """The metrics of a sparse routing plan: per-expert load, dropped fraction and (unless ``unrouted`` is
-        given) the fraction of tokens with no kept assignment."""
-        return cls(probs=probs, logits=logits, load=plan.expert_load().to(probs.dtype),
-                   dropped_fraction=plan.dropped_fraction(),
+        given) the fraction of tokens with no kept assignment. ``aux_losses`` computes the auxiliary losses; it
+        is called only when there are tokens (on none the losses are undefined, and nothing needs balancing)."""
+        has_tokens = probs.numel() > 0
+        # A plan of no groups has no virtual experts, so it cannot tell how many real ones got nothing.
+        load = plan.expert_load() if plan.num_groups > 0 else probs.new_zeros(probs.shape[-1])
+        return cls(probs=probs, logits=logits, load=load.to(probs.dtype), dropped_fraction=plan.dropped_fraction(),
                    unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
-                   aux_losses={} if aux_losses is None else aux_losses)
+                   aux_losses=aux_losses() if aux_losses is not None and has_tokens else {})
 
 
 def as_groups(x: torch.Tensor, name: str = "x", last: str = "D") -> torch.Tensor:
@@ -68,15 +72,21 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, num_experts: int):
         super().__init__()
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        self.dim = dim
-        self.num_experts = num_experts
+        self.dim = check_int("dim", dim, 1)
+        self.num_experts = check_int("num_experts", num_experts, 1)
 
     def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def grouped_input(self, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """x [T, D] or [G, T, D] as [G, T, D], checked to be a floating-point tensor of width D and, unless
+        ``dtype`` is None, of that dtype (the router's weights' that x meets), so that a wrong input is named
+        here rather than by a matrix product inside the router."""
+        check_input_dtype("x", x, dtype)
+        x = as_groups(x)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have width D = {self.dim}, got shape {tuple(x.shape)}")
+        return x
 
 
 def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_factor: float,
@@ -89,24 +99,27 @@ def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_
     return -(-capacity // multiple) * multiple
 
 
-def check_capacity_options(capacity_factor, capacity_multiple: int, allow_dropless: bool) -> None:
-    if capacity_factor is None:
-        if not allow_dropless:
-            raise ValueError("capacity_factor must be a number > 0 for this router (it has no dropless mode)")
-    elif not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0 (or None for dropless routing), got {capacity_factor}")
-    if capacity_multiple < 1:
-        raise ValueError(f"capacity_multiple must be >= 1, got {capacity_multiple}")
+def check_capacity_options(capacity_factor, capacity_multiple: int,
+                           allow_dropless: bool) -> Tuple[Optional[float], int]:
+    """The checked ``(capacity_factor, capacity_multiple)``; None for the factor means dropless routing."""
+    capacity_factor = check_real("capacity_factor", capacity_factor, greater_than=0,
+                                 none_means="dropless routing" if allow_dropless else None)
+    return capacity_factor, check_int("capacity_multiple", capacity_multiple, 1)
 
 
-def unrouted_fraction(plan) -> torch.Tensor:
-    """The fraction of the plan's tokens with no kept assignment."""
+def unrouted_fraction(plan, count_zero_weights: bool = True) -> torch.Tensor:
+    """The fraction of the plan's tokens with no kept assignment (0 for a plan of no tokens).
+
+    With ``count_zero_weights=False`` an assignment of weight 0 does not count either: expert choice may fill a
+    column with zero-weight tokens, which the expert computes but which receive nothing from it.
+    """
     num_tokens = plan.token_offsets.shape[0] - 1
     if num_tokens == 0:
         return torch.zeros((), device=plan.slot.device)
-    kept_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
-        0, plan.sorted_token, plan.kept().to(torch.float32))
-    return (kept_per_token == 0).to(torch.float32).mean()
+    reaching = plan.kept() if count_zero_weights else plan.kept() & (plan.weight > 0)
+    reached_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
+        0, plan.sorted_token, reaching.to(torch.float32))
+    return (reached_per_token == 0).to(torch.float32).mean()
 
 
 class SinkhornSelection:
@@ -116,11 +129,11 @@ class SinkhornSelection:
     def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
                  **options):
         super().__init__(dim, num_experts, **options)
-        if sinkhorn_iterations < 0:
-            raise ValueError(f"sinkhorn_iterations must be >= 0, got {sinkhorn_iterations}")
-        self.sinkhorn_iterations = sinkhorn_iterations
+        self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 0)
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        if noisy_logits.numel() == 0:
+            return probs  # Sinkhorn balancing is undefined over no tokens, and there is nothing to select
         # The router checked its logits already (check_finite), so the operator's synchronising check is skipped.
         return ops.sinkhorn(noisy_logits, num_iterations=self.sinkhorn_iterations, validate=False)
 

@@ -13,12 +13,12 @@ from .base import (
     Router,
     RouterMetrics,
     SinkhornSelection,
-    as_groups,
     capacity_from_factor,
     check_capacity_options,
     gate_logits,
     register_router,
 )
+from .checks import check_flag, check_real
 
 
 @register_router("expert_choice")
@@ -37,13 +37,10 @@ class ExpertChoiceRouter(Router):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
                  noise_std: float = 0.0, check_finite: bool = True):
         super().__init__(dim, num_experts)
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=False)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
-        self.noise_std = noise_std
-        self.check_finite = check_finite
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=False)
+        self.noise_std = check_real("noise_std", noise_std, at_least=0)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def capacity(self, tokens_per_group: int) -> int:
@@ -53,15 +50,16 @@ class ExpertChoiceRouter(Router):
         return probs
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite,
                                     noise_std=self.noise_std / self.num_experts, training=self.training)
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
-        aux = {}
-        if x.shape[1] > 0:  # an empty input has nothing to balance
-            aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
-        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, lambda: {
+            # The importance of the probabilities without noise, as V-MoE's (it does not depend on the noise drawn).
+            "importance": losses.importance_loss(logits.softmax(dim=-1)),
+            "z_loss": losses.router_z_loss(logits),
+        })
 
 
 @register_router("sinkhorn_expert_choice")

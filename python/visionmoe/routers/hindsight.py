@@ -15,8 +15,8 @@ from torch import nn
 
 from .. import losses, ops
 from ..plan import RoutingPlan
-from .base import Router, RouterMetrics, as_groups, register_router
-from .sparse_expert_choice import unreached_fraction
+from .base import Router, RouterMetrics, register_router, unrouted_fraction
+from .checks import check_int, check_real
 
 
 @register_router("hindsight")
@@ -59,30 +59,18 @@ class HindsightRouter(Router):
 
     def __init__(self, dim: int, num_experts: int, output_dim: Optional[int] = None, tau: float = 1.0):
         super().__init__(dim, num_experts)
-        output_dim = dim if output_dim is None else output_dim
-        if output_dim < 1:
-            raise ValueError(f"output_dim must be >= 1, got {output_dim}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau}")
-        self.output_dim = output_dim
-        self.tau = tau
-        self.scorer = nn.Linear(output_dim, 1, bias=False)
+        output_dim = check_int("output_dim", output_dim, 1, none_means="dim")
+        self.output_dim = self.dim if output_dim is None else output_dim
+        self.tau = check_real("tau", tau, greater_than=0)
+        self.scorer = nn.Linear(self.output_dim, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> Tuple[RoutingPlan, RouterMetrics]:
-        x = as_groups(x)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have width dim = {self.dim}, got shape {tuple(x.shape)}")
-        num_groups, tokens_per_group, _ = x.shape
-        num_tokens, num_experts = num_groups * tokens_per_group, self.num_experts
-        # Listed expert-major (virtual expert e * G + g holds tokens g * T .. g * T + T - 1), so the plan keeps
-        # this order and each token's E assignments come in expert order in its token-major view.
-        token_index = torch.arange(num_tokens, device=x.device).repeat(num_experts)
-        expert_index = torch.arange(num_experts * num_groups, device=x.device).repeat_interleave(tokens_per_group)
-        weight = torch.full((num_tokens * num_experts,), 1.0 / num_experts, device=x.device, dtype=x.dtype)
-        plan = ops.make_plan(token_index, expert_index, weight, num_experts * num_groups, None,
-                             num_tokens=num_tokens, validate=False)
-        plan = dataclasses.replace(plan, num_groups=num_groups)
-        uniform = x.new_full((num_groups, tokens_per_group, num_experts), 1.0 / num_experts)
+        x = self.grouped_input(x)  # any floating-point dtype: x only sets the plan's weights' dtype
+        uniform = x.new_full((*x.shape[:2], self.num_experts), 1.0 / self.num_experts)  # [G, T, E]
+        # The top E of equal scores, dropless: every token to every expert with weight 1 / E, listed expert-major
+        # (virtual expert e * G + g holds tokens g * T .. g * T + T - 1), and, ties going to the lower expert,
+        # each token's E assignments in expert order in its token-major view. Empty inputs route to empty plans.
+        plan = ops.topk_route(uniform, self.num_experts, None, weights=uniform)
         return plan, RouterMetrics.of_plan(plan, uniform, torch.zeros_like(uniform))
 
     def choose(self, plan: RoutingPlan, expert_out: torch.Tensor) -> Tuple[RoutingPlan, RouterMetrics]:
@@ -115,13 +103,14 @@ class HindsightRouter(Router):
         choice = hard + (soft - soft.detach())  # the value of hard, the gradient of soft
         weight = torch.zeros_like(scores).index_copy(0, plan.token_rows, choice.reshape(-1))
         chosen = dataclasses.replace(plan, weight=weight)
-        group_shape = (plan.num_groups, num_tokens // plan.num_groups, num_experts)
-        logits = token_scores.view(group_shape)
+        tokens_per_group = num_tokens // plan.num_groups if plan.num_groups > 0 else 0
+        logits = token_scores.view(plan.num_groups, tokens_per_group, num_experts)
         probs = logits.softmax(dim=-1)
         metrics = RouterMetrics(
-            probs=probs, logits=logits, load=hard.detach().sum(dim=0),
-            dropped_fraction=chosen.dropped_fraction(), unrouted_fraction=unreached_fraction(chosen),
-            aux_losses={"entropy": losses.entropy_loss(probs)},
+            probs=probs, logits=logits, load=hard.detach().sum(dim=0), dropped_fraction=chosen.dropped_fraction(),
+            unrouted_fraction=unrouted_fraction(chosen, count_zero_weights=False),
+            # The entropy of no tokens is undefined, and there is no choice to make confident.
+            aux_losses={"entropy": losses.entropy_loss(probs)} if num_tokens > 0 else {},
         )
         return chosen, metrics
 

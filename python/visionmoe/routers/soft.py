@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from .base import Router, RouterMetrics, as_groups, check_finite_logits, register_router
+from .checks import check_int, check_real
 
 # Added under the square root of l2 normalisation, as V-MoE's Soft MoE router does.
 L2_EPSILON = 1e-6
@@ -123,11 +124,12 @@ class SoftRouter(Router):
         num_tokens: Optional[int] = None,
     ):
         super().__init__(dim, num_experts)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.slots_per_expert = self._slots_per_expert(slots_per_expert, capacity_factor, num_tokens)
-        self.noise_std = noise_std
-        self.phi = nn.Parameter(torch.empty(dim, num_experts * self.slots_per_expert))
+        self.noise_std = check_real("noise_std", noise_std, at_least=0)
+        self.slots_per_expert = self._slots_per_expert(
+            check_int("slots_per_expert", slots_per_expert, 1, none_means="deriving it from num_tokens"),
+            check_real("capacity_factor", capacity_factor, greater_than=0),
+            check_int("num_tokens", num_tokens, 1, none_means="giving slots_per_expert"))
+        self.phi = nn.Parameter(torch.empty(self.dim, self.num_slots))
         self.scale = nn.Parameter(torch.empty(()))
         self.reset_parameters()
 
@@ -137,19 +139,13 @@ class SoftRouter(Router):
                 raise ValueError("give slots_per_expert or num_tokens (to derive it from), not both")
             if capacity_factor != 1.0:
                 raise ValueError("capacity_factor only applies with num_tokens; with slots_per_expert it is unused")
-            if slots_per_expert < 1:
-                raise ValueError(f"slots_per_expert must be >= 1, got {slots_per_expert}")
-            return int(slots_per_expert)
+            return slots_per_expert
         if num_tokens is None:
             raise ValueError(
                 "SoftRouter needs slots_per_expert, or num_tokens to derive it as "
                 "round(num_tokens * capacity_factor / num_experts): the slot parameters are created before any "
                 "input is seen"
             )
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         derived = round(num_tokens * capacity_factor / self.num_experts)
         if derived < 1:
             raise ValueError(
@@ -168,9 +164,7 @@ class SoftRouter(Router):
         nn.init.ones_(self.scale)
 
     def forward(self, x: torch.Tensor) -> Tuple[SoftRoutingPlan, RouterMetrics]:
-        x = as_groups(x)
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have width D = {self.dim}, got shape {tuple(x.shape)}")
+        x = self.grouped_input(x)  # any floating-point dtype: the slot keys are cast to it
         slot_keys = (self.scale * _l2_normalize(self.phi, dim=0)).to(x.dtype)
         logits = _l2_normalize(x, dim=-1) @ slot_keys
         if self.training and self.noise_std > 0:

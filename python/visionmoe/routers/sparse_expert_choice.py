@@ -13,7 +13,7 @@ Shape letters: G groups, T tokens per group, D width, E experts, K experts per t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -28,7 +28,9 @@ from .base import (
     check_capacity_options,
     gate_logits,
     register_router,
+    unrouted_fraction,
 )
+from .checks import check_choice, check_flag, check_int, check_real
 
 # The semi-dual's step size: PAPERS.md section 1 ("Adam, learning rate about 1e-2").
 DEFAULT_LEARNING_RATE = 1e-2
@@ -130,9 +132,8 @@ def sparsity_constrained_transport(
     Returns:
         P [G, T, E] (or [T, E] for a [T, E] input), in ``similarity``'s dtype promoted to at least float32.
     """
-    if constrain not in CONSTRAINED_SIDES:
-        raise ValueError(f"constrain must be one of {CONSTRAINED_SIDES}, got {constrain!r}")
-    check_solver_options(gamma, iterations, lr)
+    check_choice("constrain", constrain, CONSTRAINED_SIDES)
+    gamma, iterations, lr = check_solver_options(gamma, iterations, lr)
     if not isinstance(similarity, torch.Tensor) or not similarity.is_floating_point():
         kind = similarity.dtype if isinstance(similarity, torch.Tensor) else type(similarity).__name__
         raise ValueError(f"similarity must be a floating-point tensor, got {kind}")
@@ -140,6 +141,9 @@ def sparsity_constrained_transport(
     similarity = as_groups(similarity, "similarity")
     similarity = similarity.to(torch.promote_types(similarity.dtype, torch.float32))
     num_tokens, num_experts = similarity.shape[1:]
+    if similarity.numel() == 0:
+        # No token to transport (k may then be 0, e.g. a capacity derived from T = 0): the plan is empty.
+        return torch.zeros_like(similarity).squeeze(0) if ungrouped else torch.zeros_like(similarity)
     # Canonical form [G, N, M]: each of the M slices along N holds at most k non-zeros and sums to slice_mass;
     # the potentials live on the N side, whose marginal is potential_mass.
     if constrain == "experts":
@@ -168,26 +172,10 @@ def sparsity_constrained_transport(
     return plan.squeeze(0) if ungrouped else plan
 
 
-def check_solver_options(gamma: float, iterations: int, lr: float) -> None:
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    if not (isinstance(iterations, int) and iterations >= 1):
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-
-
-def unreached_fraction(plan: RoutingPlan) -> torch.Tensor:
-    """The fraction of the plan's tokens that no kept assignment with a positive weight reaches.
-
-    Unlike :func:`visionmoe.routers.base.unrouted_fraction`, an assignment of weight 0 does not count: expert
-    choice fills a column with fewer than C non-zeros with zero-weight tokens, which the expert computes but
-    which receive nothing from it.
-    """
-    reaching = (plan.kept() & (plan.weight > 0)).to(torch.float32)
-    num_tokens = plan.token_offsets.shape[0] - 1
-    reached_per_token = torch.zeros(num_tokens, device=reaching.device).index_add(0, plan.sorted_token, reaching)
-    return (reached_per_token == 0).to(torch.float32).mean()
+def check_solver_options(gamma: float, iterations: int, lr: float) -> Tuple[float, int, float]:
+    """The checked ``(gamma, iterations, lr)`` of the semi-dual solver."""
+    return (check_real("gamma", gamma, greater_than=0), check_int("iterations", iterations, 1),
+            check_real("lr", lr, greater_than=0))
 
 
 class _SparsityConstrainedRouter(Router):
@@ -200,14 +188,9 @@ class _SparsityConstrainedRouter(Router):
     def __init__(self, dim: int, num_experts: int, gamma: float, iterations: int, lr: float, combine: str,
                  check_finite: bool):
         super().__init__(dim, num_experts)
-        check_solver_options(gamma, iterations, lr)
-        if combine not in COMBINE_MODES:
-            raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-        self.gamma = gamma
-        self.iterations = iterations
-        self.lr = lr
-        self.combine = combine
-        self.check_finite = check_finite
+        self.gamma, self.iterations, self.lr = check_solver_options(gamma, iterations, lr)
+        self.combine = check_choice("combine", combine, COMBINE_MODES)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def max_nonzeros(self, tokens_per_group: int) -> int:  # pragma: no cover - abstract
@@ -217,7 +200,7 @@ class _SparsityConstrainedRouter(Router):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         logits, _ = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=0.0, training=self.training)
         probs = logits.softmax(dim=-1)
         transport = sparsity_constrained_transport(
@@ -228,8 +211,11 @@ class _SparsityConstrainedRouter(Router):
         else:
             weights = torch.where(transport > 0, probs.to(transport.dtype), torch.zeros_like(transport))
         plan = self.route(transport.detach(), weights)
-        aux = {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)}
-        return plan, RouterMetrics.of_plan(plan, probs, logits, aux, unrouted=unreached_fraction(plan))
+        # Expert choice fills a column with fewer than C non-zeros with zero-weight tokens, which receive nothing.
+        unrouted = unrouted_fraction(plan, count_zero_weights=False)
+        return plan, RouterMetrics.of_plan(
+            plan, probs, logits, lambda: {"importance": losses.importance_loss(probs),
+                                          "z_loss": losses.router_z_loss(logits)}, unrouted=unrouted)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, gamma={self.gamma}, iterations={self.iterations}, "
@@ -270,10 +256,9 @@ class SparseExpertChoiceRouter(_SparsityConstrainedRouter):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
                  gamma: float = DEFAULT_GAMMA, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LEARNING_RATE,
                  combine: str = "plan", check_finite: bool = True):
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=False)
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=False)
 
     def capacity(self, tokens_per_group: int) -> int:
         return capacity_from_factor(tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple)
@@ -306,14 +291,11 @@ class SparseTokenChoiceRouter(_SparsityConstrainedRouter):
                  capacity_multiple: int = 1, batch_priority: bool = False, gamma: float = DEFAULT_GAMMA,
                  iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LEARNING_RATE, combine: str = "softmax",
                  check_finite: bool = True):
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts] = [1, {num_experts}], got {k}")
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=True)
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
-        self.k = k
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
-        self.batch_priority = batch_priority
+        self.k = check_int("k", k, 1, self.num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=True)
+        self.batch_priority = check_flag("batch_priority", batch_priority)
 
     def capacity(self, tokens_per_group: int) -> Optional[int]:
         if self.capacity_factor is None:

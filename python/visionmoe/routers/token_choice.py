@@ -15,12 +15,12 @@ from .base import (
     Router,
     RouterMetrics,
     SinkhornSelection,
-    as_groups,
     capacity_from_factor,
     check_capacity_options,
     gate_logits,
     register_router,
 )
+from .checks import check_flag, check_int, check_real
 
 
 @register_router("topk")
@@ -42,26 +42,22 @@ class TokenChoiceRouter(Router):
         renormalize: divide each token's K combine weights by their sum.
         check_finite: reject NaN or infinite logits (an asynchronous check, no synchronisation).
 
-    ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``. Auxiliary losses: ``importance``,
-    ``load`` (when noise is on, in training), ``switch`` and ``z_loss``.
+    ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``. Auxiliary losses: ``importance`` (of
+    the probabilities without noise, as V-MoE), ``load`` (when noise is on, in training), ``switch`` (counting
+    each token's first choice) and ``z_loss``.
     """
 
     def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: Optional[float] = 1.0,
                  capacity_multiple: int = 1, batch_priority: bool = False, noise_std: float = 1.0,
                  renormalize: bool = False, check_finite: bool = True):
         super().__init__(dim, num_experts)
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k must be in [1, num_experts] = [1, {num_experts}], got {k}")
-        check_capacity_options(capacity_factor, capacity_multiple, allow_dropless=True)
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-        self.k = k
-        self.capacity_factor = capacity_factor
-        self.capacity_multiple = capacity_multiple
-        self.batch_priority = batch_priority
-        self.noise_std = noise_std
-        self.renormalize = renormalize
-        self.check_finite = check_finite
+        self.k = check_int("k", k, 1, self.num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
+                                                                              allow_dropless=True)
+        self.batch_priority = check_flag("batch_priority", batch_priority)
+        self.noise_std = check_real("noise_std", noise_std, at_least=0)
+        self.renormalize = check_flag("renormalize", renormalize)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
 
     def capacity(self, tokens_per_group: int) -> Optional[int]:
@@ -76,23 +72,30 @@ class TokenChoiceRouter(Router):
         return probs
 
     def forward(self, x: torch.Tensor):
-        x = as_groups(x)
+        x = self.grouped_input(x, self.proj.weight.dtype)
         noise_std = self.noise_std / self.num_experts
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
                                     training=self.training)  # [G, T, E]
         probs = noisy.softmax(dim=-1)
-        plan = ops.topk_route(self.selection_scores(noisy, probs), self.k, self.capacity(x.shape[1]),
-                              batch_priority=self.batch_priority, weights=probs, renormalize=self.renormalize)
-        aux = {}
-        if x.shape[1] > 0:  # an empty input has nothing to balance
+        scores = self.selection_scores(noisy, probs)
+        plan = ops.topk_route(scores, self.k, self.capacity(x.shape[1]), batch_priority=self.batch_priority,
+                              weights=probs, renormalize=self.renormalize)
+
+        def aux_losses():
             aux = {
-                "importance": losses.importance_loss(probs),
-                "switch": losses.switch_load_balancing_loss(probs),
+                # As V-MoE: the importance of the probabilities without noise (its value does not depend on the
+                # noise drawn), the Switch loss of the noisy ones the experts were chosen on.
+                "importance": losses.importance_loss(logits.softmax(dim=-1)),
+                # Counted by each token's first choice on the scores the top-K was taken on, which are not the
+                # probabilities under Sinkhorn selection or a hard constraint (ties to the lower index, as topk).
+                "switch": losses.switch_load_balancing_loss(probs, scores.argmax(dim=-1)),
                 "z_loss": losses.router_z_loss(logits),
             }
             if self.training and self.noise_std > 0:
                 aux["load"] = losses.load_loss(logits, noisy, noise_std, self.k)
-        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux)
+            return aux
+
+        return plan, RouterMetrics.of_plan(plan, probs, noisy, aux_losses)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
