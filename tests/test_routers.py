@@ -80,6 +80,12 @@ def test_capacity_formula_and_rounding():
     assert router.capacity(100) == math.ceil(2 * 100 * 1.25 / 4 / 4) * 4
 
 
+def test_capacity_beyond_int64_is_rejected_naming_the_factor():
+    router = make("topk", capacity_factor=1e30)  # finite, so the constructor accepts it
+    with pytest.raises(ValueError, match="capacity_factor=1e[+]?30 gives C"):
+        router(torch.randn(1, 8, 16))
+
+
 def test_capacity_larger_than_tokens():
     router = make("expert_choice", capacity_factor=8.0).eval()  # C = ceil(5 * 8 / 4) = 10 > T = 5
     plan, _ = router(torch.randn(1, 5, 16))

@@ -93,10 +93,15 @@ def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_
                          multiple: int = 1) -> int:
     """C = ceil(assignments_per_group * capacity_factor / E), rounded up to a multiple of ``multiple``.
 
-    Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4.
+    Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4. A factor
+    so large that C does not fit the operators' int64 is rejected here, naming it, rather than deep in an operator.
     """
     capacity = math.ceil(assignments_per_group * capacity_factor / num_experts)
-    return -(-capacity // multiple) * multiple
+    capacity = -(-capacity // multiple) * multiple
+    if capacity > torch.iinfo(torch.int64).max:
+        raise ValueError(f"capacity_factor={capacity_factor} gives C = {capacity} slots per expert for "
+                         f"{assignments_per_group} assignments per group, more than an int64 holds")
+    return capacity
 
 
 def check_capacity_options(capacity_factor, capacity_multiple: int,
