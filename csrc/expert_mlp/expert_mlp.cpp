@@ -148,10 +148,10 @@ void activate_out(at::Tensor& out, const at::Tensor& pre, Activation activation)
 
 #ifdef VISIONMOE_HAS_GROUPED_MM
 // torch's grouped GEMM takes bfloat16 operands whose rows and base addresses are 16-byte aligned, and at least
-// one row and one expert.
+// one row, one expert and one column of each operand.
 bool use_grouped_mm(std::initializer_list<at::Tensor> operands, const Sizes& sizes) {
   if (operands.begin()->scalar_type() != at::kBFloat16 || sizes.dim % 8 != 0 || sizes.hidden % 8 != 0 ||
-      sizes.rows == 0 || sizes.experts == 0) {
+      sizes.rows == 0 || sizes.experts == 0 || sizes.dim == 0 || sizes.hidden == 0) {
     return false;
   }
   return std::all_of(operands.begin(), operands.end(),
