@@ -66,6 +66,17 @@ def test_batch_priority_fill_order(device):
     assert bpr.sorted_token[bpr.kept()].tolist() == [1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_batch_priority_ranks_signed_zeros_alike(device, dtype):
+    # Best scores -0.0 and +0.0 are equal, so Batch Priority keeps position order between them, as the reference
+    # does; ordering keys made from the bits ranked -0.0 below +0.0 and gave token 1 the only slot.
+    scores = torch.tensor([[[-0.0, -1.0], [0.0, -1.0], [-0.0, -2.0], [0.5, -1.0]]], dtype=dtype, device=device)
+    plan = ops.topk_route(scores, 1, 2, batch_priority=True)
+    assert plan.sorted_token.tolist() == [3, 0, 1, 2]
+    assert plan.sorted_token[plan.kept()].tolist() == [3, 0]
+    assert_same_plan(plan, ref.topk_route(scores, 1, 2, batch_priority=True))
+
+
 def test_first_choices_fill_before_second_choices(device):
     # K = 2, capacity 2: expert 1 is token 0's second choice and token 1's first; the first choice wins the slot
     # order although token 0 comes first.
