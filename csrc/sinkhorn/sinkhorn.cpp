@@ -48,6 +48,11 @@ void check_potentials(const at::Tensor& potentials, const char* name, const char
               " like logits, got ", potentials.device());
 }
 
+// m_t = max_e L_te [G, T] in opmath, the shift the kernels subtract from each row (see sinkhorn.h).
+at::Tensor row_maxima(const at::Tensor& logits) {
+  return logits.amax(-1).to(at::toOpMathType(logits.scalar_type())).contiguous();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits_in, int64_t num_iterations,
@@ -67,12 +72,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits
   if (logits.numel() == 0) return {log_plan, row_potentials, column_potentials};
   if (logits.is_cuda()) {
 #ifdef VISIONMOE_WITH_CUDA
-    cuda::forward(shape, logits, log_plan, row_potentials, column_potentials);
+    cuda::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::forward(shape, logits, log_plan, row_potentials, column_potentials);
+    cpu::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
   }
   return {log_plan, row_potentials, column_potentials};
 }
@@ -104,12 +109,12 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits
   if (logits.numel() == 0) return grad_logits;
   if (logits.is_cuda()) {
 #ifdef VISIONMOE_WITH_CUDA
-    cuda::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+    cuda::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+    cpu::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
   }
   return grad_logits;
 }
