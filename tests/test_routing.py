@@ -183,3 +183,11 @@ def test_bad_input_is_rejected():
     bad[0, 5, 2] = float("inf")
     with pytest.raises(RuntimeError, match="scores must be finite"):
         ops.expert_choice_route(bad, 3)
+
+
+def test_weights_on_another_device_are_rejected():
+    probs = random_probs(1, 8, 4, "cpu")
+    with pytest.raises(ValueError, match="topk_route: weights must be on cpu like scores, got meta"):
+        ops.topk_route(probs, 2, 3, weights=probs.to("meta"))
+    with pytest.raises(ValueError, match="expert_choice_route: weights must be on cpu like scores, got meta"):
+        ops.expert_choice_route(probs, 3, weights=probs.to("meta"))

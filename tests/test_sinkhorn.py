@@ -329,3 +329,11 @@ def test_backward_rejects_potentials_on_another_device():
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 4)
     with pytest.raises(RuntimeError, match="row_potentials must be on cuda:0 like logits"):
         torch.ops.visionmoe.sinkhorn_backward(torch.ones_like(logits), logits, row_potentials.cpu(), column_potentials)
+
+
+def test_backward_rejects_a_meta_tensor_beside_cpu_ones():
+    logits = torch.randn(1, 5, 3)
+    _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 2)
+    with pytest.raises(RuntimeError, match="sinkhorn_backward: column_potentials must be on cpu like logits, got meta"):
+        torch.ops.visionmoe.sinkhorn_backward(torch.randn(1, 5, 3), logits, row_potentials,
+                                              column_potentials.to("meta"))

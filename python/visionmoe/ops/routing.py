@@ -31,6 +31,8 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
     if weights.shape != scores.shape:
         raise ValueError(f"{name}: weights must have the shape of scores {tuple(scores.shape)}, got "
                          f"{tuple(weights.shape)}")
+    if weights.device != scores.device:
+        raise ValueError(f"{name}: weights must be on {scores.device} like scores, got {weights.device}")
     return weights
 
 

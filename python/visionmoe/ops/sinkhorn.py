@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
 
@@ -74,6 +75,8 @@ def _sinkhorn_fake(logits, num_iterations, validate=True):
 
 @torch.library.register_fake("visionmoe::sinkhorn_backward")
 def _sinkhorn_backward_fake(grad_log_plan, logits, row_potentials, column_potentials):
+    check_same_device("sinkhorn_backward", "logits", logits, grad_log_plan=grad_log_plan,
+                      row_potentials=row_potentials, column_potentials=column_potentials)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
