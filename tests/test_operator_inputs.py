@@ -160,6 +160,8 @@ def tensor_variants(t):
         if t.numel():
             variants += [("values + 1000", t + 1000), ("values - 1000", t - 1000), ("reversed", t.flip(0)),
                          ("all 2**62", torch.full_like(t, 2**62)), ("doubled", t * 2)]
+    if t.dim() and t.numel():
+        variants.append(("one value expanded (stride 0)", t.flatten()[:1].view([1] * t.dim()).expand(t.shape)))
     if t.dim():
         variants += [("empty first dimension", t[:0]), ("one row more", torch.cat([t, t[:1]])),
                      ("one column less", t.narrow(-1, 0, max(t.shape[-1] - 1, 0)))]
