@@ -2,6 +2,14 @@
 
 Shape letters: T tokens, D width, E experts, C capacity, A assignments. The fake kernels and autograd
 formulas of the operators are registered here, so the operators work under ``torch.compile`` and autograd.
+
+The operators assume a consistent plan: ``offsets`` rises from 0 to A; ``sorted_expert[a]`` is the expert whose
+segment ``offsets[e]:offsets[e + 1]`` holds ``a`` and ``slot[a] = a - offsets[sorted_expert[a]]``; every
+``sorted_token`` is in [0, T); ``token_rows[token_offsets[t]:token_offsets[t + 1]]`` lists token t's assignments
+in increasing order. :func:`make_plan` and the routers make such plans. The raw operators
+``torch.ops.visionmoe.dispatch`` and ``combine`` check it only with ``validate=True`` (their default is False;
+the wrappers here default to True); an inconsistent plan then gives unspecified values, but no operator reads or
+writes outside its tensors.
 """
 
 from __future__ import annotations
