@@ -193,9 +193,9 @@ def op_samples(device, capacity, padded):
     return {
         "make_plan": (token_index, expert_index, E, T, True),
         "token_major": (plan.sorted_token, T),
-        "dispatch": (x, *plan_tensors, *token_view, capacity, padded),
+        "dispatch": (x, *plan_tensors, *token_view, capacity, padded, True),
         "dispatch_backward": (rows.detach(), *plan_tensors, *token_view, capacity),
-        "combine": (rows, w, *plan_tensors, *token_view, capacity),
+        "combine": (rows, w, *plan_tensors, *token_view, capacity, True),
         "combine_backward": (grad_y, rows.detach(), w.detach(), *plan_tensors, capacity),
     }
 
