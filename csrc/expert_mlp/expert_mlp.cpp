@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "common/checks.h"
+
 #if defined(VISIONMOE_WITH_CUDA) && __has_include(<ATen/ops/_grouped_mm.h>)
 #define VISIONMOE_HAS_GROUPED_MM 1
 #endif
@@ -48,7 +50,7 @@ struct Sizes {
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t.device());
+  check_device(op, name, t, "x", x);
 }
 
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
@@ -98,8 +100,7 @@ Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, co
                 ": expert_offsets must have shape [E + 1] = [", sizes.experts + 1, "], got ", offsets.sizes());
     TORCH_CHECK(offsets.scalar_type() == at::kLong, op, ": expert_offsets must have dtype int64, got ",
                 offsets.scalar_type());
-    TORCH_CHECK(offsets.device() == x.device(), op, ": expert_offsets must be on ", x.device(), " like x, got ",
-                offsets.device());
+    check_device(op, "expert_offsets", offsets, "x", x);
     sizes.rows = x.size(0);
   }
   return sizes;

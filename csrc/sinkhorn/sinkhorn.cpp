@@ -6,6 +6,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace visionmoe::sinkhorn {
 namespace {
 
@@ -44,8 +46,7 @@ void check_potentials(const at::Tensor& potentials, const char* name, const char
               "], got ", potentials.sizes());
   TORCH_CHECK(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
               " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
-  TORCH_CHECK(potentials.device() == logits.device(), "sinkhorn_backward: ", name, " must be on ", logits.device(),
-              " like logits, got ", potentials.device());
+  check_device("sinkhorn_backward", name, potentials, "logits", logits);
 }
 
 // m_t = max_e L_te [G, T] in opmath, the shift the kernels subtract from each row (see sinkhorn.h).
@@ -90,8 +91,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits
               logits_in.sizes(), "), got ", grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
               logits_in.scalar_type(), "), got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == logits_in.device(), op, ": grad_log_plan must be on ", logits_in.device(),
-              " like logits, got ", grad_in.device());
+  check_device(op, "grad_log_plan", grad_in, "logits", logits_in);
   const at::ScalarType potential_dtype = at::toOpMathType(logits_in.scalar_type());
   check_potentials(row_in, "row_potentials", "T", shape.groups, shape.tokens, potential_dtype, logits_in);
   check_potentials(column_in, "column_potentials", "E", shape.groups, shape.experts, potential_dtype, logits_in);
