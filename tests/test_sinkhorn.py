@@ -86,12 +86,14 @@ def test_marginals_of_the_first_iterations_by_hand():
     torch.testing.assert_close(column_potentials, expected_v.unsqueeze(0))
 
 
+@pytest.mark.parametrize("per_row", [False, True])
 @pytest.mark.parametrize("offset", [1e6, 1e7, 1e8])
-def test_large_common_offset(device, offset):
-    # Sinkhorn's plan does not change when a constant is added to the logits, but float32 logits near 1e8 (a
-    # spacing of 8) met potentials near -1e8 in logits + u + v, and the rows summed to 4 instead of 1.
+def test_large_common_offset(device, offset, per_row):
+    # Sinkhorn's plan does not change when a constant is added to the logits (or to one row), but float32 logits
+    # near 1e8 (a spacing of 8) met potentials near -1e8 in logits + u + v, and the rows summed to 4 instead of 1.
     generator = torch.Generator().manual_seed(0)
-    logits64 = torch.randn(2, 16, 4, generator=generator, dtype=torch.float64) * 2 + offset
+    shift = offset * torch.linspace(1, 3, 16, dtype=torch.float64).view(1, 16, 1) if per_row else offset
+    logits64 = torch.randn(2, 16, 4, generator=generator, dtype=torch.float64) * 2 + shift
     logits = logits64.float().to(device).requires_grad_()
     log_plan = ops.sinkhorn(logits)
     plan = log_plan.double().exp()
