@@ -77,6 +77,15 @@ def test_batch_priority_ranks_signed_zeros_alike(device, dtype):
     assert_same_plan(plan, ref.topk_route(scores, 1, 2, batch_priority=True))
 
 
+@pytest.mark.parametrize("T", [7, 5000])  # CUDA sorts long columns by radix, short ones by comparison
+def test_expert_choice_ranks_signed_zeros_alike(device, T):
+    signs = torch.tensor([1.0, -1.0]).repeat(T)[:T]
+    scores = (signs * 0.0).view(1, T, 1).expand(1, T, 2).to(device)  # +0, -0, +0, ... for both experts
+    plan = ops.expert_choice_route(scores, 4)
+    assert plan.sorted_token.view(2, 4).tolist() == [[0, 1, 2, 3]] * 2
+    assert_same_plan(plan, ref.expert_choice_route(scores, 4))
+
+
 def test_first_choices_fill_before_second_choices(device):
     # K = 2, capacity 2: expert 1 is token 0's second choice and token 1's first; the first choice wins the slot
     # order although token 0 comes first.
