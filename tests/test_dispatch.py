@@ -512,3 +512,18 @@ def test_mixed_devices_in_backward_are_rejected():
         torch.ops.visionmoe.combine_backward(torch.randn(6, 4, device="meta"), rows, plan.weight, *args)
     with pytest.raises(RuntimeError, match="combine_backward: weight must be on cpu like expert_out, got meta"):
         torch.ops.visionmoe.combine_backward(torch.randn(6, 4), rows, plan.weight.to("meta"), *args)
+
+
+def test_wrapper_arguments_of_the_wrong_type_are_rejected():
+    plan = small_plan()
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    with pytest.raises(ValueError, match="make_plan: capacity must be >= 0 and an integer, or None, got nan"):
+        ops.make_plan(token_index, expert_index, weight, 3, float("nan"))
+    with pytest.raises(ValueError, match="make_plan: num_tokens must be >= 0 and an integer, or None, got 6.0"):
+        ops.make_plan(token_index, expert_index, weight, 3, 4, num_tokens=6.0)
+    with pytest.raises(ValueError, match=r"dispatch: x must have shape \[T, D\], got NoneType"):
+        ops.dispatch(None, plan)
+    with pytest.raises(ValueError, match="combine: expert_out must be a tensor, got list"):
+        ops.combine([], plan, 6)
+    with pytest.raises(ValueError, match="combine: num_tokens must be >= 0 and an integer, got '6'"):
+        ops.combine(torch.randn(3, 4, 4), plan, "6")

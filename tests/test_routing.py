@@ -1,6 +1,7 @@
 """Router assignment operators (top-K token choice with BPR, expert choice): reference agreement, gradients,
 opcheck, torch.compile, edge cases and bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,16 @@ def test_weights_on_another_device_are_rejected():
         ops.topk_route(probs, 2, 3, weights=probs.to("meta"))
     with pytest.raises(ValueError, match="expert_choice_route: weights must be on cpu like scores, got meta"):
         ops.expert_choice_route(probs, 3, weights=probs.to("meta"))
+
+
+@pytest.mark.parametrize("capacity", [float("nan"), 2.5, 3.0, True, "3"])
+def test_capacity_must_be_an_integer(capacity):
+    # A float capacity was accepted by topk_route and stored in the plan (nan, 2.5); None reached a comparison.
+    probs = random_probs(1, 8, 4, "cpu")
+    with pytest.raises(ValueError, match=r"topk_route: capacity must be >= 0 and an integer, or None, got"):
+        ops.topk_route(probs, 2, capacity)
+    with pytest.raises(ValueError, match=r"expert_choice_route: capacity must be >= 0 and an integer, got"):
+        ops.expert_choice_route(probs, capacity)
+    with pytest.raises(ValueError, match=r"expert_choice_route: capacity must be >= 0 and an integer, got None"):
+        ops.expert_choice_route(probs, None)
+    assert ops.topk_route(probs, 2, np.int64(3)).capacity == 3

@@ -20,7 +20,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..plan import RoutingPlan
-from ._checks import check_same_device
+from ._checks import check_count, check_same_device, shape_of
 
 _ops = torch.ops.visionmoe
 
@@ -54,13 +54,12 @@ def make_plan(
     Grouping by expert is a stable counting sort on the tensors' device; no host synchronisation happens
     unless ``validate`` is set on CUDA.
     """
+    check_count("make_plan", "capacity", capacity, optional=True)
+    check_count("make_plan", "num_tokens", num_tokens, optional=True)
     if capacity is not None:
         capacity = int(capacity)
-        if capacity < 0:
-            raise ValueError(f"make_plan: capacity must be >= 0 or None (dropless), got {capacity}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != token_index.shape[0]:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"make_plan: weight must have shape [A] = [{token_index.shape[0]}], got {shape}")
+        raise ValueError(f"make_plan: weight must have shape [A] = [{token_index.shape[0]}], got {shape_of(weight)}")
     if not weight.is_floating_point():
         raise ValueError(f"make_plan: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != token_index.device:
@@ -119,8 +118,8 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, vali
         raise ValueError(f"dispatch: layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "padded" and plan.capacity is None:
         raise ValueError("dispatch: the padded layout needs a capacity; a dropless plan uses layout='packed'")
-    if x.dim() != 2:
-        raise ValueError(f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"dispatch: x must have shape [T, D], got {shape_of(x)}")
     _check_device("dispatch", "x", x, plan)
     token_offsets, token_rows = _token_view(plan, x.shape[0])
     return _ops.dispatch(
@@ -141,6 +140,9 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int, *, val
     Returns:
         [T, D]; a token whose assignments were all dropped gets zeros.
     """
+    if not isinstance(expert_out, torch.Tensor):
+        raise ValueError(f"combine: expert_out must be a tensor, got {shape_of(expert_out)}")
+    check_count("combine", "num_tokens", num_tokens)
     _check_device("combine", "expert_out", expert_out, plan)
     if plan.token_offsets is not None and plan.num_tokens != num_tokens:
         raise ValueError(f"combine: num_tokens={num_tokens} but the plan was made for {plan.num_tokens} tokens")

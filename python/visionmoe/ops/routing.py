@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_count, shape_of
 from ..plan import RoutingPlan
 
 _ops = torch.ops.visionmoe
@@ -19,8 +20,7 @@ _ops = torch.ops.visionmoe
 
 def _as_scores(name: str, scores: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.dim() not in (2, 3):
-        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"{name}: scores must have shape [T, E] or [G, T, E], got {shape}")
+        raise ValueError(f"{name}: scores must have shape [T, E] or [G, T, E], got {shape_of(scores)}")
     return scores.unsqueeze(0) if scores.dim() == 2 else scores
 
 
@@ -86,8 +86,7 @@ def topk_route(
     """
     scores = _as_scores("topk_route", scores)
     weights = _combine_weights("topk_route", scores, weights)
-    if capacity is not None and capacity < 0:
-        raise ValueError(f"topk_route: capacity must be >= 0 or None (dropless), got {capacity}")
+    check_count("topk_route", "capacity", capacity, optional=True)
     outputs = _ops.topk_route(scores, k, batch_priority)
     return _plan(outputs, weights, capacity, renormalize)
 
@@ -108,8 +107,7 @@ def expert_choice_route(
     """
     scores = _as_scores("expert_choice_route", scores)
     weights = _combine_weights("expert_choice_route", scores, weights)
-    if capacity < 0:
-        raise ValueError(f"expert_choice_route: capacity must be >= 0, got {capacity}")
+    check_count("expert_choice_route", "capacity", capacity)
     outputs = _ops.expert_choice_route(scores, capacity)
     return _plan(outputs, weights, capacity, renormalize=False)
 
