@@ -95,15 +95,6 @@ def _token_view(plan: RoutingPlan, num_tokens) -> tuple[torch.Tensor, torch.Tens
     return _ops.token_major(plan.sorted_token, num_tokens)
 
 
-# The ``validate`` argument of dispatch and combine, in their docstrings.
-_VALIDATE_DOC = """validate: check that the plan is consistent (offsets rise from 0 to A, sorted_expert and slot agree
-            with them, token indices are in [0, T), the token-major view lists each token's assignments) and raise a
-            RuntimeError naming what is not. On CUDA this costs one device-to-host synchronisation; callers whose
-            plans are consistent by construction (those of :func:`make_plan`, :func:`topk_route` and
-            :func:`expert_choice_route`, unmodified) may pass False. An inconsistent plan then gives unspecified
-            values, though never a read or write outside the tensors."""
-
-
 def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, validate: bool = True) -> torch.Tensor:
     """Gathers each kept assignment's token into its expert's rows.
 
@@ -112,7 +103,12 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, vali
         plan: the routing plan.
         layout: ``"padded"`` returns [E, C, D] (empty slots zero; needs a capacity); ``"packed"`` returns
             [A, D] in the plan's expert-major order (dropped assignments' rows zero).
-        {validate}
+        validate: check that the plan is consistent (offsets rise from 0 to A, sorted_expert and slot agree
+            with them, token indices are in [0, T), the token-major view lists each token's assignments) and raise a
+            RuntimeError naming what is not. On CUDA this costs one device-to-host synchronisation; callers whose
+            plans are consistent by construction (those of :func:`make_plan`, :func:`topk_route` and
+            :func:`expert_choice_route`, unmodified) may pass False. An inconsistent plan then gives unspecified
+            values, though never a read or write outside the tensors.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"dispatch: layout must be one of {LAYOUTS}, got {layout!r}")
@@ -135,7 +131,7 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int, *, val
         expert_out: [E, C, D] (padded) or [A, D] (packed) expert outputs, as produced from :func:`dispatch`.
         plan: the routing plan; its weights are cast to ``expert_out``'s dtype.
         num_tokens: T.
-        {validate}
+        validate: check the plan first, as :func:`dispatch` does.
 
     Returns:
         [T, D]; a token whose assignments were all dropped gets zeros.
@@ -151,10 +147,6 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int, *, val
         expert_out, plan.weight.to(expert_out.dtype), plan.sorted_token, plan.sorted_expert, plan.slot,
         plan.offsets, token_offsets, token_rows, plan.capacity, validate,
     )
-
-
-dispatch.__doc__ = dispatch.__doc__.format(validate=_VALIDATE_DOC)
-combine.__doc__ = combine.__doc__.format(validate=_VALIDATE_DOC)
 
 
 # ---- fake kernels: output shapes and dtypes without running anything ----

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ._checks import check_count, shape_of
 from ..plan import RoutingPlan
+from ._checks import check_count, shape_of
 
 _ops = torch.ops.visionmoe
 
