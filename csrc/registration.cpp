@@ -3,7 +3,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(visionmoe, m) {
-  // Dispatch family (csrc/dispatch): routing plans, expert dispatch and combine.
+  // Dispatch family (csrc/dispatch): routing plans, expert dispatch and combine. dispatch and combine check the
+  // plan's consistency only with validate=True (see csrc/dispatch/dispatch.h for what they assume).
   m.def(
       "make_plan(Tensor token_index, Tensor expert_index, int num_experts, SymInt? num_tokens=None, "
       "bool validate=True) -> (Tensor order, Tensor sorted_token, Tensor sorted_expert, Tensor slot, "
@@ -11,13 +12,13 @@ TORCH_LIBRARY(visionmoe, m) {
   m.def("token_major(Tensor sorted_token, SymInt num_tokens) -> (Tensor token_offsets, Tensor token_rows)");
   m.def(
       "dispatch(Tensor x, Tensor sorted_token, Tensor sorted_expert, Tensor slot, Tensor offsets, "
-      "Tensor token_offsets, Tensor token_rows, int? capacity, bool padded) -> Tensor");
+      "Tensor token_offsets, Tensor token_rows, int? capacity, bool padded, bool validate=False) -> Tensor");
   m.def(
       "dispatch_backward(Tensor grad_out, Tensor sorted_token, Tensor sorted_expert, Tensor slot, Tensor offsets, "
       "Tensor token_offsets, Tensor token_rows, int? capacity) -> Tensor");
   m.def(
       "combine(Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, Tensor slot, "
-      "Tensor offsets, Tensor token_offsets, Tensor token_rows, int? capacity) -> Tensor");
+      "Tensor offsets, Tensor token_offsets, Tensor token_rows, int? capacity, bool validate=False) -> Tensor");
   m.def(
       "combine_backward(Tensor grad_y, Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, int? capacity) -> (Tensor grad_expert_out, Tensor grad_weight)");

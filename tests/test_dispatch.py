@@ -193,9 +193,9 @@ def op_samples(device, capacity, padded):
     return {
         "make_plan": (token_index, expert_index, E, T, True),
         "token_major": (plan.sorted_token, T),
-        "dispatch": (x, *plan_tensors, *token_view, capacity, padded),
+        "dispatch": (x, *plan_tensors, *token_view, capacity, padded, True),
         "dispatch_backward": (rows.detach(), *plan_tensors, *token_view, capacity),
-        "combine": (rows, w, *plan_tensors, *token_view, capacity),
+        "combine": (rows, w, *plan_tensors, *token_view, capacity, True),
         "combine_backward": (grad_y, rows.detach(), w.detach(), *plan_tensors, capacity),
     }
 
@@ -370,3 +370,160 @@ def test_build_info():
     if torch.cuda.is_available():
         assert info["cuda"], "a GPU is present but this build has no CUDA kernels"
 
+
+
+# ---- index tensors of any stride ----
+
+def strided(t):
+    """t's values in a view with stride 2 (a column of a wider tensor), as slicing with a step gives."""
+    view = torch.stack([t, torch.full_like(t, 10**12)], 1)[:, 0]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+def mix_with_grads(x, plan, layout, num_tokens):
+    x = x.detach().clone().requires_grad_()
+    weight = plan.weight.detach().clone().requires_grad_()
+    plan = visionmoe.RoutingPlan(**{**plan.__dict__, "weight": weight})
+    hidden = ops.dispatch(x, plan, layout)
+    y = ops.combine(hidden * torch.linspace(0.5, 1.5, hidden.shape[-1], device=x.device), plan, num_tokens)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=x.device).view(y.shape))
+    return hidden.detach(), y.detach(), x.grad, weight.grad
+
+
+@pytest.mark.parametrize("capacity,layout", [(5, "padded"), (5, "packed"), (None, "packed")])
+def test_strided_plan_tensors_give_the_same_result(device, capacity, layout):
+    # Index tensors were read as if contiguous: a strided view gave other rows, or read past its storage.
+    T, E = 11, 4
+    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
+    plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
+    fields = ("sorted_token", "sorted_expert", "slot", "offsets", "token_offsets", "token_rows")
+    views = visionmoe.RoutingPlan(**{**plan.__dict__, **{f: strided(getattr(plan, f)) for f in fields}})
+    x = torch.randn(T, 8, device=device)
+    for expected, actual in zip(mix_with_grads(x, plan, layout, T), mix_with_grads(x, views, layout, T)):
+        assert torch.equal(actual, expected)
+    expert_out = torch.randn(plan.num_assignments, 8, device=device) if layout == "packed" else \
+        torch.randn(E, capacity, 8, device=device)
+    args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
+    strided_args = tuple(strided(t) for t in args)
+    grad_y = torch.randn(T, 8, device=device)
+    transposed_grad_y = grad_y.t().contiguous().t()
+    for expected, actual in zip(
+            torch.ops.visionmoe.combine_backward(grad_y, expert_out, plan.weight, *args, capacity),
+            torch.ops.visionmoe.combine_backward(transposed_grad_y, expert_out, strided(plan.weight), *strided_args,
+                                                 capacity)):
+        assert torch.equal(actual, expected)
+
+
+def test_expanded_plan_tensors(device):
+    # Every assignment of one token to one expert: stride-0 views of one value are valid index tensors.
+    A, capacity = 5, 3
+    plan = ops.make_plan(torch.zeros(A, dtype=torch.long, device=device), torch.zeros(A, dtype=torch.long,
+                         device=device), torch.rand(A, device=device), 1, capacity, num_tokens=1)
+    zeros = torch.zeros(1, dtype=torch.long, device=device).expand(A)
+    expanded = visionmoe.RoutingPlan(**{**plan.__dict__, "sorted_token": zeros, "sorted_expert": zeros})
+    x = torch.randn(1, 6, device=device)
+    for layout in ("padded", "packed"):
+        for expected, actual in zip(mix_with_grads(x, plan, layout, 1), mix_with_grads(x, expanded, layout, 1)):
+            assert torch.equal(actual, expected)
+
+
+# ---- hand-made plans: checked with validate=True (the default), never out of bounds without ----
+
+def inconsistent_plans(plan, T):
+    """(what is wrong, expected message, plan) for variations of a consistent plan over T tokens."""
+    def changed(**fields):
+        return visionmoe.RoutingPlan(**{**plan.__dict__, **fields})
+
+    def with_value(tensor, index, value):
+        tensor = tensor.clone()
+        tensor[index] = value
+        return tensor
+
+    offsets, slot, token_rows = plan.offsets, plan.slot, plan.token_rows
+    A = plan.num_assignments
+    swapped_rows = token_rows.clone()
+    swapped_rows[[0, 1]] = token_rows[[1, 0]]
+    return [
+        ("offsets start above 0", r"offsets\[0\] must be 0, got 1", changed(offsets=with_value(offsets, 0, 1))),
+        ("offsets decrease", r"offsets must be non-decreasing, got offsets\[2\] = 0 < offsets\[1\]",
+         changed(offsets=with_value(offsets, 2, 0))),
+        ("offsets end before A", rf"offsets\[E\] must be A = {A} \(the number of assignments\), got {A - 1}",
+         changed(offsets=with_value(offsets, -1, A - 1))),
+        ("sorted_expert disagrees with offsets", r"sorted_expert\[0\] = 2 but offsets place assignment 0 in expert 0",
+         changed(sorted_expert=with_value(plan.sorted_expert, 0, 2))),
+        ("slots are not ranks", r"slot\[1\] = 0 but assignment 1 is number 1 of its expert",
+         changed(slot=with_value(slot, 1, 0))),
+        ("token out of range", rf"sorted_token\[3\] = {T} is not a token index in \[0, {T}\)",
+         changed(sorted_token=with_value(plan.sorted_token, 3, T))),
+        ("negative token", r"sorted_token\[0\] = -1 is not a token index",
+         changed(sorted_token=with_value(plan.sorted_token, 0, -1))),
+        ("token_offsets start above 0", r"token_offsets\[0\] must be 0, got 1",
+         changed(token_offsets=with_value(plan.token_offsets, 0, 1))),
+        ("token_offsets end before A", rf"token_offsets\[T\] must be A = {A}",
+         changed(token_offsets=with_value(plan.token_offsets, -1, A - 1))),
+        ("token_rows out of order", r"token_rows must list each token's assignments in increasing order",
+         changed(token_rows=swapped_rows)),
+        ("token_rows out of range", r"token_rows must list .* token_rows\[2\] = 99 is not the next assignment",
+         changed(token_rows=with_value(token_rows, 2, 99))),
+        ("token_rows of another token", r"token_rows must list each token's assignments",
+         changed(token_rows=with_value(token_rows, 0, token_rows[-1].item()))),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_inconsistent_plans_are_rejected_when_validating(device, layout):
+    T, E, D = 9, 3, 4
+    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
+    plan = ops.make_plan(token_index, expert_index, weight, E, 4, num_tokens=T)
+    x = torch.randn(T, D, device=device)
+    expert_out = ops.dispatch(x, plan, layout)
+    for what, message, bad in inconsistent_plans(plan, T):
+        with pytest.raises(RuntimeError, match="dispatch: plan is inconsistent: " + message):
+            ops.dispatch(x, bad, layout)
+        with pytest.raises(RuntimeError, match="combine: plan is inconsistent: " + message):
+            ops.combine(expert_out, bad, T)
+        # Without validation the result is unspecified, but the kernels stay within the tensors (on CPU they
+        # raise on an index that points outside them).
+        for call in (lambda: ops.dispatch(x, bad, layout, validate=False),
+                     lambda: ops.combine(expert_out, bad, T, validate=False)):
+            try:
+                call()
+            except RuntimeError as error:
+                assert "plan is inconsistent" in str(error) or "out of range" in str(error), what
+
+
+def test_router_plans_pass_validation(device):
+    probs = torch.softmax(torch.randn(2, 10, 4, device=device), -1)
+    x = torch.randn(20, 6, device=device)
+    for plan in (ops.topk_route(probs, 2, 3, batch_priority=True), ops.topk_route(probs, 2),
+                 ops.expert_choice_route(probs, 4)):
+        layout = "packed" if plan.capacity is None else "padded"
+        hidden = ops.dispatch(x, plan, layout)
+        assert torch.equal(hidden, ops.dispatch(x, plan, layout, validate=False))
+        assert torch.equal(ops.combine(hidden, plan, 20), ops.combine(hidden, plan, 20, validate=False))
+
+
+def test_mixed_devices_in_backward_are_rejected():
+    plan = small_plan()
+    rows = torch.randn(3, 4, 4)
+    args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, 4)
+    with pytest.raises(RuntimeError, match="combine_backward: grad_y must be on cpu like expert_out, got meta"):
+        torch.ops.visionmoe.combine_backward(torch.randn(6, 4, device="meta"), rows, plan.weight, *args)
+    with pytest.raises(RuntimeError, match="combine_backward: weight must be on cpu like expert_out, got meta"):
+        torch.ops.visionmoe.combine_backward(torch.randn(6, 4), rows, plan.weight.to("meta"), *args)
+
+
+def test_wrapper_arguments_of_the_wrong_type_are_rejected():
+    plan = small_plan()
+    token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
+    with pytest.raises(ValueError, match="make_plan: capacity must be >= 0 and an integer, or None, got nan"):
+        ops.make_plan(token_index, expert_index, weight, 3, float("nan"))
+    with pytest.raises(ValueError, match="make_plan: num_tokens must be >= 0 and an integer, or None, got 6.0"):
+        ops.make_plan(token_index, expert_index, weight, 3, 4, num_tokens=6.0)
+    with pytest.raises(ValueError, match=r"dispatch: x must have shape \[T, D\], got NoneType"):
+        ops.dispatch(None, plan)
+    with pytest.raises(ValueError, match="combine: expert_out must be a tensor, got list"):
+        ops.combine([], plan, 6)
+    with pytest.raises(ValueError, match="combine: num_tokens must be >= 0 and an integer, got '6'"):
+        ops.combine(torch.randn(3, 4, 4), plan, "6")

@@ -97,6 +97,63 @@ def test_padded_matches_reference(device, E, C, activation, dtype):
     assert_matches_reference(*make_padded(E, C, 16, 24, activation, device, dtype), activation)
 
 
+def empty_size_case(E, rows, D, F, activation, layout, device):
+    """x, w1, b1, w2, b2, offsets in float64 with E experts of `rows` rows each; any size may be 0."""
+    pre_width = 2 * F if activation == "silu_gated" else F
+    weights = (torch.randn(E, D, pre_width), torch.randn(E, pre_width), torch.randn(E, F, D), torch.randn(E, D))
+    if layout == "padded":
+        x, offsets = torch.randn(E, rows, D), None
+    else:
+        x, offsets = torch.randn(E * rows, D), (torch.arange(E + 1) * rows).to(device)
+    return tuple(t.to(device, torch.float64) for t in (x, *weights)) + (offsets,)
+
+
+def grads_of(fn, tensors, offsets, activation):
+    """fn's output and the gradients of all five inputs, zeros for inputs the output does not depend on."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    y = fn(*leaves, activation=activation, expert_offsets=offsets)
+    grad_y = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)
+    grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True) if y.requires_grad else [None] * 5
+    return y.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+
+
+# E, rows per expert, D, F: every size that may be zero has a meaning: F = 0 experts output their bias b2, D = 0
+# gives empty rows, E = 0 (with no rows) an empty output.
+EMPTY_SIZES = [(2, 3, 4, 0), (2, 3, 0, 5), (0, 0, 4, 5), (2, 0, 4, 0), (3, 2, 0, 0), (0, 0, 0, 0)]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("E,rows,D,F", EMPTY_SIZES)
+def test_empty_sizes_match_reference(device, E, rows, D, F, activation, layout):
+    *tensors, offsets = empty_size_case(E, rows, D, F, activation, layout, device)
+    y, grads = grads_of(ops.expert_mlp, tensors, offsets, activation)
+    y_ref, grads_ref = grads_of(ref.expert_mlp, tensors, offsets, activation)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for name, grad, grad_ref in zip(("x", "w1", "b1", "w2", "b2"), grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12, msg=name)
+    if F == 0:  # no hidden units: every row is its expert's bias
+        b2 = tensors[4]
+        expected = b2[:, None].expand(E, rows, D)
+        torch.testing.assert_close(y, expected if layout == "padded" else expected.reshape(E * rows, D))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("E,rows,D,F", [(2, 3, 4, 0), (2, 3, 0, 5), (0, 0, 4, 5)])
+def test_empty_sizes_under_compile(device, layout, E, rows, D, F):
+    torch._dynamo.reset()
+    *tensors, offsets = empty_size_case(E, rows, D, F, "silu_gated", layout, device)
+    compiled = torch.compile(mlp_then_tanh, backend="aot_eager", fullgraph=True)
+    leaves = [t.requires_grad_() for t in tensors]
+    out = compiled(*leaves, offsets)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    eager_grads = torch.autograd.grad(mlp_then_tanh(*leaves, offsets).sum(), leaves)
+    torch.testing.assert_close(out, mlp_then_tanh(*tensors, offsets))
+    for grad, eager_grad, leaf in zip(grads, eager_grads, leaves):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, eager_grad)
+
+
 def test_empty_experts_get_zero_weight_gradients(device):
     x, weights, offsets, grad = make_packed([0, 6, 0], 8, 12, "gelu", device, torch.float32)
     _, _, grad_w1, grad_b1, grad_w2, grad_b2 = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")

@@ -1,6 +1,7 @@
 """Router assignment operators (top-K token choice with BPR, expert choice): reference agreement, gradients,
 opcheck, torch.compile, edge cases and bad input."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +65,26 @@ def test_batch_priority_fill_order(device):
     assert bpr.sorted_token.tolist() == [1, 3, 2, 0]
     assert bpr.slot.tolist() == [0, 1, 2, 3]
     assert bpr.sorted_token[bpr.kept()].tolist() == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_batch_priority_ranks_signed_zeros_alike(device, dtype):
+    # Best scores -0.0 and +0.0 are equal, so Batch Priority keeps position order between them, as the reference
+    # does; ordering keys made from the bits ranked -0.0 below +0.0 and gave token 1 the only slot.
+    scores = torch.tensor([[[-0.0, -1.0], [0.0, -1.0], [-0.0, -2.0], [0.5, -1.0]]], dtype=dtype, device=device)
+    plan = ops.topk_route(scores, 1, 2, batch_priority=True)
+    assert plan.sorted_token.tolist() == [3, 0, 1, 2]
+    assert plan.sorted_token[plan.kept()].tolist() == [3, 0]
+    assert_same_plan(plan, ref.topk_route(scores, 1, 2, batch_priority=True))
+
+
+@pytest.mark.parametrize("T", [7, 5000])  # CUDA sorts long columns by radix, short ones by comparison
+def test_expert_choice_ranks_signed_zeros_alike(device, T):
+    signs = torch.tensor([1.0, -1.0]).repeat(T)[:T]
+    scores = (signs * 0.0).view(1, T, 1).expand(1, T, 2).to(device)  # +0, -0, +0, ... for both experts
+    plan = ops.expert_choice_route(scores, 4)
+    assert plan.sorted_token.view(2, 4).tolist() == [[0, 1, 2, 3]] * 2
+    assert_same_plan(plan, ref.expert_choice_route(scores, 4))
 
 
 def test_first_choices_fill_before_second_choices(device):
@@ -172,3 +193,24 @@ def test_bad_input_is_rejected():
     bad[0, 5, 2] = float("inf")
     with pytest.raises(RuntimeError, match="scores must be finite"):
         ops.expert_choice_route(bad, 3)
+
+
+def test_weights_on_another_device_are_rejected():
+    probs = random_probs(1, 8, 4, "cpu")
+    with pytest.raises(ValueError, match="topk_route: weights must be on cpu like scores, got meta"):
+        ops.topk_route(probs, 2, 3, weights=probs.to("meta"))
+    with pytest.raises(ValueError, match="expert_choice_route: weights must be on cpu like scores, got meta"):
+        ops.expert_choice_route(probs, 3, weights=probs.to("meta"))
+
+
+@pytest.mark.parametrize("capacity", [float("nan"), 2.5, 3.0, True, "3"])
+def test_capacity_must_be_an_integer(capacity):
+    # A float capacity was accepted by topk_route and stored in the plan (nan, 2.5); None reached a comparison.
+    probs = random_probs(1, 8, 4, "cpu")
+    with pytest.raises(ValueError, match=r"topk_route: capacity must be >= 0 and an integer, or None, got"):
+        ops.topk_route(probs, 2, capacity)
+    with pytest.raises(ValueError, match=r"expert_choice_route: capacity must be >= 0 and an integer, got"):
+        ops.expert_choice_route(probs, capacity)
+    with pytest.raises(ValueError, match=r"expert_choice_route: capacity must be >= 0 and an integer, got None"):
+        ops.expert_choice_route(probs, None)
+    assert ops.topk_route(probs, 2, np.int64(3)).capacity == 3

@@ -78,10 +78,37 @@ def test_marginals_of_the_first_iterations_by_hand():
     logits = torch.tensor([[[0.0, math.log(3.0)]]], dtype=torch.float64)
     log_plan = ops.sinkhorn(logits, 1)
     torch.testing.assert_close(log_plan, torch.full((1, 1, 2), math.log(0.5), dtype=torch.float64))
+    # The operator's potentials are those of the logits less their row maximum (log 3): u' = u + log 3.
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 1)
-    torch.testing.assert_close(row_potentials, torch.tensor([[[-math.log(4.0)]]], dtype=torch.float64))
+    torch.testing.assert_close(row_potentials,
+                               torch.tensor([[[math.log(3.0) - math.log(4.0)]]], dtype=torch.float64))
     expected_v = math.log(0.5) + math.log(4.0) - logits[0]
     torch.testing.assert_close(column_potentials, expected_v.unsqueeze(0))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("offset", [1e6, 1e7, 1e8])
+def test_large_common_offset(device, offset, per_row):
+    # Sinkhorn's plan does not change when a constant is added to the logits (or to one row), but float32 logits
+    # near 1e8 (a spacing of 8) met potentials near -1e8 in logits + u + v, and the rows summed to 4 instead of 1.
+    generator = torch.Generator().manual_seed(0)
+    shift = offset * torch.linspace(1, 3, 16, dtype=torch.float64).view(1, 16, 1) if per_row else offset
+    logits64 = torch.randn(2, 16, 4, generator=generator, dtype=torch.float64) * 2 + shift
+    logits = logits64.float().to(device).requires_grad_()
+    log_plan = ops.sinkhorn(logits)
+    plan = log_plan.double().exp()
+    torch.testing.assert_close(plan.sum(-1), torch.ones(2, 16, dtype=torch.float64, device=device), atol=1e-4,
+                               rtol=0)
+    torch.testing.assert_close(plan.sum(-2), torch.full((2, 4), 4.0, dtype=torch.float64, device=device), atol=1e-5,
+                               rtol=0)
+    # Against the reference in float64 on the same (float32-rounded) logits, values and gradients.
+    exact = logits.detach().double().requires_grad_()
+    expected = ref.sinkhorn(exact)
+    torch.testing.assert_close(plan, expected.exp(), atol=1e-6, rtol=0)
+    weights = torch.linspace(-1, 1, plan.numel(), dtype=torch.float64, device=device).view(plan.shape)
+    (grad,) = torch.autograd.grad((log_plan.double().exp() * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected.exp() * weights).sum(), exact)
+    torch.testing.assert_close(grad.double(), expected_grad, atol=1e-5, rtol=0)
 
 
 def test_zero_iterations_returns_a_copy(device):
@@ -304,3 +331,11 @@ def test_backward_rejects_potentials_on_another_device():
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 4)
     with pytest.raises(RuntimeError, match="row_potentials must be on cuda:0 like logits"):
         torch.ops.visionmoe.sinkhorn_backward(torch.ones_like(logits), logits, row_potentials.cpu(), column_potentials)
+
+
+def test_backward_rejects_a_meta_tensor_beside_cpu_ones():
+    logits = torch.randn(1, 5, 3)
+    _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 2)
+    with pytest.raises(RuntimeError, match="sinkhorn_backward: column_potentials must be on cpu like logits, got meta"):
+        torch.ops.visionmoe.sinkhorn_backward(torch.randn(1, 5, 3), logits, row_potentials,
+                                              column_potentials.to("meta"))

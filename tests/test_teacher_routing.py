@@ -402,3 +402,16 @@ def test_backward_rejects_inconsistent_inputs():
         backward(grad, student_logits, teacher, student_lse, teacher_lse, "none", "probabilities")
     with pytest.raises(RuntimeError, match="teacher must have the dtype of student_logits"):
         backward(grad, student_logits, teacher.double(), student_lse, teacher_lse, "none", "logits")
+
+
+def test_meta_tensor_beside_a_cpu_one_is_rejected():
+    # The fake (Meta) kernel ran for the mix and returned an uninitialised CPU loss, e.g. -3.39e+38.
+    with pytest.raises(RuntimeError, match="teacher_routing_loss: teacher must be on cpu like student_logits, got "
+                                           "meta"):
+        ops.teacher_routing_loss(torch.randn(4, 3), torch.rand(4, 3, device="meta"))
+    student = torch.randn(4, 3)
+    _, student_lse, teacher_lse = torch.ops.visionmoe.teacher_routing_loss(student, student, "mean", "logits")
+    with pytest.raises(RuntimeError, match="teacher_routing_loss_backward: student_lse must be on cpu like "
+                                           "student_logits, got meta"):
+        torch.ops.visionmoe.teacher_routing_loss_backward(torch.tensor(1.0), student, student, student_lse.to("meta"),
+                                                          teacher_lse, "mean", "logits")

@@ -5,14 +5,17 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "common/checks.h"
+
 namespace visionmoe::dispatch {
 namespace {
 
 void check_index_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be a 1-D tensor, got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must have dtype int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like the other inputs, got ",
-              t.device());
+  check_device(op, name, t, "the other inputs", like);
 }
 
 void check_capacity(const char* op, std::optional<int64_t> capacity, bool padded) {
@@ -33,8 +36,8 @@ constexpr int64_t kMaxExpertsForCompaction = 256;
 
 }  // namespace
 
-PlanView check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like, std::optional<int64_t> capacity,
-                    bool padded) {
+CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like,
+                       std::optional<int64_t> capacity, bool padded) {
   check_index_tensor(op, "sorted_token", plan.sorted_token, like);
   check_index_tensor(op, "sorted_expert", plan.sorted_expert, like);
   check_index_tensor(op, "slot", plan.slot, like);
@@ -46,15 +49,20 @@ PlanView check_plan(const char* op, const PlanTensors& plan, const at::Tensor& l
               plan.sorted_token.size(0), ", ", plan.sorted_expert.size(0), " and ", plan.slot.size(0));
   TORCH_CHECK(plan.offsets.size(0) >= 2, op, ": offsets must have num_experts + 1 >= 2 entries, got ",
               plan.offsets.size(0));
-  PlanView view;
+  CheckedPlan checked;
+  checked.sorted_token = plan.sorted_token.contiguous();
+  checked.sorted_expert = plan.sorted_expert.contiguous();
+  checked.slot = plan.slot.contiguous();
+  checked.offsets = plan.offsets.contiguous();
+  PlanView& view = checked.view;
   view.num_assignments = num_assignments;
   view.num_experts = plan.offsets.size(0) - 1;
   view.capacity = capacity.value_or(-1);
   view.padded = padded;
-  view.sorted_token = plan.sorted_token.data_ptr<int64_t>();
-  view.sorted_expert = plan.sorted_expert.data_ptr<int64_t>();
-  view.slot = plan.slot.data_ptr<int64_t>();
-  view.offsets = plan.offsets.data_ptr<int64_t>();
+  view.sorted_token = checked.sorted_token.const_data_ptr<int64_t>();
+  view.sorted_expert = checked.sorted_expert.const_data_ptr<int64_t>();
+  view.slot = checked.slot.const_data_ptr<int64_t>();
+  view.offsets = checked.offsets.const_data_ptr<int64_t>();
   if (plan.token_offsets != nullptr) {
     check_index_tensor(op, "token_offsets", *plan.token_offsets, like);
     check_index_tensor(op, "token_rows", *plan.token_rows, like);
@@ -62,11 +70,81 @@ PlanView check_plan(const char* op, const PlanTensors& plan, const at::Tensor& l
     TORCH_CHECK(plan.token_rows->size(0) == num_assignments, op,
                 ": plan shapes are inconsistent: token_rows must have one entry per assignment (", num_assignments,
                 "), got ", plan.token_rows->size(0));
-    view.num_tokens = plan.token_offsets->size(0) - 1;
-    view.token_offsets = plan.token_offsets->data_ptr<int64_t>();
-    view.token_rows = plan.token_rows->data_ptr<int64_t>();
+    checked.token_offsets = plan.token_offsets->contiguous();
+    checked.token_rows = plan.token_rows->contiguous();
+    view.num_tokens = checked.token_offsets.size(0) - 1;
+    view.token_offsets = checked.token_offsets.const_data_ptr<int64_t>();
+    view.token_rows = checked.token_rows.const_data_ptr<int64_t>();
   }
-  return view;
+  return checked;
+}
+
+namespace {
+
+// The tensors' values on the host, with one device-to-host copy for all of them when they are on a GPU.
+std::vector<at::Tensor> on_host(const std::vector<at::Tensor>& tensors) {
+  if (tensors.front().is_cpu()) return tensors;
+  std::vector<int64_t> lengths;
+  for (const at::Tensor& t : tensors) lengths.push_back(t.numel());
+  return at::cat(tensors).cpu().split_with_sizes(lengths);
+}
+
+}  // namespace
+
+// One pass over the plan on the host: lost in the noise of a 1 ms dispatch (A = 16384, T = 8192, D = 384, two
+// shared cores), where the same checks as ATen ops had taken about 6 ms.
+void validate_plan(const char* op, const CheckedPlan& plan) {
+  const std::vector<at::Tensor> host =
+      on_host({plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets, plan.token_rows});
+  const int64_t* sorted_token = host[0].const_data_ptr<int64_t>();
+  const int64_t* sorted_expert = host[1].const_data_ptr<int64_t>();
+  const int64_t* slot = host[2].const_data_ptr<int64_t>();
+  const int64_t* offsets = host[3].const_data_ptr<int64_t>();
+  const int64_t* token_offsets = host[4].const_data_ptr<int64_t>();
+  const int64_t* token_rows = host[5].const_data_ptr<int64_t>();
+  const int64_t A = plan.view.num_assignments, E = plan.view.num_experts, T = plan.view.num_tokens;
+  TORCH_CHECK(offsets[0] == 0, op, ": plan is inconsistent: offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(offsets[e + 1] >= offsets[e], op,
+                ": plan is inconsistent: offsets must be non-decreasing, got offsets[", e + 1, "] = ", offsets[e + 1],
+                " < offsets[", e, "] = ", offsets[e]);
+  }
+  TORCH_CHECK(offsets[E] == A, op, ": plan is inconsistent: offsets[E] must be A = ", A,
+              " (the number of assignments), got ", offsets[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t a = offsets[e]; a < offsets[e + 1]; ++a) {
+      TORCH_CHECK(sorted_expert[a] == e, op, ": plan is inconsistent: sorted_expert[", a, "] = ", sorted_expert[a],
+                  " but offsets place assignment ", a, " in expert ", e);
+      TORCH_CHECK(slot[a] == a - offsets[e], op, ": plan is inconsistent: slot[", a, "] = ", slot[a],
+                  " but assignment ", a, " is number ", a - offsets[e],
+                  " of its expert (slot[a] must be a - offsets[sorted_expert[a]])");
+    }
+  }
+  for (int64_t a = 0; a < A; ++a) {
+    TORCH_CHECK(sorted_token[a] >= 0 && sorted_token[a] < T, op, ": plan is inconsistent: sorted_token[", a, "] = ",
+                sorted_token[a], " is not a token index in [0, ", T, ")");
+  }
+  TORCH_CHECK(token_offsets[0] == 0, op, ": plan is inconsistent: token_offsets[0] must be 0, got ", token_offsets[0]);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(token_offsets[t + 1] >= token_offsets[t], op,
+                ": plan is inconsistent: token_offsets must be non-decreasing, got token_offsets[", t + 1, "] = ",
+                token_offsets[t + 1], " < token_offsets[", t, "] = ", token_offsets[t]);
+  }
+  TORCH_CHECK(token_offsets[T] == A, op, ": plan is inconsistent: token_offsets[T] must be A = ", A, ", got ",
+              token_offsets[T]);
+  // Entries that belong to their token and increase within it are distinct, and there are A of them: token_rows
+  // is then the token-major permutation of the assignments.
+  for (int64_t t = 0; t < T; ++t) {
+    int64_t previous = -1;
+    for (int64_t j = token_offsets[t]; j < token_offsets[t + 1]; ++j) {
+      const int64_t a = token_rows[j];
+      TORCH_CHECK(a > previous && a < A && sorted_token[a] == t, op,
+                  ": plan is inconsistent: token_rows must list each token's assignments in increasing order (the "
+                  "token-major view of sorted_token), but token_rows[", j, "] = ", a,
+                  " is not the next assignment of token ", t);
+      previous = a;
+    }
+  }
 }
 
 void check_rows(const char* op, const char* name, const at::Tensor& rows, const PlanView& view) {
@@ -164,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
     // The CPU sort checks expert indices as it counts; tokens are checked only when their range is known.
     if (validate) validate_tokens_on_host(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()));
     cpu::stable_counting_sort(expert_index.data_ptr<int64_t>(), n, num_experts, order.data_ptr<int64_t>(),
-                              offsets.data_ptr<int64_t>(), "expert_index");
+                              offsets.data_ptr<int64_t>(), "make_plan", "expert_index");
     sorted_expert.copy_(expert_index.index_select(0, order));
     sorted_token.copy_(token_index.index_select(0, order));
     slot.copy_(at::arange(n, index_options) - offsets.index_select(0, sorted_expert));
@@ -187,24 +265,27 @@ std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token_in
   at::Tensor token_offsets = at::empty({num_tokens + 1}, index_options);
   at::Tensor token_rows = at::empty({sorted_token.size(0)}, index_options);
   cpu::stable_counting_sort(sorted_token.data_ptr<int64_t>(), sorted_token.size(0), num_tokens,
-                            token_rows.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(), "sorted_token");
+                            token_rows.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(), "token_major",
+                            "sorted_token");
   return {token_offsets, token_rows};
 }
 
 at::Tensor dispatch(const at::Tensor& x_in, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
                     const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
-                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded) {
+                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded, bool validate) {
   constexpr const char* op = "dispatch";
   TORCH_CHECK(x_in.dim() == 2, op, ": x must have shape [T, D], got ", x_in.sizes());
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), op, ": x must be a floating-point tensor, got ",
               x_in.scalar_type());
-  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows}, x_in,
-                             capacity, padded);
+  const c10::DeviceGuard guard(x_in.device());
+  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows}, x_in,
+                                capacity, padded);
+  PlanView& view = plan.view;
   TORCH_CHECK(view.num_tokens == x_in.size(0), op, ": plan shapes are inconsistent: token_offsets describes ",
               view.num_tokens, " tokens but x has ", x_in.size(0));
+  if (validate) validate_plan(op, plan);
   view.dim = x_in.size(1);
   const at::Tensor x = x_in.contiguous();
-  const c10::DeviceGuard guard(x.device());
   at::Tensor out = padded ? at::empty({view.num_experts, view.capacity, view.dim}, x.options())
                           : at::empty({view.num_assignments, view.dim}, x.options());
   if (on_cuda(x)) {
@@ -225,12 +306,13 @@ at::Tensor dispatch_backward(const at::Tensor& grad_out_in, const at::Tensor& so
                              std::optional<int64_t> capacity) {
   constexpr const char* op = "dispatch_backward";
   const bool padded = grad_out_in.dim() == 3;
-  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
-                             grad_out_in, capacity, padded);
+  const c10::DeviceGuard guard(grad_out_in.device());
+  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
+                                grad_out_in, capacity, padded);
+  PlanView& view = plan.view;
   check_rows(op, "grad_out", grad_out_in, view);
   view.dim = grad_out_in.size(-1);
   const at::Tensor grad_out = grad_out_in.contiguous();
-  const c10::DeviceGuard guard(grad_out.device());
   at::Tensor grad_x = at::empty({view.num_tokens, view.dim}, grad_out.options());
   if (on_cuda(grad_out)) {
 #ifdef VISIONMOE_WITH_CUDA
@@ -239,30 +321,32 @@ at::Tensor dispatch_backward(const at::Tensor& grad_out_in, const at::Tensor& so
     no_cuda(op);
 #endif
   } else {
-    cpu::sum_rows_per_token(view, grad_out, nullptr, grad_x);
+    cpu::sum_rows_per_token(op, view, grad_out, nullptr, grad_x);
   }
   return grad_x;
 }
 
 at::Tensor combine(const at::Tensor& expert_out_in, const at::Tensor& weight_in, const at::Tensor& sorted_token,
                    const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
-                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity) {
+                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
+                   bool validate) {
   constexpr const char* op = "combine";
   const bool padded = expert_out_in.dim() == 3;
-  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
-                             expert_out_in, capacity, padded);
+  const c10::DeviceGuard guard(expert_out_in.device());
+  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows},
+                                expert_out_in, capacity, padded);
+  PlanView& view = plan.view;
   check_rows(op, "expert_out", expert_out_in, view);
   TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
               ": plan shapes are inconsistent: weight must have shape [A] = [", view.num_assignments, "], got ",
               weight_in.sizes());
   TORCH_CHECK(weight_in.scalar_type() == expert_out_in.scalar_type(), op, ": weight must have the dtype of expert_out (",
               expert_out_in.scalar_type(), "), got ", weight_in.scalar_type());
-  TORCH_CHECK(weight_in.device() == expert_out_in.device(), op, ": weight must be on ", expert_out_in.device(),
-              ", got ", weight_in.device());
+  check_device(op, "weight", weight_in, "expert_out", expert_out_in);
+  if (validate) validate_plan(op, plan);
   view.dim = expert_out_in.size(-1);
   const at::Tensor expert_out = expert_out_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const c10::DeviceGuard guard(expert_out.device());
   at::Tensor y = at::empty({view.num_tokens, view.dim}, expert_out.options());
   if (on_cuda(expert_out)) {
 #ifdef VISIONMOE_WITH_CUDA
@@ -271,7 +355,7 @@ at::Tensor combine(const at::Tensor& expert_out_in, const at::Tensor& weight_in,
     no_cuda(op);
 #endif
   } else {
-    cpu::sum_rows_per_token(view, expert_out, &weight, y);
+    cpu::sum_rows_per_token(op, view, expert_out, &weight, y);
   }
   return y;
 }
@@ -282,8 +366,10 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y_in,
                                                     const at::Tensor& offsets, std::optional<int64_t> capacity) {
   constexpr const char* op = "combine_backward";
   const bool padded = expert_out_in.dim() == 3;
-  PlanView view = check_plan(op, {sorted_token, sorted_expert, slot, offsets, nullptr, nullptr}, expert_out_in,
-                             capacity, padded);
+  const c10::DeviceGuard guard(expert_out_in.device());
+  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, nullptr, nullptr}, expert_out_in,
+                                capacity, padded);
+  PlanView& view = plan.view;
   check_rows(op, "expert_out", expert_out_in, view);
   view.dim = expert_out_in.size(-1);
   TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(1) == view.dim, op, ": grad_y must have shape [T, ", view.dim,
@@ -293,11 +379,12 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y_in,
               op, ": grad_y and weight must have the dtype of expert_out (", expert_out_in.scalar_type(), ")");
   TORCH_CHECK(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
               ": weight must have shape [A] = [", view.num_assignments, "], got ", weight_in.sizes());
+  check_device(op, "grad_y", grad_y_in, "expert_out", expert_out_in);
+  check_device(op, "weight", weight_in, "expert_out", expert_out_in);
   view.num_tokens = grad_y_in.size(0);
   const at::Tensor grad_y = grad_y_in.contiguous();
   const at::Tensor expert_out = expert_out_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const c10::DeviceGuard guard(expert_out.device());
   at::Tensor grad_expert_out = at::empty_like(expert_out);
   at::Tensor grad_weight = at::empty_like(weight);
   if (on_cuda(expert_out)) {

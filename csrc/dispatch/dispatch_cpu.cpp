@@ -17,27 +17,16 @@ namespace {
 // Rows per task: large enough that scheduling costs little next to copying them.
 int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)); }
 
-bool is_kept(const PlanView& plan, int64_t a) { return plan.capacity < 0 || plan.slot[a] < plan.capacity; }
-
-int64_t expert_row(const PlanView& plan, int64_t a) {
-  return plan.padded ? plan.sorted_expert[a] * plan.capacity + plan.slot[a] : a;
+// The assignment stored in expert row r, or kNoAssignment when the row is empty or dropped.
+int64_t checked_assignment_of_row(const char* op, const PlanView& plan, int64_t r) {
+  const int64_t a = assignment_of_row(plan, r);
+  TORCH_CHECK(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to A = ",
+              plan.num_assignments, " (call with validate=True for the details)");
+  return a;
 }
 
-// The assignment stored in expert row r, or -1 when the row is empty or dropped.
-int64_t assignment_of_row(const PlanView& plan, int64_t r) {
-  if (plan.padded) {
-    const int64_t e = r / plan.capacity;
-    const int64_t a = plan.offsets[e] + r % plan.capacity;
-    if (a >= plan.offsets[e + 1]) return -1;
-    TORCH_CHECK(a >= 0 && a < plan.num_assignments, "plan is inconsistent: offsets must increase from 0 to A = ",
-                plan.num_assignments);
-    return a;
-  }
-  return is_kept(plan, r) ? r : -1;
-}
-
-void check_token(const PlanView& plan, int64_t a, int64_t token) {
-  TORCH_CHECK(token >= 0 && token < plan.num_tokens, "dispatch: token index out of range: sorted_token[", a, "] = ",
+void check_token(const char* op, const PlanView& plan, int64_t a, int64_t token) {
+  TORCH_CHECK(token >= 0 && token < plan.num_tokens, op, ": token index out of range: sorted_token[", a, "] = ",
               token, ", expected values in [0, ", plan.num_tokens, ")");
 }
 
@@ -47,20 +36,21 @@ void gather_rows_impl(const PlanView& plan, const scalar_t* x, scalar_t* out) {
   at::parallel_for(0, plan.num_rows(), row_grain(dim), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* dst = out + r * dim;
-      const int64_t a = assignment_of_row(plan, r);
-      if (a < 0) {
+      const int64_t a = checked_assignment_of_row("dispatch", plan, r);
+      if (a == kNoAssignment) {
         std::fill(dst, dst + dim, scalar_t(0));
         continue;
       }
       const int64_t token = plan.sorted_token[a];
-      check_token(plan, a, token);
+      check_token("dispatch", plan, a, token);
       std::memcpy(dst, x + token * dim, sizeof(scalar_t) * dim);
     }
   });
 }
 
 template <typename scalar_t>
-void sum_rows_per_token_impl(const PlanView& plan, const scalar_t* rows, const scalar_t* weight, scalar_t* out) {
+void sum_rows_per_token_impl(const char* op, const PlanView& plan, const scalar_t* rows, const scalar_t* weight,
+                             scalar_t* out) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t dim = plan.dim;
   at::parallel_for(0, plan.num_tokens, row_grain(dim), [&](int64_t begin, int64_t end) {
@@ -68,15 +58,15 @@ void sum_rows_per_token_impl(const PlanView& plan, const scalar_t* rows, const s
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
-      TORCH_CHECK(0 <= first && first <= last && last <= plan.num_assignments,
-                  "plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
+      TORCH_CHECK(0 <= first && first <= last && last <= plan.num_assignments, op,
+                  ": plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
       for (int64_t j = first; j < last; ++j) {
         const int64_t a = plan.token_rows[j];
-        TORCH_CHECK(a >= 0 && a < plan.num_assignments, "plan is inconsistent: token_rows[", j, "] = ", a,
+        TORCH_CHECK(a >= 0 && a < plan.num_assignments, op, ": plan is inconsistent: token_rows[", j, "] = ", a,
                     " is not an assignment");
-        if (!is_kept(plan, a)) continue;
-        const int64_t r = expert_row(plan, a);
-        TORCH_CHECK(r >= 0 && r < plan.num_rows(), "plan is inconsistent: assignment ", a,
+        const int64_t r = row_of_assignment(plan, a);
+        if (r == kNoAssignment) continue;
+        TORCH_CHECK(r >= 0, op, ": plan is inconsistent: assignment ", a,
                     " (sorted_expert, slot) points outside the expert rows");
         const opmath_t w = weight == nullptr ? opmath_t(1) : static_cast<opmath_t>(weight[a]);
         const scalar_t* src = rows + r * dim;
@@ -99,14 +89,13 @@ void combine_backward_impl(const PlanView& plan, const scalar_t* grad_y, const s
   at::parallel_for(0, plan.num_rows(), row_grain(dim), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* grad_row = grad_expert_out + r * dim;
-      const int64_t a = assignment_of_row(plan, r);
-      if (a < 0) {
+      const int64_t a = checked_assignment_of_row("combine_backward", plan, r);
+      if (a == kNoAssignment) {
         std::fill(grad_row, grad_row + dim, scalar_t(0));
         continue;
       }
       const int64_t token = plan.sorted_token[a];
-      TORCH_CHECK(token >= 0 && token < plan.num_tokens, "combine_backward: token index out of range: sorted_token[",
-                  a, "] = ", token, ", expected values in [0, ", plan.num_tokens, ")");
+      check_token("combine_backward", plan, a, token);
       const scalar_t* g = grad_y + token * dim;
       const scalar_t* out_row = expert_out + r * dim;
       const opmath_t w = static_cast<opmath_t>(weight[a]);
@@ -136,7 +125,7 @@ void combine_backward_impl(const PlanView& plan, const scalar_t* grad_y, const s
 }  // namespace
 
 void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, int64_t* order, int64_t* offsets,
-                          const char* key_name) {
+                          const char* op, const char* key_name) {
   constexpr int64_t kChunk = 1 << 14;
   // A fixed split into chunks, independent of the thread count, keeps the result the same on every machine.
   const int64_t num_chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
@@ -146,7 +135,7 @@ void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, i
       int64_t* chunk_counts = counts.data() + c * num_buckets;
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
         const int64_t key = keys[i];
-        TORCH_CHECK(key >= 0 && key < num_buckets, key_name, " out of range: ", key_name, "[", i, "] = ", key,
+        TORCH_CHECK(key >= 0 && key < num_buckets, op, ": ", key_name, " out of range: ", key_name, "[", i, "] = ", key,
                     ", expected values in [0, ", num_buckets, ")");
         ++chunk_counts[key];
       }
@@ -177,9 +166,10 @@ void gather_rows(const PlanView& plan, const at::Tensor& x, at::Tensor& out) {
   });
 }
 
-void sum_rows_per_token(const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight, at::Tensor& out) {
+void sum_rows_per_token(const char* op, const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight,
+                        at::Tensor& out) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "visionmoe_combine_cpu", [&] {
-    sum_rows_per_token_impl<scalar_t>(plan, rows.const_data_ptr<scalar_t>(),
+    sum_rows_per_token_impl<scalar_t>(op, plan, rows.const_data_ptr<scalar_t>(),
                                       weight == nullptr ? nullptr : weight->const_data_ptr<scalar_t>(),
                                       out.mutable_data_ptr<scalar_t>());
   });

@@ -28,21 +28,10 @@ struct alignas(sizeof(T) * N) Pack {
   T v[N];
 };
 
-__device__ __forceinline__ bool is_kept(const PlanView& plan, int64_t a) {
-  return plan.capacity < 0 || plan.slot[a] < plan.capacity;
-}
-
-__device__ __forceinline__ int64_t expert_row(const PlanView& plan, int64_t a) {
-  return plan.padded ? plan.sorted_expert[a] * plan.capacity + plan.slot[a] : a;
-}
-
-__device__ __forceinline__ int64_t assignment_of_row(const PlanView& plan, int64_t r) {
-  if (plan.padded) {
-    const int64_t e = r / plan.capacity;
-    const int64_t a = plan.offsets[e] + r % plan.capacity;
-    return a < plan.offsets[e + 1] ? a : -1;
-  }
-  return is_kept(plan, r) ? r : -1;
+// Plans are not validated here (that would take a synchronisation): an index that points outside the tensors
+// makes its row or term count as empty instead (see dispatch.h).
+__device__ __forceinline__ bool is_token(const PlanView& plan, int64_t token) {
+  return token >= 0 && token < plan.num_tokens;
 }
 
 // ---- grouping assignments by expert: a histogram, a scan of E counts, then one stable compaction per expert ----
@@ -112,8 +101,7 @@ __global__ void gather_rows_kernel(PlanView plan, const scalar_t* __restrict__ x
   P* dst = reinterpret_cast<P*>(out + r * plan.dim);
   const int64_t a = assignment_of_row(plan, r);
   const int64_t token = a < 0 ? -1 : plan.sorted_token[a];
-  CUDA_KERNEL_ASSERT(token < plan.num_tokens);
-  if (token < 0) {
+  if (!is_token(plan, token)) {
     P zero;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
@@ -133,7 +121,9 @@ __global__ void sum_rows_per_token_kernel(PlanView plan, const scalar_t* __restr
   if (t >= plan.num_tokens) return;
   const int lane = threadIdx.x % kWarp;
   const int64_t packs = plan.dim / VEC;
-  const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
+  const int64_t first = plan.token_offsets[t] < 0 ? 0 : plan.token_offsets[t];
+  const int64_t end = plan.token_offsets[t + 1];
+  const int64_t last = end > plan.num_assignments ? plan.num_assignments : end;
   P* dst = reinterpret_cast<P*>(out + t * plan.dim);
   for (int64_t i = lane; i < packs; i += kWarp) {
     opmath_t acc[VEC];
@@ -141,9 +131,11 @@ __global__ void sum_rows_per_token_kernel(PlanView plan, const scalar_t* __restr
     for (int k = 0; k < VEC; ++k) acc[k] = opmath_t(0);
     for (int64_t j = first; j < last; ++j) {
       const int64_t a = plan.token_rows[j];
-      if (!is_kept(plan, a)) continue;
+      if (a < 0 || a >= plan.num_assignments) continue;
+      const int64_t row = row_of_assignment(plan, a);
+      if (row < 0) continue;
       const opmath_t w = weight == nullptr ? opmath_t(1) : static_cast<opmath_t>(weight[a]);
-      const P p = reinterpret_cast<const P*>(rows + expert_row(plan, a) * plan.dim)[i];
+      const P p = reinterpret_cast<const P*>(rows + row * plan.dim)[i];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) acc[k] += w * static_cast<opmath_t>(p.v[k]);
     }
@@ -166,15 +158,14 @@ __global__ void combine_backward_kernel(PlanView plan, const scalar_t* __restric
   const int64_t packs = plan.dim / VEC;
   P* grad_row = reinterpret_cast<P*>(grad_expert_out + r * plan.dim);
   const int64_t a = assignment_of_row(plan, r);
-  if (a < 0) {
+  const int64_t token = a < 0 ? -1 : plan.sorted_token[a];
+  if (!is_token(plan, token)) {
     P zero;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) zero.v[k] = scalar_t(0);
     for (int64_t i = lane; i < packs; i += kWarp) grad_row[i] = zero;
     return;
   }
-  const int64_t token = plan.sorted_token[a];
-  CUDA_KERNEL_ASSERT(token >= 0 && token < plan.num_tokens);
   const P* g = reinterpret_cast<const P*>(grad_y + token * plan.dim);
   const P* out_row = reinterpret_cast<const P*>(expert_out + r * plan.dim);
   const opmath_t w = static_cast<opmath_t>(weight[a]);

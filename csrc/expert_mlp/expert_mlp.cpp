@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "common/checks.h"
+
 #if defined(VISIONMOE_WITH_CUDA) && __has_include(<ATen/ops/_grouped_mm.h>)
 #define VISIONMOE_HAS_GROUPED_MM 1
 #endif
@@ -48,7 +50,7 @@ struct Sizes {
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ", t.device());
+  check_device(op, name, t, "x", x);
 }
 
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
@@ -98,8 +100,7 @@ Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, co
                 ": expert_offsets must have shape [E + 1] = [", sizes.experts + 1, "], got ", offsets.sizes());
     TORCH_CHECK(offsets.scalar_type() == at::kLong, op, ": expert_offsets must have dtype int64, got ",
                 offsets.scalar_type());
-    TORCH_CHECK(offsets.device() == x.device(), op, ": expert_offsets must be on ", x.device(), " like x, got ",
-                offsets.device());
+    check_device(op, "expert_offsets", offsets, "x", x);
     sizes.rows = x.size(0);
   }
   return sizes;
@@ -148,10 +149,10 @@ void activate_out(at::Tensor& out, const at::Tensor& pre, Activation activation)
 
 #ifdef VISIONMOE_HAS_GROUPED_MM
 // torch's grouped GEMM takes bfloat16 operands whose rows and base addresses are 16-byte aligned, and at least
-// one row and one expert.
+// one row, one expert and one column of each operand.
 bool use_grouped_mm(std::initializer_list<at::Tensor> operands, const Sizes& sizes) {
   if (operands.begin()->scalar_type() != at::kBFloat16 || sizes.dim % 8 != 0 || sizes.hidden % 8 != 0 ||
-      sizes.rows == 0 || sizes.experts == 0) {
+      sizes.rows == 0 || sizes.experts == 0 || sizes.dim == 0 || sizes.hidden == 0) {
     return false;
   }
   return std::all_of(operands.begin(), operands.end(),

@@ -20,10 +20,13 @@ namespace visionmoe::expert_mlp {
 namespace {
 
 // Rows per bias-activation block: about this many bytes of pre-activation, so that a block written by the
-// activation is still in the core's cache when the next step reads it.
+// activation is still in the core's cache when the next step reads it. A hidden width of 0 (F' = 0) is valid:
+// its blocks are empty, so any row count serves.
 constexpr int64_t kBlockBytes = 128 * 1024;
 
-int64_t rows_per_block(int64_t width) { return std::max<int64_t>(1, kBlockBytes / (width * 4)); }
+int64_t rows_per_block(int64_t width) {
+  return std::max<int64_t>(1, kBlockBytes / (std::max<int64_t>(width, 1) * 4));
+}
 
 // Runs body(e) for every expert. On CPU each thread repeatedly claims the largest expert not yet started (a
 // shared counter over the experts sorted by row count), so that uneven experts, or a core taken by another

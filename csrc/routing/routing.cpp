@@ -89,7 +89,9 @@ PlanTuple expert_choice_route(const at::Tensor& scores_in, int64_t capacity) {
   const auto index_options = scores.options().dtype(at::kLong);
   at::Tensor tokens;  // [G, E, taken], each expert's chosen tokens, best first
   if (scores.device().is_cuda()) {
-    tokens = std::get<1>(scores.transpose(1, 2).sort(/*stable=*/true, /*dim=*/2, /*descending=*/true))
+    // Adding +0 turns -0 into +0, which ties it with +0 (lower token first, as on the CPU): torch's radix sort of
+    // long columns orders floats by their bits, which may rank -0 below +0.
+    tokens = std::get<1>(scores.transpose(1, 2).add(0).sort(/*stable=*/true, /*dim=*/2, /*descending=*/true))
                  .narrow(2, 0, taken);
   } else {
     tokens = at::empty({G, E, taken}, index_options);

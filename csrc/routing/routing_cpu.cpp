@@ -22,13 +22,15 @@ void check_finite(const char* op, value_t value, int64_t g, int64_t t, int64_t e
               " at scores[", g, ", ", t, ", ", e, "]");
 }
 
-// Unsigned keys whose ascending order is the descending order of the values (IEEE-754 bit tricks).
+// Unsigned keys whose ascending order is the descending order of the values (IEEE-754 bit tricks). -0 and +0
+// compare equal, so both get +0's key; otherwise their bit patterns would rank a -0 token after a +0 one.
 template <typename value_t>
 using SortKey = std::conditional_t<sizeof(value_t) == 8, uint64_t, uint32_t>;
 
 template <typename value_t>
 SortKey<value_t> descending_key(value_t value) {
   using key_t = SortKey<value_t>;
+  if (value == value_t(0)) value = value_t(0);
   key_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
   constexpr key_t sign = key_t(1) << (8 * sizeof(key_t) - 1);

@@ -47,7 +47,9 @@ __global__ void select_topk_kernel(const scalar_t* __restrict__ scores, int64_t 
   for (int64_t i = 0; i < kMaxK; ++i) {
     if (i < k) experts[token * k + i] = best_expert[i];
   }
-  top_score[token] = row[best_expert[0]];
+  // -0 becomes +0: the Batch Priority sort of long rows is a radix sort on the bits, which may rank -0 after +0.
+  const scalar_t top = row[best_expert[0]];
+  top_score[token] = static_cast<opmath_t>(top) == opmath_t(0) ? scalar_t(0) : top;
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace visionmoe::sinkhorn {
 namespace {
 
@@ -44,8 +46,12 @@ void check_potentials(const at::Tensor& potentials, const char* name, const char
               "], got ", potentials.sizes());
   TORCH_CHECK(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
               " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
-  TORCH_CHECK(potentials.device() == logits.device(), "sinkhorn_backward: ", name, " must be on ", logits.device(),
-              " like logits, got ", potentials.device());
+  check_device("sinkhorn_backward", name, potentials, "logits", logits);
+}
+
+// m_t = max_e L_te [G, T] in opmath, the shift the kernels subtract from each row (see sinkhorn.h).
+at::Tensor row_maxima(const at::Tensor& logits) {
+  return logits.amax(-1).to(at::toOpMathType(logits.scalar_type())).contiguous();
 }
 
 }  // namespace
@@ -67,12 +73,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits
   if (logits.numel() == 0) return {log_plan, row_potentials, column_potentials};
   if (logits.is_cuda()) {
 #ifdef VISIONMOE_WITH_CUDA
-    cuda::forward(shape, logits, log_plan, row_potentials, column_potentials);
+    cuda::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::forward(shape, logits, log_plan, row_potentials, column_potentials);
+    cpu::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
   }
   return {log_plan, row_potentials, column_potentials};
 }
@@ -85,8 +91,7 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits
               logits_in.sizes(), "), got ", grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
               logits_in.scalar_type(), "), got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == logits_in.device(), op, ": grad_log_plan must be on ", logits_in.device(),
-              " like logits, got ", grad_in.device());
+  check_device(op, "grad_log_plan", grad_in, "logits", logits_in);
   const at::ScalarType potential_dtype = at::toOpMathType(logits_in.scalar_type());
   check_potentials(row_in, "row_potentials", "T", shape.groups, shape.tokens, potential_dtype, logits_in);
   check_potentials(column_in, "column_potentials", "E", shape.groups, shape.experts, potential_dtype, logits_in);
@@ -104,12 +109,12 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits
   if (logits.numel() == 0) return grad_logits;
   if (logits.is_cuda()) {
 #ifdef VISIONMOE_WITH_CUDA
-    cuda::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+    cuda::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
 #else
     no_cuda(op);
 #endif
   } else {
-    cpu::backward(shape, grad_log_plan, logits, row_potentials, column_potentials, grad_logits);
+    cpu::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
   }
   return grad_logits;
 }

@@ -12,6 +12,11 @@
 // [G, K, E], in the logits' opmath type: float32 for float16, bfloat16 and float32, float64 for float64), so
 // that the backward recomputes each iteration's softmaxes from L instead of storing K [T, E] tensors.
 //
+// The kernels run on L'_te = L_te - m_t, m_t = max_e L_te (computed in opmath, where it is exact), and the row
+// potentials they return are those of L': u'_t = u_t + m_t. P is unchanged, since a row constant is absorbed by
+// u, but u' stays of the order of log E however large the logits are, whereas L + u + v with u near -L would
+// cancel catastrophically: with float32 logits offset by 1e8 (a spacing of 8) the rows summed to 4, not 1.
+//
 // Backward (reverse mode through the iterations; a_u, a_v are the adjoints of u^k, v^k, g = dLoss/dlogP):
 //   y = L + u^K + v^K gives         dL = g,  a_u^K = sum_e g_te,  a_v^K = sum_t g_te.
 //   The column step v^k_e = c - logsumexp_t(L_te + u^k_t) has dv^k_e / dL_te = dv^k_e / du^k_t = -Q^k_te, with
@@ -44,20 +49,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits
 at::Tensor sinkhorn_backward(const at::Tensor& grad_log_plan, const at::Tensor& logits,
                              const at::Tensor& row_potentials, const at::Tensor& column_potentials);
 
-// Backend kernels, for K >= 1. Every input is checked and contiguous, outputs are allocated, before these run.
+// Backend kernels, for K >= 1. Every input is checked and contiguous, outputs are allocated, before these run;
+// row_max [G, T] (opmath) holds m_t.
 namespace cpu {
-void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& log_plan, at::Tensor& row_potentials,
-             at::Tensor& column_potentials);
+void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max, at::Tensor& log_plan,
+             at::Tensor& row_potentials, at::Tensor& column_potentials);
 void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const at::Tensor& logits,
-              const at::Tensor& row_potentials, const at::Tensor& column_potentials, at::Tensor& grad_logits);
+              const at::Tensor& row_max, const at::Tensor& row_potentials, const at::Tensor& column_potentials,
+              at::Tensor& grad_logits);
 }  // namespace cpu
 
 #ifdef VISIONMOE_WITH_CUDA
 namespace cuda {
-void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& log_plan, at::Tensor& row_potentials,
-             at::Tensor& column_potentials);
+void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max, at::Tensor& log_plan,
+             at::Tensor& row_potentials, at::Tensor& column_potentials);
 void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const at::Tensor& logits,
-              const at::Tensor& row_potentials, const at::Tensor& column_potentials, at::Tensor& grad_logits);
+              const at::Tensor& row_max, const at::Tensor& row_potentials, const at::Tensor& column_potentials,
+              at::Tensor& grad_logits);
 }  // namespace cuda
 #endif
 

@@ -62,8 +62,9 @@ opmath_t min_exact_column_sum() {
 }
 
 template <typename scalar_t>
-void forward_impl(const SinkhornShape& shape, const scalar_t* logits, scalar_t* log_plan,
-                  at::opmath_type<scalar_t>* row_potentials, at::opmath_type<scalar_t>* column_potentials) {
+void forward_impl(const SinkhornShape& shape, const scalar_t* logits, const at::opmath_type<scalar_t>* row_max,
+                  scalar_t* log_plan, at::opmath_type<scalar_t>* row_potentials,
+                  at::opmath_type<scalar_t>* column_potentials) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t G = shape.groups, T = shape.tokens, E = shape.experts, K = shape.iterations;
   const Chunks chunks(shape);
@@ -90,7 +91,8 @@ void forward_impl(const SinkhornShape& shape, const scalar_t* logits, scalar_t* 
         std::fill(column_sum, column_sum + E, opmath_t(0));
         for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
           const scalar_t* row = logits + (g * T + t) * E;
-          for (int64_t e = 0; e < E; ++e) plan_row[e] = static_cast<opmath_t>(row[e]) + v_prev[e];
+          const opmath_t m_t = row_max[g * T + t];
+          for (int64_t e = 0; e < E; ++e) plan_row[e] = (static_cast<opmath_t>(row[e]) - m_t) + v_prev[e];
           const opmath_t row_max = max_of(plan_row.data(), E);
           for (int64_t e = 0; e < E; ++e) plan_row[e] = exp_opmath(plan_row[e] - row_max);
           const opmath_t row_sum = sum_of<opmath_t>(plan_row.data(), E);
@@ -128,15 +130,17 @@ void forward_impl(const SinkhornShape& shape, const scalar_t* logits, scalar_t* 
         std::fill(column_max, column_max + E, kNegInf);
         for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
           const scalar_t* row = logits + (g * T + t) * E;
-          const opmath_t u_t = u[t];
-          for (int64_t e = 0; e < E; ++e) column_max[e] = std::max(column_max[e], static_cast<opmath_t>(row[e]) + u_t);
+          const opmath_t m_t = row_max[g * T + t], u_t = u[t];
+          for (int64_t e = 0; e < E; ++e) {
+            column_max[e] = std::max(column_max[e], (static_cast<opmath_t>(row[e]) - m_t) + u_t);
+          }
         }
         std::fill(column_sum, column_sum + E, opmath_t(0));
         for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
           const scalar_t* row = logits + (g * T + t) * E;
-          const opmath_t u_t = u[t];
+          const opmath_t m_t = row_max[g * T + t], u_t = u[t];
           for (int64_t e = 0; e < E; ++e) {
-            column_sum[e] += exp_opmath(static_cast<opmath_t>(row[e]) + u_t - column_max[e]);
+            column_sum[e] += exp_opmath((static_cast<opmath_t>(row[e]) - m_t) + u_t - column_max[e]);
           }
         }
       }
@@ -164,8 +168,10 @@ void forward_impl(const SinkhornShape& shape, const scalar_t* logits, scalar_t* 
       for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
         const scalar_t* row = logits + (g * T + t) * E;
         scalar_t* out = log_plan + (g * T + t) * E;
-        const opmath_t u_t = u[t];
-        for (int64_t e = 0; e < E; ++e) out[e] = static_cast<scalar_t>(static_cast<opmath_t>(row[e]) + u_t + v[e]);
+        const opmath_t m_t = row_max[g * T + t], u_t = u[t];
+        for (int64_t e = 0; e < E; ++e) {
+          out[e] = static_cast<scalar_t>((static_cast<opmath_t>(row[e]) - m_t) + u_t + v[e]);
+        }
       }
     }
   });
@@ -189,7 +195,7 @@ void sum_chunk_partials(const SinkhornShape& shape, const Chunks& chunks, const 
 
 template <typename scalar_t>
 void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, const scalar_t* logits,
-                   const at::opmath_type<scalar_t>* row_potentials,
+                   const at::opmath_type<scalar_t>* row_max, const at::opmath_type<scalar_t>* row_potentials,
                    const at::opmath_type<scalar_t>* column_potentials, scalar_t* grad_logits) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t T = shape.tokens, E = shape.experts, K = shape.iterations;
@@ -249,14 +255,17 @@ void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, co
         for (int64_t t = chunks.first_token(chunk); t < chunks.end_token(chunk); ++t) {
           const scalar_t* row = logits + (g * T + t) * E;
           opmath_t* grad_row = grad + (g * T + t) * E;
-          const opmath_t u_t = u[t];
-          for (int64_t e = 0; e < E; ++e) row_plan[e] = exp_opmath(static_cast<opmath_t>(row[e]) + v_prev[e] + u_t);
+          const opmath_t m_t = row_max[g * T + t], u_t = u[t];
+          for (int64_t e = 0; e < E; ++e) {
+            row_plan[e] = exp_opmath((static_cast<opmath_t>(row[e]) - m_t) + v_prev[e] + u_t);
+          }
           // Column step: dL_te -= a_v_e Q_te.
           if (q_from_p) {
             for (int64_t e = 0; e < E; ++e) column_term[e] = a_v[e] * column_scale[e] * row_plan[e];
           } else {
             for (int64_t e = 0; e < E; ++e) {
-              column_term[e] = a_v[e] * exp_opmath(static_cast<opmath_t>(row[e]) + u_t + v[e] - column_mass);
+              const opmath_t exponent = (static_cast<opmath_t>(row[e]) - m_t) + u_t + v[e] - column_mass;
+              column_term[e] = a_v[e] * exp_opmath(exponent);
             }
           }
           for (int64_t e = 0; e < E; ++e) grad_row[e] -= column_term[e];
@@ -285,21 +294,24 @@ void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, co
 
 }  // namespace
 
-void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& log_plan, at::Tensor& row_potentials,
-             at::Tensor& column_potentials) {
+void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max, at::Tensor& log_plan,
+             at::Tensor& row_potentials, at::Tensor& column_potentials) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "visionmoe_sinkhorn_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    forward_impl<scalar_t>(shape, logits.const_data_ptr<scalar_t>(), log_plan.mutable_data_ptr<scalar_t>(),
-                           row_potentials.mutable_data_ptr<opmath_t>(), column_potentials.mutable_data_ptr<opmath_t>());
+    forward_impl<scalar_t>(shape, logits.const_data_ptr<scalar_t>(), row_max.const_data_ptr<opmath_t>(),
+                           log_plan.mutable_data_ptr<scalar_t>(), row_potentials.mutable_data_ptr<opmath_t>(),
+                           column_potentials.mutable_data_ptr<opmath_t>());
   });
 }
 
 void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const at::Tensor& logits,
-              const at::Tensor& row_potentials, const at::Tensor& column_potentials, at::Tensor& grad_logits) {
+              const at::Tensor& row_max, const at::Tensor& row_potentials, const at::Tensor& column_potentials,
+              at::Tensor& grad_logits) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "visionmoe_sinkhorn_bwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     backward_impl<scalar_t>(shape, grad_log_plan.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
-                            row_potentials.const_data_ptr<opmath_t>(), column_potentials.const_data_ptr<opmath_t>(),
+                            row_max.const_data_ptr<opmath_t>(), row_potentials.const_data_ptr<opmath_t>(),
+                            column_potentials.const_data_ptr<opmath_t>(),
                             grad_logits.mutable_data_ptr<scalar_t>());
   });
 }

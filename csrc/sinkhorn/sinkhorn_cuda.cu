@@ -95,10 +95,11 @@ struct ChunkGrid {
 // One Sinkhorn iteration k over one chunk: the row step for its tokens, then its partial column logsumexps.
 template <typename scalar_t, typename opmath_t>
 __global__ void forward_chunk_kernel(ChunkGrid grid, int64_t k, const scalar_t* __restrict__ logits,
-                                     opmath_t* __restrict__ row_potentials,
+                                     const opmath_t* __restrict__ row_max, opmath_t* __restrict__ row_potentials,
                                      const opmath_t* __restrict__ column_potentials,
                                      opmath_t* __restrict__ chunk_max, opmath_t* __restrict__ chunk_sum) {
   __shared__ opmath_t chunk_u[kChunkRows];
+  __shared__ opmath_t chunk_m[kChunkRows];
   __shared__ opmath_t warp_max[kWarps][kWarp];
   __shared__ opmath_t warp_sum_of_exp[kWarps][kWarp];
   const int64_t T = grid.tokens, E = grid.experts, K = grid.iterations;
@@ -106,17 +107,19 @@ __global__ void forward_chunk_kernel(ChunkGrid grid, int64_t k, const scalar_t* 
   const int rows = grid.rows();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const scalar_t* L = logits + (g * T + t0) * E;
+  const opmath_t* m = row_max + g * T + t0;
   const opmath_t* v_prev = k == 0 ? nullptr : column_potentials + (g * K + k - 1) * E;
 
-  // Row step: u_t = -logsumexp_e(L_te + v_e).
+  // Row step: u_t = -logsumexp_e(L_te - m_t + v_e).
   for (int r = warp; r < rows; r += kWarps) {
     LogSumExp<opmath_t> partial;
     for (int64_t e = lane; e < E; e += kWarp) {
-      partial.add(static_cast<opmath_t>(L[r * E + e]) + (v_prev == nullptr ? opmath_t(0) : v_prev[e]));
+      partial.add((static_cast<opmath_t>(L[r * E + e]) - m[r]) + (v_prev == nullptr ? opmath_t(0) : v_prev[e]));
     }
     const opmath_t u = -warp_logsumexp(partial);
     if (lane == 0) {
       chunk_u[r] = u;
+      chunk_m[r] = m[r];
       row_potentials[(g * K + k) * T + t0 + r] = u;
     }
   }
@@ -127,7 +130,9 @@ __global__ void forward_chunk_kernel(ChunkGrid grid, int64_t k, const scalar_t* 
     const int64_t e = e0 + lane;
     LogSumExp<opmath_t> partial;
     if (e < E) {
-      for (int r = warp; r < rows; r += kWarps) partial.add(static_cast<opmath_t>(L[r * E + e]) + chunk_u[r]);
+      for (int r = warp; r < rows; r += kWarps) {
+        partial.add((static_cast<opmath_t>(L[r * E + e]) - chunk_m[r]) + chunk_u[r]);
+      }
     }
     warp_max[warp][lane] = partial.max;
     warp_sum_of_exp[warp][lane] = partial.sum;
@@ -161,14 +166,15 @@ __global__ void merge_columns_kernel(int64_t groups, int64_t experts, int64_t it
 
 template <typename scalar_t, typename opmath_t>
 __global__ void log_plan_kernel(int64_t groups, int64_t tokens, int64_t experts, int64_t iterations,
-                                const scalar_t* __restrict__ logits, const opmath_t* __restrict__ row_potentials,
+                                const scalar_t* __restrict__ logits, const opmath_t* __restrict__ row_max,
+                                const opmath_t* __restrict__ row_potentials,
                                 const opmath_t* __restrict__ column_potentials, scalar_t* __restrict__ log_plan) {
   const int64_t n = groups * tokens * experts;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = i % experts, t = i / experts % tokens, g = i / (experts * tokens);
     const int64_t last = g * iterations + iterations - 1;
-    log_plan[i] = static_cast<scalar_t>(static_cast<opmath_t>(logits[i]) + row_potentials[last * tokens + t] +
-                                        column_potentials[last * experts + e]);
+    log_plan[i] = static_cast<scalar_t>((static_cast<opmath_t>(logits[i]) - row_max[g * tokens + t]) +
+                                        row_potentials[last * tokens + t] + column_potentials[last * experts + e]);
   }
 }
 
@@ -207,6 +213,7 @@ __global__ void backward_init_kernel(ChunkGrid grid, const scalar_t* __restrict_
 template <typename scalar_t, typename opmath_t>
 __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_column_mass,
                                       const scalar_t* __restrict__ grad_log_plan, const scalar_t* __restrict__ logits,
+                                      const opmath_t* __restrict__ row_max,
                                       const opmath_t* __restrict__ row_potentials,
                                       const opmath_t* __restrict__ column_potentials,
                                       const opmath_t* __restrict__ column_adjoint, opmath_t* __restrict__ grad,
@@ -219,6 +226,7 @@ __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_co
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t offset = (g * T + t0) * E;
   const scalar_t* L = logits + offset;
+  const opmath_t* m = row_max + g * T + t0;
   const opmath_t* u = row_potentials + (g * K + k) * T + t0;
   const opmath_t* v = column_potentials + (g * K + k) * E;
   const opmath_t* v_prev = k == 0 ? nullptr : column_potentials + (g * K + k - 1) * E;
@@ -228,7 +236,8 @@ __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_co
     // a_u_t = [k = K - 1] sum_e g_te - sum_e a_v_e Q_te, with Q_te = exp(L_te + u_t + v_e - c).
     opmath_t partial = 0;
     for (int64_t e = lane; e < E; e += kWarp) {
-      const opmath_t term = a_v[e] * exp_opmath(static_cast<opmath_t>(L[r * E + e]) + u[r] + v[e] - log_column_mass);
+      const opmath_t shifted = static_cast<opmath_t>(L[r * E + e]) - m[r];
+      const opmath_t term = a_v[e] * exp_opmath(shifted + u[r] + v[e] - log_column_mass);
       grad[offset + r * E + e] -= term;
       partial -= term;
       if (k == K - 1) partial += static_cast<opmath_t>(grad_log_plan[offset + r * E + e]);
@@ -237,7 +246,7 @@ __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_co
     // Row step, P_te = exp(L_te + v'_e + u_t).
     for (int64_t e = lane; e < E; e += kWarp) {
       const opmath_t v_prev_e = v_prev == nullptr ? opmath_t(0) : v_prev[e];
-      grad[offset + r * E + e] -= a_u * exp_opmath(static_cast<opmath_t>(L[r * E + e]) + v_prev_e + u[r]);
+      grad[offset + r * E + e] -= a_u * exp_opmath((static_cast<opmath_t>(L[r * E + e]) - m[r]) + v_prev_e + u[r]);
     }
     if (lane == 0) chunk_a_u[r] = a_u;
   }
@@ -249,7 +258,7 @@ __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_co
     if (e < E) {
       const opmath_t v_prev_e = v_prev == nullptr ? opmath_t(0) : v_prev[e];
       for (int r = warp; r < rows; r += kWarps) {
-        partial -= chunk_a_u[r] * exp_opmath(static_cast<opmath_t>(L[r * E + e]) + v_prev_e + u[r]);
+        partial -= chunk_a_u[r] * exp_opmath((static_cast<opmath_t>(L[r * E + e]) - m[r]) + v_prev_e + u[r]);
       }
     }
     warp_partial[warp][lane] = partial;
@@ -292,8 +301,8 @@ opmath_t log_column_mass(const SinkhornShape& shape) {
 
 }  // namespace
 
-void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& log_plan, at::Tensor& row_potentials,
-             at::Tensor& column_potentials) {
+void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max, at::Tensor& log_plan,
+             at::Tensor& row_potentials, at::Tensor& column_potentials) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
@@ -306,7 +315,8 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& l
     const opmath_t column_mass = log_column_mass<opmath_t>(shape);
     for (int64_t k = 0; k < shape.iterations; ++k) {
       forward_chunk_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-          grid, k, logits.const_data_ptr<scalar_t>(), row_potentials.mutable_data_ptr<opmath_t>(),
+          grid, k, logits.const_data_ptr<scalar_t>(), row_max.const_data_ptr<opmath_t>(),
+          row_potentials.mutable_data_ptr<opmath_t>(),
           column_potentials.const_data_ptr<opmath_t>(), chunk_max.mutable_data_ptr<opmath_t>(),
           chunk_sum.mutable_data_ptr<opmath_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -319,14 +329,15 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, at::Tensor& l
     }
     log_plan_kernel<scalar_t, opmath_t><<<elementwise_blocks(logits.numel()), 256, 0, stream>>>(
         shape.groups, shape.tokens, shape.experts, shape.iterations, logits.const_data_ptr<scalar_t>(),
-        row_potentials.const_data_ptr<opmath_t>(), column_potentials.const_data_ptr<opmath_t>(),
-        log_plan.mutable_data_ptr<scalar_t>());
+        row_max.const_data_ptr<opmath_t>(), row_potentials.const_data_ptr<opmath_t>(),
+        column_potentials.const_data_ptr<opmath_t>(), log_plan.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const at::Tensor& logits,
-              const at::Tensor& row_potentials, const at::Tensor& column_potentials, at::Tensor& grad_logits) {
+              const at::Tensor& row_max, const at::Tensor& row_potentials, const at::Tensor& column_potentials,
+              at::Tensor& grad_logits) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
@@ -353,8 +364,9 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
     for (int64_t k = shape.iterations - 1; k >= 0; --k) {
       backward_chunk_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
           grid, k, column_mass, grad_log_plan.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
-          row_potentials.const_data_ptr<opmath_t>(), column_potentials.const_data_ptr<opmath_t>(),
-          column_adjoint.const_data_ptr<opmath_t>(), grad, chunk_partial.mutable_data_ptr<opmath_t>());
+          row_max.const_data_ptr<opmath_t>(), row_potentials.const_data_ptr<opmath_t>(),
+          column_potentials.const_data_ptr<opmath_t>(), column_adjoint.const_data_ptr<opmath_t>(), grad,
+          chunk_partial.mutable_data_ptr<opmath_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // a_v^{k-1}; v^0 is a constant, so the first iteration's row step ends the chain.
       if (k > 0) {

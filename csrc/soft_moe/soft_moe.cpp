@@ -10,6 +10,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "common/checks.h"
+
 namespace visionmoe::soft_moe {
 namespace {
 
@@ -34,8 +36,7 @@ void check_features(const char* op, const char* name, const char* shape, const a
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* like_name, const at::Tensor& like) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
               like.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like ", like_name,
-              ", got ", t.device());
+  check_device(op, name, t, like_name, like);
 }
 
 // x [G, T, D] and logits [G, T, S].

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "common/checks.h"
+
 namespace visionmoe::teacher_routing {
 namespace {
 
@@ -43,8 +45,7 @@ LossShape check_inputs(const char* op, const at::Tensor& student_logits, const a
   TORCH_CHECK(teacher.scalar_type() == student_logits.scalar_type(), op,
               ": teacher must have the dtype of student_logits (", student_logits.scalar_type(), "), got ",
               teacher.scalar_type());
-  TORCH_CHECK(teacher.device() == student_logits.device(), op, ": teacher must be on ", student_logits.device(),
-              " like student_logits, got ", teacher.device());
+  check_device(op, "teacher", teacher, "student_logits", student_logits);
   LossShape shape;
   shape.tokens = student_logits.size(0);
   shape.experts = student_logits.size(1);
@@ -134,8 +135,7 @@ at::Tensor teacher_routing_loss_backward(const at::Tensor& grad_in, const at::Te
     TORCH_CHECK(tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", tensor.sizes());
     TORCH_CHECK(tensor.scalar_type() == opmath_dtype, op, ": ", name, " must have dtype ", opmath_dtype,
                 " (the opmath type of student_logits' ", student_in.scalar_type(), "), got ", tensor.scalar_type());
-    TORCH_CHECK(tensor.device() == student_in.device(), op, ": ", name, " must be on ", student_in.device(),
-                " like student_logits, got ", tensor.device());
+    check_device(op, name, tensor, "student_logits", student_in);
   };
   check_saved(grad_in, "grad_loss", loss_sizes(shape));
   check_saved(student_lse_in, "student_lse", {shape.tokens});

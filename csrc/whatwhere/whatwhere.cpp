@@ -14,6 +14,8 @@
 #include <cmath>
 #include <limits>
 
+#include "common/checks.h"
+
 namespace visionmoe::whatwhere {
 namespace {
 
@@ -35,7 +37,7 @@ void check_operand(const char* op, const char* name, const char* letters, const 
   }
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t.device());
+  check_device(op, name, t, "q", q);
 }
 
 // Checks the four attention inputs (and where, when given) and returns their shape.
@@ -75,7 +77,7 @@ void check_logsumexp(const char* op, const char* name, const char* letters, cons
               t.sizes());
   TORCH_CHECK(t.scalar_type() == opmath, op, ": ", name, " must have dtype ", opmath, " (the opmath type of q's ",
               q.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " must be on ", q.device(), " like q, got ", t.device());
+  check_device(op, name, t, "q", q);
 }
 
 // A contiguous [B * H, rows, columns] view of a [B, H, rows, columns] tensor (or [B * H, rows] of [B, H, rows]).

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
 
@@ -89,15 +90,13 @@ def _check_fake_inputs(op, x, w1, w2, expert_offsets, activation) -> tuple[int, 
                              f"{list(expert_offsets.shape)}")
         torch._check(expert_offsets.dtype == torch.int64,
                      lambda: f"{op}: expert_offsets must have dtype int64, got {expert_offsets.dtype}")
-        torch._check(expert_offsets.device == x.device,
-                     lambda: f"{op}: expert_offsets must be on {x.device} like x, got {expert_offsets.device}")
+        check_same_device(op, "x", x, expert_offsets=expert_offsets)
     return pre_width, hidden
 
 
 def _check_like(op, name, t, x) -> None:
     torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    # A meta tensor beside a real one dispatches here rather than to the real kernel, which would reject it.
-    torch._check(t.device == x.device, lambda: f"{op}: {name} must be on {x.device} like x, got {t.device}")
+    check_same_device(op, "x", x, **{name: t})
 
 
 @torch.library.register_fake("visionmoe::expert_mlp")

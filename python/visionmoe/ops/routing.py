@@ -13,14 +13,14 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..plan import RoutingPlan
+from ._checks import check_count, shape_of
 
 _ops = torch.ops.visionmoe
 
 
 def _as_scores(name: str, scores: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.dim() not in (2, 3):
-        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ValueError(f"{name}: scores must have shape [T, E] or [G, T, E], got {shape}")
+        raise ValueError(f"{name}: scores must have shape [T, E] or [G, T, E], got {shape_of(scores)}")
     return scores.unsqueeze(0) if scores.dim() == 2 else scores
 
 
@@ -31,6 +31,8 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
     if weights.shape != scores.shape:
         raise ValueError(f"{name}: weights must have the shape of scores {tuple(scores.shape)}, got "
                          f"{tuple(weights.shape)}")
+    if weights.device != scores.device:
+        raise ValueError(f"{name}: weights must be on {scores.device} like scores, got {weights.device}")
     return weights
 
 
@@ -84,8 +86,7 @@ def topk_route(
     """
     scores = _as_scores("topk_route", scores)
     weights = _combine_weights("topk_route", scores, weights)
-    if capacity is not None and capacity < 0:
-        raise ValueError(f"topk_route: capacity must be >= 0 or None (dropless), got {capacity}")
+    check_count("topk_route", "capacity", capacity, optional=True)
     outputs = _ops.topk_route(scores, k, batch_priority)
     return _plan(outputs, weights, capacity, renormalize)
 
@@ -106,8 +107,7 @@ def expert_choice_route(
     """
     scores = _as_scores("expert_choice_route", scores)
     weights = _combine_weights("expert_choice_route", scores, weights)
-    if capacity < 0:
-        raise ValueError(f"expert_choice_route: capacity must be >= 0, got {capacity}")
+    check_count("expert_choice_route", "capacity", capacity)
     outputs = _ops.expert_choice_route(scores, capacity)
     return _plan(outputs, weights, capacity, renormalize=False)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device, shape_of
 
 _ops = torch.ops.visionmoe
 
@@ -45,8 +46,7 @@ def sinkhorn(
         (K * (T + E) numbers per group) rather than storing K [T, E] tensors.
     """
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"sinkhorn: logits must have shape [T, E] or [G, T, E], got {shape}")
+        raise ValueError(f"sinkhorn: logits must have shape [T, E] or [G, T, E], got {shape_of(logits)}")
     if logits.dim() == 2:
         return _ops.sinkhorn(logits.unsqueeze(0), num_iterations, validate)[0].squeeze(0)
     return _ops.sinkhorn(logits, num_iterations, validate)[0]
@@ -74,6 +74,8 @@ def _sinkhorn_fake(logits, num_iterations, validate=True):
 
 @torch.library.register_fake("visionmoe::sinkhorn_backward")
 def _sinkhorn_backward_fake(grad_log_plan, logits, row_potentials, column_potentials):
+    check_same_device("sinkhorn_backward", "logits", logits, grad_log_plan=grad_log_plan,
+                      row_potentials=row_potentials, column_potentials=column_potentials)
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

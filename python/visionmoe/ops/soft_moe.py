@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
 
@@ -51,17 +52,15 @@ def _check_fake_inputs(op: str, features: torch.Tensor, features_name: str, logi
     torch._check(logits.dim() == 3, lambda: f"{op}: logits must have shape [G, T, S], got {tuple(logits.shape)}")
     torch._check(logits.dtype == features.dtype,
                  lambda: f"{op}: logits must have the dtype of {features_name} ({features.dtype}), got {logits.dtype}")
-    # A meta tensor beside a real one dispatches here rather than to the real kernel, which would reject it.
-    torch._check(logits.device == features.device,
-                 lambda: f"{op}: logits must be on {features.device} like {features_name}, got {logits.device}")
+    check_same_device(op, features_name, features, logits=logits)
     torch._check(logits.shape[0] == features.shape[0],
                  lambda: f"{op}: logits has {logits.shape[0]} groups but {features_name} has {features.shape[0]}")
 
 
 def _check_fake_grad(op: str, name: str, grad: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
     torch._check(grad.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
-    torch._check(grad.dtype == like.dtype and grad.device == like.device,
-                 lambda: f"{op}: {name} must have the dtype and device of the inputs ({like.dtype}, {like.device})")
+    torch._check(grad.dtype == like.dtype, lambda: f"{op}: {name} must have the dtype of the inputs ({like.dtype})")
+    check_same_device(op, "the inputs", like, **{name: grad})
 
 
 @torch.library.register_fake("visionmoe::soft_dispatch")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
 
@@ -75,6 +76,7 @@ def _teacher_routing_loss_fake(student_logits, teacher, reduction, teacher_forma
     torch._check(teacher.dtype == student_logits.dtype,
                  lambda: f"{op}: teacher must have the dtype of student_logits ({student_logits.dtype}), "
                          f"got {teacher.dtype}")
+    check_same_device(op, "student_logits", student_logits, teacher=teacher)
     _check_options(op, reduction, teacher_format)
     tokens = student_logits.shape[0]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # the kernels' opmath type
@@ -87,7 +89,10 @@ def _teacher_routing_loss_fake(student_logits, teacher, reduction, teacher_forma
 @torch.library.register_fake("visionmoe::teacher_routing_loss_backward")
 def _teacher_routing_loss_backward_fake(grad_loss, student_logits, teacher, student_lse, teacher_lse, reduction,
                                         teacher_format):
-    _check_options("teacher_routing_loss_backward", reduction, teacher_format)
+    op = "teacher_routing_loss_backward"
+    check_same_device(op, "student_logits", student_logits, grad_loss=grad_loss, teacher=teacher,
+                      student_lse=student_lse, teacher_lse=teacher_lse)
+    _check_options(op, reduction, teacher_format)
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
 
@@ -60,9 +61,8 @@ def _check_fake_operand(op: str, name: str, letters: str, t: torch.Tensor, expec
             torch._check(t.shape[dim] == size,
                          lambda: f"{op}: {name} must have shape {letters}, got {tuple(t.shape)} (dimension {dim} "
                                  f"must be {size})")
-    # A meta tensor beside a real one dispatches here rather than to the real kernel, which would reject it.
     torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-    torch._check(t.device == q.device, lambda: f"{op}: {name} must be on {q.device} like q, got {t.device}")
+    check_same_device(op, "q", q, **{name: t})
 
 
 def _check_fake_inputs(op: str, q, k, v_tokens, v_slots) -> tuple:
@@ -109,6 +109,7 @@ def _whatwhere_attention_backward_fake(grad_token_update, grad_slot_update, grad
         torch._check(tuple(stats.shape) == shape,
                      lambda: f"{op}: {name} must have shape {letters} = {list(shape)}, got {list(stats.shape)}")
         torch._check(stats.dtype == opmath, lambda: f"{op}: {name} must have dtype {opmath}, got {stats.dtype}")
+        check_same_device(op, "q", q, **{name: stats})
     return (q.new_empty(q.shape), k.new_empty(k.shape), v_tokens.new_empty(v_tokens.shape),
             v_slots.new_empty(v_slots.shape), logits.new_empty(logits.shape))
 

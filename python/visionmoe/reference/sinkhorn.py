@@ -32,8 +32,13 @@ def sinkhorn(
         raise ValueError(f"sinkhorn: logits must have T >= 1 tokens and E >= 1 experts, got {tuple(logits.shape)}")
     if validate and not torch.isfinite(logits).all():
         raise ValueError("sinkhorn: logits must be finite")
+    if num_iterations == 0:
+        return logits.clone()
     compute_dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    # P is unchanged by a constant per row (u absorbs it); without this shift, logits far from zero (an offset of
+    # 1e8 in float32) would meet a u of the opposite sign in scores + u + v and cancel catastrophically.
     scores = logits.to(compute_dtype)
+    scores = scores - scores.amax(dim=-1, keepdim=True).detach()
     log_column_mass = math.log(num_tokens) - math.log(num_experts)
     u = scores.new_zeros(scores.shape[:-1]).unsqueeze(-1)  # [..., T, 1]
     v = scores.new_zeros(scores.shape[:-2] + (1, num_experts))  # [..., 1, E]
