@@ -261,12 +261,13 @@ class ConvMoE(nn.Module):
         Ho, Wo = self.output_size(H, W)
         plan, self.last_metrics = self.router(x.mean(dim=(2, 3)).unsqueeze(0))  # images are the tokens
         C = plan.capacity
-        rows = ops.dispatch(x.reshape(B, Ci * H * W), plan, "padded").view(E, C, Ci, H, W)
+        # The router's plan is consistent by construction: no validation pass (a synchronisation on CUDA).
+        rows = ops.dispatch(x.reshape(B, Ci * H * W), plan, "padded", validate=False).view(E, C, Ci, H, W)
         valid = torch.arange(C, device=x.device) < plan.expert_load().unsqueeze(1)  # [E, C]
         expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, self.out_channels * Ho * Wo)
                                   for e, body in enumerate(self.experts)])
         self.last_gate_weights = self._dense_weights(plan, B)
-        return ops.combine(expert_out, plan, B).view(B, self.out_channels, Ho, Wo)
+        return ops.combine(expert_out, plan, B, validate=False).view(B, self.out_channels, Ho, Wo)
 
     def _location_moe(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
