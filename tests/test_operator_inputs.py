@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import visionmoe  # noqa: F401  (loads the operators)
+from visionmoe import ops, reference
 
 _ops = torch.ops.visionmoe
 
@@ -226,3 +226,32 @@ def test_bad_input_sweep_never_crashes():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sweep"]:
     run_sweep()
+
+
+@pytest.mark.parametrize("call", [
+    lambda device: ops.sinkhorn(torch.zeros(2, 0, 3, device=device)),
+    lambda device: ops.soft_dispatch(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 0, 3, device=device)),
+    lambda device: ops.soft_combine(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 4, 0, device=device)),
+    lambda device: ops.teacher_routing_loss(torch.zeros(3, 0, device=device), torch.zeros(3, 0, device=device)),
+], ids=["sinkhorn_no_tokens", "soft_dispatch_no_tokens", "soft_combine_no_slots", "teacher_routing_no_experts"])
+def test_fake_kernels_reject_the_empty_sizes_the_kernels_reject(call):
+    # torch.compile traces with the fake kernels: an input the CPU rejects must not trace into a graph.
+    with pytest.raises(RuntimeError) as on_cpu:
+        call("cpu")
+    with pytest.raises(RuntimeError) as on_meta:
+        call("meta")
+    assert str(on_cpu.value).split(":")[0] == str(on_meta.value).split(":")[0]
+
+
+def test_routing_rejects_integer_combine_weights():
+    scores = torch.rand(4, 3)
+    with pytest.raises(ValueError, match="weights must be a floating-point tensor"):
+        ops.topk_route(scores, 1, weights=torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="weights must be a floating-point tensor"):
+        ops.expert_choice_route(scores, 2, weights=torch.ones(4, 3, dtype=torch.long))
+
+
+def test_reference_combine_of_zero_width_rows():
+    plan = ops.make_plan(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]), torch.rand(3), 2, 2, num_tokens=2)
+    expert_out = torch.zeros(2, 2, 0)
+    assert reference.combine(expert_out, plan, 2).shape == ops.combine(expert_out, plan, 2).shape == (2, 0)

@@ -33,6 +33,8 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
                          f"{tuple(weights.shape)}")
     if weights.device != scores.device:
         raise ValueError(f"{name}: weights must be on {scores.device} like scores, got {weights.device}")
+    if not weights.is_floating_point():  # they become the plan's combine weights
+        raise ValueError(f"{name}: weights must be a floating-point tensor, got {weights.dtype}")
     return weights
 
 

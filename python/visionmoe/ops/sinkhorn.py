@@ -64,6 +64,8 @@ def _sinkhorn_fake(logits, num_iterations, validate=True):
     torch._check(logits.dim() == 3, lambda: f"sinkhorn: logits must have shape [G, T, E], got {tuple(logits.shape)}")
     torch._check(num_iterations >= 0, lambda: f"sinkhorn: num_iterations must be >= 0, got {num_iterations}")
     groups, tokens, experts = logits.shape
+    torch._check(tokens >= 1 and experts >= 1, lambda: "sinkhorn: logits must have T >= 1 tokens and E >= 1 "
+                                                       f"experts per group, got shape {list(logits.shape)}")
     dtype = _potential_dtype(logits.dtype)
     return (
         torch.empty_like(logits, memory_format=torch.contiguous_format),

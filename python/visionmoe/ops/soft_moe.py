@@ -68,6 +68,9 @@ def _soft_dispatch_fake(x, logits):
     _check_fake_inputs("soft_dispatch", x, "x", logits)
     torch._check(logits.shape[1] == x.shape[1],
                  lambda: f"soft_dispatch: logits has {logits.shape[1]} tokens but x has {x.shape[1]}")
+    torch._check(x.shape[1] > 0 or x.shape[0] == 0 or logits.shape[2] == 0,
+                 lambda: "soft_dispatch: x has no tokens (T = 0), so the softmax over tokens that gives each slot "
+                         "its dispatch weights is undefined")
     return x.new_empty((x.shape[0], logits.shape[2], x.shape[2]))
 
 
@@ -83,6 +86,9 @@ def _soft_combine_fake(y, logits):
     _check_fake_inputs("soft_combine", y, "y", logits)
     torch._check(logits.shape[2] == y.shape[1],
                  lambda: f"soft_combine: logits has {logits.shape[2]} slots but y has {y.shape[1]}")
+    torch._check(y.shape[1] > 0 or y.shape[0] == 0 or logits.shape[1] == 0,
+                 lambda: "soft_combine: y has no slots (S = 0), so the softmax over slots that gives each token its "
+                         "combine weights is undefined")
     return y.new_empty((y.shape[0], logits.shape[1], y.shape[2]))
 
 

@@ -78,6 +78,8 @@ def _teacher_routing_loss_fake(student_logits, teacher, reduction, teacher_forma
                          f"got {teacher.dtype}")
     check_same_device(op, "student_logits", student_logits, teacher=teacher)
     _check_options(op, reduction, teacher_format)
+    torch._check(student_logits.shape[1] >= 1, lambda: f"{op}: student_logits must have E >= 1 experts, got shape "
+                                                        f"{list(student_logits.shape)}")
     tokens = student_logits.shape[0]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # the kernels' opmath type
     loss = student_logits.new_empty((tokens,) if reduction == "none" else (), dtype=dtype)

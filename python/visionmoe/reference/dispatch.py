@@ -91,7 +91,7 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int) -> tor
     """Reference of :func:`visionmoe.ops.combine`, with ``index_select`` and ``index_add_``."""
     layout = "padded" if expert_out.dim() == 3 else "packed"
     rows, kept, _ = _rows_of_assignments(plan, layout)
-    flat = expert_out.reshape(-1, expert_out.shape[-1])
+    flat = expert_out.flatten(0, -2)  # not reshape(-1, D), which is ambiguous for D = 0
     flat = torch.cat([flat, flat.new_zeros((1, flat.shape[1]))])
     weight = torch.where(kept, plan.weight.to(expert_out.dtype), 0)
     contributions = flat.index_select(0, rows) * weight[:, None]
