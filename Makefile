@@ -41,7 +41,7 @@ test: install
 
 # The long fuzz run: thousands of seeded cases over every operator family, in worker processes so that a crash is
 # a reported outcome; the summary (cases, outcomes, every failure with its replayable input) goes to the JSON file.
-FUZZ_CASES ?= 8000
+FUZZ_CASES ?= 100000
 FUZZ_SEED ?= 1
 fuzz: install
 	$(PY) tests/fuzz/fuzz_runner.py --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --output benchmarks/results/fuzz_cpu.json

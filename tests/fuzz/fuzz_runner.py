@@ -1,7 +1,7 @@
 """Runs fuzz cases (``fuzz_cases.py``) in worker processes, so that a crash or a hang is a reported outcome with
 its input instead of the end of the run.
 
-    python tests/fuzz/fuzz_runner.py --cases 8000 --output benchmarks/results/fuzz_cpu.json   # ``make fuzz``
+    python tests/fuzz/fuzz_runner.py --cases 100000 --output benchmarks/results/fuzz_cpu.json   # ``make fuzz``
     python tests/fuzz/fuzz_runner.py --replay '{"family": "sinkhorn", ...}'                    # one case, in process
 
 A worker announces each case before running it and reports its outcome after; when a worker dies or stays

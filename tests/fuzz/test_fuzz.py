@@ -2,7 +2,7 @@
 (``fuzz_runner.py``), each judged "clear error or agreement with the reference"; a crash, a hang, a wrong result,
 an accepted bad input or an unclear error fails the family's test and prints the case to replay.
 
-``VISIONMOE_FUZZ_CASES`` (cases per family, default 100) and ``VISIONMOE_FUZZ_SEED`` (default 0) change the run;
+``VISIONMOE_FUZZ_CASES`` (cases per family, default 500) and ``VISIONMOE_FUZZ_SEED`` (default 0) change the run;
 ``make fuzz`` runs thousands of cases and writes their summary.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from fuzz_cases import FAMILIES
 from fuzz_runner import FINISHED, STARTED, run_keys, summarise
 
-CASES_PER_FAMILY = int(os.environ.get("VISIONMOE_FUZZ_CASES", "100"))
+CASES_PER_FAMILY = int(os.environ.get("VISIONMOE_FUZZ_CASES", "500"))
 SEED = int(os.environ.get("VISIONMOE_FUZZ_SEED", "0"))
 
 
