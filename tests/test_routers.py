@@ -80,18 +80,21 @@ def test_capacity_formula_and_rounding():
     assert router.capacity(100) == math.ceil(2 * 100 * 1.25 / 4 / 4) * 4
 
 
-def test_capacity_beyond_int64_is_rejected_naming_the_factor():
-    router = make("topk", capacity_factor=1e30)  # finite, so the constructor accepts it
-    with pytest.raises(ValueError, match="capacity_factor=1e[+]?30 gives C"):
-        router(torch.randn(1, 8, 16))
+@pytest.mark.parametrize("name", ["topk", "expert_choice", "sparse_expert_choice", "sparse_topk"])
+def test_capacity_factor_beyond_the_number_of_experts_is_rejected(name):
+    # At E every expert has room for every token of its group; 1e30 (from a config) once failed mid-training.
+    with pytest.raises(ValueError, match="capacity_factor must be > 0 and <= 4"):
+        create_router(name, 16, 4, capacity_factor=1e30)
+    assert create_router(name, 16, 4, capacity_factor=4.0).capacity_factor == 4.0
 
 
 def test_capacity_larger_than_tokens():
-    router = make("expert_choice", capacity_factor=8.0).eval()  # C = ceil(5 * 8 / 4) = 10 > T = 5
+    # C = ceil(5 * 4 / 4) = 5 rounded up to 8 > T = 5
+    router = make("expert_choice", capacity_factor=4.0, capacity_multiple=4).eval()
     plan, _ = router(torch.randn(1, 5, 16))
-    assert plan.capacity == 10 and plan.num_assignments == 4 * 5  # each expert takes all 5 tokens
+    assert plan.capacity == 8 and plan.num_assignments == 4 * 5  # each expert takes all 5 tokens
     hidden = ops.dispatch(torch.randn(5, 16), plan, "padded")
-    assert hidden.shape == (4, 10, 16) and not hidden[:, 5:].any()
+    assert hidden.shape == (4, 8, 16) and not hidden[:, 5:].any()
 
 
 def test_noise_only_in_training_and_load_loss():

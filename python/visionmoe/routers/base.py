@@ -93,21 +93,19 @@ def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_
                          multiple: int = 1) -> int:
     """C = ceil(assignments_per_group * capacity_factor / E), rounded up to a multiple of ``multiple``.
 
-    Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4. A factor
-    so large that C does not fit the operators' int64 is rejected here, naming it, rather than deep in an operator.
+    Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4.
     """
     capacity = math.ceil(assignments_per_group * capacity_factor / num_experts)
-    capacity = -(-capacity // multiple) * multiple
-    if capacity > torch.iinfo(torch.int64).max:
-        raise ValueError(f"capacity_factor={capacity_factor} gives C = {capacity} slots per expert for "
-                         f"{assignments_per_group} assignments per group, more than an int64 holds")
-    return capacity
+    return -(-capacity // multiple) * multiple
 
 
-def check_capacity_options(capacity_factor, capacity_multiple: int,
-                           allow_dropless: bool) -> Tuple[Optional[float], int]:
-    """The checked ``(capacity_factor, capacity_multiple)``; None for the factor means dropless routing."""
-    capacity_factor = check_real("capacity_factor", capacity_factor, greater_than=0,
+def check_capacity_options(capacity_factor, capacity_multiple: int, allow_dropless: bool,
+                           num_experts: int) -> Tuple[Optional[float], int]:
+    """The checked ``(capacity_factor, capacity_multiple)``; None for the factor means dropless routing.
+
+    The factor is at most E: at E every expert has room for every token of its group (C >= T), so a larger one
+    only adds empty slots, and a huge one (1e30 from a config) would ask for a buffer no machine holds."""
+    capacity_factor = check_real("capacity_factor", capacity_factor, greater_than=0, at_most=num_experts,
                                  none_means="dropless routing" if allow_dropless else None)
     return capacity_factor, check_int("capacity_multiple", capacity_multiple, 1)
 
