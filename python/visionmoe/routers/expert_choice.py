@@ -26,7 +26,8 @@ class ExpertChoiceRouter(Router):
     """Softmax expert choice: p = softmax over experts of x W; each expert takes the C tokens of its group with
     the highest p[:, e] (ties to the lower token), combine weight p[t, e].
 
-    C = ceil(T * capacity_factor / E), rounded up to ``capacity_multiple``; an expert never takes more than T.
+    C = ceil(T * capacity_factor / E), rounded up to ``capacity_multiple``, with capacity_factor in (0, E]; an expert
+    never takes more than T.
     A token may be chosen by several experts or by none (``metrics.unrouted_fraction``). Nothing is dropped,
     so there is no dropless mode. Auxiliary losses: ``z_loss`` and ``importance`` (the assignment itself is
     balanced by construction).

@@ -239,7 +239,7 @@ class SparseExpertChoiceRouter(_SparsityConstrainedRouter):
 
     Args:
         dim: D. num_experts: E.
-        capacity_factor: > 0 (no dropless mode: nothing is dropped).
+        capacity_factor: in (0, E] (no dropless mode: nothing is dropped).
         capacity_multiple: round C up to a multiple of this.
         gamma: squared 2-norm regularisation strength (default 0.1, see ``DEFAULT_GAMMA``).
         iterations: Adam steps on the semi-dual (default 100, see ``DEFAULT_ITERATIONS``).

@@ -35,7 +35,7 @@ class TokenChoiceRouter(Router):
 
     Args:
         dim: D. num_experts: E. k: K (1 <= K <= E).
-        capacity_factor: see above; must be > 0, or None for dropless routing.
+        capacity_factor: see above; must be in (0, E] (at E nothing is dropped), or None for dropless routing.
         capacity_multiple: round C up to a multiple of this.
         batch_priority: fill experts by each token's best probability, highest first (BPR).
         noise_std: training-time logit noise, std noise_std / E (V-MoE's default 1.0); 0 disables it.
