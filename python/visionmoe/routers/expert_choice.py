@@ -38,8 +38,8 @@ class ExpertChoiceRouter(Router):
     def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
                  noise_std: float = 0.0, check_finite: bool = True):
         super().__init__(dim, num_experts)
-        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
-                                                                              allow_dropless=False, num_experts=num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(
+            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=num_experts)
         self.noise_std = check_real("noise_std", noise_std, at_least=0)
         self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)

@@ -257,8 +257,8 @@ class SparseExpertChoiceRouter(_SparsityConstrainedRouter):
                  gamma: float = DEFAULT_GAMMA, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LEARNING_RATE,
                  combine: str = "plan", check_finite: bool = True):
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
-        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
-                                                                              allow_dropless=False, num_experts=self.num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(
+            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=self.num_experts)
 
     def capacity(self, tokens_per_group: int) -> int:
         return capacity_from_factor(tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple)
@@ -293,8 +293,8 @@ class SparseTokenChoiceRouter(_SparsityConstrainedRouter):
                  check_finite: bool = True):
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
         self.k = check_int("k", k, 1, self.num_experts)
-        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
-                                                                              allow_dropless=True, num_experts=self.num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(
+            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=self.num_experts)
         self.batch_priority = check_flag("batch_priority", batch_priority)
 
     def capacity(self, tokens_per_group: int) -> Optional[int]:

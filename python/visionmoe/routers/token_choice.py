@@ -52,8 +52,8 @@ class TokenChoiceRouter(Router):
                  renormalize: bool = False, check_finite: bool = True):
         super().__init__(dim, num_experts)
         self.k = check_int("k", k, 1, self.num_experts)
-        self.capacity_factor, self.capacity_multiple = check_capacity_options(capacity_factor, capacity_multiple,
-                                                                              allow_dropless=True, num_experts=num_experts)
+        self.capacity_factor, self.capacity_multiple = check_capacity_options(
+            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=num_experts)
         self.batch_priority = check_flag("batch_priority", batch_priority)
         self.noise_std = check_real("noise_std", noise_std, at_least=0)
         self.renormalize = check_flag("renormalize", renormalize)
