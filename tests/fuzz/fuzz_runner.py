@@ -33,11 +33,19 @@ def case_keys(families: Sequence[str], seed: int, num_cases: int) -> List[tuple]
 
 
 def _start_worker(keys: Sequence[tuple], command: Sequence[str]) -> subprocess.Popen:
-    """A worker process running ``keys`` (sent on its standard input: a long run's keys exceed argv limits)."""
-    process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-    process.stdin.write(json.dumps(list(keys)))
-    process.stdin.close()
+    """A worker process running ``keys``, sent on its standard input (a long run's keys exceed argv limits) from a
+    thread, so that a worker writing to its other pipes before it reads them cannot block the runner."""
+    process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    def send_keys():
+        try:
+            process.stdin.write(json.dumps(list(keys)))
+            process.stdin.close()
+        except BrokenPipeError:  # the worker died first; the runner reports it
+            pass
+
+    threading.Thread(target=send_keys, daemon=True).start()
     return process
 
 
