@@ -1,0 +1,141 @@
+"""The operator-test contract of DESIGN.md, written once (as torchvision's ``RoIOpTester``).
+
+A family's test file subclasses ``OpTester`` with a ``Test`` name and gets, on the CPU and (through the ``device``
+fixture) on CUDA: agreement of values and gradients with the pure-PyTorch reference in every dtype it lists,
+gradcheck in float64, ``torch.library.opcheck`` on the raw operators, ``torch.compile(fullgraph=True,
+dynamic=True)`` with the aot_eager backend, and determinism. The family file keeps only its hand-computed cases
+and the tests particular to it.
+
+Cases are class attributes, not fixtures, so that every case stays its own test (and its own line in a failure
+report) while the inputs, which need the device, are built inside the test.
+"""
+
+import torch
+
+
+class OpTester:
+    # Each of these lists parametrizes the test argument of the same name without the "s" (see
+    # pytest_generate_tests); a family sets the ones its inputs need.
+    dtypes = (torch.float32,)
+    cases = (None,)
+    gradcheck_cases = (None,)
+    opcheck_cases = (None,)
+
+    # dtype -> keyword arguments of torch.testing.assert_close for values and gradients.
+    tolerances = {}
+
+    op = None  # the public function under test, called as op(*sample_inputs(...))
+    reference = None  # its pure-PyTorch reference, with the same signature
+
+    def pytest_generate_tests(self, metafunc):
+        for name in ("dtype", "case", "gradcheck_case", "opcheck_case"):
+            if name in metafunc.fixturenames:
+                values = getattr(metafunc.cls, name + "s")
+                metafunc.parametrize(name, values, ids=[str(value) for value in values])
+
+    # ---- what a family provides ----
+
+    def sample_inputs(self, device, dtype, case):
+        """The arguments of ``op`` for one agreement case; floating tensors that require grad get gradients
+        compared too."""
+        raise NotImplementedError
+
+    def gradcheck_inputs(self, device, case):
+        """Float64 arguments of ``op`` on tiny shapes; gradcheck differentiates those that require grad."""
+        raise NotImplementedError
+
+    def opcheck_sample(self, device, case):
+        """``(overload, args)``: one raw operator and its arguments, for torch.library.opcheck."""
+        raise NotImplementedError
+
+    def compile_fn(self, *args):
+        """The function compiled with fullgraph=True; a family may wrap ``op`` in the code around it."""
+        return self.op(*args)
+
+    def compile_inputs(self, device):
+        """Argument tuples of ``compile_fn`` of different sizes: the second must reuse the dynamic graph."""
+        raise NotImplementedError
+
+    def determinism_inputs(self, device):
+        """Arguments of ``op`` large enough for a parallel kernel to reorder its sums if it could."""
+        raise NotImplementedError
+
+    def outputs(self, result):
+        """The tensors of a result to compare; a family whose op returns an object says which of its fields."""
+        return [result] if isinstance(result, torch.Tensor) else [t for t in result if isinstance(t, torch.Tensor)]
+
+    # ---- the contract ----
+
+    def test_matches_reference(self, device, dtype, case):
+        args = self.sample_inputs(device, dtype, case)
+        actual, actual_grads = self._run(self.op, args, seed=1)
+        expected, expected_grads = self._run(self.reference, args, seed=1)
+        tolerance = self.tolerances[dtype]
+        assert len(actual) == len(expected)
+        for got, want in zip(actual, expected):
+            torch.testing.assert_close(got, want, **tolerance)
+        for got, want in zip(actual_grads, expected_grads):
+            torch.testing.assert_close(got, want, **tolerance)
+
+    def test_gradcheck(self, device, gradcheck_case):
+        args = self.gradcheck_inputs(device, gradcheck_case)
+        positions = [i for i, arg in enumerate(args) if _differentiable(arg)]
+
+        def op_of_differentiable(*tensors):
+            full = list(args)
+            for i, tensor in zip(positions, tensors):
+                full[i] = tensor
+            return self.op(*full)
+
+        assert torch.autograd.gradcheck(op_of_differentiable, tuple(args[i] for i in positions))
+
+    def test_opcheck(self, device, opcheck_case):
+        overload, args = self.opcheck_sample(device, opcheck_case)
+        torch.library.opcheck(overload, args)
+
+    def test_compile_fullgraph_dynamic(self, device):
+        torch._dynamo.reset()
+        compiled = torch.compile(self.compile_fn, backend="aot_eager", fullgraph=True, dynamic=True)
+        for args in self.compile_inputs(device):
+            got, got_grads = self._run(compiled, args, seed=2, loss="square")
+            want, want_grads = self._run(self.compile_fn, args, seed=2, loss="square")
+            for a, b in zip(got + got_grads, want + want_grads):
+                torch.testing.assert_close(a, b)
+
+    def test_deterministic(self, device):
+        # CUDA kernels promise determinism only under this flag (DESIGN.md); the CPU ones always.
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(device.type == "cuda")
+        try:
+            args = self.determinism_inputs(device)
+            first, second = (self._run(self.op, args, seed=3) for _ in range(2))
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        for a, b in zip(first[0] + first[1], second[0] + second[1]):
+            assert torch.equal(a, b)
+
+    # ---- helpers ----
+
+    def _run(self, fn, args, seed, loss="cotangent"):
+        """fn's output tensors and the gradients of its differentiable arguments, on fresh leaves so that two
+        runs never share a .grad. The backward pass takes random cotangents drawn from ``seed`` (the same for
+        two functions whose outputs have the same shapes), or, with loss="square", the sum of squares."""
+        leaves = [arg.detach().clone().requires_grad_() if _differentiable(arg) else arg for arg in args]
+        outputs = self.outputs(fn(*leaves))
+        inputs = [leaf for leaf, arg in zip(leaves, args) if _differentiable(arg)]
+        differentiable = [out for out in outputs if out.requires_grad]
+        if not inputs or not differentiable:
+            return [out.detach() for out in outputs], []
+        if loss == "square":
+            total = sum(out.float().square().sum() for out in differentiable)
+            grads = torch.autograd.grad(total, inputs)
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out)
+                          for out in differentiable]
+            grads = torch.autograd.grad(differentiable, inputs, cotangents)
+        return [out.detach() for out in outputs], list(grads)
+
+
+def _differentiable(arg):
+    return isinstance(arg, torch.Tensor) and arg.requires_grad
