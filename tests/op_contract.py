@@ -85,7 +85,8 @@ class OpTester:
             full = list(args)
             for i, tensor in zip(positions, tensors):
                 full[i] = tensor
-            return self.op(*full)
+            # Only the differentiable outputs: gradcheck misaligns its Jacobians when integer ones come first.
+            return tuple(out for out in self.outputs(self.op(*full)) if out.requires_grad)
 
         assert torch.autograd.gradcheck(op_of_differentiable, tuple(args[i] for i in positions))
 
