@@ -1,7 +1,7 @@
 """The operator-test contract of DESIGN.md, written once (as torchvision's ``RoIOpTester``).
 
 A family's test file subclasses ``OpTester`` with a ``Test`` name and gets, on the CPU and (through the ``device``
-fixture) on CUDA: agreement of values and gradients with the pure-PyTorch reference in every dtype it lists,
+fixture) on CUDA: agreement of values and of gradients with the pure-PyTorch reference in every dtype it lists,
 gradcheck in float64, ``torch.library.opcheck`` on the raw operators, ``torch.compile(fullgraph=True,
 dynamic=True)`` with the aot_eager backend, and determinism. The family file keeps only its hand-computed cases
 and the tests particular to it.
@@ -24,6 +24,8 @@ class OpTester:
     # dtype -> keyword arguments of torch.testing.assert_close for values and gradients, against the reference
     # run in the same dtype.
     tolerances = {}
+    # dtype -> the tolerances above for gradients, where a family's differ from those for values.
+    grad_tolerances = {}
     # dtype -> the same, for the op in that dtype against the reference in float64: a family that lists a dtype
     # here says how close its reduced-precision kernels come to the truth, not only to a reference that rounds
     # alike. A value may also be a function of the float64 result, for errors that scale with its magnitude.
@@ -73,26 +75,10 @@ class OpTester:
     # ---- the contract ----
 
     def test_matches_reference(self, device, dtype, case):
-        assert dtype in self.tolerances or dtype in self.accuracy, dtype
-        args = self.sample_inputs(device, dtype, case)
-        actual, actual_grads = self._run(self.op, args, seed=1)
-        if dtype in self.tolerances:
-            expected, expected_grads = self._run(self.reference, args, seed=1)
-            assert len(actual) == len(expected) and len(actual_grads) == len(expected_grads)
-            for got, want in zip(actual + actual_grads, expected + expected_grads):
-                torch.testing.assert_close(got, want, **self.tolerances[dtype])
-        if dtype in self.accuracy:
-            exact = [arg.detach().double().requires_grad_(arg.requires_grad) if _floating(arg) else arg
-                     for arg in args]
-            truth, truth_grads = self._run(self.reference, exact, seed=1, cotangent_dtype=dtype)
-            assert len(actual) == len(truth) and len(actual_grads) == len(truth_grads)
-            for got, want in zip(actual + actual_grads, truth + truth_grads):
-                tolerance = self.accuracy[dtype]
-                tolerance = tolerance(want) if callable(tolerance) else tolerance
-                if got.is_floating_point():
-                    assert got.dtype == dtype  # the op computes in the sample's dtype, not in a wider one
-                    got = got.double()
-                torch.testing.assert_close(got, want, **tolerance)
+        self._check_agreement(device, dtype, case, gradients=False)
+
+    def test_gradients_match_reference(self, device, dtype, case):
+        self._check_agreement(device, dtype, case, gradients=True)
 
     def test_gradcheck(self, device, gradcheck_case):
         args = self.gradcheck_inputs(device, gradcheck_case)
@@ -136,7 +122,33 @@ class OpTester:
 
     # ---- helpers ----
 
-    def _run(self, fn, args, seed, loss="cotangent", cotangent_dtype=None):
+    def _check_agreement(self, device, dtype, case, gradients):
+        """The op's outputs, or the gradients of its differentiable arguments, against the reference's."""
+        assert dtype in self.tolerances or dtype in self.accuracy, dtype
+        part = 1 if gradients else 0
+        args = self.sample_inputs(device, dtype, case)
+        actual = self._run(self.op, args, seed=1, backward=gradients)[part]
+        assert actual, "nothing to compare"
+        if dtype in self.tolerances:
+            tolerance = self.grad_tolerances.get(dtype, self.tolerances[dtype]) if gradients else self.tolerances[dtype]
+            expected = self._run(self.reference, args, seed=1, backward=gradients)[part]
+            assert len(actual) == len(expected)
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, **tolerance)
+        if dtype in self.accuracy:
+            exact = [arg.detach().double().requires_grad_(arg.requires_grad) if _floating(arg) else arg
+                     for arg in args]
+            truth = self._run(self.reference, exact, seed=1, backward=gradients, cotangent_dtype=dtype)[part]
+            assert len(actual) == len(truth)
+            for got, want in zip(actual, truth):
+                tolerance = self.accuracy[dtype]
+                tolerance = tolerance(want) if callable(tolerance) else tolerance
+                if got.is_floating_point():
+                    assert got.dtype == dtype  # the op computes in the sample's dtype, not in a wider one
+                    got = got.double()
+                torch.testing.assert_close(got, want, **tolerance)
+
+    def _run(self, fn, args, seed, backward=True, loss="cotangent", cotangent_dtype=None):
         """fn's output tensors and the gradients of its differentiable arguments, on fresh leaves so that two
         runs never share a .grad. The backward pass takes random cotangents drawn from ``seed`` (the same for
         two functions whose outputs have the same shapes; rounded to ``cotangent_dtype`` first, so that a
@@ -145,7 +157,7 @@ class OpTester:
         outputs = self.outputs(fn(*leaves))
         inputs = [leaf for leaf, arg in zip(leaves, args) if _differentiable(arg)]
         differentiable = [out for out in outputs if out.requires_grad]
-        if not inputs or not differentiable:
+        if not backward or not inputs or not differentiable:
             return [out.detach() for out in outputs], []
         if loss == "square":
             total = sum(out.float().square().sum() for out in differentiable)

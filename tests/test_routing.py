@@ -83,7 +83,7 @@ class TestTopkRoute(RoutingPlanTester):
 
     def sample_inputs(self, device, dtype, case):
         G, T, E, K, capacity, batch_priority, renormalize = case
-        return random_probs(G, T, E, device, dtype), K, capacity, batch_priority, renormalize
+        return random_probs(G, T, E, device, dtype).requires_grad_(), K, capacity, batch_priority, renormalize
 
     def gradcheck_inputs(self, device, case):
         # The weights are differentiable; the scores only choose who goes where.
@@ -108,7 +108,7 @@ class TestExpertChoiceRoute(RoutingPlanTester):
 
     def sample_inputs(self, device, dtype, case):
         G, T, E, capacity = case
-        return random_probs(G, T, E, device, dtype), capacity
+        return random_probs(G, T, E, device, dtype).requires_grad_(), capacity
 
     def gradcheck_inputs(self, device, case):
         logits = torch.randn(2, 7, 4, device=device, dtype=torch.float64)
