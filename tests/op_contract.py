@@ -49,12 +49,19 @@ class OpTester:
         raise NotImplementedError
 
     def gradcheck_inputs(self, device, case):
-        """Float64 arguments of ``op`` on tiny shapes; gradcheck differentiates those that require grad."""
+        """Float64 arguments of ``op`` on tiny shapes; gradcheck differentiates those that require grad. By
+        default sample_inputs' in float64, ``gradcheck_cases`` being agreement cases."""
+        return self.sample_inputs(device, torch.float64, case)
+
+    def op_samples(self, device, *options):
+        """``{raw operator name: its arguments}``, for the default opcheck_sample."""
         raise NotImplementedError
 
     def opcheck_sample(self, device, case):
-        """``(overload, args)``: one raw operator and its arguments, for torch.library.opcheck."""
-        raise NotImplementedError
+        """``(overload, args)``: one raw operator and its arguments, for torch.library.opcheck. By default
+        ``case`` is ``(name, *options)`` and the arguments those op_samples gives for ``name``."""
+        name, *options = case
+        return getattr(torch.ops.visionmoe, name).default, self.op_samples(device, *options)[name]
 
     def compile_fn(self, *args):
         """The function compiled with fullgraph=True; a family may wrap ``op`` in the code around it."""
