@@ -26,10 +26,10 @@ class OpTester:
     tolerances = {}
     # dtype -> the tolerances above for gradients, where a family's differ from those for values.
     grad_tolerances = {}
-    # dtype -> the same, for the op in that dtype against the reference in float64: a family that lists a dtype
-    # here says how close its reduced-precision kernels come to the truth, not only to a reference that rounds
-    # alike. A value may also be a function of the float64 result, for errors that scale with its magnitude.
-    # Every dtype in ``dtypes`` is in one of the two tables or both.
+    # dtype -> keyword arguments of assert_close for the op in that dtype against the reference in float64: a
+    # family that lists a dtype here says how close its reduced-precision kernels come to the truth, not only to
+    # a reference that rounds alike. A value may also be a function of the float64 result, for errors that scale
+    # with its magnitude. Every dtype in ``dtypes`` is in ``tolerances``, here, or both.
     accuracy = {}
 
     op = None  # the public function under test, called as op(*sample_inputs(...))
@@ -108,8 +108,8 @@ class OpTester:
         torch._dynamo.reset()
         compiled = torch.compile(self.compile_fn, backend="aot_eager", fullgraph=True, dynamic=True)
         for args in self.compile_inputs(device):
-            got, got_grads = self._run(compiled, args, seed=2, loss="square")
-            want, want_grads = self._run(self.compile_fn, args, seed=2, loss="square")
+            got, got_grads = self._run(compiled, args, loss="square")
+            want, want_grads = self._run(self.compile_fn, args, loss="square")
             for a, b in zip(got + got_grads, want + want_grads):
                 torch.testing.assert_close(a, b)
 
@@ -121,7 +121,7 @@ class OpTester:
         torch.use_deterministic_algorithms(device.type == "cuda", warn_only=True)
         try:
             args = self.determinism_inputs(device)
-            first, second = (self._run(self.op, args, seed=3) for _ in range(2))
+            first, second = (self._run(self.op, args) for _ in range(2))
         finally:
             torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
         for a, b in zip(first[0] + first[1], second[0] + second[1]):
@@ -134,18 +134,18 @@ class OpTester:
         assert dtype in self.tolerances or dtype in self.accuracy, dtype
         part = 1 if gradients else 0
         args = self.sample_inputs(device, dtype, case)
-        actual = self._run(self.op, args, seed=1, backward=gradients)[part]
+        actual = self._run(self.op, args, backward=gradients)[part]
         assert actual, "nothing to compare"
         if dtype in self.tolerances:
             tolerance = self.grad_tolerances.get(dtype, self.tolerances[dtype]) if gradients else self.tolerances[dtype]
-            expected = self._run(self.reference, args, seed=1, backward=gradients)[part]
+            expected = self._run(self.reference, args, backward=gradients)[part]
             assert len(actual) == len(expected)
             for got, want in zip(actual, expected):
                 torch.testing.assert_close(got, want, **tolerance)
         if dtype in self.accuracy:
             exact = [arg.detach().double().requires_grad_(arg.requires_grad) if _floating(arg) else arg
                      for arg in args]
-            truth = self._run(self.reference, exact, seed=1, backward=gradients, cotangent_dtype=dtype)[part]
+            truth = self._run(self.reference, exact, backward=gradients, cotangent_dtype=dtype)[part]
             assert len(actual) == len(truth)
             for got, want in zip(actual, truth):
                 tolerance = self.accuracy[dtype]
@@ -155,11 +155,11 @@ class OpTester:
                     got = got.double()
                 torch.testing.assert_close(got, want, **tolerance)
 
-    def _run(self, fn, args, seed, backward=True, loss="cotangent", cotangent_dtype=None):
+    def _run(self, fn, args, backward=True, loss="cotangent", cotangent_dtype=None):
         """fn's output tensors and the gradients of its differentiable arguments, on fresh leaves so that two
-        runs never share a .grad. The backward pass takes random cotangents drawn from ``seed`` (the same for
-        two functions whose outputs have the same shapes; rounded to ``cotangent_dtype`` first, so that a
-        float64 run sees the values a reduced-precision run saw), or, with loss="square", the sum of squares."""
+        runs never share a .grad. The backward pass takes random cotangents from a fixed seed (the same for two
+        functions whose outputs have the same shapes; rounded to ``cotangent_dtype`` first, so that a float64
+        run sees the values a reduced-precision run saw), or, with loss="square", the sum of squares."""
         leaves = [arg.detach().clone().requires_grad_() if _differentiable(arg) else arg for arg in args]
         outputs = self.outputs(fn(*leaves))
         inputs = [leaf for leaf, arg in zip(leaves, args) if _differentiable(arg)]
@@ -170,7 +170,7 @@ class OpTester:
             total = sum(out.float().square().sum() for out in differentiable)
             grads = torch.autograd.grad(total, inputs)
         else:
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(1)
             cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64)
                           .to(cotangent_dtype or out.dtype).to(out) for out in differentiable]
             grads = torch.autograd.grad(differentiable, inputs, cotangents)
