@@ -7,6 +7,8 @@ import visionmoe
 from visionmoe import ops
 from visionmoe import reference as ref
 
+from op_contract import OpTester
+
 TOLERANCES = {
     torch.float64: dict(atol=1e-12, rtol=1e-12),
     torch.float32: dict(atol=1e-5, rtol=1e-5),
@@ -33,52 +35,127 @@ def plans(token_index, expert_index, weight, num_experts, capacity, num_tokens):
     )
 
 
-CASES = [
-    # (T, D, E, K, capacity, layout)
-    (37, 24, 4, 2, 12, "padded"),  # some assignments dropped
-    (37, 24, 4, 2, 40, "padded"),  # capacity larger than any expert's load: nothing dropped, empty slots
-    (37, 24, 4, 2, 0, "padded"),  # everything dropped
-    (37, 24, 4, 2, 12, "packed"),
-    (37, 24, 4, 2, None, "packed"),  # dropless
-    (64, 33, 8, 1, 9, "padded"),  # odd width: no vectorised fast path on CUDA
-    (5, 8, 3, 3, None, "packed"),  # K = E
-]
+PLAN_FIELDS = ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows")
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("T,D,E,K,capacity,layout", CASES)
-def test_matches_reference(device, dtype, T, D, E, K, capacity, layout):
-    token_index, expert_index, weight = top_k_assignments(T, E, K, device, dtype)
-    plan, plan_ref = plans(token_index, expert_index, weight, E, capacity, T)
-    for field in ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows"):
-        assert torch.equal(getattr(plan, field), getattr(plan_ref, field)), field
-    x = torch.randn(T, D, device=device, dtype=dtype)
-    out, out_ref = ops.dispatch(x, plan, layout), ref.dispatch(x, plan_ref, layout)
-    assert torch.equal(out, out_ref)  # a gather is exact
-    expert_out = torch.randn_like(out)
-    torch.testing.assert_close(ops.combine(expert_out, plan, T), ref.combine(expert_out, plan_ref, T),
-                               **TOLERANCES[dtype])
+def route_and_mix_of(module):
+    """``module``'s make_plan, dispatch and combine around an expert function, as the contract calls an op: its
+    plan, the dispatched rows and the combined output. ``expert_bias`` makes combine's own input differentiable
+    and gives the empty slots' rows values that combine must ignore."""
+    def route_and_mix(x, weight, expert_bias, token_index, expert_index, num_experts, capacity, layout):
+        T = x.shape[0]
+        plan = module.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=T)
+        hidden = module.dispatch(x, plan, layout)
+        return plan, hidden, module.combine((hidden * 2 + 1).tanh() + expert_bias, plan, T)
+    return route_and_mix
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("T,D,E,K,capacity,layout", CASES)
-def test_gradients_match_reference(device, dtype, T, D, E, K, capacity, layout):
-    token_index, expert_index, weight = top_k_assignments(T, E, K, device, dtype)
-    x = torch.randn(T, D, device=device, dtype=dtype)
-    grad_y = torch.randn(T, D, device=device, dtype=dtype)
-    results = []
-    for module in (ops, ref):
-        x_leaf = x.clone().requires_grad_()
-        w_leaf = weight.clone().requires_grad_()
-        plan = module.make_plan(token_index, expert_index, w_leaf, E, capacity, num_tokens=T)
-        hidden = module.dispatch(x_leaf, plan, layout)
-        expert_out = (hidden * 2 + 1).tanh()  # any expert function; its rows for empty slots are not zero
-        module.combine(expert_out, plan, T).backward(grad_y)
-        results.append((x_leaf.grad, w_leaf.grad))
+def route_and_mix(x, token_index, expert_index, weight, num_experts, capacity):
+    plan = ops.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=x.shape[0],
+                         validate=False)
+    layout = "packed" if capacity is None else "padded"
+    hidden = ops.dispatch(x, plan, layout)
+    return ops.combine(torch.relu(hidden) * 2, plan, x.shape[0])
+
+
+def op_samples(device, capacity, padded):
+    T, D, E = 7, 4, 3
+    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
+    plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
+    x = torch.randn(T, D, device=device, requires_grad=True)
+    plan_tensors = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
+    token_view = (plan.token_offsets, plan.token_rows)
+    rows = ops.dispatch(x.detach(), plan, "padded" if padded else "packed").requires_grad_()
+    w = plan.weight.detach().requires_grad_()
+    grad_y = torch.randn(T, D, device=device)
+    return {
+        "make_plan": (token_index, expert_index, E, T, True),
+        "token_major": (plan.sorted_token, T),
+        "dispatch": (x, *plan_tensors, *token_view, capacity, padded, True),
+        "dispatch_backward": (rows.detach(), *plan_tensors, *token_view, capacity),
+        "combine": (rows, w, *plan_tensors, *token_view, capacity, True),
+        "combine_backward": (grad_y, rows.detach(), w.detach(), *plan_tensors, capacity),
+    }
+
+
+OP_NAMES = ("make_plan", "token_major", "dispatch", "dispatch_backward", "combine", "combine_backward")
+
+
+class DispatchTester(OpTester):
+    """make_plan, dispatch and combine together, in one layout; cases are (T, D, E, K, capacity)."""
+    op = staticmethod(route_and_mix_of(ops))
+    reference = staticmethod(route_and_mix_of(ref))
+    dtypes = list(TOLERANCES)
+    tolerances = TOLERANCES
     # The reference rounds each product to the dtype before summing; the kernels accumulate in float32.
-    tolerance = {torch.float16: dict(atol=5e-3, rtol=5e-3)}.get(dtype, TOLERANCES[dtype])
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected, **tolerance)
+    grad_tolerances = {torch.float16: dict(atol=5e-3, rtol=5e-3)}
+    layout = None
+    compile_capacity = None
+
+    def outputs(self, result):
+        if isinstance(result, torch.Tensor):  # route_and_mix's output, under compile
+            return [result]
+        plan, hidden, y = result
+        # A gather is exact: its bits are compared, as integers, which assert_close compares exactly.
+        bits = hidden.detach().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[hidden.element_size()])
+        return [getattr(plan, field) for field in PLAN_FIELDS] + [bits, y]
+
+    def inputs(self, T, D, E, K, capacity, device, dtype):
+        token_index, expert_index, weight = top_k_assignments(T, E, K, device, dtype)
+        x = torch.randn(T, D, device=device, dtype=dtype)
+        plan = ref.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
+        expert_bias = torch.randn_like(ref.dispatch(x, plan, self.layout))
+        return (x.requires_grad_(), weight.requires_grad_(), expert_bias.requires_grad_(), token_index, expert_index,
+                E, capacity, self.layout)
+
+    def sample_inputs(self, device, dtype, case):
+        return self.inputs(*case, device, dtype)
+
+    def gradcheck_inputs(self, device, capacity):
+        return self.inputs(6, 3, 3, 2, capacity, device, torch.float64)
+
+    def opcheck_sample(self, device, case):
+        name, capacity = case
+        return getattr(torch.ops.visionmoe, name).default, op_samples(device, capacity, self.layout == "padded")[name]
+
+    compile_fn = staticmethod(route_and_mix)
+
+    def compile_inputs(self, device):
+        samples = []
+        for T in (24, 41):  # a second size must reuse the dynamic graph, not break it
+            token_index, expert_index, weight = top_k_assignments(T, 4, 2, device)
+            x = torch.randn(T, 16, device=device, requires_grad=True)
+            samples.append((x, token_index, expert_index, weight.requires_grad_(), 4, self.compile_capacity))
+        return samples
+
+    def determinism_inputs(self, device):
+        return self.inputs(2000, 64, 8, 4, self.determinism_capacity, device, torch.float32)
+
+
+class TestPaddedDispatch(DispatchTester):
+    layout = "padded"
+    cases = [
+        (37, 24, 4, 2, 12),  # some assignments dropped
+        (37, 24, 4, 2, 40),  # capacity larger than any expert's load: nothing dropped, empty slots
+        (37, 24, 4, 2, 0),  # everything dropped
+        (64, 33, 8, 1, 9),  # odd width: no vectorised fast path on CUDA
+    ]
+    gradcheck_cases = [3]
+    opcheck_cases = [(name, 3) for name in OP_NAMES]
+    compile_capacity = 8
+    determinism_capacity = 500
+
+
+class TestPackedDispatch(DispatchTester):
+    layout = "packed"
+    cases = [
+        (37, 24, 4, 2, 12),
+        (37, 24, 4, 2, None),  # dropless
+        (5, 8, 3, 3, None),  # K = E
+    ]
+    gradcheck_cases = [3, None]
+    opcheck_cases = [(name, capacity) for name in OP_NAMES for capacity in (3, None)]
+    determinism_capacity = None
 
 
 def test_plan_is_stable_and_keeps_priority(device):
@@ -140,6 +217,8 @@ def test_plan_without_token_view_gives_the_same_result(device):
 
 @pytest.mark.parametrize("deterministic_mode", [False, True])
 def test_deterministic(device, deterministic_mode):
+    # Beyond the contract, which sets the deterministic flag on CUDA only: dispatch and combine are deterministic
+    # in either mode, on either device.
     T, D, E = 2000, 64, 8
     token_index, expert_index, weight = top_k_assignments(T, E, 4, device)
     x = torch.randn(T, D, device=device, requires_grad=True)
@@ -157,85 +236,6 @@ def test_deterministic(device, deterministic_mode):
         torch.use_deterministic_algorithms(previous_mode)
     for first, second in zip(*runs):
         assert torch.equal(first, second)
-
-
-# ---- gradcheck in float64 on tiny shapes ----
-
-@pytest.mark.parametrize("capacity,layout", [(3, "padded"), (3, "packed"), (None, "packed")])
-def test_gradcheck(device, capacity, layout):
-    T, D, E, K = 6, 3, 3, 2
-    token_index, expert_index, weight = top_k_assignments(T, E, K, device, torch.float64)
-    x = torch.randn(T, D, device=device, dtype=torch.float64, requires_grad=True)
-    weight.requires_grad_()
-
-    def dispatch_then_combine(x, weight):
-        plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
-        return ops.combine(ops.dispatch(x, plan, layout).sin(), plan, T)
-
-    assert torch.autograd.gradcheck(dispatch_then_combine, (x, weight))
-    plan = ops.make_plan(token_index, expert_index, weight.detach(), E, capacity, num_tokens=T)
-    expert_out = torch.randn_like(ops.dispatch(x.detach(), plan, layout), requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h: ops.combine(h, plan, T), (expert_out,))
-
-
-# ---- torch.library.opcheck on every operator ----
-
-def op_samples(device, capacity, padded):
-    T, D, E = 7, 4, 3
-    token_index, expert_index, weight = top_k_assignments(T, E, 2, device)
-    plan = ops.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
-    x = torch.randn(T, D, device=device, requires_grad=True)
-    plan_tensors = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
-    token_view = (plan.token_offsets, plan.token_rows)
-    rows = ops.dispatch(x.detach(), plan, "padded" if padded else "packed").requires_grad_()
-    w = plan.weight.detach().requires_grad_()
-    grad_y = torch.randn(T, D, device=device)
-    return {
-        "make_plan": (token_index, expert_index, E, T, True),
-        "token_major": (plan.sorted_token, T),
-        "dispatch": (x, *plan_tensors, *token_view, capacity, padded, True),
-        "dispatch_backward": (rows.detach(), *plan_tensors, *token_view, capacity),
-        "combine": (rows, w, *plan_tensors, *token_view, capacity, True),
-        "combine_backward": (grad_y, rows.detach(), w.detach(), *plan_tensors, capacity),
-    }
-
-
-@pytest.mark.parametrize("capacity,padded", [(3, True), (3, False), (None, False)])
-@pytest.mark.parametrize(
-    "name", ["make_plan", "token_major", "dispatch", "dispatch_backward", "combine", "combine_backward"]
-)
-def test_opcheck(device, name, capacity, padded):
-    args = op_samples(device, capacity, padded)[name]
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
-
-
-# ---- torch.compile ----
-
-def route_and_mix(x, token_index, expert_index, weight, num_experts, capacity):
-    plan = ops.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=x.shape[0],
-                         validate=False)
-    layout = "packed" if capacity is None else "padded"
-    hidden = ops.dispatch(x, plan, layout)
-    return ops.combine(torch.relu(hidden) * 2, plan, x.shape[0])
-
-
-@pytest.mark.parametrize("capacity", [8, None])
-def test_compile_fullgraph_dynamic(device, capacity):
-    torch._dynamo.reset()
-    compiled = torch.compile(route_and_mix, backend="aot_eager", fullgraph=True, dynamic=True)
-    for T in (24, 41):  # a second size must reuse the dynamic graph, not break it
-        token_index, expert_index, weight = top_k_assignments(T, 4, 2, device)
-        x = torch.randn(T, 16, device=device, requires_grad=True)
-        w = weight.requires_grad_()
-        y = compiled(x, token_index, expert_index, w, 4, capacity)
-        y.sum().backward()
-        x_eager = x.detach().clone().requires_grad_()
-        w_eager = weight.detach().clone().requires_grad_()
-        y_eager = route_and_mix(x_eager, token_index, expert_index, w_eager, 4, capacity)
-        y_eager.sum().backward()
-        torch.testing.assert_close(y, y_eager)
-        torch.testing.assert_close(x.grad, x_eager.grad)
-        torch.testing.assert_close(w.grad, w_eager.grad)
 
 
 def test_compile_inductor_smoke(device):

@@ -7,6 +7,8 @@ import torch
 from visionmoe import ops
 from visionmoe import reference as ref
 
+from op_contract import OpTester
+
 ACTIVATIONS = ["gelu", "silu_gated"]
 # ops against the float64 reference. float16/bfloat16 results are sums of rounded products (GEMMs accumulate in
 # float32, but their inputs, e.g. the hidden activation, are rounded to the dtype), so their error scales with
@@ -65,15 +67,6 @@ def run_with_grads(fn, x, weights, offsets, grad, activation):
     return (y.detach(), *(t.grad for t in leaves))
 
 
-def assert_matches_reference(x, weights, offsets, grad, activation):
-    got = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, activation)
-    as_double = [t.double() for t in (x, *weights, grad)]
-    expected = run_with_grads(ref.expert_mlp, as_double[0], as_double[1:5], offsets, as_double[5], activation)
-    for quantity, actual, truth in zip(QUANTITIES, got, expected):
-        assert actual.dtype == x.dtype and actual.shape == truth.shape, quantity
-        torch.testing.assert_close(actual.double(), truth, **tolerance(x.dtype, truth), msg=quantity)
-
-
 PACKED_COUNTS = [
     [5, 3, 8, 1],
     [0, 7, 0, 4, 0],  # experts without rows: zero weight gradients
@@ -83,18 +76,76 @@ PACKED_COUNTS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("counts", PACKED_COUNTS)
-def test_packed_matches_reference(device, counts, activation, dtype):
-    assert_matches_reference(*make_packed(counts, 16, 24, activation, device, dtype), activation)
+def expert_mlp_of(module):
+    """``module.expert_mlp`` with its keyword arguments taken by position, as the contract calls ``op(*args)``."""
+    def mlp(x, w1, b1, w2, b2, offsets, activation):
+        return module.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets)
+    return mlp
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("E,C", [(3, 5), (1, 7), (4, 0), (2, 33)])
-def test_padded_matches_reference(device, E, C, activation, dtype):
-    assert_matches_reference(*make_padded(E, C, 16, 24, activation, device, dtype), activation)
+def mlp_then_tanh(x, w1, b1, w2, b2, offsets):
+    return torch.tanh(ops.expert_mlp(x, w1, b1, w2, b2, activation="silu_gated", expert_offsets=offsets)) * 2
+
+
+class ExpertMLPTester(OpTester):
+    """One layout: ``make(size, D, F, activation, device, dtype)`` draws x, weights, offsets and an output
+    gradient, ``size`` being per-expert row counts (packed) or (E, C) (padded). Cases are (size, activation)."""
+    op = staticmethod(expert_mlp_of(ops))
+    reference = staticmethod(expert_mlp_of(ref))
+    dtypes = list(TOLERANCES)
+    # Every dtype against the float64 reference, with tolerances that scale with the result (see TOLERANCES).
+    accuracy = {dtype: (lambda truth, dtype=dtype: tolerance(dtype, truth)) for dtype in TOLERANCES}
+    gradcheck_cases = ACTIVATIONS
+    opcheck_cases = [(name, activation) for name in ("expert_mlp", "expert_mlp_backward") for activation in ACTIVATIONS]
+    make = None
+    # The sizes of the contract's other tests, one per layout.
+    gradcheck_size = opcheck_size = determinism_size = compile_sizes = None
+
+    def inputs(self, size, D, F, activation, device, dtype):
+        x, weights, offsets, _ = self.make(size, D, F, activation, device, dtype)
+        return (*(t.requires_grad_() for t in (x, *weights)), offsets, activation)
+
+    def sample_inputs(self, device, dtype, case):
+        size, activation = case
+        return self.inputs(size, 16, 24, activation, device, dtype)
+
+    def gradcheck_inputs(self, device, activation):
+        return self.inputs(self.gradcheck_size, 3, 4, activation, device, torch.float64)
+
+    def opcheck_sample(self, device, case):
+        name, activation = case
+        x, (w1, b1, w2, b2), offsets, grad = self.make(self.opcheck_size, 4, 6, activation, device, torch.float32)
+        if name == "expert_mlp":
+            leaves = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+            return torch.ops.visionmoe.expert_mlp.default, (*leaves, offsets, activation)
+        _, pre = torch.ops.visionmoe.expert_mlp(x, w1, b1, w2, b2, offsets, activation)
+        return torch.ops.visionmoe.expert_mlp_backward.default, (grad, x, w1, w2, pre, offsets, activation)
+
+    compile_fn = staticmethod(mlp_then_tanh)
+
+    def compile_inputs(self, device):
+        # mlp_then_tanh's arguments (no activation) at two sizes: the second must reuse the dynamic graph.
+        return [self.inputs(size, 8, 6, "silu_gated", device, torch.float32)[:-1] for size in self.compile_sizes]
+
+    def determinism_inputs(self, device):
+        return self.inputs(self.determinism_size, 32, 48, "gelu", device, torch.float32)
+
+
+class TestPackedExpertMLP(ExpertMLPTester):
+    make = staticmethod(make_packed)
+    cases = [(counts, activation) for counts in PACKED_COUNTS for activation in ACTIVATIONS]
+    gradcheck_size, opcheck_size, determinism_size = [2, 0, 3], [3, 0, 2], [70, 0, 130, 56]
+    compile_sizes = ([3, 5, 0], [7, 2, 6, 1])
+
+
+class TestPaddedExpertMLP(ExpertMLPTester):
+    @staticmethod
+    def make(size, D, F, activation, device, dtype):
+        return make_padded(*size, D, F, activation, device, dtype)
+
+    cases = [(size, activation) for size in ((3, 5), (1, 7), (4, 0), (2, 33)) for activation in ACTIVATIONS]
+    gradcheck_size, opcheck_size, determinism_size = (2, 3), (2, 3), (4, 64)
+    compile_sizes = ((3, 5), (4, 7))  # (E, C) as the packed sizes' E and largest count
 
 
 def empty_size_case(E, rows, D, F, activation, layout, device):
@@ -201,14 +252,6 @@ def test_non_contiguous_inputs(device):
         torch.testing.assert_close(actual, truth, msg=quantity)
 
 
-def test_deterministic(device):
-    x, weights, offsets, grad = make_packed([70, 0, 130, 56], 32, 48, "gelu", device, torch.float32)
-    first = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")
-    second = run_with_grads(ops.expert_mlp, x, weights, offsets, grad, "gelu")
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
 def test_autograd_saves_the_pre_activation_not_the_hidden_activation(device):
     x, weights, offsets, _ = make_packed([3, 4], 8, 10, "gelu", device, torch.float32)
     leaves = [t.requires_grad_() for t in (x, *weights)]
@@ -217,70 +260,6 @@ def test_autograd_saves_the_pre_activation_not_the_hidden_activation(device):
         ops.expert_mlp(*leaves, expert_offsets=offsets)
     # x, w1, w2, the pre-activation [M, F] and the offsets: one [M, F] tensor where eager autograd keeps two.
     assert [tuple(t.shape) for t in saved] == [(7, 8), (2, 8, 10), (2, 10, 8), (7, 10), (3,)]
-
-
-# ---- gradcheck in float64 on tiny shapes, every input ----
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_gradcheck(device, layout, activation):
-    if layout == "packed":
-        x, weights, offsets, _ = make_packed([2, 0, 3], 3, 4, activation, device, torch.float64)
-    else:
-        x, weights, offsets, _ = make_padded(2, 3, 3, 4, activation, device, torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (x, *weights))
-    assert torch.autograd.gradcheck(
-        lambda *args: ops.expert_mlp(*args, activation=activation, expert_offsets=offsets), inputs)
-
-
-# ---- torch.library.opcheck on every operator ----
-
-def op_samples(device, layout, activation):
-    if layout == "packed":
-        x, weights, offsets, grad = make_packed([3, 0, 2], 4, 6, activation, device, torch.float32)
-    else:
-        x, weights, offsets, grad = make_padded(2, 3, 4, 6, activation, device, torch.float32)
-    w1, b1, w2, b2 = weights
-    _, pre = torch.ops.visionmoe.expert_mlp(x, w1, b1, w2, b2, offsets, activation)
-    return {
-        "expert_mlp": (x.requires_grad_(), w1.requires_grad_(), b1.requires_grad_(), w2.requires_grad_(),
-                       b2.requires_grad_(), offsets, activation),
-        "expert_mlp_backward": (grad, x.detach(), w1.detach(), w2.detach(), pre, offsets, activation),
-    }
-
-
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-@pytest.mark.parametrize("name", ["expert_mlp", "expert_mlp_backward"])
-def test_opcheck(device, name, layout, activation):
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, op_samples(device, layout, activation)[name])
-
-
-# ---- torch.compile ----
-
-def mlp_then_tanh(x, w1, b1, w2, b2, offsets):
-    return torch.tanh(ops.expert_mlp(x, w1, b1, w2, b2, activation="silu_gated", expert_offsets=offsets)) * 2
-
-
-@pytest.mark.parametrize("layout", ["packed", "padded"])
-def test_compile_fullgraph_dynamic(device, layout):
-    torch._dynamo.reset()
-    compiled = torch.compile(mlp_then_tanh, backend="aot_eager", fullgraph=True, dynamic=True)
-    for counts in ([3, 5, 0], [7, 2, 6, 1]):  # a second size must reuse the dynamic graph, not break it
-        if layout == "packed":
-            x, weights, offsets, _ = make_packed(counts, 8, 6, "silu_gated", device, torch.float32)
-        else:
-            x, weights, offsets, _ = make_padded(len(counts), max(counts), 8, 6, "silu_gated", device,
-                                                 torch.float32)
-        leaves = [t.requires_grad_() for t in (x, *weights)]
-        out = compiled(*leaves, offsets)
-        grads = torch.autograd.grad(out.square().sum(), leaves)
-        eager = [t.detach().clone().requires_grad_() for t in leaves]
-        out_eager = mlp_then_tanh(*eager, offsets)
-        grads_eager = torch.autograd.grad(out_eager.square().sum(), eager)
-        torch.testing.assert_close(out, out_eager)
-        for g, g_eager in zip(grads, grads_eager):
-            torch.testing.assert_close(g, g_eager)
 
 
 # ---- bad input: clear errors naming the argument ----

@@ -8,6 +8,8 @@ import torch
 from visionmoe import ops
 from visionmoe import reference as ref
 
+from op_contract import OpTester
+
 PLAN_FIELDS = ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows")
 
 
@@ -38,21 +40,86 @@ TOPK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("G,T,E,K,capacity,batch_priority", TOPK_CASES)
-def test_topk_route_matches_reference(device, dtype, G, T, E, K, capacity, batch_priority):
-    probs = random_probs(G, T, E, device, dtype)
-    for renormalize in (False, True):
-        plan = ops.topk_route(probs, K, capacity, batch_priority=batch_priority, renormalize=renormalize)
-        assert_same_plan(plan, ref.topk_route(probs, K, capacity, batch_priority=batch_priority,
-                                              renormalize=renormalize))
+def topk_route_of(module):
+    """``module.topk_route`` with its keyword arguments taken by position, as the contract calls ``op(*args)``."""
+    def route(scores, k, capacity, batch_priority, renormalize, weights=None):
+        return module.topk_route(scores, k, capacity, batch_priority=batch_priority, renormalize=renormalize,
+                                 weights=weights)
+    return route
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("G,T,E,capacity", [(1, 40, 4, 12), (3, 11, 5, 3), (2, 6, 3, 10), (2, 8, 4, 0)])
-def test_expert_choice_route_matches_reference(device, dtype, G, T, E, capacity):
-    probs = random_probs(G, T, E, device, dtype)
-    assert_same_plan(ops.expert_choice_route(probs, capacity), ref.expert_choice_route(probs, capacity))
+def expert_choice_route_of(module):
+    """``module.expert_choice_route`` with ``weights`` taken by position."""
+    def route(scores, capacity, weights=None):
+        return module.expert_choice_route(scores, capacity, weights=weights)
+    return route
+
+
+class RoutingPlanTester(OpTester):
+    # Plans hold indices, which must agree exactly, and weights that are the scores' own values (or
+    # renormalised), compared with assert_close's default tolerance for their dtype.
+    tolerances = {dtype: {} for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+
+    def outputs(self, result):
+        if isinstance(result, torch.Tensor):  # compile_fn's mixed tokens
+            return [result]
+        sizes = torch.tensor([result.num_experts, result.num_groups])
+        return [getattr(result, field) for field in PLAN_FIELDS] + [sizes, result.weight]
+
+    def compile_inputs(self, device):
+        return [(torch.randn(T, 8, device=device, requires_grad=True),
+                 torch.randn(1, T, 4, device=device, requires_grad=True)) for T in (16, 23)]
+
+    def determinism_inputs(self, device):
+        return (random_probs(4, 3000, 8, device),) + self.determinism_arguments
+
+
+class TestTopkRoute(RoutingPlanTester):
+    op = staticmethod(topk_route_of(ops))
+    reference = staticmethod(topk_route_of(ref))
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    cases = [case + (renormalize,) for case in TOPK_CASES for renormalize in (False, True)]
+    determinism_arguments = (2, 500, True, False)
+
+    def sample_inputs(self, device, dtype, case):
+        G, T, E, K, capacity, batch_priority, renormalize = case
+        return random_probs(G, T, E, device, dtype).requires_grad_(), K, capacity, batch_priority, renormalize
+
+    def gradcheck_inputs(self, device, case):
+        # The weights are differentiable; the scores only choose who goes where.
+        probs = torch.randn(2, 7, 4, device=device, dtype=torch.float64).softmax(-1)
+        return probs, 2, 3, False, True, probs.clone().requires_grad_()
+
+    def opcheck_sample(self, device, case):
+        return torch.ops.visionmoe.topk_route.default, (random_probs(2, 9, 4, device), 2, True)
+
+    def compile_fn(self, x, logits):
+        probs = logits.softmax(-1)
+        plan = ops.topk_route(probs, 2, 6, batch_priority=True, weights=probs)
+        return ops.combine(ops.dispatch(x, plan, "padded") * 2, plan, x.shape[0])
+
+
+class TestExpertChoiceRoute(RoutingPlanTester):
+    op = staticmethod(expert_choice_route_of(ops))
+    reference = staticmethod(expert_choice_route_of(ref))
+    dtypes = (torch.float32, torch.float64, torch.bfloat16)
+    cases = [(1, 40, 4, 12), (3, 11, 5, 3), (2, 6, 3, 10), (2, 8, 4, 0)]  # (G, T, E, capacity)
+    determinism_arguments = (700,)
+
+    def sample_inputs(self, device, dtype, case):
+        G, T, E, capacity = case
+        return random_probs(G, T, E, device, dtype).requires_grad_(), capacity
+
+    def gradcheck_inputs(self, device, case):
+        logits = torch.randn(2, 7, 4, device=device, dtype=torch.float64)
+        return logits, 3, logits.softmax(-1).requires_grad_()
+
+    def opcheck_sample(self, device, case):
+        return torch.ops.visionmoe.expert_choice_route.default, (random_probs(2, 9, 4, device), 3)
+
+    def compile_fn(self, x, logits):
+        plan = ops.expert_choice_route(logits.softmax(-1), 4)
+        return ops.combine(ops.dispatch(x, plan, "padded"), plan, x.shape[0])
 
 
 def test_batch_priority_fill_order(device):
@@ -131,45 +198,6 @@ def test_empty_input(device):
     plan = ops.topk_route(probs, 2, 3)
     assert plan.num_assignments == 0 and plan.offsets.tolist() == [0] * 9
     assert ops.expert_choice_route(probs, 3).num_assignments == 0
-
-
-def test_weights_are_differentiable(device):
-    logits = torch.randn(2, 7, 4, device=device, dtype=torch.float64, requires_grad=True)
-
-    def routed_weights(logits):
-        probs = logits.softmax(-1)
-        return ops.topk_route(probs.detach(), 2, 3, weights=probs, renormalize=True).weight
-
-    assert torch.autograd.gradcheck(routed_weights, (logits,))
-    assert torch.autograd.gradcheck(
-        lambda logits: ops.expert_choice_route(logits.detach(), 3, weights=logits.softmax(-1)).weight, (logits,))
-
-
-@pytest.mark.parametrize("name", ["topk_route", "expert_choice_route"])
-def test_opcheck(device, name):
-    probs = random_probs(2, 9, 4, device)
-    args = (probs, 2, True) if name == "topk_route" else (probs, 3)
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
-
-
-def route_and_mix(x, probs):
-    plan = ops.topk_route(probs, 2, 6, batch_priority=True, weights=probs)
-    hidden = ops.dispatch(x, plan, "padded")
-    chosen = ops.expert_choice_route(probs, 4)
-    return ops.combine(hidden * 2, plan, x.shape[0]) + ops.combine(ops.dispatch(x, chosen, "padded"), chosen,
-                                                                   x.shape[0])
-
-
-def test_compile_fullgraph_dynamic(device):
-    torch._dynamo.reset()
-    compiled = torch.compile(route_and_mix, backend="aot_eager", fullgraph=True, dynamic=True)
-    for T in (16, 23):
-        x = torch.randn(T, 8, device=device, requires_grad=True)
-        logits = torch.randn(1, T, 4, device=device, requires_grad=True)
-        y = compiled(x, logits.softmax(-1))
-        torch.testing.assert_close(y, route_and_mix(x, logits.softmax(-1)))
-        y.sum().backward()
-        assert logits.grad is not None and x.grad is not None
 
 
 def test_bad_input_is_rejected():

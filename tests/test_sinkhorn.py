@@ -8,6 +8,8 @@ import torch
 from visionmoe import ops
 from visionmoe import reference as ref
 
+from op_contract import OpTester
+
 # float16 and bfloat16 logits are computed in float32 by both the operator and the reference, so they differ by
 # the final rounding to the logits' dtype (and, for gradients, by float32 summation order) only.
 TOLERANCES = {
@@ -34,22 +36,42 @@ def random_logits(shape, dtype, device, scale=3.0, seed=0):
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("num_iterations", [0, 1, 3, ops.DEFAULT_SINKHORN_ITERATIONS])
-def test_matches_reference(device, dtype, shape, num_iterations):
-    logits = random_logits(shape, dtype, device)
-    grad_log_plan = random_logits(shape, dtype, device, scale=1.0, seed=1)
-    results = []
-    for module in (ops, ref):
-        leaf = logits.clone().requires_grad_()
-        log_plan = module.sinkhorn(leaf, num_iterations)
-        log_plan.backward(grad_log_plan)
-        results.append((log_plan, leaf.grad))
-    (log_plan, grad), (log_plan_ref, grad_ref) = results
-    assert log_plan.dtype == dtype and log_plan.shape == shape
-    torch.testing.assert_close(log_plan, log_plan_ref, **TOLERANCES[dtype])
-    torch.testing.assert_close(grad, grad_ref, **TOLERANCES[dtype])
+class TestSinkhorn(OpTester):
+    op = staticmethod(ops.sinkhorn)
+    reference = staticmethod(ref.sinkhorn)
+    dtypes = list(TOLERANCES)
+    tolerances = TOLERANCES
+    cases = [(shape, num_iterations) for shape in SHAPES
+             for num_iterations in (0, 1, 3, ops.DEFAULT_SINKHORN_ITERATIONS)]
+    gradcheck_cases = [(shape, num_iterations) for shape in ((2, 5, 3), (1, 4, 6), (3, 1, 2))
+                       for num_iterations in (0, 1, 3)] + [((6, 3), 2)]  # and one group given as [T, E]
+    opcheck_cases = [(name, dtype, num_iterations) for name in ("sinkhorn", "sinkhorn_backward")
+                     for dtype in (torch.float32, torch.float64, torch.bfloat16) for num_iterations in (0, 2)]
+
+    def sample_inputs(self, device, dtype, case):
+        shape, num_iterations = case
+        return random_logits(shape, dtype, device).requires_grad_(), num_iterations
+
+    def opcheck_sample(self, device, case):
+        name, dtype, num_iterations = case
+        logits = random_logits((2, 9, 5), dtype, device)
+        if name == "sinkhorn":
+            return torch.ops.visionmoe.sinkhorn.default, (logits.requires_grad_(), num_iterations, True)
+        _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, num_iterations)
+        grad_log_plan = random_logits((2, 9, 5), dtype, device, seed=1)
+        return torch.ops.visionmoe.sinkhorn_backward.default, (grad_log_plan, logits, row_potentials,
+                                                                column_potentials)
+
+    def compile_fn(self, logits):
+        # Sinkhorn inside the code of a balanced top-1 router, as a model compiles it.
+        plan = ops.sinkhorn(logits, 5)
+        return plan.softmax(dim=-1) * logits.sigmoid()
+
+    def compile_inputs(self, device):
+        return [(random_logits(shape, torch.float32, device).requires_grad_(),) for shape in ((2, 24, 4), (3, 41, 8))]
+
+    def determinism_inputs(self, device):
+        return random_logits((2, 3000, 24), torch.float32, device).requires_grad_(), 10
 
 
 def test_default_iterations_match_the_routers_paper():
@@ -188,73 +210,6 @@ def test_deterministic_and_independent_of_the_thread_count():
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert torch.equal(results[0][0], other[0]) and torch.equal(results[0][1], other[1])
-
-
-@pytest.mark.cuda
-def test_deterministic_on_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    logits = random_logits((2, 3000, 24), torch.float32, "cuda").requires_grad_()
-    grad_log_plan = random_logits((2, 3000, 24), torch.float32, "cuda", seed=2)
-    runs = []
-    for _ in range(2):
-        log_plan = ops.sinkhorn(logits, 10)
-        runs.append((log_plan, torch.autograd.grad(log_plan, logits, grad_log_plan)[0]))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-
-
-# ---- gradcheck in float64 on tiny shapes ----
-
-@pytest.mark.parametrize("shape", [(2, 5, 3), (1, 4, 6), (3, 1, 2)])
-@pytest.mark.parametrize("num_iterations", [0, 1, 3])
-def test_gradcheck(device, shape, num_iterations):
-    logits = random_logits(shape, torch.float64, device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ops.sinkhorn(x, num_iterations), (logits,))
-
-
-def test_gradcheck_two_dims(device):
-    logits = random_logits((6, 3), torch.float64, device).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ops.sinkhorn(x, 2), (logits,))
-
-
-# ---- torch.library.opcheck on every operator ----
-
-def op_samples(device, dtype, num_iterations):
-    logits = random_logits((2, 9, 5), dtype, device).requires_grad_()
-    _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits.detach(), num_iterations)
-    grad_log_plan = random_logits((2, 9, 5), dtype, device, seed=1)
-    return {
-        "sinkhorn": (logits, num_iterations, True),
-        "sinkhorn_backward": (grad_log_plan, logits.detach(), row_potentials, column_potentials),
-    }
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("num_iterations", [0, 2])
-@pytest.mark.parametrize("name", ["sinkhorn", "sinkhorn_backward"])
-def test_opcheck(device, name, dtype, num_iterations):
-    args = op_samples(device, dtype, num_iterations)[name]
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
-
-
-# ---- torch.compile ----
-
-def balanced_top1(logits):
-    plan = ops.sinkhorn(logits, 5)
-    return plan.softmax(dim=-1) * logits.sigmoid()
-
-
-def test_compile_fullgraph_dynamic(device):
-    torch._dynamo.reset()
-    compiled = torch.compile(balanced_top1, backend="aot_eager", fullgraph=True, dynamic=True)
-    for shape in ((2, 24, 4), (3, 41, 8)):  # a second size must reuse the dynamic graph, not break it
-        logits = random_logits(shape, torch.float32, device).requires_grad_()
-        logits_eager = logits.detach().clone().requires_grad_()
-        y, y_eager = compiled(logits), balanced_top1(logits_eager)
-        y.square().sum().backward()
-        y_eager.square().sum().backward()
-        torch.testing.assert_close(y, y_eager)
-        torch.testing.assert_close(logits.grad, logits_eager.grad)
 
 
 # ---- bad input: clear errors naming the argument ----

@@ -8,6 +8,8 @@ from visionmoe import ops
 from visionmoe import reference as ref
 from visionmoe.routers import RouterMetrics, SoftRouter, SoftRoutingPlan, create_router, list_routers
 
+from op_contract import OpTester
+
 # ops against the reference run in the same dtype.
 TOLERANCES = {
     torch.float64: dict(atol=1e-12, rtol=1e-12),
@@ -61,21 +63,63 @@ def run_with_grads(fn, features, logits, grad):
     return out.detach(), features.grad, logits.grad
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("G,T,S,D", SHAPES)
-@pytest.mark.parametrize("name", list(OPS))
-def test_matches_reference(device, name, dtype, G, T, S, D):
-    operator, reference, _, _ = OPS[name]
-    inputs = make_inputs(name, G, T, S, D, device, dtype)
-    got = run_with_grads(operator, *inputs)
-    for quantity, actual, expected in zip(("out", "grad_features", "grad_logits"), got,
-                                          run_with_grads(reference, *inputs)):
-        assert actual.dtype == dtype and actual.shape == expected.shape, quantity
-        torch.testing.assert_close(actual, expected, **TOLERANCES[dtype], msg=quantity)
-    if dtype in ACCURACY:
-        truth = run_with_grads(reference, *(t.to(torch.float64) for t in inputs))
-        for quantity, actual, expected in zip(("out", "grad_features", "grad_logits"), got, truth):
-            torch.testing.assert_close(actual.to(torch.float64), expected, **ACCURACY[dtype], msg=quantity)
+def op_samples(device, contiguous):
+    G, T, S, D = 2, 5, 4, 3
+    x, logits, grad_slots = make_inputs("dispatch", G, T, S, D, device, torch.float32)
+    y, _, grad_out = make_inputs("combine", G, T, S, D, device, torch.float32, seed=1)
+    if not contiguous:
+        x, logits, grad_slots, y, grad_out = map(transposed_storage, (x, logits, grad_slots, y, grad_out))
+    return {
+        "soft_dispatch": (x.requires_grad_(), logits.requires_grad_()),
+        "soft_dispatch_backward": (grad_slots, x.detach(), logits.detach()),
+        "soft_combine": (y.requires_grad_(), logits),
+        "soft_combine_backward": (grad_out, y.detach(), logits.detach()),
+    }
+
+
+class SoftMoETester(OpTester):
+    """Both operators take (features, logits); ``name`` picks which features make_inputs draws."""
+    name = None
+    dtypes = list(TOLERANCES)
+    tolerances = TOLERANCES
+    accuracy = ACCURACY
+    cases = SHAPES
+    gradcheck_cases = [(2, 5, 4, 3), (1, 1, 3, 2), (2, 3, 7, 2)]
+
+    def sample_inputs(self, device, dtype, case):
+        features, logits, _ = make_inputs(self.name, *case, device, dtype)
+        return features.requires_grad_(), logits.requires_grad_()
+
+    op_samples = staticmethod(op_samples)
+
+    def compile_inputs(self, device):
+        # A second size must reuse the dynamic graph, not break it.
+        return [self.sample_inputs(device, torch.float32, (G, T, S, 8)) for G, T, S in ((2, 12, 6), (3, 17, 9))]
+
+    def determinism_inputs(self, device):
+        return self.sample_inputs(device, torch.float32, (8, 196, 32, 64))
+
+
+class TestSoftDispatch(SoftMoETester):
+    name = "dispatch"
+    op = staticmethod(ops.soft_dispatch)
+    reference = staticmethod(ref.soft_dispatch)
+    opcheck_cases = [(name, contiguous) for name in ("soft_dispatch", "soft_dispatch_backward")
+                     for contiguous in (True, False)]
+
+    def compile_fn(self, x, logits):
+        return torch.relu(ops.soft_dispatch(x, logits)) * 2
+
+
+class TestSoftCombine(SoftMoETester):
+    name = "combine"
+    op = staticmethod(ops.soft_combine)
+    reference = staticmethod(ref.soft_combine)
+    opcheck_cases = [(name, contiguous) for name in ("soft_combine", "soft_combine_backward")
+                     for contiguous in (True, False)]
+
+    def compile_fn(self, y, logits):
+        return ops.soft_combine(torch.relu(y) * 2, logits)
 
 
 def test_mixing_weights_are_normalised(device):
@@ -132,21 +176,6 @@ def test_empty_dimensions(device):
     assert not x.grad.any() and logits.grad.shape == (2, 4, 0)
 
 
-def test_deterministic(device):
-    G, T, S, D = 8, 196, 32, 64
-    x = torch.randn(G, T, D, device=device, requires_grad=True)
-    logits = torch.randn(G, T, S, device=device, requires_grad=True)
-    runs = []
-    for _ in range(2):
-        # square, not a transcendental: with torch 2.13 on this CPU, a process's first vectorised tanh or sin is
-        # sometimes less accurate than later calls, which would make the two runs differ without the operators
-        # being at fault.
-        out = ops.soft_combine(ops.soft_dispatch(x, logits).square(), logits)
-        runs.append((out, *torch.autograd.grad(out.square().sum(), (x, logits))))
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
-
-
 @pytest.mark.parametrize("name", list(OPS))
 def test_autograd_saves_only_the_inputs(device, name):
     # Recompute rather than store: no [G, T, S] softmax is kept for the backward.
@@ -177,63 +206,11 @@ def test_backward_holds_one_gts_temporary_besides_its_results(device, name, allo
 
 # ---- gradcheck in float64 on tiny shapes ----
 
-@pytest.mark.parametrize("G,T,S,D", [(2, 5, 4, 3), (1, 1, 3, 2), (2, 3, 7, 2)])
-@pytest.mark.parametrize("name", list(OPS))
-def test_gradcheck(device, name, G, T, S, D):
-    operator = OPS[name][0]
-    features, logits, _ = make_inputs(name, G, T, S, D, device, torch.float64)
-    assert torch.autograd.gradcheck(operator, (features.requires_grad_(), logits.requires_grad_()))
-
-
 def test_gradcheck_dispatch_then_combine(device):
     # The router's case: one set of logits feeds both operators, and its gradient is the sum of both.
     x = torch.randn(2, 5, 3, device=device, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(2, 5, 4, device=device, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, l: ops.soft_combine(ops.soft_dispatch(x, l).sin(), l), (x, logits))
-
-
-# ---- torch.library.opcheck on every operator ----
-
-def op_samples(device, contiguous):
-    G, T, S, D = 2, 5, 4, 3
-    x, logits, grad_slots = make_inputs("dispatch", G, T, S, D, device, torch.float32)
-    y, _, grad_out = make_inputs("combine", G, T, S, D, device, torch.float32, seed=1)
-    if not contiguous:
-        x, logits, grad_slots, y, grad_out = map(transposed_storage, (x, logits, grad_slots, y, grad_out))
-    return {
-        "soft_dispatch": (x.requires_grad_(), logits.requires_grad_()),
-        "soft_dispatch_backward": (grad_slots, x.detach(), logits.detach()),
-        "soft_combine": (y.requires_grad_(), logits),
-        "soft_combine_backward": (grad_out, y.detach(), logits.detach()),
-    }
-
-
-@pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("name", ["soft_dispatch", "soft_dispatch_backward", "soft_combine", "soft_combine_backward"])
-def test_opcheck(device, name, contiguous):
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, op_samples(device, contiguous)[name])
-
-
-# ---- torch.compile ----
-
-def mix(x, logits):
-    return ops.soft_combine(torch.relu(ops.soft_dispatch(x, logits)) * 2, logits)
-
-
-def test_compile_fullgraph_dynamic(device):
-    torch._dynamo.reset()
-    compiled = torch.compile(mix, backend="aot_eager", fullgraph=True, dynamic=True)
-    for G, T, S in ((2, 12, 6), (3, 17, 9)):  # a second size must reuse the dynamic graph, not break it
-        x = torch.randn(G, T, 8, device=device, requires_grad=True)
-        logits = torch.randn(G, T, S, device=device, requires_grad=True)
-        out = compiled(x, logits)
-        out.square().sum().backward()
-        x_eager, logits_eager = (t.detach().clone().requires_grad_() for t in (x, logits))
-        out_eager = mix(x_eager, logits_eager)
-        out_eager.square().sum().backward()
-        torch.testing.assert_close(out, out_eager)
-        torch.testing.assert_close(x.grad, x_eager.grad)
-        torch.testing.assert_close(logits.grad, logits_eager.grad)
 
 
 def soft_moe_layer(router, expert_weight, x):

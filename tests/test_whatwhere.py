@@ -6,6 +6,8 @@ import torch
 from visionmoe import ops
 from visionmoe import reference as ref
 
+from op_contract import OpTester
+
 # The operator accumulates in float32 (float64 for float64) and rounds each output once; the oracle is the
 # reference in float64 on the same input values. float16 and bfloat16 logits are rounded to the input dtype
 # before the softmaxes (|logits| up to about 4 here: half an ulp is 2e-3 in float16, 1.6e-2 in bfloat16), and
@@ -77,20 +79,59 @@ def assert_matches_oracle(inputs, output_grads, tolerance):
         torch.testing.assert_close(grad.double(), expected, **tolerance, msg=lambda m: f"grad of {name}: {m}")
 
 
-@pytest.mark.parametrize("dtype", list(TOLERANCES))
-@pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference(device, dtype, shape):
+def transposed_storage(t):
+    """The same values in a non-contiguous layout."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def op_samples(device, dtype, contiguous, with_grads):
+    shape = (2, 2, 6, 4, 5, 3)
     inputs = make_inputs(*shape, dtype, device)
-    assert_matches_oracle(inputs, make_output_grads(*shape, dtype, device), TOLERANCES[dtype])
+    output_grads = make_output_grads(*shape, dtype, device)
+    if not contiguous:
+        inputs, output_grads = map(transposed_storage, inputs), map(transposed_storage, output_grads)
+    inputs, output_grads = tuple(inputs), tuple(output_grads)
+    _, _, logits, token_logsumexp, slot_logsumexp = torch.ops.visionmoe.whatwhere_attention(*inputs)
+    grads = output_grads if with_grads else (None, output_grads[1], None)
+    return {
+        "whatwhere_attention": tuple(x.clone().requires_grad_() for x in inputs),
+        "whatwhere_attention_backward": (*grads, *inputs[:4], logits, token_logsumexp, slot_logsumexp),
+    }
 
 
-def test_float32_matches_the_float32_reference(device):
-    shape = (2, 3, 50, 16, 32, 32)
-    inputs = make_inputs(*shape, torch.float32, device)
-    output_grads = make_output_grads(*shape, torch.float32, device)
-    results = [outputs_and_grads(module.whatwhere_attention, inputs, output_grads) for module in (ops, ref)]
-    for got, expected in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
-        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+def what_where_block(q, k, v_tokens, v_slots, where):
+    token_update, slot_update, logits = ops.whatwhere_attention(q, k, v_tokens, v_slots, where)
+    return token_update.tanh().sum(dim=-1), slot_update.square().mean(dim=-1), torch.sigmoid(logits)
+
+
+class TestWhatWhereAttention(OpTester):
+    op = staticmethod(ops.whatwhere_attention)
+    reference = staticmethod(ref.whatwhere_attention)
+    dtypes = list(TOLERANCES)
+    cases = SHAPES
+    accuracy = TOLERANCES
+    # Against the reference in float32 too, on every shape: both accumulate in float32.
+    tolerances = {torch.float32: dict(atol=2e-5, rtol=2e-5)}
+    gradcheck_cases = [(1, 2, 3, 4, 5, 3), (2, 1, 1, 3, 2, 2), (1, 1, 4, 1, 3, 2), (1, 1, 5, 3, 2, 4)]
+    opcheck_cases = [(name, dtype, contiguous, with_grads)
+                     for name in ("whatwhere_attention", "whatwhere_attention_backward")
+                     for dtype in (torch.float32, torch.float64, torch.bfloat16)
+                     for contiguous in (True, False) for with_grads in (True, False)]
+
+    def sample_inputs(self, device, dtype, shape):
+        return [x.requires_grad_() for x in make_inputs(*shape, dtype, device)]
+
+    op_samples = staticmethod(op_samples)
+
+    compile_fn = staticmethod(what_where_block)
+
+    def compile_inputs(self, device):
+        # A second size must reuse the dynamic graph, not break it.
+        return [self.sample_inputs(device, torch.float32, shape)
+                for shape in ((2, 3, 12, 4, 8, 8), (3, 2, 17, 6, 8, 5))]
+
+    def determinism_inputs(self, device):
+        return self.sample_inputs(device, torch.float32, (4, 3, 300, 16, 64, 64))  # several chunks of rows per head
 
 
 @pytest.mark.parametrize("used", [(True, False, False), (False, True, False), (False, False, True),
@@ -214,84 +255,10 @@ def test_deterministic_and_independent_of_the_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
 
-@pytest.mark.cuda
-def test_deterministic_on_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    shape = (4, 3, 300, 16, 64, 64)  # several chunks of rows per head
-    inputs = make_inputs(*shape, torch.float32, "cuda")
-    output_grads = make_output_grads(*shape, torch.float32, "cuda")
-    runs = [outputs_and_grads(ops.whatwhere_attention, inputs, output_grads) for _ in range(2)]
-    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
-        assert torch.equal(a, b)
-
-
-# ---- gradcheck in float64 on tiny shapes, through every output ----
-
-@pytest.mark.parametrize("shape", [(1, 2, 3, 4, 5, 3), (2, 1, 1, 3, 2, 2), (1, 1, 4, 1, 3, 2), (1, 1, 5, 3, 2, 4)])
-def test_gradcheck(device, shape):
-    inputs = [x.requires_grad_() for x in make_inputs(*shape, torch.float64, device)]
-    assert torch.autograd.gradcheck(ops.whatwhere_attention, inputs)
-
-
 def test_gradcheck_of_one_output_at_a_time(device):
     inputs = [x.requires_grad_() for x in make_inputs(1, 2, 4, 3, 3, 2, torch.float64, device)]
     for index in range(3):
         assert torch.autograd.gradcheck(lambda *xs: ops.whatwhere_attention(*xs)[index], inputs)
-
-
-# ---- torch.library.opcheck on every operator ----
-
-def transposed_storage(t):
-    """The same values in a non-contiguous layout."""
-    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
-def op_samples(device, dtype, contiguous, with_grads):
-    shape = (2, 2, 6, 4, 5, 3)
-    inputs = make_inputs(*shape, dtype, device)
-    output_grads = make_output_grads(*shape, dtype, device)
-    if not contiguous:
-        inputs, output_grads = map(transposed_storage, inputs), map(transposed_storage, output_grads)
-    inputs, output_grads = tuple(inputs), tuple(output_grads)
-    _, _, logits, token_logsumexp, slot_logsumexp = torch.ops.visionmoe.whatwhere_attention(*inputs)
-    grads = output_grads if with_grads else (None, output_grads[1], None)
-    return {
-        "whatwhere_attention": tuple(x.clone().requires_grad_() for x in inputs),
-        "whatwhere_attention_backward": (*grads, *inputs[:4], logits, token_logsumexp, slot_logsumexp),
-    }
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("contiguous", [True, False])
-@pytest.mark.parametrize("with_grads", [True, False])
-@pytest.mark.parametrize("name", ["whatwhere_attention", "whatwhere_attention_backward"])
-def test_opcheck(device, name, dtype, contiguous, with_grads):
-    args = op_samples(device, dtype, contiguous, with_grads)[name]
-    torch.library.opcheck(getattr(torch.ops.visionmoe, name).default, args)
-
-
-# ---- torch.compile ----
-
-def what_where_block(q, k, v_tokens, v_slots, where):
-    token_update, slot_update, logits = ops.whatwhere_attention(q, k, v_tokens, v_slots, where)
-    return token_update.tanh().sum(dim=-1), slot_update.square().mean(dim=-1), torch.sigmoid(logits)
-
-
-def test_compile_fullgraph_dynamic(device):
-    torch._dynamo.reset()
-    compiled = torch.compile(what_where_block, backend="aot_eager", fullgraph=True, dynamic=True)
-    for shape in ((2, 3, 12, 4, 8, 8), (3, 2, 17, 6, 8, 5)):  # a second size must reuse the dynamic graph
-        inputs = make_inputs(*shape, torch.float32, device)
-        leaves = [x.clone().requires_grad_() for x in inputs]
-        eager_leaves = [x.clone().requires_grad_() for x in inputs]
-        outputs, eager_outputs = compiled(*leaves), what_where_block(*eager_leaves)
-        sum(out.sum() for out in outputs).backward()
-        sum(out.sum() for out in eager_outputs).backward()
-        for out, expected in zip(outputs, eager_outputs):
-            torch.testing.assert_close(out, expected)
-        for leaf, eager_leaf in zip(leaves, eager_leaves):
-            torch.testing.assert_close(leaf.grad, eager_leaf.grad)
 
 
 # ---- bad input: clear errors naming the argument ----
