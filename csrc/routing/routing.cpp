@@ -53,7 +53,8 @@ PlanTuple as_tuple(const PlanOutputs& plan) {
 }
 
 PlanTuple plan_from_choices(const at::Tensor& scores, int64_t k, bool batch_priority, const at::Tensor& experts,
-                            const at::Tensor& top_score) {
+                            const at::Tensor& top_score, dispatch::GroupKernel group_by_expert,
+                            dispatch::TokenMajorKernel token_major) {
   const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2);
   const auto index_options = scores.options().dtype(at::kLong);
   // Priority of the tokens of each group: by position, or (Batch Priority Routing) by best score, highest
@@ -67,13 +68,13 @@ PlanTuple plan_from_choices(const at::Tensor& scores, int64_t k, bool batch_prio
   const at::Tensor choices = experts.index_select(0, rank_to_token.flatten()).view({G, T, k}).permute({2, 0, 1});
   const at::Tensor virtual_expert = choices * G + at::arange(G, index_options).view({1, G, 1});  // [K, G, T]
   const at::Tensor list_token = rank_to_token.unsqueeze(0).expand({k, G, T});
-  auto [list_position, sorted_token, sorted_expert, slot, offsets] = dispatch::make_plan(
-      list_token.flatten(), virtual_expert.flatten(), E * G, G * T, /*validate=*/false);
+  auto [list_position, sorted_token, sorted_expert, slot, offsets] = dispatch::run_make_plan(
+      group_by_expert, list_token.flatten(), virtual_expert.flatten(), E * G, G * T, /*validate=*/false);
   // The plan's `order`: each assignment's position in the choice-major list [K, G * T], choice * G * T + token.
   const at::Tensor list_source = list_token + at::arange(k, index_options).mul_(G * T).view({k, 1, 1});
   at::Tensor order = list_source.flatten().index_select(0, list_position);
   at::Tensor flat_index = flat_score_index(sorted_token, sorted_expert, G, E);
-  auto [token_offsets, token_rows] = dispatch::token_major(sorted_token, G * T);
+  auto [token_offsets, token_rows] = dispatch::run_token_major(token_major, sorted_token, G * T);
   return {sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows};
 }
 
@@ -89,7 +90,8 @@ int64_t tokens_taken(const at::Tensor& scores, int64_t capacity) {
   return std::min(capacity, scores.size(1));
 }
 
-PlanTuple plan_from_top_tokens(const at::Tensor& scores, const at::Tensor& tokens) {
+PlanTuple plan_from_top_tokens(const at::Tensor& scores, const at::Tensor& tokens,
+                               dispatch::TokenMajorKernel token_major) {
   const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2), taken = tokens.size(2);
   const auto index_options = scores.options().dtype(at::kLong);
   // Expert-major over virtual experts e * G + g.
@@ -100,7 +102,7 @@ PlanTuple plan_from_top_tokens(const at::Tensor& scores, const at::Tensor& token
   at::Tensor offsets = at::arange(E * G + 1, index_options).mul_(taken);
   at::Tensor order = at::arange(sorted_token.size(0), index_options);
   at::Tensor flat_index = flat_score_index(sorted_token, sorted_expert, G, E);
-  auto [token_offsets, token_rows] = dispatch::token_major(sorted_token, G * T);
+  auto [token_offsets, token_rows] = dispatch::run_token_major(token_major, sorted_token, G * T);
   return {sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows};
 }
 

@@ -225,7 +225,7 @@ PlanTuple expert_choice_route_cpu(const at::Tensor& scores_in, int64_t capacity)
   const int64_t taken = tokens_taken(scores, capacity);
   at::Tensor tokens = at::empty({scores.size(0), scores.size(2), taken}, scores.options().dtype(at::kLong));
   cpu::select_top_tokens(scores, taken, tokens);
-  return plan_from_top_tokens(scores, tokens);
+  return plan_from_top_tokens(scores, tokens, &dispatch::cpu::token_major);
 }
 
 }  // namespace

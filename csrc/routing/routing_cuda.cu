@@ -84,7 +84,8 @@ PlanTuple topk_route_cuda(const at::Tensor& scores_in, int64_t k, bool batch_pri
   at::Tensor experts = at::empty({num_tokens, k}, scores.options().dtype(at::kLong));
   at::Tensor top_score = at::empty({num_tokens}, scores.options());
   cuda::select_topk(scores, k, experts, top_score);
-  return plan_from_choices(scores, k, batch_priority, experts, top_score);
+  return plan_from_choices(scores, k, batch_priority, experts, top_score, &dispatch::cuda::make_plan,
+                           &dispatch::cuda::token_major);
 }
 
 PlanTuple expert_choice_route_cuda(const at::Tensor& scores_in, int64_t capacity) {
@@ -95,7 +96,7 @@ PlanTuple expert_choice_route_cuda(const at::Tensor& scores_in, int64_t capacity
   const at::Tensor tokens =
       std::get<1>(scores.transpose(1, 2).add(0).sort(/*stable=*/true, /*dim=*/2, /*descending=*/true))
           .narrow(2, 0, tokens_taken(scores, capacity));
-  return plan_from_top_tokens(scores, tokens);
+  return plan_from_top_tokens(scores, tokens, &dispatch::cuda::token_major);
 }
 
 }  // namespace
