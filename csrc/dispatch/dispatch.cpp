@@ -1,9 +1,9 @@
-// Host code of the dispatch family: argument checks, output allocation and the choice of backend kernel.
+// Host code of the dispatch family, shared by the backends: argument checks and output allocation. Each
+// backend's file passes its kernels to the run_* bodies here and registers the result with the dispatcher.
 #include "dispatch/dispatch.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -23,15 +23,6 @@ void check_capacity(const char* op, std::optional<int64_t> capacity, bool padded
               capacity.value_or(0));
   TORCH_CHECK(!padded || capacity.has_value(), op,
               ": the padded layout needs a capacity; a dropless plan (capacity None) uses the packed layout");
-}
-
-bool on_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
-
-// Above this many experts, CUDA grouping sorts instead of compacting once per expert.
-constexpr int64_t kMaxExpertsForCompaction = 256;
-
-[[noreturn]] void no_cuda(const char* op) {
-  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
 }
 
 }  // namespace
@@ -179,31 +170,8 @@ void check_token_major_args(const at::Tensor& sorted_token, int64_t num_tokens) 
   TORCH_CHECK(num_tokens >= 0, "token_major: num_tokens must be >= 0, got ", num_tokens);
 }
 
-namespace {
-
-#ifdef VISIONMOE_WITH_CUDA
-// One synchronising read; make_plan callers whose indices are valid by construction (routers) skip it.
-void validate_indices_on_device(const at::Tensor& index, int64_t bound, const char* name) {
-  const at::Tensor bad = index.lt(0).logical_or_(index.ge(bound));
-  if (!bad.any().item<bool>()) return;
-  const int64_t position = bad.to(at::kByte).argmax().item<int64_t>();
-  TORCH_CHECK(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
-              index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
-}
-#endif
-
-void validate_tokens_on_host(const at::Tensor& token_index, int64_t num_tokens) {
-  const int64_t* tokens = token_index.data_ptr<int64_t>();
-  for (int64_t i = 0; i < token_index.size(0); ++i) {
-    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < num_tokens, "make_plan: token_index out of range: token_index[", i,
-                "] = ", tokens[i], ", expected values in [0, ", num_tokens, ")");
-  }
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(
-    const at::Tensor& token_index_in, const at::Tensor& expert_index_in, int64_t num_experts,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_make_plan(
+    GroupKernel kernel, const at::Tensor& token_index_in, const at::Tensor& expert_index_in, int64_t num_experts,
     std::optional<int64_t> num_tokens, bool validate) {
   check_make_plan_args(token_index_in, expert_index_in, num_experts, num_tokens);
   const at::Tensor token_index = token_index_in.contiguous();
@@ -216,63 +184,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan
   at::Tensor sorted_expert = at::empty({n}, index_options);
   at::Tensor slot = at::empty({n}, index_options);
   at::Tensor offsets = at::empty({num_experts + 1}, index_options);
-  if (on_cuda(token_index)) {
-#ifdef VISIONMOE_WITH_CUDA
-    if (validate) {
-      validate_indices_on_device(expert_index, num_experts, "expert_index");
-      validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()),
-                                 "token_index");
-    }
-    if (num_experts <= kMaxExpertsForCompaction) {
-      cuda::group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot,
-                            offsets);
-    } else {
-      // One block per expert would read every assignment E times; a stable radix sort reads them a few times.
-      const auto [keys, positions] = expert_index.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-      order.copy_(positions);
-      sorted_expert.copy_(keys);
-      sorted_token.copy_(token_index.index_select(0, positions));
-      offsets.copy_(at::searchsorted(keys, at::arange(num_experts + 1, index_options)));
-      slot.copy_(at::arange(n, index_options) - offsets.index_select(0, keys));
-    }
-#else
-    no_cuda("make_plan");
-#endif
-  } else {
-    // The CPU sort checks expert indices as it counts; tokens are checked only when their range is known.
-    if (validate) validate_tokens_on_host(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()));
-    cpu::stable_counting_sort(expert_index.data_ptr<int64_t>(), n, num_experts, order.data_ptr<int64_t>(),
-                              offsets.data_ptr<int64_t>(), "make_plan", "expert_index");
-    sorted_expert.copy_(expert_index.index_select(0, order));
-    sorted_token.copy_(token_index.index_select(0, order));
-    slot.copy_(at::arange(n, index_options) - offsets.index_select(0, sorted_expert));
-  }
+  kernel(token_index, expert_index, num_experts, num_tokens, validate, order, sorted_token, sorted_expert, slot,
+         offsets);
   return {order, sorted_token, sorted_expert, slot, offsets};
 }
 
-std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token_in, int64_t num_tokens) {
+std::tuple<at::Tensor, at::Tensor> run_token_major(TokenMajorKernel kernel, const at::Tensor& sorted_token_in,
+                                                   int64_t num_tokens) {
   check_token_major_args(sorted_token_in, num_tokens);
   const at::Tensor sorted_token = sorted_token_in.contiguous();
   const c10::DeviceGuard guard(sorted_token.device());
-  const auto index_options = sorted_token.options();
-  if (on_cuda(sorted_token)) {
-    // A stable radix sort keeps each token's assignments in increasing order, so sums over them are
-    // deterministic; tokens outside [0, T) fall outside every segment and are ignored.
-    const auto [tokens, rows] = sorted_token.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
-    at::Tensor token_offsets = at::searchsorted(tokens, at::arange(num_tokens + 1, index_options));
-    return {token_offsets, rows};
-  }
-  at::Tensor token_offsets = at::empty({num_tokens + 1}, index_options);
-  at::Tensor token_rows = at::empty({sorted_token.size(0)}, index_options);
-  cpu::stable_counting_sort(sorted_token.data_ptr<int64_t>(), sorted_token.size(0), num_tokens,
-                            token_rows.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(), "token_major",
-                            "sorted_token");
-  return {token_offsets, token_rows};
+  return kernel(sorted_token, num_tokens);
 }
 
-at::Tensor dispatch(const at::Tensor& x_in, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
-                    const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
-                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded, bool validate) {
+at::Tensor run_dispatch(GatherKernel kernel, const at::Tensor& x_in, const at::Tensor& sorted_token,
+                        const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                        const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
+                        bool padded, bool validate) {
   constexpr const char* op = "dispatch";
   TORCH_CHECK(x_in.dim() == 2, op, ": x must have shape [T, D], got ", x_in.sizes());
   TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), op, ": x must be a floating-point tensor, got ",
@@ -288,22 +216,14 @@ at::Tensor dispatch(const at::Tensor& x_in, const at::Tensor& sorted_token, cons
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = padded ? at::empty({view.num_experts, view.capacity, view.dim}, x.options())
                           : at::empty({view.num_assignments, view.dim}, x.options());
-  if (on_cuda(x)) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::gather_rows(view, x, out);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::gather_rows(view, x, out);
-  }
+  kernel(view, x, out);
   return out;
 }
 
-at::Tensor dispatch_backward(const at::Tensor& grad_out_in, const at::Tensor& sorted_token,
-                             const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
-                             const at::Tensor& token_offsets, const at::Tensor& token_rows,
-                             std::optional<int64_t> capacity) {
+at::Tensor run_dispatch_backward(SumRowsKernel kernel, const at::Tensor& grad_out_in, const at::Tensor& sorted_token,
+                                 const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                                 const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                                 std::optional<int64_t> capacity) {
   constexpr const char* op = "dispatch_backward";
   const bool padded = grad_out_in.dim() == 3;
   const c10::DeviceGuard guard(grad_out_in.device());
@@ -314,22 +234,14 @@ at::Tensor dispatch_backward(const at::Tensor& grad_out_in, const at::Tensor& so
   view.dim = grad_out_in.size(-1);
   const at::Tensor grad_out = grad_out_in.contiguous();
   at::Tensor grad_x = at::empty({view.num_tokens, view.dim}, grad_out.options());
-  if (on_cuda(grad_out)) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::sum_rows_per_token(view, grad_out, nullptr, grad_x);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::sum_rows_per_token(op, view, grad_out, nullptr, grad_x);
-  }
+  kernel(op, view, grad_out, nullptr, grad_x);
   return grad_x;
 }
 
-at::Tensor combine(const at::Tensor& expert_out_in, const at::Tensor& weight_in, const at::Tensor& sorted_token,
-                   const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
-                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
-                   bool validate) {
+at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out_in, const at::Tensor& weight_in,
+                       const at::Tensor& sorted_token, const at::Tensor& sorted_expert, const at::Tensor& slot,
+                       const at::Tensor& offsets, const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                       std::optional<int64_t> capacity, bool validate) {
   constexpr const char* op = "combine";
   const bool padded = expert_out_in.dim() == 3;
   const c10::DeviceGuard guard(expert_out_in.device());
@@ -348,22 +260,15 @@ at::Tensor combine(const at::Tensor& expert_out_in, const at::Tensor& weight_in,
   const at::Tensor expert_out = expert_out_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor y = at::empty({view.num_tokens, view.dim}, expert_out.options());
-  if (on_cuda(expert_out)) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::sum_rows_per_token(view, expert_out, &weight, y);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::sum_rows_per_token(op, view, expert_out, &weight, y);
-  }
+  kernel(op, view, expert_out, &weight, y);
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y_in, const at::Tensor& expert_out_in,
-                                                    const at::Tensor& weight_in, const at::Tensor& sorted_token,
-                                                    const at::Tensor& sorted_expert, const at::Tensor& slot,
-                                                    const at::Tensor& offsets, std::optional<int64_t> capacity) {
+std::tuple<at::Tensor, at::Tensor> run_combine_backward(CombineBackwardKernel kernel, const at::Tensor& grad_y_in,
+                                                        const at::Tensor& expert_out_in, const at::Tensor& weight_in,
+                                                        const at::Tensor& sorted_token,
+                                                        const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                        const at::Tensor& offsets, std::optional<int64_t> capacity) {
   constexpr const char* op = "combine_backward";
   const bool padded = expert_out_in.dim() == 3;
   const c10::DeviceGuard guard(expert_out_in.device());
@@ -387,36 +292,8 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y_in,
   const at::Tensor weight = weight_in.contiguous();
   at::Tensor grad_expert_out = at::empty_like(expert_out);
   at::Tensor grad_weight = at::empty_like(weight);
-  if (on_cuda(expert_out)) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::combine_backward(view, grad_y, expert_out, weight, grad_expert_out, grad_weight);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::combine_backward(view, grad_y, expert_out, weight, grad_expert_out, grad_weight);
-  }
+  kernel(view, grad_y, expert_out, weight, grad_expert_out, grad_weight);
   return {grad_expert_out, grad_weight};
 }
-
-TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
-  m.impl("make_plan", &make_plan);
-  m.impl("token_major", &token_major);
-  m.impl("dispatch", &dispatch);
-  m.impl("dispatch_backward", &dispatch_backward);
-  m.impl("combine", &combine);
-  m.impl("combine_backward", &combine_backward);
-}
-
-#ifdef VISIONMOE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
-  m.impl("make_plan", &make_plan);
-  m.impl("token_major", &token_major);
-  m.impl("dispatch", &dispatch);
-  m.impl("dispatch_backward", &dispatch_backward);
-  m.impl("combine", &combine);
-  m.impl("combine_backward", &combine_backward);
-}
-#endif
 
 }  // namespace visionmoe::dispatch

@@ -98,30 +98,53 @@ void check_make_plan_args(const at::Tensor& token_index, const at::Tensor& exper
                           std::optional<int64_t> num_tokens);
 void check_token_major_args(const at::Tensor& sorted_token, int64_t num_tokens);
 
-// Host-side operator bodies: argument checks, output allocation, then the backend kernels below.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan(
-    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
-    std::optional<int64_t> num_tokens, bool validate);
-std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens);
-at::Tensor dispatch(const at::Tensor& x, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
-                    const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
-                    const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded, bool validate);
-at::Tensor dispatch_backward(const at::Tensor& grad_out, const at::Tensor& sorted_token,
-                             const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
-                             const at::Tensor& token_offsets, const at::Tensor& token_rows,
-                             std::optional<int64_t> capacity);
-at::Tensor combine(const at::Tensor& expert_out, const at::Tensor& weight, const at::Tensor& sorted_token,
-                   const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
-                   const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
-                   bool validate);
-std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                                    const at::Tensor& weight, const at::Tensor& sorted_token,
-                                                    const at::Tensor& sorted_expert, const at::Tensor& slot,
-                                                    const at::Tensor& offsets, std::optional<int64_t> capacity);
+// Backend kernels, passed to the operator bodies below. Outputs are allocated and every input is checked and
+// contiguous before these run, except that a TokenMajorKernel allocates its own outputs. op names the calling
+// operator in error messages.
+using GroupKernel = void (*)(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+                             std::optional<int64_t> num_tokens, bool validate, at::Tensor& order,
+                             at::Tensor& sorted_token, at::Tensor& sorted_expert, at::Tensor& slot,
+                             at::Tensor& offsets);
+using TokenMajorKernel = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& sorted_token, int64_t num_tokens);
+using GatherKernel = void (*)(const PlanView& plan, const at::Tensor& x, at::Tensor& out);
+using SumRowsKernel = void (*)(const char* op, const PlanView& plan, const at::Tensor& rows,
+                               const at::Tensor* weight, at::Tensor& out);
+using CombineBackwardKernel = void (*)(const PlanView& plan, const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                       const at::Tensor& weight, at::Tensor& grad_expert_out,
+                                       at::Tensor& grad_weight);
 
-// Backend kernels. Outputs are allocated and every input is checked and contiguous before these run.
+// Operator bodies shared by the backends (dispatch.cpp): argument checks, contiguous copies and allocation, then
+// `kernel` under a guard for the inputs' device. Each backend file passes its kernels and registers the result
+// with the dispatcher, so no host code branches on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_make_plan(
+    GroupKernel kernel, const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+    std::optional<int64_t> num_tokens, bool validate);
+std::tuple<at::Tensor, at::Tensor> run_token_major(TokenMajorKernel kernel, const at::Tensor& sorted_token,
+                                                   int64_t num_tokens);
+at::Tensor run_dispatch(GatherKernel kernel, const at::Tensor& x, const at::Tensor& sorted_token,
+                        const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                        const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
+                        bool padded, bool validate);
+at::Tensor run_dispatch_backward(SumRowsKernel kernel, const at::Tensor& grad_out, const at::Tensor& sorted_token,
+                                 const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                                 const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                                 std::optional<int64_t> capacity);
+at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out, const at::Tensor& weight,
+                       const at::Tensor& sorted_token, const at::Tensor& sorted_expert, const at::Tensor& slot,
+                       const at::Tensor& offsets, const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                       std::optional<int64_t> capacity, bool validate);
+std::tuple<at::Tensor, at::Tensor> run_combine_backward(CombineBackwardKernel kernel, const at::Tensor& grad_y,
+                                                        const at::Tensor& expert_out, const at::Tensor& weight,
+                                                        const at::Tensor& sorted_token,
+                                                        const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                        const at::Tensor& offsets, std::optional<int64_t> capacity);
+
 namespace cpu {
-// op names the calling operator in error messages.
+// The plan's grouping by expert and its token-major view; the routers' CPU paths use token_major too.
+void make_plan(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+               std::optional<int64_t> num_tokens, bool validate, at::Tensor& order, at::Tensor& sorted_token,
+               at::Tensor& sorted_expert, at::Tensor& slot, at::Tensor& offsets);
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens);
 void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, int64_t* order, int64_t* offsets,
                           const char* op, const char* key_name);
 void gather_rows(const PlanView& plan, const at::Tensor& x, at::Tensor& out);
@@ -133,6 +156,11 @@ void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::
 
 #ifdef VISIONMOE_WITH_CUDA
 namespace cuda {
+// The plan's grouping by expert and its token-major view; the routers' CUDA paths use both too.
+void make_plan(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+               std::optional<int64_t> num_tokens, bool validate, at::Tensor& order, at::Tensor& sorted_token,
+               at::Tensor& sorted_expert, at::Tensor& slot, at::Tensor& offsets);
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens);
 void group_by_expert(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
                      at::Tensor& order, at::Tensor& sorted_token, at::Tensor& sorted_expert, at::Tensor& slot,
                      at::Tensor& offsets);

@@ -3,10 +3,15 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "dispatch/dispatch.h"
@@ -184,4 +189,96 @@ void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::
   });
 }
 
+namespace {
+
+void validate_tokens_on_host(const at::Tensor& token_index, int64_t num_tokens) {
+  const int64_t* tokens = token_index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < token_index.size(0); ++i) {
+    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < num_tokens, "make_plan: token_index out of range: token_index[", i,
+                "] = ", tokens[i], ", expected values in [0, ", num_tokens, ")");
+  }
+}
+
+}  // namespace
+
+void make_plan(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+               std::optional<int64_t> num_tokens, bool validate, at::Tensor& order, at::Tensor& sorted_token,
+               at::Tensor& sorted_expert, at::Tensor& slot, at::Tensor& offsets) {
+  const int64_t n = token_index.size(0);
+  // The CPU sort checks expert indices as it counts; tokens are checked only when their range is known.
+  if (validate) validate_tokens_on_host(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()));
+  stable_counting_sort(expert_index.data_ptr<int64_t>(), n, num_experts, order.data_ptr<int64_t>(),
+                       offsets.data_ptr<int64_t>(), "make_plan", "expert_index");
+  sorted_expert.copy_(expert_index.index_select(0, order));
+  sorted_token.copy_(token_index.index_select(0, order));
+  slot.copy_(at::arange(n, token_index.options()) - offsets.index_select(0, sorted_expert));
+}
+
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens) {
+  const auto index_options = sorted_token.options();
+  at::Tensor token_offsets = at::empty({num_tokens + 1}, index_options);
+  at::Tensor token_rows = at::empty({sorted_token.size(0)}, index_options);
+  stable_counting_sort(sorted_token.data_ptr<int64_t>(), sorted_token.size(0), num_tokens,
+                       token_rows.data_ptr<int64_t>(), token_offsets.data_ptr<int64_t>(), "token_major",
+                       "sorted_token");
+  return {token_offsets, token_rows};
+}
+
 }  // namespace visionmoe::dispatch::cpu
+
+namespace visionmoe::dispatch {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(
+    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+    std::optional<int64_t> num_tokens, bool validate) {
+  return run_make_plan(&cpu::make_plan, token_index, expert_index, num_experts, num_tokens, validate);
+}
+
+std::tuple<at::Tensor, at::Tensor> token_major_cpu(const at::Tensor& sorted_token, int64_t num_tokens) {
+  return run_token_major(&cpu::token_major, sorted_token, num_tokens);
+}
+
+at::Tensor dispatch_cpu(const at::Tensor& x, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                        const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
+                        const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded, bool validate) {
+  return run_dispatch(&cpu::gather_rows, x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
+                      capacity, padded, validate);
+}
+
+at::Tensor dispatch_backward_cpu(const at::Tensor& grad_out, const at::Tensor& sorted_token,
+                                 const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                                 const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                                 std::optional<int64_t> capacity) {
+  return run_dispatch_backward(&cpu::sum_rows_per_token, grad_out, sorted_token, sorted_expert, slot, offsets,
+                               token_offsets, token_rows, capacity);
+}
+
+at::Tensor combine_cpu(const at::Tensor& expert_out, const at::Tensor& weight, const at::Tensor& sorted_token,
+                       const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                       const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
+                       bool validate) {
+  return run_combine(&cpu::sum_rows_per_token, expert_out, weight, sorted_token, sorted_expert, slot, offsets,
+                     token_offsets, token_rows, capacity, validate);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                                        const at::Tensor& weight, const at::Tensor& sorted_token,
+                                                        const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                        const at::Tensor& offsets, std::optional<int64_t> capacity) {
+  return run_combine_backward(&cpu::combine_backward, grad_y, expert_out, weight, sorted_token, sorted_expert, slot,
+                              offsets, capacity);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("make_plan", &make_plan_cpu);
+  m.impl("token_major", &token_major_cpu);
+  m.impl("dispatch", &dispatch_cpu);
+  m.impl("dispatch_backward", &dispatch_backward_cpu);
+  m.impl("combine", &combine_cpu);
+  m.impl("combine_backward", &combine_backward_cpu);
+}
+
+}  // namespace visionmoe::dispatch

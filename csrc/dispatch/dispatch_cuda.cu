@@ -3,16 +3,22 @@
 // none uses floating-point atomics.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/macros/Macros.h>
+#include <torch/library.h>
 
 #include <cub/block/block_scan.cuh>
 
 #include <cstdint>
+#include <limits>
 
+#include "common/warp_reduce.cuh"
 #include "dispatch/dispatch.h"
 
 namespace visionmoe::dispatch::cuda {
@@ -182,8 +188,8 @@ __global__ void combine_backward_kernel(PlanView plan, const scalar_t* __restric
     }
     grad_row[i] = result;
   }
-#pragma unroll
-  for (int shift = kWarp / 2; shift > 0; shift /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, shift);
+  // Lane 0's sum, the one written, is the butterfly's as before; the broadcast to the other lanes goes unused.
+  dot = warp_reduce::warp_sum(dot);
   if (lane == 0) grad_weight[a] = static_cast<scalar_t>(dot);
 }
 
@@ -290,4 +296,120 @@ void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::
   });
 }
 
+namespace {
+
+// Above this many experts, CUDA grouping sorts instead of compacting once per expert.
+constexpr int64_t kMaxExpertsForCompaction = 256;
+
+// One synchronising read; make_plan callers whose indices are valid by construction (routers) skip it.
+void validate_indices_on_device(const at::Tensor& index, int64_t bound, const char* name) {
+  const at::Tensor bad = index.lt(0).logical_or_(index.ge(bound));
+  if (!bad.any().item<bool>()) return;
+  const int64_t position = bad.to(at::kByte).argmax().item<int64_t>();
+  TORCH_CHECK(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
+              index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
+}
+
+}  // namespace
+
+void make_plan(const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+               std::optional<int64_t> num_tokens, bool validate, at::Tensor& order, at::Tensor& sorted_token,
+               at::Tensor& sorted_expert, at::Tensor& slot, at::Tensor& offsets) {
+  if (validate) {
+    validate_indices_on_device(expert_index, num_experts, "expert_index");
+    validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()),
+                               "token_index");
+  }
+  if (num_experts <= kMaxExpertsForCompaction) {
+    group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot, offsets);
+  } else {
+    // One block per expert would read every assignment E times; a stable radix sort reads them a few times.
+    const int64_t n = token_index.size(0);
+    const auto index_options = token_index.options();
+    const auto [keys, positions] = expert_index.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+    order.copy_(positions);
+    sorted_expert.copy_(keys);
+    sorted_token.copy_(token_index.index_select(0, positions));
+    offsets.copy_(at::searchsorted(keys, at::arange(num_experts + 1, index_options)));
+    slot.copy_(at::arange(n, index_options) - offsets.index_select(0, keys));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, int64_t num_tokens) {
+  // A stable radix sort keeps each token's assignments in increasing order, so sums over them are
+  // deterministic; tokens outside [0, T) fall outside every segment and are ignored.
+  const auto [tokens, rows] = sorted_token.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor token_offsets = at::searchsorted(tokens, at::arange(num_tokens + 1, sorted_token.options()));
+  return {token_offsets, rows};
+}
+
 }  // namespace visionmoe::dispatch::cuda
+
+namespace visionmoe::dispatch {
+namespace {
+
+// The CUDA kernel reports nothing by operator name (its checks are the host's), so it takes no op.
+void sum_rows_per_token_cuda(const char* /*op*/, const PlanView& plan, const at::Tensor& rows,
+                             const at::Tensor* weight, at::Tensor& out) {
+  cuda::sum_rows_per_token(plan, rows, weight, out);
+}
+
+}  // namespace
+}  // namespace visionmoe::dispatch
+
+namespace visionmoe::dispatch {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cuda(
+    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
+    std::optional<int64_t> num_tokens, bool validate) {
+  return run_make_plan(&cuda::make_plan, token_index, expert_index, num_experts, num_tokens, validate);
+}
+
+std::tuple<at::Tensor, at::Tensor> token_major_cuda(const at::Tensor& sorted_token, int64_t num_tokens) {
+  return run_token_major(&cuda::token_major, sorted_token, num_tokens);
+}
+
+at::Tensor dispatch_cuda(const at::Tensor& x, const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                         const at::Tensor& slot, const at::Tensor& offsets, const at::Tensor& token_offsets,
+                         const at::Tensor& token_rows, std::optional<int64_t> capacity, bool padded, bool validate) {
+  return run_dispatch(&cuda::gather_rows, x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
+                      capacity, padded, validate);
+}
+
+at::Tensor dispatch_backward_cuda(const at::Tensor& grad_out, const at::Tensor& sorted_token,
+                                  const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                                  const at::Tensor& token_offsets, const at::Tensor& token_rows,
+                                  std::optional<int64_t> capacity) {
+  return run_dispatch_backward(&sum_rows_per_token_cuda, grad_out, sorted_token, sorted_expert, slot, offsets,
+                               token_offsets, token_rows, capacity);
+}
+
+at::Tensor combine_cuda(const at::Tensor& expert_out, const at::Tensor& weight, const at::Tensor& sorted_token,
+                        const at::Tensor& sorted_expert, const at::Tensor& slot, const at::Tensor& offsets,
+                        const at::Tensor& token_offsets, const at::Tensor& token_rows, std::optional<int64_t> capacity,
+                        bool validate) {
+  return run_combine(&sum_rows_per_token_cuda, expert_out, weight, sorted_token, sorted_expert, slot, offsets,
+                     token_offsets, token_rows, capacity, validate);
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                                         const at::Tensor& weight, const at::Tensor& sorted_token,
+                                                         const at::Tensor& sorted_expert, const at::Tensor& slot,
+                                                         const at::Tensor& offsets, std::optional<int64_t> capacity) {
+  return run_combine_backward(&cuda::combine_backward, grad_y, expert_out, weight, sorted_token, sorted_expert, slot,
+                              offsets, capacity);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("make_plan", &make_plan_cuda);
+  m.impl("token_major", &token_major_cuda);
+  m.impl("dispatch", &dispatch_cuda);
+  m.impl("dispatch_backward", &dispatch_backward_cuda);
+  m.impl("combine", &combine_cuda);
+  m.impl("combine_backward", &combine_backward_cuda);
+}
+
+}  // namespace visionmoe::dispatch

@@ -1,10 +1,9 @@
-// Host code of the routing family: argument checks, selection kernels, then ATen steps and the dispatch family's
-// stable grouping by expert, which run on any device.
+// Host code of the routing family, shared by the backends: argument checks, output allocation, and the ATen
+// steps and the dispatch family's stable grouping by expert, which run on any device. Each backend's file
+// registers its operators with the dispatcher.
 #include "routing/routing.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -30,29 +29,34 @@ at::Tensor flat_score_index(const at::Tensor& sorted_token, const at::Tensor& so
 
 }  // namespace
 
-PlanTuple topk_route(const at::Tensor& scores_in, int64_t k, bool batch_priority) {
+at::Tensor check_topk_route(const at::Tensor& scores, int64_t k) {
   constexpr const char* op = "topk_route";
-  check_scores(op, scores_in);
-  const int64_t G = scores_in.size(0), T = scores_in.size(1), E = scores_in.size(2);
+  check_scores(op, scores);
+  const int64_t E = scores.size(2);
   TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, E] = [1, ", E, "], got ", k);
-  const at::Tensor scores = scores_in.contiguous();
-  const c10::DeviceGuard guard(scores.device());
+  return scores.contiguous();
+}
+
+PlanOutputs empty_topk_plan(const at::Tensor& scores, int64_t k) {
+  const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2);
   const auto index_options = scores.options().dtype(at::kLong);
   const int64_t A = G * T * k;
-  if (!scores.device().is_cuda()) {
-    PlanOutputs plan{at::empty({A}, index_options),         at::empty({A}, index_options),
+  return PlanOutputs{at::empty({A}, index_options),         at::empty({A}, index_options),
                      at::empty({A}, index_options),         at::empty({E * G + 1}, index_options),
                      at::empty({A}, index_options),         at::empty({A}, index_options),
                      at::empty({G * T + 1}, index_options), at::empty({A}, index_options)};
-    cpu::topk_route(scores, k, batch_priority, plan);
-    return {plan.sorted_token, plan.sorted_expert, plan.slot,          plan.offsets,
-            plan.order,        plan.flat_index,    plan.token_offsets, plan.token_rows};
-  }
-#ifdef VISIONMOE_WITH_CUDA
-  TORCH_CHECK(k <= cuda::kMaxK, op, ": k must be at most ", cuda::kMaxK, " on CUDA, got ", k);
-  at::Tensor experts = at::empty({G * T, k}, index_options);
-  at::Tensor top_score = at::empty({G * T}, scores.options());
-  cuda::select_topk(scores, k, experts, top_score);
+}
+
+PlanTuple as_tuple(const PlanOutputs& plan) {
+  return {plan.sorted_token, plan.sorted_expert, plan.slot,          plan.offsets,
+          plan.order,        plan.flat_index,    plan.token_offsets, plan.token_rows};
+}
+
+PlanTuple plan_from_choices(const at::Tensor& scores, int64_t k, bool batch_priority, const at::Tensor& experts,
+                            const at::Tensor& top_score, dispatch::GroupKernel group_by_expert,
+                            dispatch::TokenMajorKernel token_major) {
+  const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2);
+  const auto index_options = scores.options().dtype(at::kLong);
   // Priority of the tokens of each group: by position, or (Batch Priority Routing) by best score, highest
   // first; the stable sort keeps position order among equal scores.
   const at::Tensor group_base = at::arange(G, index_options).mul_(T).unsqueeze(1);  // [G, 1]
@@ -64,39 +68,32 @@ PlanTuple topk_route(const at::Tensor& scores_in, int64_t k, bool batch_priority
   const at::Tensor choices = experts.index_select(0, rank_to_token.flatten()).view({G, T, k}).permute({2, 0, 1});
   const at::Tensor virtual_expert = choices * G + at::arange(G, index_options).view({1, G, 1});  // [K, G, T]
   const at::Tensor list_token = rank_to_token.unsqueeze(0).expand({k, G, T});
-  auto [list_position, sorted_token, sorted_expert, slot, offsets] = dispatch::make_plan(
-      list_token.flatten(), virtual_expert.flatten(), E * G, G * T, /*validate=*/false);
+  auto [list_position, sorted_token, sorted_expert, slot, offsets] = dispatch::run_make_plan(
+      group_by_expert, list_token.flatten(), virtual_expert.flatten(), E * G, G * T, /*validate=*/false);
   // The plan's `order`: each assignment's position in the choice-major list [K, G * T], choice * G * T + token.
   const at::Tensor list_source = list_token + at::arange(k, index_options).mul_(G * T).view({k, 1, 1});
   at::Tensor order = list_source.flatten().index_select(0, list_position);
   at::Tensor flat_index = flat_score_index(sorted_token, sorted_expert, G, E);
-  auto [token_offsets, token_rows] = dispatch::token_major(sorted_token, G * T);
+  auto [token_offsets, token_rows] = dispatch::run_token_major(token_major, sorted_token, G * T);
   return {sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows};
-#else
-  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels");
-#endif
 }
 
-PlanTuple expert_choice_route(const at::Tensor& scores_in, int64_t capacity) {
+at::Tensor check_expert_choice_route(const at::Tensor& scores, int64_t capacity) {
   constexpr const char* op = "expert_choice_route";
-  check_scores(op, scores_in);
+  check_scores(op, scores);
   TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
-  const int64_t G = scores_in.size(0), T = scores_in.size(1), E = scores_in.size(2);
+  return scores.contiguous();
+}
+
+int64_t tokens_taken(const at::Tensor& scores, int64_t capacity) {
   // An expert cannot take more tokens than its group has; its remaining slots stay empty.
-  const int64_t taken = std::min(capacity, T);
-  const at::Tensor scores = scores_in.contiguous();
-  const c10::DeviceGuard guard(scores.device());
+  return std::min(capacity, scores.size(1));
+}
+
+PlanTuple plan_from_top_tokens(const at::Tensor& scores, const at::Tensor& tokens,
+                               dispatch::TokenMajorKernel token_major) {
+  const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2), taken = tokens.size(2);
   const auto index_options = scores.options().dtype(at::kLong);
-  at::Tensor tokens;  // [G, E, taken], each expert's chosen tokens, best first
-  if (scores.device().is_cuda()) {
-    // Adding +0 turns -0 into +0, which ties it with +0 (lower token first, as on the CPU): torch's radix sort of
-    // long columns orders floats by their bits, which may rank -0 below +0.
-    tokens = std::get<1>(scores.transpose(1, 2).add(0).sort(/*stable=*/true, /*dim=*/2, /*descending=*/true))
-                 .narrow(2, 0, taken);
-  } else {
-    tokens = at::empty({G, E, taken}, index_options);
-    cpu::select_top_tokens(scores, taken, tokens);
-  }
   // Expert-major over virtual experts e * G + g.
   at::Tensor sorted_token =
       (tokens.permute({1, 0, 2}) + at::arange(G, index_options).mul_(T).view({1, G, 1})).flatten();
@@ -105,20 +102,8 @@ PlanTuple expert_choice_route(const at::Tensor& scores_in, int64_t capacity) {
   at::Tensor offsets = at::arange(E * G + 1, index_options).mul_(taken);
   at::Tensor order = at::arange(sorted_token.size(0), index_options);
   at::Tensor flat_index = flat_score_index(sorted_token, sorted_expert, G, E);
-  auto [token_offsets, token_rows] = dispatch::token_major(sorted_token, G * T);
+  auto [token_offsets, token_rows] = dispatch::run_token_major(token_major, sorted_token, G * T);
   return {sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows};
 }
-
-TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
-  m.impl("topk_route", &topk_route);
-  m.impl("expert_choice_route", &expert_choice_route);
-}
-
-#ifdef VISIONMOE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
-  m.impl("topk_route", &topk_route);
-  m.impl("expert_choice_route", &expert_choice_route);
-}
-#endif
 
 }  // namespace visionmoe::routing

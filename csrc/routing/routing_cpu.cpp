@@ -3,7 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -207,3 +209,30 @@ void select_top_tokens(const at::Tensor& scores, int64_t capacity, at::Tensor& t
 }
 
 }  // namespace visionmoe::routing::cpu
+
+namespace visionmoe::routing {
+namespace {
+
+PlanTuple topk_route_cpu(const at::Tensor& scores_in, int64_t k, bool batch_priority) {
+  const at::Tensor scores = check_topk_route(scores_in, k);
+  PlanOutputs plan = empty_topk_plan(scores, k);
+  cpu::topk_route(scores, k, batch_priority, plan);
+  return as_tuple(plan);
+}
+
+PlanTuple expert_choice_route_cpu(const at::Tensor& scores_in, int64_t capacity) {
+  const at::Tensor scores = check_expert_choice_route(scores_in, capacity);
+  const int64_t taken = tokens_taken(scores, capacity);
+  at::Tensor tokens = at::empty({scores.size(0), scores.size(2), taken}, scores.options().dtype(at::kLong));
+  cpu::select_top_tokens(scores, taken, tokens);
+  return plan_from_top_tokens(scores, tokens, &dispatch::cpu::token_major);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("topk_route", &topk_route_cpu);
+  m.impl("expert_choice_route", &expert_choice_route_cpu);
+}
+
+}  // namespace visionmoe::routing

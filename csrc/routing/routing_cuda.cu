@@ -3,7 +3,10 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <limits>
 
@@ -69,3 +72,38 @@ void select_topk(const at::Tensor& scores, int64_t k, at::Tensor& experts, at::T
 }
 
 }  // namespace visionmoe::routing::cuda
+
+namespace visionmoe::routing {
+namespace {
+
+PlanTuple topk_route_cuda(const at::Tensor& scores_in, int64_t k, bool batch_priority) {
+  const at::Tensor scores = check_topk_route(scores_in, k);
+  TORCH_CHECK(k <= cuda::kMaxK, "topk_route: k must be at most ", cuda::kMaxK, " on CUDA, got ", k);
+  const c10::DeviceGuard guard(scores.device());
+  const int64_t num_tokens = scores.size(0) * scores.size(1);
+  at::Tensor experts = at::empty({num_tokens, k}, scores.options().dtype(at::kLong));
+  at::Tensor top_score = at::empty({num_tokens}, scores.options());
+  cuda::select_topk(scores, k, experts, top_score);
+  return plan_from_choices(scores, k, batch_priority, experts, top_score, &dispatch::cuda::make_plan,
+                           &dispatch::cuda::token_major);
+}
+
+PlanTuple expert_choice_route_cuda(const at::Tensor& scores_in, int64_t capacity) {
+  const at::Tensor scores = check_expert_choice_route(scores_in, capacity);
+  const c10::DeviceGuard guard(scores.device());
+  // Adding +0 turns -0 into +0, which ties it with +0 (lower token first, as on the CPU): torch's radix sort of
+  // long columns orders floats by their bits, which may rank -0 below +0.
+  const at::Tensor tokens =
+      std::get<1>(scores.transpose(1, 2).add(0).sort(/*stable=*/true, /*dim=*/2, /*descending=*/true))
+          .narrow(2, 0, tokens_taken(scores, capacity));
+  return plan_from_top_tokens(scores, tokens, &dispatch::cuda::token_major);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("topk_route", &topk_route_cuda);
+  m.impl("expert_choice_route", &expert_choice_route_cuda);
+}
+
+}  // namespace visionmoe::routing

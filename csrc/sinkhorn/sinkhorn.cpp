@@ -1,19 +1,15 @@
-// Host code of the Sinkhorn family: argument checks, output allocation and the choice of backend kernel.
+// Host code of the Sinkhorn family: argument checks and output allocation, shared by the backends; each backend's
+// file registers its kernels with the dispatcher, which picks the backend.
 #include "sinkhorn/sinkhorn.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include "common/checks.h"
 
 namespace visionmoe::sinkhorn {
 namespace {
-
-[[noreturn]] void no_cuda(const char* op) {
-  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
-}
 
 SinkhornShape check_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [G, T, E], got ", logits.sizes());
@@ -56,8 +52,8 @@ at::Tensor row_maxima(const at::Tensor& logits) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits_in, int64_t num_iterations,
-                                                        bool validate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_sinkhorn(ForwardKernel kernel, const at::Tensor& logits_in,
+                                                            int64_t num_iterations, bool validate) {
   constexpr const char* op = "sinkhorn";
   SinkhornShape shape = check_logits(op, logits_in);
   TORCH_CHECK(num_iterations >= 0, op, ": num_iterations must be >= 0, got ", num_iterations);
@@ -71,20 +67,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits
   if (shape.iterations == 0) return {logits.clone(), row_potentials, column_potentials};
   at::Tensor log_plan = at::empty_like(logits);
   if (logits.numel() == 0) return {log_plan, row_potentials, column_potentials};
-  if (logits.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::forward(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
-  }
+  kernel(shape, logits, row_maxima(logits), log_plan, row_potentials, column_potentials);
   return {log_plan, row_potentials, column_potentials};
 }
 
-at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& row_in,
-                             const at::Tensor& column_in) {
+at::Tensor run_sinkhorn_backward(BackwardKernel kernel, const at::Tensor& grad_in, const at::Tensor& logits_in,
+                                 const at::Tensor& row_in, const at::Tensor& column_in) {
   constexpr const char* op = "sinkhorn_backward";
   SinkhornShape shape = check_logits(op, logits_in);
   TORCH_CHECK(grad_in.sizes() == logits_in.sizes(), op, ": grad_log_plan must have the shape of logits (",
@@ -107,28 +95,8 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad_in, const at::Tensor& logits
   const c10::DeviceGuard guard(logits.device());
   at::Tensor grad_logits = at::empty_like(logits);
   if (logits.numel() == 0) return grad_logits;
-  if (logits.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::backward(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
-  }
+  kernel(shape, grad_log_plan, logits, row_maxima(logits), row_potentials, column_potentials, grad_logits);
   return grad_logits;
 }
-
-TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
-  m.impl("sinkhorn", &sinkhorn);
-  m.impl("sinkhorn_backward", &sinkhorn_backward);
-}
-
-#ifdef VISIONMOE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
-  m.impl("sinkhorn", &sinkhorn);
-  m.impl("sinkhorn_backward", &sinkhorn_backward);
-}
-#endif
 
 }  // namespace visionmoe::sinkhorn

@@ -43,14 +43,22 @@ struct SinkhornShape {
   int64_t iterations = 0;  // K
 };
 
-// Host-side operator bodies: argument checks, output allocation, then the backend kernels below.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn(const at::Tensor& logits, int64_t num_iterations,
-                                                        bool validate);
-at::Tensor sinkhorn_backward(const at::Tensor& grad_log_plan, const at::Tensor& logits,
-                             const at::Tensor& row_potentials, const at::Tensor& column_potentials);
-
 // Backend kernels, for K >= 1. Every input is checked and contiguous, outputs are allocated, before these run;
 // row_max [G, T] (opmath) holds m_t.
+using ForwardKernel = void (*)(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max,
+                               at::Tensor& log_plan, at::Tensor& row_potentials, at::Tensor& column_potentials);
+using BackwardKernel = void (*)(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const at::Tensor& logits,
+                                const at::Tensor& row_max, const at::Tensor& row_potentials,
+                                const at::Tensor& column_potentials, at::Tensor& grad_logits);
+
+// Operator bodies shared by the backends (sinkhorn.cpp): argument checks, output allocation and the cases that
+// need no kernel (K = 0, empty logits), then `kernel` under a guard for the logits' device. Each backend file
+// passes its own kernel and registers the result with the dispatcher, so no host code branches on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_sinkhorn(ForwardKernel kernel, const at::Tensor& logits,
+                                                            int64_t num_iterations, bool validate);
+at::Tensor run_sinkhorn_backward(BackwardKernel kernel, const at::Tensor& grad_log_plan, const at::Tensor& logits,
+                                 const at::Tensor& row_potentials, const at::Tensor& column_potentials);
+
 namespace cpu {
 void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Tensor& row_max, at::Tensor& log_plan,
              at::Tensor& row_potentials, at::Tensor& column_potentials);

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -317,3 +318,25 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
 }
 
 }  // namespace visionmoe::sinkhorn::cpu
+
+namespace visionmoe::sinkhorn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& logits, int64_t num_iterations,
+                                                            bool validate) {
+  return run_sinkhorn(&cpu::forward, logits, num_iterations, validate);
+}
+
+at::Tensor sinkhorn_backward_cpu(const at::Tensor& grad_log_plan, const at::Tensor& logits,
+                                 const at::Tensor& row_potentials, const at::Tensor& column_potentials) {
+  return run_sinkhorn_backward(&cpu::backward, grad_log_plan, logits, row_potentials, column_potentials);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("sinkhorn", &sinkhorn_cpu);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cpu);
+}
+
+}  // namespace visionmoe::sinkhorn

@@ -13,6 +13,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -381,3 +382,25 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
 }
 
 }  // namespace visionmoe::sinkhorn::cuda
+
+namespace visionmoe::sinkhorn {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(const at::Tensor& logits, int64_t num_iterations,
+                                                             bool validate) {
+  return run_sinkhorn(&cuda::forward, logits, num_iterations, validate);
+}
+
+at::Tensor sinkhorn_backward_cuda(const at::Tensor& grad_log_plan, const at::Tensor& logits,
+                                  const at::Tensor& row_potentials, const at::Tensor& column_potentials) {
+  return run_sinkhorn_backward(&cuda::backward, grad_log_plan, logits, row_potentials, column_potentials);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("sinkhorn", &sinkhorn_cuda);
+  m.impl("sinkhorn_backward", &sinkhorn_backward_cuda);
+}
+
+}  // namespace visionmoe::sinkhorn

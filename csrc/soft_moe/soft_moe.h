@@ -16,6 +16,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -31,5 +32,9 @@ at::Tensor soft_combine(const at::Tensor& y, const at::Tensor& logits);
 // grad_out [G, T, D] -> (grad_y [G, S, D], grad_logits [G, T, S]).
 std::tuple<at::Tensor, at::Tensor> soft_combine_backward(const at::Tensor& grad_out, const at::Tensor& y,
                                                          const at::Tensor& logits);
+
+// Registers the four operators above in `m`, a TORCH_LIBRARY_IMPL block of one backend: the bodies are ATen and
+// serve every backend, so each backend's file registers them with this one list.
+void impl_kernels(torch::Library& m);
 
 }  // namespace visionmoe::soft_moe

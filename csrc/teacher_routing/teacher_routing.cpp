@@ -1,11 +1,10 @@
-// Host code of the teacher-routing loss: argument checks, output allocation, the choice of backend kernel, and
-// the report of invalid input that the CPU kernel detects on its way.
+// Host code of the teacher-routing loss, shared by the backends: argument checks, output allocation, and the
+// report of invalid input that the CPU kernel detects on its way. Each backend's file registers its kernels.
 #include "teacher_routing/teacher_routing.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <string>
@@ -15,10 +14,6 @@
 
 namespace visionmoe::teacher_routing {
 namespace {
-
-[[noreturn]] void no_cuda(const char* op) {
-  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
-}
 
 Reduction parse_reduction(const char* op, c10::string_view name) {
   if (name == "none") return Reduction::kNone;
@@ -94,10 +89,11 @@ int64_t teacher_lse_length(const LossShape& shape) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss(const at::Tensor& student_in,
-                                                                    const at::Tensor& teacher_in,
-                                                                    c10::string_view reduction,
-                                                                    c10::string_view teacher_format) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher_routing_loss(ForwardKernel kernel,
+                                                                        const at::Tensor& student_in,
+                                                                        const at::Tensor& teacher_in,
+                                                                        c10::string_view reduction,
+                                                                        c10::string_view teacher_format) {
   constexpr const char* op = "teacher_routing_loss";
   const LossShape shape = check_inputs(op, student_in, teacher_in, reduction, teacher_format);
   const at::Tensor student_logits = student_in.contiguous();
@@ -111,23 +107,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss(const at::Te
     loss.zero_();  // the sum, and by convention the mean, of no tokens' losses
     return {loss, student_lse, teacher_lse};
   }
-  if (student_logits.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::forward(shape, student_logits, teacher, loss, student_lse, teacher_lse);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    const int64_t invalid_token = cpu::forward(shape, student_logits, teacher, loss, student_lse, teacher_lse);
-    if (invalid_token >= 0) report_invalid_token(shape, student_logits, teacher, invalid_token);
-  }
+  const int64_t invalid_token = kernel(shape, student_logits, teacher, loss, student_lse, teacher_lse);
+  if (invalid_token >= 0) report_invalid_token(shape, student_logits, teacher, invalid_token);
   return {loss, student_lse, teacher_lse};
 }
 
-at::Tensor teacher_routing_loss_backward(const at::Tensor& grad_in, const at::Tensor& student_in,
-                                         const at::Tensor& teacher_in, const at::Tensor& student_lse_in,
-                                         const at::Tensor& teacher_lse_in, c10::string_view reduction,
-                                         c10::string_view teacher_format) {
+at::Tensor run_teacher_routing_loss_backward(BackwardKernel kernel, const at::Tensor& grad_in,
+                                             const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                             const at::Tensor& student_lse_in, const at::Tensor& teacher_lse_in,
+                                             c10::string_view reduction, c10::string_view teacher_format) {
   constexpr const char* op = "teacher_routing_loss_backward";
   const LossShape shape = check_inputs(op, student_in, teacher_in, reduction, teacher_format);
   const at::ScalarType opmath_dtype = at::toOpMathType(student_in.scalar_type());
@@ -148,28 +136,8 @@ at::Tensor teacher_routing_loss_backward(const at::Tensor& grad_in, const at::Te
   const c10::DeviceGuard guard(student_logits.device());
   at::Tensor grad_student_logits = at::empty_like(student_logits);
   if (shape.tokens == 0) return grad_student_logits;
-  if (student_logits.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::backward(shape, grad_loss, student_logits, teacher, student_lse, teacher_lse, grad_student_logits);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::backward(shape, grad_loss, student_logits, teacher, student_lse, teacher_lse, grad_student_logits);
-  }
+  kernel(shape, grad_loss, student_logits, teacher, student_lse, teacher_lse, grad_student_logits);
   return grad_student_logits;
 }
-
-TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
-  m.impl("teacher_routing_loss", &teacher_routing_loss);
-  m.impl("teacher_routing_loss_backward", &teacher_routing_loss_backward);
-}
-
-#ifdef VISIONMOE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
-  m.impl("teacher_routing_loss", &teacher_routing_loss);
-  m.impl("teacher_routing_loss_backward", &teacher_routing_loss_backward);
-}
-#endif
 
 }  // namespace visionmoe::teacher_routing

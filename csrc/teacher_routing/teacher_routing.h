@@ -37,17 +37,29 @@ struct LossShape {
   TeacherFormat teacher_format = TeacherFormat::kProbabilities;
 };
 
-// Host-side operator bodies: argument checks, output allocation, then the backend kernels below.
+// Backend kernels, with the signatures below; a forward kernel returns the first token whose input it found
+// invalid (see cpu::forward), or -1.
+using ForwardKernel = int64_t (*)(const LossShape& shape, const at::Tensor& student_logits,
+                                  const at::Tensor& teacher, at::Tensor& loss, at::Tensor& student_lse,
+                                  at::Tensor& teacher_lse);
+using BackwardKernel = void (*)(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                const at::Tensor& teacher, const at::Tensor& student_lse,
+                                const at::Tensor& teacher_lse, at::Tensor& grad_student_logits);
+
+// Operator bodies shared by the backends (teacher_routing.cpp): argument checks, output allocation and the
+// empty case, then `kernel` under a guard for the inputs' device. Each backend file passes its own kernel and
+// registers the result with the dispatcher, so no host code branches on the device.
 // Returns (loss [T] or [], student_lse [T], teacher_lse [T] for teacher logits or [0] for probabilities).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss(const at::Tensor& student_logits,
-                                                                    const at::Tensor& teacher,
-                                                                    c10::string_view reduction,
-                                                                    c10::string_view teacher_format);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_teacher_routing_loss(ForwardKernel kernel,
+                                                                        const at::Tensor& student_logits,
+                                                                        const at::Tensor& teacher,
+                                                                        c10::string_view reduction,
+                                                                        c10::string_view teacher_format);
 // Returns dLoss/dstudent_logits [T, E], in the dtype of student_logits.
-at::Tensor teacher_routing_loss_backward(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                                         const at::Tensor& teacher, const at::Tensor& student_lse,
-                                         const at::Tensor& teacher_lse, c10::string_view reduction,
-                                         c10::string_view teacher_format);
+at::Tensor run_teacher_routing_loss_backward(BackwardKernel kernel, const at::Tensor& grad_loss,
+                                             const at::Tensor& student_logits, const at::Tensor& teacher,
+                                             const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                                             c10::string_view reduction, c10::string_view teacher_format);
 
 // Backend kernels, for T >= 1. Every input is checked and contiguous, outputs are allocated, before these run.
 namespace cpu {

@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -368,3 +369,29 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
 }
 
 }  // namespace visionmoe::teacher_routing::cpu
+
+namespace visionmoe::teacher_routing {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher, c10::string_view reduction,
+    c10::string_view teacher_format) {
+  return run_teacher_routing_loss(&cpu::forward, student_logits, teacher, reduction, teacher_format);
+}
+
+at::Tensor teacher_routing_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                              const at::Tensor& teacher, const at::Tensor& student_lse,
+                                              const at::Tensor& teacher_lse, c10::string_view reduction,
+                                              c10::string_view teacher_format) {
+  return run_teacher_routing_loss_backward(&cpu::backward, grad_loss, student_logits, teacher, student_lse,
+                                           teacher_lse, reduction, teacher_format);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("teacher_routing_loss", &teacher_routing_loss_cpu);
+  m.impl("teacher_routing_loss_backward", &teacher_routing_loss_backward_cpu);
+}
+
+}  // namespace visionmoe::teacher_routing

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
@@ -209,3 +210,36 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
 }
 
 }  // namespace visionmoe::teacher_routing::cuda
+
+namespace visionmoe::teacher_routing {
+namespace {
+
+// The CUDA kernel does not validate (see cuda::forward), so it never reports an invalid token.
+int64_t forward_unvalidated(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
+                            at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse) {
+  cuda::forward(shape, student_logits, teacher, loss, student_lse, teacher_lse);
+  return -1;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher, c10::string_view reduction,
+    c10::string_view teacher_format) {
+  return run_teacher_routing_loss(&forward_unvalidated, student_logits, teacher, reduction, teacher_format);
+}
+
+at::Tensor teacher_routing_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,
+                                              const at::Tensor& teacher, const at::Tensor& student_lse,
+                                              const at::Tensor& teacher_lse, c10::string_view reduction,
+                                              c10::string_view teacher_format) {
+  return run_teacher_routing_loss_backward(&cuda::backward, grad_loss, student_logits, teacher, student_lse,
+                                           teacher_lse, reduction, teacher_format);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("teacher_routing_loss", &teacher_routing_loss_cuda);
+  m.impl("teacher_routing_loss_backward", &teacher_routing_loss_backward_cuda);
+}
+
+}  // namespace visionmoe::teacher_routing

@@ -1,5 +1,5 @@
-// Host code of the what-where attention family: argument checks naming the argument, contiguous copies,
-// output allocation and the choice of backend kernel.
+// Host code of the what-where attention family, shared by the backends: argument checks naming the argument,
+// contiguous copies and output allocation. Each backend's file registers its kernels with the dispatcher.
 //
 // Inputs of any layout are accepted: non-contiguous ones are copied to contiguous memory here, once, so the
 // kernels index plain [B * H, rows, columns] arrays.
@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <array>
 #include <cmath>
@@ -18,10 +17,6 @@
 
 namespace visionmoe::whatwhere {
 namespace {
-
-[[noreturn]] void no_cuda(const char* op) {
-  TORCH_CHECK(false, op, ": this build of visionmoe has no CUDA kernels (visionmoe.build_info()['cuda'] is False)");
-}
 
 bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
@@ -85,8 +80,8 @@ at::Tensor flat_heads(const at::Tensor& t) { return t.contiguous().flatten(0, 1)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention(
+    ForwardKernel kernel, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in,
     const at::Tensor& where_in) {
   constexpr const char* op = "whatwhere_attention";
   const WhatWhereShape shape = check_inputs(op, q_in, k_in, v_tokens_in, v_slots_in);
@@ -116,20 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere
   at::Tensor token_logsumexp_flat = token_logsumexp.flatten(0, 1), slot_logsumexp_flat = slot_logsumexp.flatten(0, 1);
   const ForwardTensors tensors{q, k, v_tokens, v_slots, where, token_update_flat, slot_update_flat, logits_flat,
                                token_logsumexp_flat, slot_logsumexp_flat};
-  if (q.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::forward(shape, tensors);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::forward(shape, tensors);
-  }
+  kernel(shape, tensors);
   return {token_update, slot_update, logits, token_logsumexp, slot_logsumexp};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward(
-    const std::optional<at::Tensor>& grad_token_update_in, const std::optional<at::Tensor>& grad_slot_update_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention_backward(
+    BackwardKernel kernel, const std::optional<at::Tensor>& grad_token_update_in, const std::optional<at::Tensor>& grad_slot_update_in,
     const std::optional<at::Tensor>& grad_logits_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in, const at::Tensor& logits_in,
     const at::Tensor& token_logsumexp_in, const at::Tensor& slot_logsumexp_in) {
@@ -175,28 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere
                                 k,                 v_tokens,         v_slots,          logits,
                                 token_logsumexp,   slot_logsumexp,   grad_q_flat,      grad_k_flat,
                                 grad_v_tokens_flat, grad_v_slots_flat, grad_where_flat};
-  if (q.is_cuda()) {
-#ifdef VISIONMOE_WITH_CUDA
-    cuda::backward(shape, tensors);
-#else
-    no_cuda(op);
-#endif
-  } else {
-    cpu::backward(shape, tensors);
-  }
+  kernel(shape, tensors);
   return {grad_q, grad_k, grad_v_tokens, grad_v_slots, grad_where};
 }
-
-TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
-  m.impl("whatwhere_attention", &whatwhere_attention);
-  m.impl("whatwhere_attention_backward", &whatwhere_attention_backward);
-}
-
-#ifdef VISIONMOE_WITH_CUDA
-TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
-  m.impl("whatwhere_attention", &whatwhere_attention);
-  m.impl("whatwhere_attention_backward", &whatwhere_attention_backward);
-}
-#endif
 
 }  // namespace visionmoe::whatwhere

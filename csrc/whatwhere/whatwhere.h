@@ -42,18 +42,6 @@ struct WhatWhereShape {
   double scale = 0;       // 1 / sqrt(dh)
 };
 
-// Host-side operator bodies: argument checks, contiguous copies where needed, output allocation, then the
-// backend kernels below. Returns (token_update, slot_update, logits, token_logsumexp, slot_logsumexp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens, const at::Tensor& v_slots,
-    const at::Tensor& where);
-// Returns (grad_q, grad_k, grad_v_tokens, grad_v_slots, grad_where); absent output gradients count as zero.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward(
-    const std::optional<at::Tensor>& grad_token_update, const std::optional<at::Tensor>& grad_slot_update,
-    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v_tokens, const at::Tensor& v_slots, const at::Tensor& logits,
-    const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp);
-
 // Views of [B, H, ...] tensors flattened to [B * H, ...], all contiguous, with the checked shape above. An
 // undefined output gradient is absent (zero).
 struct ForwardTensors {
@@ -88,6 +76,23 @@ struct BackwardTensors {
 };
 
 // Backend kernels, for heads >= 1 and tokens, slots, head_dim >= 1.
+using ForwardKernel = void (*)(const WhatWhereShape& shape, const ForwardTensors& tensors);
+using BackwardKernel = void (*)(const WhatWhereShape& shape, const BackwardTensors& tensors);
+
+// Operator bodies shared by the backends (whatwhere.cpp): argument checks, contiguous copies where needed,
+// output allocation and the empty cases, then `kernel` under a guard for q's device. Each backend file passes
+// its own kernel and registers the result with the dispatcher, so no host code branches on the device.
+// Returns (token_update, slot_update, logits, token_logsumexp, slot_logsumexp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention(
+    ForwardKernel kernel, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens,
+    const at::Tensor& v_slots, const at::Tensor& where);
+// Returns (grad_q, grad_k, grad_v_tokens, grad_v_slots, grad_where); absent output gradients count as zero.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention_backward(
+    BackwardKernel kernel, const std::optional<at::Tensor>& grad_token_update,
+    const std::optional<at::Tensor>& grad_slot_update, const std::optional<at::Tensor>& grad_logits,
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens, const at::Tensor& v_slots,
+    const at::Tensor& logits, const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp);
+
 namespace cpu {
 void forward(const WhatWhereShape& shape, const ForwardTensors& tensors);
 void backward(const WhatWhereShape& shape, const BackwardTensors& tensors);

@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -555,3 +556,30 @@ void backward(const WhatWhereShape& shape, const BackwardTensors& t) {
 }
 
 }  // namespace visionmoe::whatwhere::cpu
+
+namespace visionmoe::whatwhere {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens, const at::Tensor& v_slots,
+    const at::Tensor& where) {
+  return run_whatwhere_attention(&cpu::forward, q, k, v_tokens, v_slots, where);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward_cpu(
+    const std::optional<at::Tensor>& grad_token_update, const std::optional<at::Tensor>& grad_slot_update,
+    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v_tokens, const at::Tensor& v_slots, const at::Tensor& logits,
+    const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp) {
+  return run_whatwhere_attention_backward(&cpu::backward, grad_token_update, grad_slot_update, grad_logits, q,
+                                          k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CPU, m) {
+  m.impl("whatwhere_attention", &whatwhere_attention_cpu);
+  m.impl("whatwhere_attention_backward", &whatwhere_attention_backward_cpu);
+}
+
+}  // namespace visionmoe::whatwhere

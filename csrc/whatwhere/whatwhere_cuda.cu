@@ -19,6 +19,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -370,3 +371,30 @@ void backward(const WhatWhereShape& shape, const BackwardTensors& t) {
 }
 
 }  // namespace visionmoe::whatwhere::cuda
+
+namespace visionmoe::whatwhere {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens, const at::Tensor& v_slots,
+    const at::Tensor& where) {
+  return run_whatwhere_attention(&cuda::forward, q, k, v_tokens, v_slots, where);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward_cuda(
+    const std::optional<at::Tensor>& grad_token_update, const std::optional<at::Tensor>& grad_slot_update,
+    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v_tokens, const at::Tensor& v_slots, const at::Tensor& logits,
+    const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp) {
+  return run_whatwhere_attention_backward(&cuda::backward, grad_token_update, grad_slot_update, grad_logits, q,
+                                          k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionmoe, CUDA, m) {
+  m.impl("whatwhere_attention", &whatwhere_attention_cuda);
+  m.impl("whatwhere_attention_backward", &whatwhere_attention_backward_cuda);
+}
+
+}  // namespace visionmoe::whatwhere
