@@ -4,10 +4,13 @@ command line is :func:`visionmoe.train.cli.main`."""
 
 from .checkpoint import load_model, load_model_weights
 from .config import TrainConfig, apply_overrides, config_from_dict, load_config, save_config, validate
+from .routing_consistency import RoutingConsistencyTracker, RoutingSnapshot
 from .trainer import FitResult, Trainer, build_datasets, expert_load_ratio, seed_everything, warmup_cosine
 
 __all__ = [
     "FitResult",
+    "RoutingConsistencyTracker",
+    "RoutingSnapshot",
     "TrainConfig",
     "Trainer",
     "apply_overrides",

@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from ..layers import TeacherRouter, aux_losses, student_moe_layers, student_router_logits
 from ..losses import routing_distillation_loss
-from ..metrics import RoutingConsistencyTracker
 from ..models import create_model
 from ..routers import RouterMetrics
 from .checkpoint import (CheckpointError, capture_rng_states, check_checkpoint_dir, load_matching_weights,
                          load_model, load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
 from .config import TrainConfig, tgr_fraction
+from .routing_consistency import RoutingConsistencyTracker
 
 EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
                  "distillation_loss", "teacher_router_loss", "val_loss", "val_accuracy", "epoch_seconds"]
