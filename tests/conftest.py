@@ -1,8 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+
+from visionmoe.memory import allocated_peak_bytes as measure_allocated_peak_bytes
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -21,10 +20,6 @@ def seeded():
 
 @pytest.fixture
 def allocated_peak_bytes():
-    """The benchmarks' measurement of a step's peak allocated bytes (``benchmarks/common.py``), for tests that
-    check how much memory an operator holds at once."""
-    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)
-    from common import allocated_peak_bytes as measure
-    return measure
+    """:func:`visionmoe.memory.allocated_peak_bytes`, the benchmarks' measurement of a step's peak allocated bytes,
+    for tests that check how much memory an operator holds at once."""
+    return measure_allocated_peak_bytes

@@ -9,9 +9,9 @@ import torch
 
 from visionmoe.evaluate.cli import main as evaluate_main
 from visionmoe.evaluate.plots import write_routing_consistency_plot
-from visionmoe.metrics import RoutingConsistencyTracker, RoutingSnapshot, routing_consistency
+from visionmoe.metrics import routing_consistency
 from visionmoe.models import create_model
-from visionmoe.train import Trainer, load_model_weights
+from visionmoe.train import RoutingConsistencyTracker, RoutingSnapshot, Trainer, load_model_weights
 
 from visionmoe.train.checkpoint import save_checkpoint
 

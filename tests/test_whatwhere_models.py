@@ -9,7 +9,7 @@ from visionmoe import reference
 from visionmoe.layers import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
 from visionmoe.metrics import normalise_maps
 from visionmoe.models import ObjectDiscovery, WhatWhereTransformer, create_model, list_models
-from visionmoe.models.vit import Mlp
+from visionmoe.layers.mlp import Mlp
 
 B, N, S, D, H = 2, 6, 3, 8, 2
 

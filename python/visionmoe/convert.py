@@ -11,7 +11,8 @@ from typing import Iterable, Optional
 from torch import nn
 
 from .layers import MoEMLP
-from .models.vit import check_block_indices, default_moe_blocks
+from .layers.block_indices import check_block_indices
+from .models.vit import default_moe_blocks
 
 
 def _dense_mlp(block: nn.Module, index: int) -> nn.Module:

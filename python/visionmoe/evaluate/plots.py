@@ -106,7 +106,7 @@ def write_patch_assignment_plot(images, assignments, num_experts: int, path: str
 
 
 def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
-    """Two panels from a ``routing_consistency.json`` (:meth:`visionmoe.metrics.RoutingConsistencyTracker.to_dict`):
+    """Two panels from a ``routing_consistency.json`` (:meth:`visionmoe.train.RoutingConsistencyTracker.to_dict`):
     each MoE layer's (and the mean's) agreement with the previous epoch, and with the final epoch, by epoch (and,
     after fine-tuning, dashed: with the pre-trained routing)."""
     import matplotlib

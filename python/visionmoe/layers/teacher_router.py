@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import losses
 from ..routers.checks import check_flag, check_input_dtype, check_int, check_real
+from .block_indices import check_block_indices
 from .moe_mlp import MoEMLP
 
 # The TGR paper's teacher-router loss weights: 0.005 * CV(Imp)^2 + 0.005 * mean token entropy, per layer.
@@ -65,8 +66,6 @@ class TeacherRouter(nn.Module):
                  dim: Optional[int] = None, importance_weight: float = TEACHER_IMPORTANCE_WEIGHT,
                  entropy_weight: float = TEACHER_ENTROPY_WEIGHT, normalize_features: bool = True):
         super().__init__()
-        from ..models.vit import check_block_indices  # models import layers, so not at module level
-
         blocks = getattr(teacher, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
             raise TypeError(f"teacher must have a 'blocks' nn.Sequential or nn.ModuleList (a ViT), got "

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..routers.base import as_groups
+from ..groups import as_groups
 
 __all__ = [
     "entropy_loss",

@@ -11,14 +11,16 @@ timm ViTs, such as :func:`visionmoe.convert.moeify`, find the same modules here.
 
 from __future__ import annotations
 
-import operator
 from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import MoEMLP, SoftMoEMLP
+from ..layers.attention import Attention
+from ..layers.block_indices import check_block_indices
+from ..layers.mlp import Mlp, vit_linear
+from ..layers.patch_embed import PatchEmbed
 from .registry import register_model
 
 MOE_LAYERS = ("sparse", "soft")
@@ -43,19 +45,6 @@ def default_moe_blocks(depth: int) -> List[int]:
     depth 12 -> [7, 9, 11] (V-MoE's "Last 3"); depth 8 -> [5, 7]. For even depths the last block is an MoE block.
     """
     return [i for i in range(depth // 2, depth) if i % 2 == 1]
-
-
-def check_block_indices(indices: Iterable[int], depth: int, name: str) -> List[int]:
-    """``indices`` as a sorted list, rejecting duplicates and anything outside [0, depth) with an error naming
-    ``name``."""
-    checked = []
-    for index in indices:
-        if isinstance(index, bool) or not hasattr(index, "__index__") or not 0 <= operator.index(index) < depth:
-            raise ValueError(f"{name} must hold block indices in [0, {depth}), got {index!r}")
-        checked.append(operator.index(index))
-    if len(set(checked)) != len(checked):
-        raise ValueError(f"{name} has duplicate block indices: {checked}")
-    return sorted(checked)
 
 
 def default_moe_options(moe_layer: str, overrides: Optional[Dict] = None) -> Dict:
@@ -88,68 +77,6 @@ def check_vit_sizes(sizes: Dict[str, int], mlp_ratio: float) -> int:
     if hidden_dim < 1:
         raise ValueError(f"mlp_ratio must give at least one hidden unit, got {mlp_ratio}")
     return hidden_dim
-
-
-def _linear(in_features: int, out_features: int) -> nn.Linear:
-    """nn.Linear initialised as timm's ViT: weights from a normal of std 0.02 truncated at +-2, zero bias."""
-    linear = nn.Linear(in_features, out_features)
-    nn.init.trunc_normal_(linear.weight, std=0.02)
-    nn.init.zeros_(linear.bias)
-    return linear
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches by a stride-``patch_size`` convolution: [B, C_in, img, img] -> [B, N', D] with
-    N' = (img / patch_size)^2 patch tokens."""
-
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.img_size, self.in_chans = img_size, in_chans
-        self.num_patches = (img_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected = (self.in_chans, self.img_size, self.img_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape [B, {', '.join(map(str, expected))}], got {tuple(x.shape)}")
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention, [B, N, D] -> [B, N, D], through scaled_dot_product_attention."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = _linear(dim, 3 * dim)
-        self.proj = _linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D / H]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
-
-    def attention_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention weights that :meth:`forward` applies, [B, N, D] -> [B, H, N queries, N keys] (each row a
-        softmax over the keys); recomputed, since scaled_dot_product_attention does not return them."""
-        B, N, D = x.shape
-        q, k, _ = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return (q @ k.transpose(-2, -1) * (D // self.num_heads) ** -0.5).softmax(dim=-1)
-
-
-class Mlp(nn.Module):
-    """The dense MLP, fc2(gelu(fc1(x))): [B, N, D] -> [B, N, out_dim] (default D) through F hidden units."""
-
-    def __init__(self, dim: int, hidden_dim: int, out_dim: Optional[int] = None):
-        super().__init__()
-        self.fc1 = _linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = _linear(hidden_dim, dim if out_dim is None else out_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -214,7 +141,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)
         ))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
-        self.head = _linear(embed_dim, num_classes)
+        self.head = vit_linear(embed_dim, num_classes)
         # As timm: the class token starts near zero, the position embeddings as the linear layers.
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

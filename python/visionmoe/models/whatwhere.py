@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import WhatWhereBlock
+from ..layers.mlp import Mlp, vit_linear
+from ..layers.patch_embed import PatchEmbed
 from ..metrics import masks_to_boxes, normalise_maps
 from .registry import register_model
-from .vit import _SIZES, LAYER_NORM_EPS, Mlp, PatchEmbed, _linear, check_vit_sizes
+from .vit import _SIZES, LAYER_NORM_EPS, check_vit_sizes
 
 
 @dataclasses.dataclass
@@ -89,7 +91,7 @@ class WhatWhereTransformer(nn.Module):
 
         self.blocks = nn.ModuleList(block(last=i == depth - 1) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
-        self.head = _linear(embed_dim, num_classes)
+        self.head = vit_linear(embed_dim, num_classes)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         # Unit scale, as slot attention's slots: at the start every slot reads the same uniform mix of the tokens,
         # so slots drawn at the position embeddings' scale would be swamped by that shared update and stay alike.

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..ops.sinkhorn import DEFAULT_SINKHORN_ITERATIONS
+from ..constants import DEFAULT_SINKHORN_ITERATIONS
 
 
 def sinkhorn(

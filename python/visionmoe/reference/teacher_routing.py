@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.teacher_routing import REDUCTIONS, TEACHER_FORMATS
+from ..constants import REDUCTIONS, TEACHER_FORMATS
 
 
 def teacher_routing_loss(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..groups import as_groups
 from ..registry import Registry
 from .checks import check_input_dtype, check_int, check_real
 
@@ -52,15 +53,6 @@ class RouterMetrics:
         return cls(probs=probs, logits=logits, load=load.to(probs.dtype), dropped_fraction=plan.dropped_fraction(),
                    unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
                    aux_losses=aux_losses() if aux_losses is not None and has_tokens else {})
-
-
-def as_groups(x: torch.Tensor, name: str = "x", last: str = "D") -> torch.Tensor:
-    """[T, last] -> [1, T, last]; [G, T, last] unchanged; anything else is rejected, naming ``name``."""
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    if x.dim() != 3:
-        raise ValueError(f"{name} must have shape [T, {last}] or [G, T, {last}], got {tuple(x.shape)}")
-    return x
 
 
 class Router(nn.Module):

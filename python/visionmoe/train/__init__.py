@@ -4,10 +4,14 @@ command line is :func:`visionmoe.train.cli.main`."""
 
 from .checkpoint import load_model, load_model_weights
 from .config import TrainConfig, apply_overrides, config_from_dict, load_config, save_config, validate
-from .trainer import FitResult, Trainer, build_datasets, expert_load_ratio, seed_everything, warmup_cosine
+from .routing_consistency import RoutingConsistencyTracker, RoutingSnapshot
+from .schedule import warmup_cosine
+from .trainer import FitResult, Trainer, build_datasets, expert_load_ratio, seed_everything
 
 __all__ = [
     "FitResult",
+    "RoutingConsistencyTracker",
+    "RoutingSnapshot",
     "TrainConfig",
     "Trainer",
     "apply_overrides",

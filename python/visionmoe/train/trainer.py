@@ -13,14 +13,15 @@ Teacher-guided routing (config key ``teacher``, PAPERS.md section 4): a frozen d
 :class:`~visionmoe.layers.TeacherRouter`; while ``tgr_schedule`` has the distillation on, each step adds
 ``tgr_weight`` times the mean over MoE layers of KL(p_teacher || p_student) and the teacher router's own losses.
 With ``consistency_probe``, the routing of a fixed probe set is recorded before training and after every epoch.
+
+The loop lives here; what it logs is in logs.py, its learning-rate schedule in schedule.py, teacher-guided routing
+in teacher_guidance.py and the consistency tracker in routing_consistency.py.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import os
 import random
 import signal
 import time
@@ -35,19 +36,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..layers import TeacherRouter, aux_losses, student_moe_layers, student_router_logits
-from ..losses import routing_distillation_loss
-from ..metrics import RoutingConsistencyTracker
+from ..layers import aux_losses, student_moe_layers
 from ..models import create_model
 from ..routers import RouterMetrics
 from .checkpoint import (CheckpointError, capture_rng_states, check_checkpoint_dir, load_matching_weights,
-                         load_model, load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
+                         load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
 from .config import TrainConfig, tgr_fraction
-
-EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
-                 "distillation_loss", "teacher_router_loss", "val_loss", "val_accuracy", "epoch_seconds"]
-STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio", "distillation_loss",
-                "teacher_router_loss"]
+from .logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, log_epoch, log_step, tensorboard_writer
+from .routing_consistency import RoutingConsistencyTracker
+from .schedule import warmup_cosine
+from .teacher_guidance import build_teacher_router, pretrain_teacher_router, teacher_guided_routing_losses
 
 # What Trainer.save always writes into the trainer state, and resuming reads.
 _STATE_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "steps_per_epoch",
@@ -95,19 +93,6 @@ def resolve_device(name: str, option: str = "config key 'device'") -> torch.devi
     return device
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Learning-rate multiplier of step s: linear from 1/warmup_steps to 1 over the warm-up, then a cosine from 1
-    down to ``min_ratio`` at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
 def expert_load_ratio(model: nn.Module) -> Optional[float]:
     """Mean over the MoE layers of (largest expert load / mean expert load) in the last forward: 1 is perfectly
     balanced, E means one expert took everything; None for a model without MoE layers."""
@@ -120,43 +105,6 @@ def expert_load_ratio(model: nn.Module) -> Optional[float]:
             if mean > 0:
                 ratios.append((load.max() / mean).item())
     return sum(ratios) / len(ratios) if ratios else None
-
-
-class _CsvLog:
-    """Appends rows to a CSV file, writing the header when the file is new. Existing rows whose integer ``column``
-    exceeds ``last`` are dropped first: they were logged after the checkpoint the run resumes from (or by an
-    earlier run in the same directory), and the run logs those epochs or steps again."""
-
-    def __init__(self, path: Path, columns: List[str], column: str, last: int):
-        self.path, self.columns = path, columns
-        if path.exists():
-            with path.open(newline="") as file:
-                rows = list(csv.DictReader(file))
-            kept = [row for row in rows if int(row[column]) <= last]
-            if len(kept) == len(rows):
-                return
-        else:
-            kept = []
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("w", newline="") as file:
-            writer = csv.DictWriter(file, columns)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(temporary, path)
-
-    def append(self, row: Dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as file:
-            csv.writer(file).writerow(["" if row.get(column) is None else row[column] for column in self.columns])
-
-
-def _tensorboard_writer(log_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("visionmoe-train: the tensorboard package is not installed; skipping TensorBoard logs "
-              "(pip install 'visionmoe[tensorboard]')")
-        return None
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 @dataclasses.dataclass
@@ -227,7 +175,8 @@ class Trainer:
                 print(f"init_from {config.init_from}: fresh weights for {', '.join(reinitialised)} (shape differs)")
         # Before fine-tuning, the routing of the pre-trained model; otherwise that of the initialisation.
         self.consistency_phases = ("pretrain", "finetune") if config.init_from is not None else ("init", "train")
-        self.teacher_router = self._build_teacher_router() if config.teacher is not None else None
+        self.teacher_router = (build_teacher_router(config.teacher, self.model, config.model, self.device)
+                               if config.teacher is not None else None)
         self.trainable_parameters = list(self.model.parameters())
         if self.teacher_router is not None:
             self.trainable_parameters += list(self.teacher_router.routers.parameters())
@@ -249,13 +198,6 @@ class Trainer:
         self._between_steps = True  # whether the state is consistent (no optimiser step half done)
         if resume is not None:
             self._load(resume)
-
-    def _build_teacher_router(self) -> TeacherRouter:
-        if not student_moe_layers(self.model):
-            raise ValueError(f"config key 'teacher' needs a student with sparse MoE layers to guide; model "
-                             f"{self.config.model!r} has none")
-        teacher = load_model(self.config.teacher, map_location=str(self.device))
-        return TeacherRouter.from_student(teacher, self.model).to(self.device)
 
     def _build_consistency_tracker(self) -> RoutingConsistencyTracker:
         count = self.config.consistency_probe
@@ -350,13 +292,9 @@ class Trainer:
         with self._autocast():
             logits = self.model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
-            router_losses = aux_losses(self.model)
-            if not self._checked_aux_names:
-                self._check_aux_loss_names(router_losses)
-            aux_loss = sum((self.config.aux_loss_weights[name] * value.float()
-                            for name, value in router_losses.items() if name in self.config.aux_loss_weights),
-                           torch.zeros((), device=self.device))
-            distillation_loss, teacher_router_loss = self._teacher_guided_routing_losses(images)
+            aux_loss = self._weighted_aux_loss()
+            distillation_loss, teacher_router_loss = teacher_guided_routing_losses(
+                self.teacher_router, self.model, images, active=self.global_step < self.tgr_steps)
         total = loss + aux_loss
         if distillation_loss is not None:
             total = total + self.config.tgr_weight * distillation_loss
@@ -377,17 +315,14 @@ class Trainer:
                     distillation_loss=None if distillation_loss is None else distillation_loss.item(),
                     teacher_router_loss=None if teacher_router_loss is None else teacher_router_loss.item())
 
-    def _teacher_guided_routing_losses(self, images: torch.Tensor):
-        """(mean over MoE layers of KL(p_teacher || p_student), the teacher router's weighted losses) of the
-        student's last forward, or None for each that is off: both without a teacher or once ``tgr_schedule``
-        has ended; the router's losses also when it is frozen."""
-        if self.teacher_router is None or self.global_step >= self.tgr_steps:
-            return None, None
-        teacher_probs = self.teacher_router(images)
-        distillation_loss = routing_distillation_loss(student_router_logits(self.model), teacher_probs)
-        if not self.teacher_router.trainable:
-            return distillation_loss, None
-        return distillation_loss, sum(self.teacher_router.losses(teacher_probs).values()).float()
+    def _weighted_aux_loss(self) -> torch.Tensor:
+        """The routers' auxiliary losses of the last forward, weighted by ``aux_loss_weights`` and summed."""
+        router_losses = aux_losses(self.model)
+        if not self._checked_aux_names:
+            self._check_aux_loss_names(router_losses)
+        return sum((self.config.aux_loss_weights[name] * value.float()
+                    for name, value in router_losses.items() if name in self.config.aux_loss_weights),
+                   torch.zeros((), device=self.device))
 
     def _check_aux_loss_names(self, router_losses: Dict[str, torch.Tensor]) -> None:
         """Warns (once) about weighted auxiliary losses that the model's routers do not report, e.g. a typo or
@@ -415,7 +350,7 @@ class Trainer:
         self.model.train(was_training)
         return {"loss": loss_sum / max(samples, 1), "accuracy": correct / max(samples, 1)}
 
-    def _run_epoch(self, progress: tqdm, step_log: Optional[_CsvLog], writer) -> Dict[str, Any]:
+    def _run_epoch(self, progress: tqdm, step_log: Optional[CsvLog], writer) -> Dict[str, Any]:
         self.model.train()
         if self.teacher_router is not None:
             self.teacher_router.train()
@@ -445,7 +380,7 @@ class Trainer:
                        accuracy=step["correct"] / step["samples"], aux_loss=step["aux_loss"],
                        expert_load_ratio=step["expert_load_ratio"], distillation_loss=step["distillation_loss"],
                        teacher_router_loss=step["teacher_router_loss"])
-            self._log_step(row, progress, step_log, writer)
+            log_step(row, progress, step_log, writer)
             # Only now, with the step's row logged, is the state one to checkpoint: a second Ctrl-C before this
             # point keeps the previous checkpoint, whose resumption logs this step again.
             self._between_steps = True
@@ -465,20 +400,6 @@ class Trainer:
                     val_loss=validation["loss"], val_accuracy=validation["accuracy"],
                     epoch_seconds=round(totals.seconds, 3))
 
-    def _log_step(self, row: Dict[str, Any], progress: tqdm, step_log: Optional[_CsvLog], writer) -> None:
-        progress.update(1)
-        postfix = dict(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}")
-        if row["expert_load_ratio"] is not None:
-            postfix["load max/mean"] = f"{row['expert_load_ratio']:.2f}"
-        progress.set_postfix(postfix, refresh=False)
-        if step_log is not None:
-            step_log.append(row)
-        if writer is not None:
-            for name in ("loss", "accuracy", "aux_loss", "lr", "expert_load_ratio", "distillation_loss",
-                         "teacher_router_loss"):
-                if row[name] is not None:
-                    writer.add_scalar(f"step/{name}", row[name], row["step"])
-
     # Ctrl-C: the first one asks the loop to stop after the current step (so the checkpoint holds a consistent
     # state); a second one interrupts at once. When that is during the checkpoint's save, the save is abandoned and
     # the last complete checkpoint stays, since saves are atomic (see checkpoint.py).
@@ -490,28 +411,22 @@ class Trainer:
         if self._stop_requested:
             raise KeyboardInterrupt
 
-    def _pretrain_teacher_router(self, progress: tqdm) -> None:
-        """The pre-train variant: the teacher router alone, on its own losses, for ``tgr_pretrain_epochs`` epochs
-        of the training set (in the student's epoch orders), then frozen."""
-        def image_batches():
-            for epoch in range(self.config.tgr_pretrain_epochs):
-                for images, _ in self._loader(self.train_set, self._epoch_order(epoch), epoch):
-                    yield images.to(self.device, non_blocking=True)
-
-        self.teacher_router.train()
-        history = self.teacher_router.pretrain(image_batches(), lr=self.config.lr)
-        progress.write(f"teacher router pre-trained for {self.config.tgr_pretrain_epochs} epoch(s): loss "
-                       f"{history[0]:.4f} -> {history[-1]:.4f}; frozen")
+    def _pretraining_images(self):
+        """The training images of the teacher router's ``tgr_pretrain_epochs`` epochs, in the student's epoch
+        orders, on the device."""
+        for epoch in range(self.config.tgr_pretrain_epochs):
+            for images, _ in self._loader(self.train_set, self._epoch_order(epoch), epoch):
+                yield images.to(self.device, non_blocking=True)
 
     def fit(self) -> FitResult:
         """Trains until ``config.epochs`` epochs are done, checkpointing after each; on Ctrl-C (or a
         KeyboardInterrupt from the step callback) checkpoints the state after the last finished step and returns
         with ``interrupted=True``."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        epoch_log = _CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch)
-        step_log = (_CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
+        epoch_log = CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch)
+        step_log = (CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
                     if self.config.log_steps else None)
-        writer = _tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard else None
+        writer = tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard else None
         self._stop_requested = False
         self._between_steps = True
         previous_handler = None
@@ -524,23 +439,15 @@ class Trainer:
         try:
             if self.teacher_router is not None and self.config.tgr_pretrain_epochs and self.global_step == 0 \
                     and self.teacher_router.trainable:
-                self._pretrain_teacher_router(progress)
+                pretrain_teacher_router(self.teacher_router, self._pretraining_images(), self.config.lr,
+                                        self.config.tgr_pretrain_epochs, progress)
             if self.consistency is not None and not self.consistency.snapshots:
                 self.consistency.record(self.model, self.epoch, self.consistency_phases[0])
             while self.epoch < self.config.epochs:
                 progress.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
                 row = self._run_epoch(progress, step_log, writer)
-                epoch_log.append(row)
+                log_epoch(row, progress, epoch_log, writer)
                 history.append(row)
-                if writer is not None:
-                    for name, value in row.items():
-                        if name not in ("epoch", "step") and value is not None:
-                            writer.add_scalar(f"epoch/{name}", value, row["epoch"])
-                distillation = ("" if row["distillation_loss"] is None
-                                else f" distillation {row['distillation_loss']:.4f}")
-                progress.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
-                               f"acc {row['train_accuracy']:.4f}{distillation} | val loss {row['val_loss']:.4f} "
-                               f"acc {row['val_accuracy']:.4f}")
                 self.epoch += 1
                 self.totals = _EpochTotals()
                 if self.consistency is not None:

@@ -1,5 +1,5 @@
-"""The benchmarks' memory measurement (benchmarks/common.py): allocated peaks on hand-made steps whose peak is known,
-on the CPU and, where present, on CUDA."""
+"""visionmoe.memory, the memory measurement of the tests and benchmarks: allocated peaks on hand-made steps whose
+peak is known, on the CPU and, where present, on CUDA."""
 
 import torch
 
