@@ -9,15 +9,10 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ..constants import DEFAULT_SINKHORN_ITERATIONS
 from ._checks import check_same_device, shape_of
 
 _ops = torch.ops.visionmoe
-
-# The Sinkhorn routers of "Routers in Vision Mixture of Experts" (Liu, Blondel, Riquelme and Puigcerver, 2024,
-# arXiv 2401.15969) run a fixed number of iterations, 20 by default: ``maxiter: int = 20`` in the base classes
-# of its optimal-transport routers (google-research/vmoe,
-# src/vmoe/projects/sparsity_constrained_ot/ot_routing.py).
-DEFAULT_SINKHORN_ITERATIONS = 20
 
 
 def sinkhorn(

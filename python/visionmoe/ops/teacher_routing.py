@@ -9,12 +9,10 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
+from ..constants import REDUCTIONS, TEACHER_FORMATS
 from ._checks import check_same_device
 
 _ops = torch.ops.visionmoe
-
-REDUCTIONS = ("none", "mean", "sum")
-TEACHER_FORMATS = ("probabilities", "logits")
 
 
 def teacher_routing_loss(
