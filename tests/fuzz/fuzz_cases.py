@@ -525,11 +525,8 @@ def draw_sinkhorn(rng: random.Random) -> dict:
     if spec["two_dim"]:
         spec["G"] = 1
     spec["layouts"] = _layouts(rng, ["logits"])
-    _defect(rng, spec, ["negative_iterations", "logits_rank"], ["logits"])
-    if spec.get("dtypes", {}).get("logits") != "int64":
-        spec.pop("dtypes", None)
-        if spec["defect"] == "other_dtype":
-            spec["defect"] = "logits_rank"
+    # One input, so another dtype can only be a non-floating one.
+    _defect(rng, spec, ["negative_iterations", "logits_rank"], ["logits"], floats_must_match=False)
     large = spec["values"] in ("offset", "scaled")
     spec["expect"] = _expect(dict(spec, values="normal" if large else spec["values"]),
                              [spec["G"], spec["T"], spec["E"]])
