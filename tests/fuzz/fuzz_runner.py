@@ -23,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-HERE = Path(__file__).resolve().parent
+import torch
+
+import visionmoe
+# This script's folder: on sys.path when it runs as a script, and when pytest imports it beside test_fuzz.py.
+from fuzz_cases import FAILURES, FAMILIES, draw, run
+
 STARTED, FINISHED = "fuzz-case-started", "fuzz-case-finished"
 
 
@@ -59,9 +64,6 @@ def run_keys(keys: Sequence[tuple], device: str = "cpu", case_timeout: float = 1
              worker_command: Optional[Sequence[str]] = None) -> List[Dict]:
     """Outcomes of the cases ``keys``, in order: each the case's spec with ``status`` and ``detail``.
     ``worker_command`` replaces this script's own worker (the tests of the crash guard use it)."""
-    sys.path.insert(0, str(HERE))
-    from fuzz_cases import draw
-
     outcomes: List[Dict] = []
     pending = list(keys)
     command = worker_command or [sys.executable, str(Path(__file__).resolve()), "--worker", "--device", device]
@@ -120,8 +122,6 @@ def run_parallel(keys: Sequence[tuple], workers: int, device: str = "cpu") -> Li
 
 def summarise(outcomes: Iterable[Dict]) -> Dict:
     """Counts of outcomes by family and status, and the failures (see ``fuzz_cases.FAILURES``)."""
-    from fuzz_cases import FAILURES
-
     outcomes = list(outcomes)
     by_family: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for outcome in outcomes:
@@ -136,10 +136,6 @@ def summarise(outcomes: Iterable[Dict]) -> Dict:
 
 
 def _worker(keys: Sequence[tuple], device: str) -> None:
-    import torch
-
-    from fuzz_cases import draw, run
-
     torch.set_num_threads(1)
     for family, seed, index in keys:
         spec = draw(family, seed, index, device=device)
@@ -159,12 +155,9 @@ def main(argv=None) -> int:
     parser.add_argument("--replay", help="run one case spec (JSON, as a failure reports it) in this process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(HERE))
     if args.worker:
         _worker([tuple(key) for key in json.load(sys.stdin)], args.device)
         return 0
-    from fuzz_cases import FAMILIES, run
-
     if args.replay:
         print(json.dumps(run(json.loads(args.replay))))
         return 0
@@ -175,10 +168,6 @@ def main(argv=None) -> int:
     started = time.monotonic()
     summary = summarise(run_parallel(case_keys(families, args.seed, args.cases), args.workers, args.device))
     summary.update(seed=args.seed, device=args.device, seconds=round(time.monotonic() - started, 1))
-    import torch
-
-    import visionmoe
-
     summary.update(torch=torch.__version__, visionmoe=visionmoe.__version__)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
