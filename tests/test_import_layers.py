@@ -24,6 +24,7 @@ LAYERS = [
     ("layers",),
     ("models",),
     ("convert",),
+    ("distributed",),
     ("train", "evaluate"),
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -10,6 +10,7 @@ import math
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import ops
@@ -27,6 +28,9 @@ class ExpertMLPs(nn.Module):
     ``forward(x [E, R, D]) -> [E, R, D]`` runs expert e on rows x[e] (capacity-padded layout);
     ``forward(x [M, D], expert_offsets [E + 1])`` on the packed rows ``expert_offsets[e]:expert_offsets[e + 1]``.
     Both run :func:`visionmoe.ops.expert_mlp` (bias and activation fused, the pre-activation kept for backward).
+
+    Under expert parallelism (:meth:`shard_`) the module keeps only its rank's experts: the parameters hold
+    ``num_local_experts`` rows starting at global expert ``first_expert``, while ``num_experts`` stays E.
     """
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
@@ -39,14 +43,39 @@ class ExpertMLPs(nn.Module):
         self.b1 = nn.Parameter(torch.empty(self.num_experts, first))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.dim))
         self.b2 = nn.Parameter(torch.empty(self.num_experts, self.dim))
+        self.expert_group: Optional[dist.ProcessGroup] = None
+        self.num_local_experts, self.first_expert = self.num_experts, 0
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        # As nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, per expert.
+        # As nn.Linear: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, per expert. A shard draws
+        # all E experts and keeps its own, so that it holds exactly what one process would with the same seed.
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
         for weight, bias, fan_in in ((self.w1, self.b1, self.dim), (self.w2, self.b2, self.hidden_dim)):
             bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(weight, -bound, bound)
-            nn.init.uniform_(bias, -bound, bound)
+            for parameter in (weight, bias):
+                full = torch.empty((self.num_experts,) + parameter.shape[1:], dtype=parameter.dtype,
+                                   device=parameter.device)
+                parameter.copy_(nn.init.uniform_(full, -bound, bound)[local])
+
+    @torch.no_grad()
+    def shard_(self, group: dist.ProcessGroup) -> "ExpertMLPs":
+        """Expert parallelism: keeps only this rank's experts, [r * E / S, (r + 1) * E / S) for rank r of the S
+        ranks of ``group``, as slices of the current (full) parameters. E must be divisible by S."""
+        if self.expert_group is not None:
+            raise ValueError("these experts are already sharded over an expert-parallel group")
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if self.num_experts % size:
+            raise ValueError(f"expert parallelism over {size} ranks needs E divisible by {size}, got "
+                             f"E={self.num_experts}")
+        self.num_local_experts = self.num_experts // size
+        self.first_expert = rank * self.num_local_experts
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        for name in ("w1", "b1", "w2", "b2"):
+            setattr(self, name, nn.Parameter(getattr(self, name)[local].clone()))
+        self.expert_group = group
+        return self
 
     @torch.no_grad()
     def load_dense_(self, fc1: nn.Linear, fc2: nn.Linear) -> "ExpertMLPs":
@@ -69,8 +98,10 @@ class ExpertMLPs(nn.Module):
                               expert_offsets=expert_offsets)
 
     def extra_repr(self) -> str:
+        shard = "" if self.expert_group is None else \
+            f", local experts [{self.first_expert}, {self.first_expert + self.num_local_experts})"
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, " \
-               f"activation={self.activation!r}"
+               f"activation={self.activation!r}{shard}"
 
 
 def check_tokens(x: torch.Tensor, experts: ExpertMLPs) -> None:
