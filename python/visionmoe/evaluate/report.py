@@ -1,7 +1,7 @@
 """Evaluation of a trained model: accuracy and, for every MoE layer, routing statistics and the
 expert-specialisation table (which classes each expert serves, PAPERS.md section 2).
 
-Shape letters: B images, N tokens per image, E experts, C classes.
+Shape letters: B images, N tokens per image, E experts, L classes (README, "Shape letters").
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class LayerReport:
         load: [E] assignments (or, for Soft MoE, dispatch mass) each expert processed, summed over batches.
         dropped_fraction: mean fraction of assignments dropped by the capacity.
         unrouted_fraction: mean fraction of tokens that reached no expert.
-        class_usage: [E, C] how much of each class each expert served (kept assignments per image for MoE MLPs,
+        class_usage: [E, L] how much of each class each expert served (kept assignments per image for MoE MLPs,
             gate weights for ConvMoE blocks); None for Soft MoE, which has no hard assignment.
     """
 

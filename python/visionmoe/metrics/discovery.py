@@ -1,7 +1,7 @@
 """Zero-shot object discovery from attention maps: maps to masks to boxes, scored against ground-truth boxes as
 CorLoc (one object per image) and object recall (several).
 
-Shape letters: M maps, K objects, P predicted boxes. Boxes are (x0, y0, x1, y1) in pixels with x1 and y1
+Shape letters (README, "Shape letters"): S maps, O objects, J predicted boxes. Boxes are (x0, y0, x1, y1) in pixels with x1 and y1
 exclusive, as digit_scenes' ground truth; a mask's box is the tightest one around its pixels.
 """
 
@@ -48,7 +48,7 @@ def _check_boxes(boxes: torch.Tensor, name: str) -> None:
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Intersection over union of every pair: boxes1 [P, 4], boxes2 [K, 4] -> [P, K]. Pairs whose union is empty
+    """Intersection over union of every pair: boxes1 [J, 4], boxes2 [O, 4] -> [J, O]. Pairs whose union is empty
     (two empty boxes) have IoU 0."""
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
@@ -65,7 +65,7 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
 def _hits(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
           iou_threshold: float) -> list[torch.Tensor]:
-    """Per image, [P, K] bool: whether predicted box p overlaps true box k with IoU >= iou_threshold."""
+    """Per image, [J, O] bool: whether predicted box j overlaps true box o with IoU >= iou_threshold."""
     if len(predicted_boxes) != len(true_boxes):
         raise ValueError(f"predicted_boxes and true_boxes must describe the same images, got {len(predicted_boxes)} "
                          f"and {len(true_boxes)}")
@@ -82,9 +82,9 @@ def corloc(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.T
     IoU >= ``iou_threshold``.
 
     Args:
-        predicted_boxes: per image, [P, 4] boxes. With one box per image (P = 1) this is the standard single-object
+        predicted_boxes: per image, [J, 4] boxes. With one box per image (J = 1) this is the standard single-object
             CorLoc of object discovery; with several, an image counts when any of its boxes hits.
-        true_boxes: per image, [K, 4] ground-truth boxes.
+        true_boxes: per image, [O, 4] ground-truth boxes.
     """
     return sum(bool(hits.any()) for hits in _hits(predicted_boxes, true_boxes, iou_threshold)) / len(true_boxes)
 
@@ -92,7 +92,7 @@ def corloc(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.T
 def object_recall(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
                   iou_threshold: float = 0.5) -> float:
     """Multi-object discovery: the fraction of all ground-truth boxes overlapped with IoU >= ``iou_threshold`` by
-    some predicted box of their image (per image, predicted [P, 4] and true [K, 4] boxes). More predicted boxes can
+    some predicted box of their image (per image, predicted [J, 4] and true [O, 4] boxes). More predicted boxes can
     only raise it, so compare it between methods together with their number of boxes."""
     hits = _hits(predicted_boxes, true_boxes, iou_threshold)
     objects = sum(int(true.shape[0]) for true in true_boxes)

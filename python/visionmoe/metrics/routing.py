@@ -1,7 +1,7 @@
 """What routing does, measured on routing decisions: which classes each expert serves and how often two routings
 of the same tokens agree.
 
-Shape letters: N images, E experts, T tokens.
+Shape letters (README, "Shape letters"): B images, E experts, T tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ def expert_class_usage(assignments: torch.Tensor, labels: torch.Tensor, num_expe
     section 2; the paper's class-wise expert weight allocation).
 
     Args:
-        assignments: either [N] integer, the expert each image went to (e.g. the argmax of the gate weights),
-            giving counts; or [N, E] floating-point per-image expert weights (e.g. ``ConvMoE.last_gate_weights``
+        assignments: either [B] integer, the expert each image went to (e.g. the argmax of the gate weights),
+            giving counts; or [B, E] floating-point per-image expert weights (e.g. ``ConvMoE.last_gate_weights``
             of image gating, or location gating's weights averaged over H' x W'), giving the summed weight each
             class sends to each expert.
-        labels: [N] integer class of each image, in [0, num_classes).
+        labels: [B] integer class of each image, in [0, num_classes).
         num_experts: E. num_classes: the number of classes.
 
     Returns:
@@ -35,18 +35,18 @@ def expert_class_usage(assignments: torch.Tensor, labels: torch.Tensor, num_expe
     if not isinstance(assignments, torch.Tensor):
         raise ValueError(f"assignments must be a tensor, got {type(assignments).__name__}")
     if assignments.shape[0] != labels.shape[0]:
-        raise ValueError(f"assignments and labels must describe the same N images, got {assignments.shape[0]} "
+        raise ValueError(f"assignments and labels must describe the same B images, got {assignments.shape[0]} "
                          f"and {labels.shape[0]}")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, num_classes) = [0, {num_classes})")
     if assignments.is_floating_point():
         if assignments.dim() != 2 or assignments.shape[1] != num_experts:
-            raise ValueError(f"floating-point assignments must have shape [N, E] with E = {num_experts}, got "
+            raise ValueError(f"floating-point assignments must have shape [B, E] with E = {num_experts}, got "
                              f"{tuple(assignments.shape)}")
         weights = assignments
     else:
         if assignments.dim() != 1 or assignments.dtype == torch.bool:
-            raise ValueError(f"integer assignments must have shape [N], got {tuple(assignments.shape)} "
+            raise ValueError(f"integer assignments must have shape [B], got {tuple(assignments.shape)} "
                              f"({assignments.dtype})")
         if assignments.numel() and (assignments.min() < 0 or assignments.max() >= num_experts):
             raise ValueError(f"assignments must lie in [0, num_experts) = [0, {num_experts})")

@@ -1,7 +1,7 @@
 """Weakly supervised semantic segmentation from object maps: label maps, their confusion against the ground
 truth, and mIoU.
 
-Shape letters: M maps, K objects, L labels. Label maps hold 0 for the background and c + 1 for class c.
+Shape letters (README, "Shape letters"): S maps, O objects, L labels. Label maps hold 0 for the background and c + 1 for class c.
 """
 
 from __future__ import annotations
@@ -13,31 +13,31 @@ import torch
 
 
 def label_map(maps: torch.Tensor, classes: torch.Tensor, threshold: float) -> torch.Tensor:
-    """A semantic label map from M object maps of one image: each pixel takes the class of the map that is largest
+    """A semantic label map from S object maps of one image: each pixel takes the class of the map that is largest
     there, when that value is >= ``threshold``, else the background.
 
     Args:
-        maps: [M, H, W] float maps in [0, 1]. classes: [M] int, the class of each map.
+        maps: [S, H, W] float maps in [0, 1]. classes: [S] int, the class of each map.
     Returns:
         [H, W] int64: 0 for the background, classes[m] + 1 where map m wins.
     """
     if maps.dim() != 3 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a floating-point tensor [M, H, W], got {maps.dtype} of shape "
+        raise ValueError(f"maps must be a floating-point tensor [S, H, W], got {maps.dtype} of shape "
                          f"{tuple(maps.shape)}")
     if classes.shape != maps.shape[:1] or classes.is_floating_point() or classes.dtype == torch.bool:
-        raise ValueError(f"classes must be an integer tensor [M] with M = {maps.shape[0]}, got {classes.dtype} of "
+        raise ValueError(f"classes must be an integer tensor [S] with S = {maps.shape[0]}, got {classes.dtype} of "
                          f"shape {tuple(classes.shape)}")
     best, winner = maps.max(dim=0)
     return torch.where(best >= threshold, classes.to(torch.int64)[winner] + 1, 0)
 
 
 def semantic_target(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The ground-truth label map of an image from its object masks [K, H, W] bool and classes [K] int: [H, W]
-    int64, 0 for the background, labels[k] + 1 on mask k (digit_scenes' masks never overlap)."""
+    """The ground-truth label map of an image from its object masks [O, H, W] bool and classes [O] int: [H, W]
+    int64, 0 for the background, labels[o] + 1 on mask o (digit_scenes' masks never overlap)."""
     if masks.dim() != 3 or masks.dtype != torch.bool:
-        raise ValueError(f"masks must be a bool tensor [K, H, W], got {masks.dtype} of shape {tuple(masks.shape)}")
+        raise ValueError(f"masks must be a bool tensor [O, H, W], got {masks.dtype} of shape {tuple(masks.shape)}")
     if labels.shape != masks.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor [K] with K = {masks.shape[0]}, got {labels.dtype} of "
+        raise ValueError(f"labels must be an integer tensor [O] with O = {masks.shape[0]}, got {labels.dtype} of "
                          f"shape {tuple(labels.shape)}")
     if bool((masks.sum(dim=0) > 1).any()):
         raise ValueError("masks overlap, so a pixel would have two classes")

@@ -3,7 +3,7 @@ and reports, with :func:`visionmoe.metrics.routing_consistency`, how stable thei
 beside the trainer, not in :mod:`visionmoe.metrics`, because it runs models, while metrics are pure functions of
 tensors.
 
-Shape letters: P probe images of N tokens each, E experts.
+Shape letters: B probe images of N tokens each, E experts (README, "Shape letters").
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class RoutingSnapshot:
     Attributes:
         epoch: epochs trained when it was taken (0: at initialisation).
         phase: a label such as "init", "train", "pretrain" or "finetune".
-        assignments: layer name -> [P * N] int64, the top-1 expert of each token of the P probe images.
+        assignments: layer name -> [B * N] int64, the top-1 expert of each token of the B probe images.
     """
 
     epoch: int
@@ -44,13 +44,13 @@ class RoutingConsistencyTracker:
     depend on capacity drops or on the other images of a batch.
 
     Args:
-        probe_images: [P, C, H, W] the fixed probe images (e.g. the first P validation images).
+        probe_images: [B, Ci, H, W] the fixed probe images (e.g. the first B validation images).
         batch_size: images per forward pass while recording.
     """
 
     def __init__(self, probe_images: torch.Tensor, batch_size: int = 256):
         if not isinstance(probe_images, torch.Tensor) or probe_images.dim() < 2 or probe_images.shape[0] == 0:
-            raise ValueError(f"probe_images must be a non-empty [P, ...] batch of images, got "
+            raise ValueError(f"probe_images must be a non-empty [B, ...] batch of images, got "
                              f"{tuple(getattr(probe_images, 'shape', ()))}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -59,7 +59,7 @@ class RoutingConsistencyTracker:
 
     @torch.no_grad()
     def top1_assignments(self, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-        """Layer name -> [P * N] top-1 expert of each probe token, from ``model`` in eval mode."""
+        """Layer name -> [B * N] top-1 expert of each probe token, from ``model`` in eval mode."""
         layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoEMLP)]
         if not layers:
             raise ValueError("the model has no sparse MoE layers (MoEMLP) whose routing could be tracked")
