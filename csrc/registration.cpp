@@ -23,7 +23,10 @@ TORCH_LIBRARY(visionmoe, m) {
       "combine_backward(Tensor grad_y, Tensor expert_out, Tensor weight, Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, int? capacity) -> (Tensor grad_expert_out, Tensor grad_weight)");
 
-  // Routing family (csrc/routing): router assignments as routing plans over E * G virtual experts.
+  // Routing family (csrc/routing): router assignments as routing plans over E * G virtual experts. The outputs
+  // are the fields of visionmoe.RoutingPlan (python/visionmoe/plan.py) except for the combine weights, which
+  // the Python wrapper gathers from the caller's differentiable scores with flat_index [M] int64: the position
+  // (g * T + t) * E + e, in the [G, T, E] scores, of each assignment's score, in the plan's expert-major order.
   m.def(
       "topk_route(Tensor scores, int k, bool batch_priority) -> (Tensor sorted_token, Tensor sorted_expert, "
       "Tensor slot, Tensor offsets, Tensor order, Tensor flat_index, Tensor token_offsets, Tensor token_rows)");

@@ -2,6 +2,11 @@
 
 :func:`moeify` works on timm-style Vision Transformers: any module with ``.blocks[i].mlp`` computing
 fc2(gelu(fc1(x))) on [B, N, D] tokens (timm's VisionTransformer and its Mlp, visionmoe's own ViT).
+
+Which upcycling entry point to use (README, "Upcycling: which entry point"): :func:`moeify` for a model built
+elsewhere, changed in place; :func:`visionmoe.models.upcycle` for visionmoe's own ``VisionTransformer`` (a new
+model whose config records the MoE blocks, so the training tools and checkpoints know them; sparse or Soft MoE);
+:meth:`visionmoe.layers.MoEMLP.from_dense` for one MLP of your own architecture.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ def _dense_mlp(block: nn.Module, index: int) -> nn.Module:
 def moeify(model: nn.Module, blocks: Optional[Iterable[int]] = None, num_experts: int = 8, router: str = "topk",
            **options) -> nn.Module:
     """Replaces the MLPs of chosen blocks by :class:`~visionmoe.layers.MoEMLP` layers upcycled from them, in place.
+
+    Use it for a ViT built elsewhere (timm's, your own with timm's block layout). For visionmoe's own
+    ``VisionTransformer`` prefer :func:`visionmoe.models.upcycle`, whose result records its MoE blocks in its
+    config (the training and evaluation tools rebuild models from it) and which also makes Soft MoE layers.
 
     Each chosen ``model.blocks[i].mlp`` (fc1: nn.Linear, act: exact nn.GELU, fc2: nn.Linear; other children may
     only be nn.Identity or zero-rate nn.Dropout, as in timm's Mlp) becomes

@@ -79,7 +79,10 @@ class ExpertMLPs(nn.Module):
 
     @torch.no_grad()
     def load_dense_(self, fc1: nn.Linear, fc2: nn.Linear) -> "ExpertMLPs":
-        """Sparse upcycling: every expert starts as a copy of the dense MLP fc2(act(fc1(x)))."""
+        """Sparse upcycling: every expert starts as a copy of the dense MLP fc2(gelu(fc1(x))).
+
+        The building block of the upcycling entry points; users call :meth:`MoEMLP.from_dense` (one layer),
+        :func:`visionmoe.models.upcycle` or :func:`visionmoe.convert.moeify` (whole models) instead."""
         if self.activation != "gelu":
             raise ValueError("load_dense_ copies a Linear-GELU-Linear MLP; this layer's activation is "
                              f"{self.activation!r}")
@@ -144,7 +147,10 @@ class MoEMLP(nn.Module):
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, router: str = "topk", **options) -> "MoEMLP":
-        """Sparse upcycling: an MoE MLP whose experts all start as the dense MLP fc2(gelu(fc1(x)))."""
+        """Sparse upcycling: an MoE MLP whose experts all start as the dense MLP fc2(gelu(fc1(x))).
+
+        Use it to upcycle one MLP of your own architecture; whole ViTs have :func:`visionmoe.models.upcycle`
+        (visionmoe's own) and :func:`visionmoe.convert.moeify` (built elsewhere, in place)."""
         layer = cls(fc1.in_features, fc1.out_features, num_experts, router, **options)
         layer.experts.load_dense_(fc1, fc2)
         return layer.to(device=fc1.weight.device, dtype=fc1.weight.dtype)

@@ -189,6 +189,10 @@ def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] 
     """Sparse upcycling (Komatsuzaki et al. 2023): an MoE ViT with ``dense_model``'s architecture and weights,
     whose MoE layers' experts all start as copies of the dense MLP they replace; routers start fresh.
 
+    Use it for visionmoe's own ViTs: the new model's config names its MoE blocks and options, so checkpoints,
+    ``visionmoe-train --init-from`` and ``visionmoe-eval`` rebuild it. For a ViT built elsewhere use
+    :func:`visionmoe.convert.moeify` (in place); for a single MLP, :meth:`visionmoe.layers.MoEMLP.from_dense`.
+
     Args:
         dense_model: a :class:`VisionTransformer` whose chosen blocks have dense MLPs.
         moe_blocks: blocks to turn into MoE layers; default :func:`default_moe_blocks`.

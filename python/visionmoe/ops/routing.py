@@ -39,6 +39,9 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
 
 
 def _plan(outputs, weights: torch.Tensor, capacity: Optional[int], renormalize: bool) -> RoutingPlan:
+    """The plan of a route operator's outputs, with combine weights gathered from ``weights`` [G, T, E] (so that
+    gradients reach the router): the operator's ``flat_index`` [M] is the position ``(g * T + t) * E + e`` of each
+    assignment's weight in ``weights``, in the plan's expert-major order."""
     sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows = outputs
     G, T, E = weights.shape
     weight = weights.reshape(-1).index_select(0, flat_index)
