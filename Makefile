@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 SOURCES := $(shell find csrc python -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py' \)) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: install demo test fuzz bench cuda-compile clean
+.PHONY: install demo test fuzz bench cuda-compile lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV_OPTS) $(VENV)
@@ -48,6 +48,25 @@ fuzz: install
 
 bench: install
 	$(PY) benchmarks/bench_dispatch.py
+
+# Lint: ruff (rules and formatting, configured in pyproject.toml) for Python and notebooks, clang-format
+# (.clang-format) for C++ and CUDA. Pinned so that every machine agrees on the format; `make format` applies both.
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
+CXX_SOURCES = $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \))
+
+$(VENV)/.lint-tools: $(PY)
+	$(PY) -m pip install $(LINT_TOOLS)
+	touch $@
+
+lint: $(VENV)/.lint-tools
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: $(VENV)/.lint-tools
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 cuda-compile: $(VENV)/.deps
 	.ci/compile_cuda.sh $(PY)
