@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 import torch
 
 from visionmoe import ops, reference
 
-from common import DTYPES, format_table, timeit, write_results
+from common import (abort_unless_close, apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args,
+                    timeit, write_results)
 
 
 # The einsum formulation is orders of magnitude slower (tens of seconds a step on a small CPU), so it gets at
@@ -47,21 +47,16 @@ from common import DTYPES, format_table, timeit, write_results
 EINSUM_MAX_WARMUP = 1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=10)
     parser.add_argument("--tokens", type=int, default=16384, help="T (default 16384)")
     parser.add_argument("--dim", type=int, default=384, help="D (default 384)")
     parser.add_argument("--experts", type=int, default=16, help="E (default 16)")
     parser.add_argument("--topk", type=int, default=2, help="K, experts per token (default 2)")
     parser.add_argument("--capacity-factor", type=float, default=1.25,
                         help="C = ceil(K * T * factor / E) for the padded layout (default 1.25)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     parser.add_argument("--layout", choices=ops.LAYOUTS, default="padded",
                         help="padded: [E, C, D] with capacity C; packed: [A, D] with a dropless plan")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation (default 2)")
-    parser.add_argument("--repeat", type=int, default=10,
-                        help="timed runs per implementation; the median is reported (default 10)")
     parser.add_argument("--einsum-repeat", type=int, default=3,
                         help=f"cap on the einsum formulation's timed runs, which also gets at most "
                              f"{EINSUM_MAX_WARMUP} warmup run (default 3)")
@@ -71,15 +66,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--imbalance", type=float, default=0.5,
                         help="expert popularity spans 1 -/+ this times the mean; at the defaults about 3%% of "
                              "the assignments overflow the capacity (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="appended to the result files' names")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
     if args.topk > args.experts:
         parser.error("--topk must be at most --experts")
-    if args.repeat < 1 or args.einsum_repeat < 1 or args.warmup < 0:
-        parser.error("--repeat and --einsum-repeat must be >= 1, --warmup >= 0")
+    if args.einsum_repeat < 1:
+        parser.error("--einsum-repeat must be >= 1")
     if not 0 <= args.imbalance < 1:
         parser.error("--imbalance must be in [0, 1)")
     return args
@@ -136,18 +132,13 @@ def einsum_step(x, plan, grad_y):
 
 
 def check_close(name: str, actual: dict, expected: dict) -> None:
-    """Aborts the benchmark when an implementation computes something else than the index reference: its
-    timings would be meaningless.
+    """Aborts the benchmark when an implementation computes something else than the index reference.
 
     y and x.grad are compared: each element is a copy or a sum of at most K products, so torch's default
     tolerances for the dtype apply. The weights' gradient is not: each is a D-long dot product whose rounding
     depends on the summation order, which would need tolerances tuned to D.
     """
-    for quantity, tensor in actual.items():
-        try:
-            torch.testing.assert_close(tensor, expected[quantity])
-        except AssertionError as error:
-            sys.exit(f"error: {name} does not match the index reference in {quantity}; not timing it.\n{error}")
+    abort_unless_close(name, actual, expected, "the index reference")
 
 
 def bytes_moved(num_tokens: int, dim: int, expert_rows: int, element_size: int) -> int:
@@ -157,8 +148,7 @@ def bytes_moved(num_tokens: int, dim: int, expert_rows: int, element_size: int) 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = apply_benchmark_args(args)
     num_tokens, dim, num_experts = args.tokens, args.dim, args.experts
     element_size = torch.empty((), dtype=dtype).element_size()
     padded = args.layout == "padded"
@@ -277,7 +267,8 @@ def main(argv=None) -> None:
         "imbalance": args.imbalance,
         "seed": args.seed,
     }
-    paths = write_results(f"dispatch_{args.layout}", rows, meta, device=device, tag=args.tag)
+    paths = write_results(f"dispatch_{args.layout}", rows, meta, device=device, tag=args.tag,
+                          directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

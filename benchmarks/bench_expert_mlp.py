@@ -27,45 +27,31 @@ Results: benchmarks/results/expert_mlp_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import DTYPES, format_table, saved_storages, timeit_rounds, write_results
+from common import (abort_unless_close, apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args,
+                    saved_storages, timeit_rounds, write_results)
 
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=5, rounds=3)
     parser.add_argument("--rows", type=int, default=8192, help="M, routed rows (default 8192)")
     parser.add_argument("--dim", type=int, default=384, help="D (default 384, ViT-S)")
     parser.add_argument("--hidden", type=int, default=1536, help="F (default 1536 = 4 D)")
     parser.add_argument("--experts", type=int, default=16, help="E (default 16); M must be a multiple of E")
     parser.add_argument("--activations", nargs="+", choices=ops.ACTIVATIONS, default=list(ops.ACTIVATIONS))
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads for ATen (default: torch's default)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation (default 2)")
-    parser.add_argument("--repeat", type=int, default=5,
-                        help="timed runs per implementation; the median is reported (default 5)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="the implementations are timed in turn this many times and each one's median over "
-                             "the rounds is reported, so that a burst of load on a shared machine hits all of "
-                             "them alike (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="appended to the result files' names")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
     if min(args.rows, args.dim, args.hidden, args.experts) < 1 or args.rows % args.experts:
         parser.error("sizes must be >= 1 and --rows a multiple of --experts")
-    if args.repeat < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--repeat and --rounds must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
     return args
 
 
@@ -94,11 +80,9 @@ def loop_mlp(x, expert_weights, bounds, activation):
 
 def check_close(actual: list, expected: list) -> None:
     """Aborts when the operator computes something else than the reference: timing it would be meaningless."""
-    for quantity, a, e in zip(("y", "x.grad", "w1.grad", "b1.grad", "w2.grad", "b2.grad"), actual, expected):
-        try:
-            torch.testing.assert_close(a, e, atol=1e-3, rtol=1e-3)
-        except AssertionError as error:
-            sys.exit(f"error: visionmoe does not match the reference in {quantity}; not timing it.\n{error}")
+    quantities = ("y", "x.grad", "w1.grad", "b1.grad", "w2.grad", "b2.grad")
+    abort_unless_close("visionmoe", dict(zip(quantities, actual)), dict(zip(quantities, expected)), "the reference",
+                       atol=1e-3, rtol=1e-3)
 
 
 def run_config(args, device, dtype, activation: str) -> list[dict]:
@@ -163,10 +147,7 @@ def run_config(args, device, dtype, activation: str) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = apply_benchmark_args(args)
     print(f"expert MLP, forward + backward: M={args.rows} D={args.dim} F={args.hidden} E={args.experts} "
           f"{args.dtype} on {device}, {torch.get_num_threads()} CPU threads")
     rows = [row for activation in args.activations for row in run_config(args, device, dtype, activation)]
@@ -189,7 +170,7 @@ def main(argv=None) -> None:
         "rounds": args.rounds,
         "seed": args.seed,
     }
-    paths = write_results("expert_mlp", rows, meta, device=device, tag=args.tag)
+    paths = write_results("expert_mlp", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (allocated_peak_bytes, format_table, peak_memory_in_fresh_process, peak_resident_bytes, timeit,  # noqa: E402
+from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
+                    parse_benchmark_args, peak_memory_in_fresh_process, peak_resident_bytes, settings, timeit,
                     write_results)
 
 from visionmoe import reference  # noqa: E402
@@ -89,9 +90,8 @@ def step(implementation, layer, x, grad):
     RUNNERS[implementation](layer, x).backward(grad)
 
 
-def peak_memory_probe(args):
+def peak_memory_probe(args, device, dtype):
     """Runs in a fresh process: one step of one implementation (or none), prints the peak memory in bytes."""
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     layer, x, grad = build(args, device, dtype)
     if args.memory_probe != "none":
         step(args.memory_probe, layer, x, grad)
@@ -106,28 +106,26 @@ def measure_peak_memory(args, implementation) -> int:
     return peak_memory_in_fresh_process(__file__, args, implementation, ("tag", "warmup", "repeat", "einsum_repeat"))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=7)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--topk", type=int, default=1)
     parser.add_argument("--capacity-factor", type=float, default=1.0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--einsum-repeat", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None)
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = parse_benchmark_args(build_parser(), argv)
+    device, dtype = apply_benchmark_args(args)
     if args.memory_probe is not None:
-        peak_memory_probe(args)
+        peak_memory_probe(args, device, dtype)
         return
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     layer, x, grad = build(args, device, dtype)
     capacity = layer.router.capacity(args.tokens)
     # visionmoe and the einsum formulation route with the same plan, so they must agree exactly.
@@ -160,10 +158,10 @@ def main():
           f"C={capacity} {args.dtype} on {device}")
     print(format_table(rows))
     meta = {"benchmark": "MoE MLP forward + backward against dense, expert loop and one-hot einsum",
-            **{key: value for key, value in vars(args).items() if key != "memory_probe"}, "capacity": capacity,
+            **settings(args), "capacity": capacity,
             "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; peak: above a "
                       "baseline process holding the same inputs and weights"}
-    paths = write_results("moe_layer", rows, meta, device=device, tag=args.tag)
+    paths = write_results("moe_layer", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, timeit, write_results  # noqa: E402
+from common import (apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args, timeit,  # noqa: E402
+                    write_results)
 
 from visionmoe import ops, reference  # noqa: E402
 from visionmoe.routers import capacity_from_factor, create_router, list_routers  # noqa: E402
@@ -64,8 +65,8 @@ def routing_loss(router_output, x, probe):
     return loss + sum(metrics.aux_losses.values(), torch.zeros((), device=x.device))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=7, dtypes=None)
     parser.add_argument("--routers", nargs="*", default=None, help="router names (default: all registered)")
     parser.add_argument("--tokens", type=int, default=16384, help="T, tokens per group")
     parser.add_argument("--groups", type=int, default=1, help="G, groups routed independently")
@@ -74,14 +75,12 @@ def main():
     parser.add_argument("--topk", type=int, nargs="*", default=[1, 2], help="K values (token-choice routers)")
     parser.add_argument("--soft-group-size", type=int, default=196,
                         help="tokens per group for the soft router (one image of 14 x 14 patches)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None)
-    args = parser.parse_args()
+    return parser
 
-    device = torch.device(args.device)
+
+def main(argv=None):
+    args = parse_benchmark_args(build_parser(), argv)
+    device, _ = apply_benchmark_args(args)
     names = args.routers or [name for name in list_routers() if name != "hindsight"]
     torch.manual_seed(args.seed)
     x = torch.randn(args.groups, args.tokens, args.dim, device=device, requires_grad=True)
@@ -144,7 +143,7 @@ def main():
             "tokens": args.tokens, "groups": args.groups, "dim": args.dim, "device": str(device),
             "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed, "router_options": ROUTER_OPTIONS,
             "soft_group_size": args.soft_group_size}
-    paths = write_results("routing", rows, meta, device=device, tag=args.tag)
+    paths = write_results("routing", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 
 

@@ -22,13 +22,13 @@ Results: benchmarks/results/sinkhorn_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from visionmoe import ops, reference
 
-from common import DTYPES, allocated_peak_bytes, format_table, timeit, write_results
+from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
+                    parse_benchmark_args, timeit, write_results)
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
 # are a few units, and gradients of order one.
@@ -40,27 +40,21 @@ TOLERANCES = {
 IMPLEMENTATIONS = {"visionmoe": ops.sinkhorn, "reference": reference.sinkhorn}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=10)
     parser.add_argument("--tokens", type=int, default=16384, help="T, tokens per group (default 16384)")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="E values (default 8 32 128)")
     parser.add_argument("--groups", type=int, default=1, help="G (default 1)")
     parser.add_argument("--iterations", type=int, default=ops.DEFAULT_SINKHORN_ITERATIONS,
                         help=f"K (default {ops.DEFAULT_SINKHORN_ITERATIONS}, the operator's default)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per step (default 2)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per step; the median is reported")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="appended to the result files' names")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    if args.repeat < 1 or args.warmup < 0 or args.iterations < 1:
-        parser.error("--repeat and --iterations must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
+    if args.iterations < 1:
+        parser.error("--iterations must be >= 1")
     if args.tokens < 1 or args.groups < 1 or min(args.experts) < 1:
         parser.error("--tokens, --groups and --experts must be >= 1")
     return args
@@ -76,11 +70,7 @@ def check_against_float64(name: str, sinkhorn, logits, grad_log_plan, iterations
         log_plan = function(leaf, iterations)
         log_plan.backward(inputs[1])
         results.append({"log_plan": log_plan.detach().double(), "logits.grad": leaf.grad.double()})
-    for quantity, tensor in results[0].items():
-        try:
-            torch.testing.assert_close(tensor, results[1][quantity], **TOLERANCES[dtype])
-        except AssertionError as error:
-            sys.exit(f"error: {name} does not match the float64 reference in {quantity}; not timing it.\n{error}")
+    abort_unless_close(name, *results, "the float64 reference", **TOLERANCES[dtype])
 
 
 def peak_memory_mb(step, logits, device: torch.device):
@@ -91,10 +81,7 @@ def peak_memory_mb(step, logits, device: torch.device):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = apply_benchmark_args(args)
     G, T, K = args.groups, args.tokens, args.iterations
     print(f"sinkhorn, forward and forward + backward: G={G} T={T} E={args.experts} K={K} {args.dtype} on {device}")
 
@@ -152,7 +139,7 @@ def main(argv=None) -> None:
         "repeat": args.repeat,
         "seed": args.seed,
     }
-    paths = write_results("sinkhorn", rows, meta, device=device, tag=args.tag)
+    paths = write_results("sinkhorn", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

@@ -30,46 +30,33 @@ Results: benchmarks/results/soft_moe_<device>[_<tag>].json and .md.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from visionmoe import ops, reference
 
-from common import DTYPES, allocated_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
+                    parse_benchmark_args, saved_storages, timeit_rounds, write_results)
 
 IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=3, repeat=20, rounds=3)
     parser.add_argument("--groups", type=int, default=32, help="G, images per batch (default 32)")
     parser.add_argument("--tokens", type=int, default=196, help="T, tokens per group (default 196: 14 x 14 patches)")
     parser.add_argument("--dim", type=int, default=384, help="D (default 384, ViT-S)")
     parser.add_argument("--experts", type=int, default=16, help="E (default 16)")
     parser.add_argument("--slots-per-expert", type=int, nargs="+", default=[1, 12],
                         help="P values to run, S = E * P (default 1 and 12, Soft MoE's round(T / E) for T = 196)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads for ATen (default: torch's default)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per implementation (default 3)")
-    parser.add_argument("--repeat", type=int, default=20,
-                        help="timed runs per implementation; the median is reported (default 20)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="the implementations are timed in turn this many times and each one's median over "
-                             "the rounds is reported, so that a burst of load on a shared machine hits all of "
-                             "them alike (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="appended to the result files' names")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
     if min(args.groups, args.tokens, args.dim, args.experts, *args.slots_per_expert) < 1:
         parser.error("sizes must be >= 1")
-    if args.repeat < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--repeat and --rounds must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
     return args
 
 
@@ -106,16 +93,6 @@ def gemm_only_step(x, logits, grad_out):
     return step
 
 
-def check_close(name: str, actual: dict, expected: dict) -> None:
-    """Aborts when an implementation computes something else than the eager reference: timing it would be
-    meaningless."""
-    for quantity, tensor in actual.items():
-        try:
-            torch.testing.assert_close(tensor, expected[quantity])
-        except AssertionError as error:
-            sys.exit(f"error: {name} does not match the eager reference in {quantity}; not timing it.\n{error}")
-
-
 def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
     G, T, D, E = args.groups, args.tokens, args.dim, args.experts
     S = E * slots_per_expert
@@ -132,7 +109,7 @@ def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
         clear_grads()
         out = soft_moe_step(module, x, logits, grad_out)()
         results[name] = {"out": out.detach(), "x.grad": x.grad, "logits.grad": logits.grad}
-    check_close("visionmoe", results["visionmoe"], results["eager"])
+    abort_unless_close("visionmoe", results["visionmoe"], results["eager"], "the eager reference")
 
     flops = 12 * G * T * S * D
     steps = {name: soft_moe_step(module, x, logits, grad_out) for name, module in IMPLEMENTATIONS.items()}
@@ -159,10 +136,7 @@ def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = apply_benchmark_args(args)
     print(f"soft dispatch + combine, forward + backward: G={args.groups} T={args.tokens} D={args.dim} "
           f"E={args.experts} P in {args.slots_per_expert} {args.dtype} on {device}, "
           f"{torch.get_num_threads()} CPU threads")
@@ -188,7 +162,7 @@ def main(argv=None) -> None:
         "rounds": args.rounds,
         "seed": args.seed,
     }
-    paths = write_results("soft_moe", rows, meta, device=device, tag=args.tag)
+    paths = write_results("soft_moe", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from visionmoe import ops, reference
 
-from common import DTYPES, allocated_peak_bytes, format_table, saved_storages, timeit_rounds, write_results
+from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
+                    parse_benchmark_args, saved_storages, timeit_rounds, write_results)
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes: the loss is a mean
 # of values of order one, the gradient entries are of order 1 / T.
@@ -64,30 +64,18 @@ IMPLEMENTATIONS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=3, repeat=20, rounds=3)
     parser.add_argument("--tokens", type=int, default=16384, help="T (default 16384)")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="E values (default 8 32 128)")
     parser.add_argument("--formats", nargs="+", choices=ops.TEACHER_FORMATS, default=list(ops.TEACHER_FORMATS),
                         help="teacher formats (default both)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs per step (default 3)")
-    parser.add_argument("--repeat", type=int, default=20, help="timed runs per step; the median is reported")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="the implementations are timed in turn this many times and each one's median over "
-                             "the rounds is reported, so that a burst of load on a shared machine hits all of "
-                             "them alike (default 3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", help="appended to the result files' names")
-    args = parser.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
-    if args.repeat < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--repeat and --rounds must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
     if args.tokens < 1 or min(args.experts) < 1:
         parser.error("--tokens and --experts must be >= 1")
     return args
@@ -112,11 +100,7 @@ def check_against_float64(name: str, loss_fn, student_logits, teacher, teacher_f
         loss = function(leaf, p, "mean", teacher_format)
         loss.backward()
         results.append({"loss": loss.detach().double(), "student_logits.grad": leaf.grad.double()})
-    for quantity, tensor in results[0].items():
-        try:
-            torch.testing.assert_close(tensor, results[1][quantity], **TOLERANCES[student_logits.dtype])
-        except AssertionError as error:
-            sys.exit(f"error: {name} does not match the float64 reference in {quantity}; not timing it.\n{error}")
+    abort_unless_close(name, *results, "the float64 reference", **TOLERANCES[student_logits.dtype])
 
 
 def run_config(args, device, dtype, E: int, teacher_format: str) -> list[dict]:
@@ -166,10 +150,7 @@ def run_config(args, device, dtype, E: int, teacher_format: str) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = apply_benchmark_args(args)
     print(f"teacher_routing_loss (mean), forward and forward + backward: T={args.tokens} E={args.experts} "
           f"teacher {args.formats} {args.dtype} on {device}, {torch.get_num_threads()} CPU threads")
     rows = []
@@ -201,7 +182,8 @@ def main(argv=None) -> None:
         # Other work on a shared machine inflates the medians: the system load over 1, 5 and 15 minutes at the end.
         "load_average": [round(load, 2) for load in os.getloadavg()],
     }
-    paths = write_results("teacher_routing", rows, meta, device=device, tag=args.tag)
+    paths = write_results("teacher_routing", rows, meta, device=device, tag=args.tag,
+                          directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

@@ -45,8 +45,9 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (allocated_peak_bytes, format_table, keep_freed_memory_in_heap, page_faults_per_call,  # noqa: E402
-                    peak_memory_in_fresh_process, peak_resident_bytes, saved_storages, timeit_rounds, write_results)
+from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
+                    keep_freed_memory_in_heap, page_faults_per_call, parse_benchmark_args, peak_memory_in_fresh_process,
+                    peak_resident_bytes, saved_storages, settings, timeit_rounds, write_results)
 
 from visionmoe import ops, reference  # noqa: E402
 
@@ -71,9 +72,8 @@ def step(implementation, inputs, output_grads):
     torch.autograd.backward(IMPLEMENTATIONS[implementation](*inputs), output_grads)
 
 
-def resident_peak_probe(args):
+def resident_peak_probe(args, dtype):
     """Runs in a fresh process: one CPU step of one implementation (or none), prints the peak resident bytes."""
-    dtype = getattr(torch, args.dtype)
     for implementation in IMPLEMENTATIONS:  # loads and initialises what each implementation uses, on a tiny problem
         step(implementation, *build(args, "cpu", dtype, batch=1))
     inputs, output_grads = build(args, "cpu", dtype)
@@ -98,34 +98,29 @@ def resident_columns(args, implementation, baseline: Optional[float]) -> dict:
             "resident_peak_mb_range": f"{min(above):.1f}-{max(above):.1f}"}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=5, rounds=5,
+                              dtypes=("float32", "float64", "bfloat16", "float16"))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=196)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None)
     parser.add_argument("--heap", default="kept", choices=["kept", "default"],
                         help="kept: glibc keeps freed memory in the process (see above); default: glibc's settings")
     parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per peak-memory reading")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    args = parse_benchmark_args(build_parser(), argv)
     heap_kept = args.heap == "kept" and keep_freed_memory_in_heap()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    device, dtype = apply_benchmark_args(args)
     if args.memory_probe is not None:
-        resident_peak_probe(args)
+        resident_peak_probe(args, dtype)
         return
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     inputs, output_grads = build(args, device, dtype)
     results = {}
     for implementation in IMPLEMENTATIONS:
@@ -171,13 +166,13 @@ def main():
     print(format_table(rows))
     print(f"speed-up of the fused operator: {eager['median_ms'] / fused['median_ms']:.2f}x")
     meta = {"benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
-            **{key: value for key, value in vars(args).items() if key != "memory_probe"},
+            **settings(args),
             "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; resident: peak "
                       "resident memory above a baseline process holding the same inputs and output gradients; "
                       "saved: storages autograd keeps for the backward",
             "heap_kept": heap_kept}
     tag = args.tag if args.heap == "kept" else "_".join(filter(None, [args.tag, "default-heap"]))
-    paths = write_results("whatwhere", rows, meta, device=device, tag=tag)
+    paths = write_results("whatwhere", rows, meta, device=device, tag=tag, directory=args.output)
     print("wrote", *paths)
 
 

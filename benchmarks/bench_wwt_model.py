@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import allocated_peak_bytes, format_table, saved_storages, timeit_rounds, write_results  # noqa: E402
+from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
+                    parse_benchmark_args, saved_storages, settings, timeit_rounds, write_results)
 
 import visionmoe  # noqa: E402
 from visionmoe import ops, reference  # noqa: E402
@@ -39,33 +40,27 @@ ATTENTION = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=1, repeat=3, rounds=3, dtypes=None)
     parser.add_argument("--model", default="wwt_small", help="a registered What-Where Transformer (default wwt_small)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
     if not args.model.startswith("wwt"):
         parser.error(f"--model must be a What-Where Transformer (wwt_*), got {args.model!r}")
-    if args.batch < 1 or args.repeat < 1 or args.rounds < 1 or args.warmup < 0:
-        parser.error("--batch, --repeat and --rounds must be >= 1, --warmup >= 0")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, _ = apply_benchmark_args(args)
     torch.manual_seed(args.seed)
     model = visionmoe.models.create_model(args.model, num_classes=args.num_classes).to(device)
     images = torch.randn(args.batch, model.patch_embed.in_chans, model.img_size, model.img_size, device=device)
@@ -105,8 +100,8 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} threads")
     print(format_table(rows))
     meta = {"benchmark": "What-Where Transformer training step, fused what-where attention against eager",
-            **vars(args), "blocks": blocks, "num_slots": model.num_slots, "num_heads": model.num_heads}
-    paths = write_results("wwt_model", rows, meta, device=device, tag=args.tag)
+            **settings(args), "blocks": blocks, "num_slots": model.num_slots, "num_heads": model.num_heads}
+    paths = write_results("wwt_model", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 
 

@@ -1,11 +1,19 @@
-"""Helpers shared by the benchmarks: timing, and writing results together with what is needed to reproduce them.
+"""Helpers shared by the benchmarks: the command line, timing, and writing results together with what is needed
+to reproduce them.
+
+Every ``bench_*.py`` builds its parser with :func:`benchmark_parser` (``--device``, ``--dtype``, ``--threads``,
+``--warmup``, ``--repeat``, ``--rounds``, ``--seed``, ``--tag``, ``--output``; each script gives its own
+defaults and adds its own options), checks it with :func:`parse_benchmark_args` and applies it with
+:func:`apply_benchmark_args`.
 
 Results go to ``benchmarks/results/<name>_<device-tag>[_<tag>].json`` and ``.md`` (the same numbers as a
-Markdown table), each with the date, torch version, ``visionmoe.build_info()``, device and exact command line.
+Markdown table; ``--output`` names another folder), each with the date, torch version,
+``visionmoe.build_info()``, device and exact command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import json
@@ -28,6 +36,86 @@ from visionmoe.memory import allocated_peak_bytes  # noqa: F401  (the benchmarks
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The floating-point types the benchmarks take by name (--dtype).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Options of benchmark_parser that do not describe the measurement: left out of a result's settings and of the
+# command line of a memory probe.
+NOT_SETTINGS = ("output", "memory_probe")
+
+
+def benchmark_parser(
+    description: str,
+    *,
+    warmup: int,
+    repeat: int,
+    rounds: Optional[int] = None,
+    dtypes: Optional[tuple[str, ...]] = tuple(DTYPES),
+    dtype: str = "float32",
+) -> argparse.ArgumentParser:
+    """The options every benchmark takes, with the script's docstring as its description:
+
+    ``--device`` (default cpu), ``--dtype`` (one of ``dtypes``, default ``dtype``; left out when ``dtypes`` is
+    None, for benchmarks that run in their model's own type), ``--threads`` (default: torch's), ``--warmup``,
+    ``--repeat``, ``--rounds`` (only for benchmarks that time with :func:`timeit_rounds`, when ``rounds`` gives
+    its default), ``--seed`` (default 0), ``--tag`` and ``--output``. The script adds its own options to it.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("options common to the benchmarks")
+    group.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    if dtypes is not None:
+        group.add_argument("--dtype", choices=dtypes, default=dtype, help=f"(default {dtype})")
+    group.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
+    group.add_argument("--warmup", type=int, default=warmup,
+                       help=f"untimed runs per implementation (default {warmup})")
+    group.add_argument("--repeat", type=int, default=repeat,
+                       help=f"timed runs per implementation; the median is reported (default {repeat})")
+    if rounds is not None:
+        group.add_argument("--rounds", type=int, default=rounds,
+                           help="the implementations are timed in turn this many times and each one's median over "
+                                "the rounds is reported, so that a burst of load on a shared machine hits all of "
+                                f"them alike (default {rounds})")
+    group.add_argument("--seed", type=int, default=0, help="(default 0)")
+    group.add_argument("--tag", help="appended to the result files' names")
+    group.add_argument("--output", type=Path, default=RESULTS_DIR,
+                       help="folder the result files are written to (default benchmarks/results)")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with the checks of the common options (a usage error where they fail); the
+    script checks its own options after it."""
+    args = parser.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.repeat < 1 or getattr(args, "rounds", 1) < 1 or args.warmup < 0:
+        parser.error("--repeat" + (" and --rounds" if hasattr(args, "rounds") else "") + " must be >= 1, "
+                     "--warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    return args
+
+
+def apply_benchmark_args(args: argparse.Namespace) -> tuple[torch.device, Optional[torch.dtype]]:
+    """Sets torch's CPU threads to ``--threads`` (where given) and returns the device and the dtype (None for a
+    benchmark without ``--dtype``)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(args, "dtype", None)
+    return torch.device(args.device), None if dtype is None else getattr(torch, dtype)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    """The options of a run that describe the measurement, for a result's meta: all but ``NOT_SETTINGS``."""
+    return {key: value for key, value in vars(args).items() if key not in NOT_SETTINGS}
+
+
+def abort_unless_close(name: str, actual: dict, expected: dict, reference: str, **tolerances) -> None:
+    """Aborts the benchmark when an implementation computes something else than ``reference`` (each quantity of
+    ``actual`` against the same one of ``expected``, ``torch.testing.assert_close`` with ``tolerances``): its
+    timings would be meaningless."""
+    for quantity, tensor in actual.items():
+        try:
+            torch.testing.assert_close(tensor, expected[quantity], **tolerances)
+        except AssertionError as error:
+            sys.exit(f"error: {name} does not match {reference} in {quantity}; not timing it.\n{error}")
 
 
 def timeit(
@@ -129,12 +217,18 @@ def page_faults_per_call(fn: Callable[[], object], calls: int, setup: Optional[C
     return faults / calls
 
 
-def peak_memory_in_fresh_process(script: str, args, implementation: str, skipped: tuple) -> int:
-    """Reruns ``script`` in a new process with ``--memory-probe implementation`` and the options of ``args`` (leaving
-    out None values and the names in ``skipped``), and returns the peak memory in bytes that it prints last."""
-    command = [sys.executable, script, "--memory-probe", implementation] + [
+def memory_probe_argv(args, implementation: str, skipped: tuple) -> list[str]:
+    """The command-line options of a memory probe: ``--memory-probe implementation`` and the options of ``args``,
+    leaving out None values, ``NOT_SETTINGS`` and the names in ``skipped``."""
+    return ["--memory-probe", implementation] + [
         f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in ("memory_probe",) + skipped and value is not None]
+        if name not in NOT_SETTINGS + skipped and value is not None]
+
+
+def peak_memory_in_fresh_process(script: str, args, implementation: str, skipped: tuple) -> int:
+    """Reruns ``script`` in a new process with :func:`memory_probe_argv`, and returns the peak memory in bytes that
+    it prints last."""
+    command = [sys.executable, script] + memory_probe_argv(args, implementation, skipped)
     return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
 
@@ -206,10 +300,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_results(
-    name: str, rows: list[dict], meta: dict, *, device: torch.device | str, tag: Optional[str] = None
+    name: str, rows: list[dict], meta: dict, *, device: torch.device | str, tag: Optional[str] = None,
+    directory: Optional[Path | str] = None,
 ) -> tuple[Path, Path]:
     """Writes ``rows`` and ``meta`` (the benchmark's settings), plus :func:`environment`, to
-    ``results/<name>_<device-tag>[_<tag>].json`` and ``.md``; returns the two paths.
+    ``<directory>/<name>_<device-tag>[_<tag>].json`` and ``.md`` (``directory`` defaults to ``RESULTS_DIR``,
+    benchmarks/results); returns the two paths.
 
     Files are written to a ``.tmp`` sibling first and then renamed, so an interrupted run never leaves a
     half-written result behind.
@@ -220,8 +316,9 @@ def write_results(
     meta_lines = [f"- {key}: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
                   for key, value in meta.items()]
     markdown_text = f"# {name}\n\n{format_table(rows)}\n\n" + "\n".join(meta_lines) + "\n"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    paths = (RESULTS_DIR / f"{stem}.json", RESULTS_DIR / f"{stem}.md")
+    directory = RESULTS_DIR if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / f"{stem}.json", directory / f"{stem}.md")
     for path, text in zip(paths, (json_text, markdown_text)):
         partial = path.with_name(path.name + ".tmp")
         partial.write_text(text)
