@@ -1,7 +1,7 @@
 """The routing plan: who goes to which expert, with which weight, in which slot.
 
-Shape letters (used throughout visionmoe): T tokens, D width, E experts, C capacity (slots per expert),
-A assignments (token, expert) pairs, of which those kept by the capacity fill the experts' rows.
+Shape letters (README, "Shape letters"): T tokens, D width, E experts, C capacity (rows per expert), M
+assignments, (token, expert) pairs, of which those kept by the capacity fill the experts' rows.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class RoutingPlan:
-    """Expert-major list of A assignments, the common output of token-choice and expert-choice routers.
+    """Expert-major list of M assignments, the common output of token-choice and expert-choice routers.
 
     Assignments are grouped by expert and, within an expert, kept in priority order: ``slot[a]`` is the rank
     of assignment ``a`` within its expert. With a ``capacity`` C, assignment ``a`` is kept when
@@ -22,12 +22,12 @@ class RoutingPlan:
     (dropless) every assignment is kept.
 
     Attributes:
-        sorted_token: [A] int64, the token of each assignment.
-        sorted_expert: [A] int64, the expert of each assignment (non-decreasing).
-        weight: [A] float, the combine weight of each assignment (differentiable).
-        slot: [A] int64, rank of the assignment within its expert.
+        sorted_token: [M] int64, the token of each assignment.
+        sorted_expert: [M] int64, the expert of each assignment (non-decreasing).
+        weight: [M] float, the combine weight of each assignment (differentiable).
+        slot: [M] int64, rank of the assignment within its expert.
         offsets: [E + 1] int64, expert e's assignments are ``offsets[e]:offsets[e + 1]``.
-        order: [A] int64, position of each assignment in the list the plan was made from.
+        order: [M] int64, position of each assignment in the list the plan was made from.
         num_experts: the number of expert slots-groups the plan addresses. Routers that route G groups
             independently address E * G virtual experts, numbered ``e * G + g``, so that padded rows
             [E * G, C, D] view as [E, G * C, D] and each real expert's rows stay contiguous in both layouts.
@@ -35,11 +35,11 @@ class RoutingPlan:
         num_groups: G, the number of independently routed groups (1 for explicit plans).
         token_offsets: [T + 1] int64 or None, token-major view: token t's assignments are
             ``token_rows[token_offsets[t]:token_offsets[t + 1]]`` (positions in this plan, increasing).
-        token_rows: [A] int64 or None, see ``token_offsets``.
+        token_rows: [M] int64 or None, see ``token_offsets``.
 
     Expert rows come in two layouts (see :func:`visionmoe.ops.dispatch`): ``"padded"`` [E, C, D], where
     assignment ``a`` is row ``(sorted_expert[a], slot[a])`` and empty slots are zero, and ``"packed"``
-    [A, D], where assignment ``a`` is row ``a`` and dropped assignments' rows are zero. The packed layout
+    [M, D], where assignment ``a`` is row ``a`` and dropped assignments' rows are zero. The packed layout
     with ``offsets`` is what grouped GEMMs consume.
     """
 
@@ -57,7 +57,7 @@ class RoutingPlan:
 
     @property
     def num_assignments(self) -> int:
-        """A, the number of assignments (kept or dropped)."""
+        """M, the number of assignments (kept or dropped)."""
         return self.sorted_token.shape[0]
 
     @property
@@ -70,7 +70,7 @@ class RoutingPlan:
         return self.capacity is None
 
     def kept(self) -> torch.Tensor:
-        """[A] bool, True for assignments that fit in their expert's capacity."""
+        """[M] bool, True for assignments that fit in their expert's capacity."""
         if self.capacity is None:
             return torch.ones_like(self.slot, dtype=torch.bool)
         return self.slot < self.capacity

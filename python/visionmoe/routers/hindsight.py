@@ -1,7 +1,7 @@
 """Hindsight selection (PAPERS.md section 1, from Gumbel-NeRF): every expert processes every token, and each
 token's expert is chosen afterwards from the experts' outputs, trained with a straight-through Gumbel-softmax.
 
-Shape letters: G groups, T tokens per group, D width, E experts, A = G * T * E assignments, D_out the experts'
+Shape letters: G groups, T tokens per group, D width, E experts, M = G * T * E assignments, D_out the experts'
 output width.
 """
 
@@ -37,8 +37,8 @@ class HindsightRouter(Router):
     Usage::
 
         plan, _ = router(x)                                       # x [G, T, D]
-        hidden = ops.dispatch(x.reshape(-1, D), plan, "packed")   # [A, D], rows grouped by expert
-        expert_out = experts(hidden, plan.offsets)                # [A, D_out]
+        hidden = ops.dispatch(x.reshape(-1, D), plan, "packed")   # [M, D], rows grouped by expert
+        expert_out = experts(hidden, plan.offsets)                # [M, D_out]
         plan, metrics = router.choose(plan, expert_out)
         y = ops.combine(expert_out, plan, G * T)                  # [G * T, D_out]
 
@@ -78,7 +78,7 @@ class HindsightRouter(Router):
 
         Args:
             plan: the plan :meth:`forward` returned.
-            expert_out: [A, D_out], the experts' outputs in the plan's packed rows.
+            expert_out: [M, D_out], the experts' outputs in the plan's packed rows.
 
         Returns:
             The plan with straight-through one-hot weights, and the metrics of the choice.
@@ -89,9 +89,9 @@ class HindsightRouter(Router):
             raise ValueError("plan must be the plan HindsightRouter.forward returned (every token assigned to every "
                              f"one of the {num_experts} experts, dropless, with its token-major view)")
         if expert_out.shape != (plan.num_assignments, self.output_dim):
-            raise ValueError(f"expert_out must have shape [A, output_dim] = [{plan.num_assignments}, "
+            raise ValueError(f"expert_out must have shape [M, output_dim] = [{plan.num_assignments}, "
                              f"{self.output_dim}] (the plan's packed rows), got {tuple(expert_out.shape)}")
-        scores = self.scorer(expert_out.to(self.scorer.weight.dtype)).squeeze(-1)  # [A]
+        scores = self.scorer(expert_out.to(self.scorer.weight.dtype)).squeeze(-1)  # [M]
         # Every token has exactly E assignments, listed in expert order: its scores form a row of [G * T, E].
         token_scores = scores.index_select(0, plan.token_rows).view(num_tokens, num_experts)
         perturbed = token_scores
