@@ -6,12 +6,13 @@ discovery as CorLoc, :mod:`.discovery`) and segment them (weakly supervised segm
 """
 
 from .discovery import box_iou, corloc, masks_to_boxes, normalise_maps, object_recall
-from .routing import expert_class_usage, routing_consistency
+from .routing import expert_class_information, expert_class_usage, routing_consistency
 from .segmentation import label_map, mean_iou, segmentation_confusion, semantic_target
 
 __all__ = [
     "box_iou",
     "corloc",
+    "expert_class_information",
     "expert_class_usage",
     "label_map",
     "masks_to_boxes",

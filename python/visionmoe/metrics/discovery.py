@@ -1,8 +1,8 @@
 """Zero-shot object discovery from attention maps: maps to masks to boxes, scored against ground-truth boxes as
 CorLoc (one object per image) and object recall (several).
 
-Shape letters (README, "Shape letters"): S maps, O objects, J predicted boxes. Boxes are (x0, y0, x1, y1) in pixels with x1 and y1
-exclusive, as digit_scenes' ground truth; a mask's box is the tightest one around its pixels.
+Shape letters (README, "Shape letters"): S maps, O objects, J predicted boxes. Boxes are (x0, y0, x1, y1) in
+pixels with x1 and y1 exclusive, as digit_scenes' ground truth; a mask's box is the tightest one around its pixels.
 """
 
 from __future__ import annotations

@@ -76,3 +76,30 @@ def routing_consistency(assign_a: torch.Tensor, assign_b: torch.Tensor) -> float
     if assign_a.numel() == 0:
         raise ValueError("assign_a and assign_b are empty: there are no tokens to compare")
     return (assign_a == assign_b.to(assign_a.device)).float().mean().item()
+
+
+def expert_class_information(usage: torch.Tensor) -> float:
+    """How much knowing a token's expert tells about its image's class: the mutual information, in bits, between
+    expert and class under the joint distribution ``usage / usage.sum()``.
+
+    0 when every expert serves the classes in the same proportions (no specialisation); at most
+    log2(min(E, L)), reached when each class goes to experts of its own. A scale-free summary of the
+    :func:`expert_class_usage` table.
+
+    Args:
+        usage: [E, L] non-negative counts or weights, as returned by :func:`expert_class_usage`.
+    """
+    if not isinstance(usage, torch.Tensor) or usage.dim() != 2 or not usage.is_floating_point():
+        raise ValueError(f"usage must be a floating-point [E, L] tensor, got {getattr(usage, 'dtype', type(usage))} "
+                         f"of shape {tuple(getattr(usage, 'shape', ()))}")
+    usage = usage.double()
+    if not torch.isfinite(usage).all() or (usage < 0).any():
+        raise ValueError("usage must be finite and non-negative")
+    total = usage.sum()
+    if total <= 0:
+        raise ValueError("usage is all zero: no image was routed, so there is nothing to measure")
+    joint = usage / total
+    outer = joint.sum(1, keepdim=True) * joint.sum(0, keepdim=True)
+    # Cells of zero probability add nothing (0 log 0 = 0); where joint > 0 both marginals are > 0.
+    present = joint > 0
+    return float((joint[present] * torch.log2(joint[present] / outer[present])).sum().clamp_min(0.0))

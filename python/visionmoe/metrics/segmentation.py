@@ -1,7 +1,8 @@
 """Weakly supervised semantic segmentation from object maps: label maps, their confusion against the ground
 truth, and mIoU.
 
-Shape letters (README, "Shape letters"): S maps, O objects, L labels. Label maps hold 0 for the background and c + 1 for class c.
+Shape letters (README, "Shape letters"): S maps, O objects, L labels. Label maps hold 0 for the background
+and c + 1 for class c.
 """
 
 from __future__ import annotations
