@@ -9,6 +9,7 @@ of a stalled run.
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import queue
 import tempfile
@@ -16,8 +17,17 @@ import time
 import traceback
 from typing import Any, Callable, List
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def _serialised(value: Any) -> bytes:
+    # Tensors put on a multiprocessing queue travel as shared-memory handles, which vanish when the process that
+    # made them exits before the parent has read them; bytes written by torch.save survive the process.
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def _worker(rank: int, world_size: int, backend: str, init_file: str, timeout: float,
@@ -26,7 +36,7 @@ def _worker(rank: int, world_size: int, backend: str, init_file: str, timeout: f
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            results.put((rank, "ok", _serialised(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # reported to the parent, which raises it with the rank named
@@ -37,7 +47,7 @@ def run_processes(fn: Callable, world_size: int, *args: Any, backend: str = "glo
     """Calls ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes that share a default process group,
     and returns their results in rank order.
 
-    ``fn`` and ``args`` must be picklable (a module-level function); results come back pickled. Raises
+    ``fn`` and ``args`` must be picklable (a module-level function); results come back through ``torch.save``. Raises
     RuntimeError with the rank's traceback when a rank fails, and TimeoutError naming the ranks that had not
     finished when ``timeout`` seconds passed (every process is killed then; collectives time out after the same
     number of seconds).
@@ -72,7 +82,7 @@ def run_processes(fn: Callable, world_size: int, *args: Any, backend: str = "glo
                     continue
                 if status == "error":
                     raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
-                outcomes[rank] = value
+                outcomes[rank] = torch.load(io.BytesIO(value), weights_only=False)
         finally:
             for process in processes:
                 process.join(timeout=5)
