@@ -4,6 +4,8 @@ replicates everything else over "dp".
 """
 
 from .mesh import init_mesh, mesh_from_process_groups
+from .parallel import clip_grad_norm_, expert_parameters, parallelize
 from .processes import run_processes
 
-__all__ = ["init_mesh", "mesh_from_process_groups", "run_processes"]
+__all__ = ["clip_grad_norm_", "expert_parameters", "init_mesh", "mesh_from_process_groups", "parallelize",
+           "run_processes"]
