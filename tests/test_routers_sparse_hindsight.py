@@ -427,7 +427,7 @@ def test_hindsight_bad_input():
     with pytest.raises(ValueError, match="x must have width D = 6"):
         router(torch.randn(5, 7))
     plan, _ = router(torch.randn(5, 6))
-    with pytest.raises(ValueError, match=r"expert_out must have shape \[A, output_dim\] = \[15, 4\]"):
+    with pytest.raises(ValueError, match=r"expert_out must have shape \[M, output_dim\] = \[15, 4\]"):
         router.choose(plan, torch.randn(15, 6))
     other_plan, _ = create_router("expert_choice", 6, 3)(torch.randn(5, 6))
     with pytest.raises(ValueError, match="plan must be the plan HindsightRouter.forward returned"):
