@@ -5,9 +5,9 @@ parameters after an optimiser step; expert_parallel=1 (plain DDP) too; the capac
 fullgraph=True; ranks that disagree raise under the debug check; E not divisible by EP and ConvMoE are refused.
 
 Every rank builds the one-process reference itself from the same seed on the full global batch and compares its
-slice. Cases are batched per spawned group (spawning dominates the time on a small machine); float64, tiny shapes,
-router noise off (noise is drawn per rank; see MoEMLP's docstring); hindsight in eval mode (its training-mode
-Gumbel noise is drawn per rank too).
+slice. Cases are batched per spawned group (spawning dominates the time on a small machine); float64, tiny shapes.
+Routers draw noise as in training (Gaussian logit noise, hindsight's Gumbel noise): every rank draws the global
+batch's noise and keeps its slice, so with the generator seeded alike before both forwards, noisy routing matches.
 """
 
 import copy
@@ -27,15 +27,15 @@ D, F, E, N, LOCAL_BATCH = 4, 6, 4, 3, 2
 
 # (name, layer factory options); every router of the issue, dropless top-k and Soft MoE.
 CASES = [
-    ("topk", dict(router="topk", k=2, capacity_factor=1.0, noise_std=0.0)),
-    ("topk_bpr", dict(router="topk", k=1, capacity_factor=1.0, batch_priority=True, noise_std=0.0)),
-    ("sinkhorn_topk", dict(router="sinkhorn_topk", k=1, capacity_factor=1.25, noise_std=0.0)),
-    ("expert_choice", dict(router="expert_choice", capacity_factor=1.0)),
+    ("topk", dict(router="topk", k=2, capacity_factor=1.0, noise_std=1.0)),
+    ("topk_bpr", dict(router="topk", k=1, capacity_factor=1.0, batch_priority=True, noise_std=1.0)),
+    ("sinkhorn_topk", dict(router="sinkhorn_topk", k=1, capacity_factor=1.25, noise_std=1.0)),
+    ("expert_choice", dict(router="expert_choice", capacity_factor=1.0, noise_std=1.0)),
     ("sinkhorn_expert_choice", dict(router="sinkhorn_expert_choice", capacity_factor=1.0)),
     ("sparse_expert_choice", dict(router="sparse_expert_choice", capacity_factor=1.0)),
     ("hindsight", dict(router="hindsight")),
     ("dropless_topk", dict(router="topk", k=1, capacity_factor=None, noise_std=0.0)),
-    ("soft", dict(soft=True, slots_per_expert=2)),
+    ("soft", dict(soft=True, slots_per_expert=2, noise_std=0.5)),
 ]
 
 
@@ -73,20 +73,20 @@ def _close(actual, expected, what):
 def _check_case(name, options, mesh, rank, world_size, seed):
     reference = _build(options)
     model = copy.deepcopy(reference)
-    if name == "hindsight":
-        reference.eval(), model.eval()
     generator = torch.Generator().manual_seed(seed)
     x_global = torch.randn(world_size * LOCAL_BATCH, N, D, generator=generator, dtype=torch.float64)
     target = torch.randn(world_size * LOCAL_BATCH, N, D, generator=generator, dtype=torch.float64)
     local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
 
     x_ref = x_global.clone().requires_grad_()
+    torch.manual_seed(seed)  # the routers' noise: the same generator state for both forwards
     out_ref = reference(x_ref)
     _loss(reference, out_ref, target).backward()
 
     ddp = parallelize(model, mesh)
     assert ddp.module is model
     x = x_global[local].clone().requires_grad_()
+    torch.manual_seed(seed)
     out = ddp(x)
     _loss(model, out, target[local]).backward()
 

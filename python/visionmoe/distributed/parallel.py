@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
 
 from ..layers import ConvMoE, ExpertMLPs, MoEMLP, SoftMoEMLP
+from ..routers import Router
 
 _EXPERT_GRADIENT_HOOKS = "_visionmoe_expert_gradient_hooks"
 
@@ -52,8 +53,9 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
           counts each expert shard once;
         - routing is per group: MoEMLP layers with group_size=None route each rank's local batch as one group
           (a warning says so), which differs from one process on the global batch; router noise (noise_std > 0,
-          the token-choice default) is drawn from each rank's generator, so noisy routing is not the one-process
-          draw (with noise off, results do not depend on the world size);
+          the token-choice default, and hindsight's Gumbel noise) is drawn for the global batch on every rank and
+          sliced to the rank's groups (each router's ``noise_shard``), so with every rank seeded alike and given
+          the rank-ordered slice of the global batch, noisy routing equals one process's too;
         - the expert gradients are reduced in the backward pass of every step, also inside DDP's ``no_sync()``
           (correct with gradient accumulation, with one reduction per micro-batch).
 
@@ -79,6 +81,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
                       "ranks each rank routes its local batch as one group, which is not the one-process routing of "
                       "the global batch (capacity and expert choice span the group); set group_size to make the "
                       "result independent of the world size", stacklevel=2)
+    if world_size > 1:
+        for module in model.modules():
+            if isinstance(module, Router):
+                module.noise_shard = (dist.get_rank(), world_size)
     if expert_parallel > 1:
         layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (MoEMLP, SoftMoEMLP))]
         owned = {id(layer.experts) for _, layer in layers}

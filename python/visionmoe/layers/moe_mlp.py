@@ -176,8 +176,9 @@ class MoEMLP(_ExpertParallel, nn.Module):
     gradient reduction of ``parallelize``) the gradients equal the one-process layer's on the global batch.
     Capacity routers (and hindsight) exchange fixed-size rows with no host synchronisation and compile with
     ``fullgraph=True``; dropless routing exchanges per-expert counts and copies them to the host once per layer.
-    Router noise (``noise_std``) is drawn on each rank from its own generator, so noisy routing under EP is not
-    bit-identical to one process; evaluation (no noise) is.
+    Router noise (``noise_std``) is drawn on this rank's generator for its own groups; under
+    :func:`visionmoe.distributed.parallelize` each router draws the global batch's noise and keeps its rank's
+    slice (``router.noise_shard``), so noisy routing then equals one process's on the global batch.
 
     After each forward, ``last_metrics`` holds the router's :class:`~visionmoe.routers.RouterMetrics`
     (probabilities, load, dropped fraction, auxiliary losses) and ``last_plan`` the routing plan;

@@ -66,6 +66,9 @@ class Router(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim, 1)
         self.num_experts = check_int("num_experts", num_experts, 1)
+        # (this rank, ranks) under data or expert parallelism, set by visionmoe.distributed.parallelize: noise is
+        # then drawn for the global batch and sliced (see draw_noise). None in one process.
+        self.noise_shard: Optional[Tuple[int, int]] = None
 
     def forward(self, x: torch.Tensor) -> Tuple[object, RouterMetrics]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -151,15 +154,37 @@ def list_routers() -> list[str]:
     return _ROUTERS.names()
 
 
-def gate_logits(proj: nn.Module, x: torch.Tensor, *, check_finite: bool, noise_std: float,
-                training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+NOISE_KINDS = ("normal", "exponential")
+
+
+def draw_noise(like: torch.Tensor, shard: Optional[Tuple[int, int]] = None, kind: str = "normal") -> torch.Tensor:
+    """Noise of ``like``'s shape, dtype and device: standard normal, or standard exponential for "exponential".
+
+    ``shard`` = (rank, ranks) when each of ``ranks`` processes holds an equal, rank-ordered slice of the global batch
+    along dim 0 (groups or tokens), as under :func:`visionmoe.distributed.parallelize`: the noise of the whole
+    global batch [ranks * n, ...] is drawn and rows [rank * n, (rank + 1) * n) kept, so that this rank's rows get
+    exactly the noise one process gives them on the global batch, whatever the world size, provided the ranks'
+    generators agree (every rank seeded alike and drawing alike, which the global-shape draw itself keeps true).
+    It costs ranks times the noise of the local batch: a [G, T, E] tensor, small beside the layer's activations."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
+    rows = like.shape[0] if like.dim() else 1
+    rank, ranks = shard if shard is not None else (0, 1)
+    noise = torch.empty((ranks * rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+    noise = noise.normal_() if kind == "normal" else noise.exponential_()
+    return noise[rank * rows:(rank + 1) * rows].view_as(like)
+
+
+def gate_logits(proj: nn.Module, x: torch.Tensor, *, check_finite: bool, noise_std: float, training: bool,
+                noise_shard: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``proj(x)`` [G, T, E], checked to be finite when asked, and the logits the router selects on:
-    in training with ``noise_std`` > 0, the logits plus Gaussian noise of that std; otherwise the logits."""
+    in training with ``noise_std`` > 0, the logits plus Gaussian noise of that std (drawn per global group under
+    ``noise_shard``, see :func:`draw_noise`); otherwise the logits."""
     logits = proj(x)
     if check_finite:
         check_finite_logits(logits)
     if training and noise_std > 0:
-        return logits, logits + torch.randn_like(logits) * noise_std
+        return logits, logits + draw_noise(logits, noise_shard) * noise_std
     return logits, logits
 
 

@@ -53,7 +53,8 @@ class ExpertChoiceRouter(Router):
     def forward(self, x: torch.Tensor):
         x = self.grouped_input(x, self.proj.weight.dtype)
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite,
-                                    noise_std=self.noise_std / self.num_experts, training=self.training)
+                                    noise_std=self.noise_std / self.num_experts, training=self.training,
+                                    noise_shard=self.noise_shard)
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
         return plan, RouterMetrics.of_plan(plan, probs, noisy, lambda: {

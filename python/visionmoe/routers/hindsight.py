@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import losses, ops
 from ..plan import RoutingPlan
-from .base import Router, RouterMetrics, register_router, unrouted_fraction
+from .base import Router, RouterMetrics, draw_noise, register_router, unrouted_fraction
 from .checks import check_int, check_real
 
 
@@ -96,7 +96,7 @@ class HindsightRouter(Router):
         token_scores = scores.index_select(0, plan.token_rows).view(num_tokens, num_experts)
         perturbed = token_scores
         if self.training:
-            gumbel = -torch.empty_like(token_scores).exponential_().log()
+            gumbel = -draw_noise(token_scores, self.noise_shard, "exponential").log()
             perturbed = token_scores + gumbel
         soft = (perturbed / self.tau).softmax(dim=-1)
         hard = nn.functional.one_hot(perturbed.argmax(dim=-1), num_experts).to(soft.dtype)

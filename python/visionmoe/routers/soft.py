@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .base import Router, RouterMetrics, as_groups, check_finite_logits, register_router
+from .base import Router, RouterMetrics, as_groups, check_finite_logits, draw_noise, register_router
 from .checks import check_int, check_real
 
 # Added under the square root of l2 normalisation, as V-MoE's Soft MoE router does.
@@ -168,7 +168,7 @@ class SoftRouter(Router):
         slot_keys = (self.scale * _l2_normalize(self.phi, dim=0)).to(x.dtype)
         logits = _l2_normalize(x, dim=-1) @ slot_keys
         if self.training and self.noise_std > 0:
-            logits = logits + self.noise_std * torch.randn_like(logits)
+            logits = logits + self.noise_std * draw_noise(logits, self.noise_shard)
         check_finite_logits(logits)
         plan = SoftRoutingPlan(logits, self.num_experts, self.slots_per_expert)
         with torch.no_grad():

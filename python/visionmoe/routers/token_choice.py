@@ -75,7 +75,7 @@ class TokenChoiceRouter(Router):
         x = self.grouped_input(x, self.proj.weight.dtype)
         noise_std = self.noise_std / self.num_experts
         logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
-                                    training=self.training)  # [G, T, E]
+                                    training=self.training, noise_shard=self.noise_shard)  # [G, T, E]
         probs = noisy.softmax(dim=-1)
         scores = self.selection_scores(noisy, probs)
         plan = ops.topk_route(scores, self.k, self.capacity(x.shape[1]), batch_priority=self.batch_priority,
