@@ -16,6 +16,8 @@ from torch import nn
 from .. import ops
 from ..routers import RouterMetrics, create_router
 from ..routers.checks import check_choice, check_input_dtype, check_int
+from ..routers.hindsight import HindsightRouter
+from . import expert_parallel
 
 # The activations the expert operator implements.
 ACTIVATIONS = ops.ACTIVATIONS
@@ -111,7 +113,44 @@ def check_tokens(x: torch.Tensor, experts: ExpertMLPs) -> None:
         raise ValueError(f"x must have shape [B, N, D] with D = {experts.dim}, got {tuple(x.shape)}")
 
 
-class MoEMLP(nn.Module):
+class _ExpertParallel:
+    """Expert parallelism for an MoE layer whose ``experts`` is an :class:`ExpertMLPs`."""
+
+    experts: ExpertMLPs
+
+    def expert_parallel_(self, group: dist.ProcessGroup, *, name: Optional[str] = None,
+                         debug: Optional[bool] = None):
+        """Shards this layer's experts over the expert-parallel process ``group`` (rank j of S keeps experts
+        [j * E / S, (j + 1) * E / S), sliced from the current full weights; E must be divisible by S) and routes
+        through them: each rank routes its own tokens and exchanges expert rows with its EP peers (see
+        :mod:`visionmoe.layers.expert_parallel`). Every rank of ``group`` must call the layer on the same number
+        of groups of the same number of tokens. ``name`` labels the layer in the debug check's errors; ``debug``
+        switches that check on or off (default: the environment variable VISIONMOE_DISTRIBUTED_DEBUG)."""
+        self.experts.shard_(group)
+        self.expert_parallel_name = name if name is not None else type(self).__name__
+        self.expert_parallel_debug = debug
+        return self
+
+    @property
+    def expert_group(self) -> Optional[dist.ProcessGroup]:
+        """The expert-parallel process group, or None in one process."""
+        return self.experts.expert_group
+
+    def _check_expert_parallel_inputs(self, **sizes: int) -> None:
+        group = self.experts.expert_group
+        if group is not None and expert_parallel.debug_enabled(getattr(self, "expert_parallel_debug", None)):
+            expert_parallel.check_ranks_agree(group, getattr(self, "expert_parallel_name", type(self).__name__),
+                                              **sizes)
+
+    def _padded_experts(self, rows: torch.Tensor) -> torch.Tensor:
+        """The experts on expert-major rows [E, R, D], locally or across the EP group."""
+        group = self.experts.expert_group
+        if group is None:
+            return self.experts(rows)
+        return expert_parallel.run_experts_equal_splits(self.experts, rows, group)
+
+
+class MoEMLP(_ExpertParallel, nn.Module):
     """A sparse MoE MLP: route, dispatch, run the experts, combine. [B, N, D] -> [B, N, D].
 
     A drop-in replacement for a ViT block's MLP (same input and output shapes). Tokens whose assignments are
@@ -123,7 +162,19 @@ class MoEMLP(nn.Module):
         activation: "gelu" or "silu_gated".
         group_size: images per routing group; None routes the whole batch as one group. V-MoE routes groups of
             images independently, and expert choice and capacity are per group.
+        expert_group: an expert-parallel process group to shard the experts over (see
+            :meth:`expert_parallel_`; :func:`visionmoe.distributed.parallelize` sets it for a whole model).
         **router_options: passed to the router (k, capacity_factor, batch_priority, noise_std, ...).
+
+    Expert parallelism: with an ``expert_group`` of S ranks, each rank holds E / S experts and routes its own
+    images; on every rank of the group the layer must see the same number of groups of the same size
+    (``group_size`` images each; None routes each rank's local batch as one group, which is not the one-process
+    routing of the global batch). Routing is per group, so with equal local batches the outputs and (with the
+    gradient reduction of ``parallelize``) the gradients equal the one-process layer's on the global batch.
+    Capacity routers (and hindsight) exchange fixed-size rows with no host synchronisation and compile with
+    ``fullgraph=True``; dropless routing exchanges per-expert counts and copies them to the host once per layer.
+    Router noise (``noise_std``) is drawn on each rank from its own generator, so noisy routing under EP is not
+    bit-identical to one process; evaluation (no noise) is.
 
     After each forward, ``last_metrics`` holds the router's :class:`~visionmoe.routers.RouterMetrics`
     (probabilities, load, dropped fraction, auxiliary losses) and ``last_plan`` the routing plan;
@@ -131,7 +182,8 @@ class MoEMLP(nn.Module):
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, router: str = "topk", *,
-                 activation: str = "gelu", group_size: Optional[int] = None, **router_options):
+                 activation: str = "gelu", group_size: Optional[int] = None,
+                 expert_group: Optional[dist.ProcessGroup] = None, **router_options):
         super().__init__()
         if router == "soft":
             raise ValueError("the soft router mixes tokens into slots; use SoftMoEMLP for it")
@@ -141,6 +193,8 @@ class MoEMLP(nn.Module):
         self.dim, self.num_experts = self.experts.dim, self.experts.num_experts
         self.last_metrics: Optional[RouterMetrics] = None
         self.last_plan = None
+        if expert_group is not None:
+            self.expert_parallel_(expert_group)
 
     @classmethod
     def from_dense(cls, fc1: nn.Linear, fc2: nn.Linear, num_experts: int, router: str = "topk", **options) -> "MoEMLP":
@@ -163,13 +217,14 @@ class MoEMLP(nn.Module):
         groups = self._groups(x)
         G, T, D = groups.shape
         E = self.num_experts
+        self._check_expert_parallel_inputs(groups=G, tokens_per_group=T, dim=D)
         tokens = groups.reshape(G * T, D)
         plan, metrics = self.router(groups)
         # The router's plan is consistent by construction: no validation pass (a synchronisation on CUDA).
         if plan.capacity is not None:
             # [E * G, C, D]: expert e's groups are contiguous
             rows = ops.dispatch(tokens, plan, "padded", validate=False)
-            expert_out = self.experts(rows.view(E, G * plan.capacity, D)).view_as(rows)
+            expert_out = self._padded_experts(rows.view(E, G * plan.capacity, D)).view_as(rows)
         else:
             rows = ops.dispatch(tokens, plan, "packed", validate=False)  # [A, D], expert-major
             expert_out = self._packed_experts(rows, plan)
@@ -180,35 +235,47 @@ class MoEMLP(nn.Module):
 
     def _packed_experts(self, rows: torch.Tensor, plan) -> torch.Tensor:
         """Expert MLPs on the packed rows of a dropless plan: expert e's rows (all its groups) are contiguous."""
-        return self.experts(rows, expert_offsets=plan.offsets[:: plan.num_groups])
+        group = self.experts.expert_group
+        if group is None:
+            return self.experts(rows, expert_offsets=plan.offsets[:: plan.num_groups])
+        if isinstance(self.router, HindsightRouter):
+            # Every token goes to every expert: E equal blocks of G * T rows, exchanged with fixed splits.
+            return self._padded_experts(rows.view(self.num_experts, -1, rows.shape[-1])).view_as(rows)
+        return expert_parallel.run_experts_variable_splits(self.experts, rows, plan.expert_counts(), group)
 
 
-class SoftMoEMLP(nn.Module):
+class SoftMoEMLP(_ExpertParallel, nn.Module):
     """A Soft MoE MLP (Puigcerver et al. 2023): each image's tokens are mixed into E * P slots, expert e runs on
     its P slots of every image, and the outputs are mixed back into the tokens. [B, N, D] -> [B, N, D].
 
     Args:
         dim: D. hidden_dim: F. num_experts: E. slots_per_expert: P.
         activation: "gelu" or "silu_gated". **router_options: for the "soft" router (noise_std, ...).
+        expert_group: an expert-parallel process group to shard the experts over (see :meth:`expert_parallel_`).
+            Each rank mixes its own images into slots and sends expert e's slots [B * P, D] to the rank holding
+            e (fixed sizes: every rank of the group must see the same B and N).
     """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1, *,
-                 activation: str = "gelu", **router_options):
+                 activation: str = "gelu", expert_group: Optional[dist.ProcessGroup] = None, **router_options):
         super().__init__()
         self.router = create_router("soft", dim, num_experts, slots_per_expert=slots_per_expert, **router_options)
         self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)
         self.dim, self.num_experts = self.experts.dim, self.experts.num_experts
         self.last_metrics: Optional[RouterMetrics] = None
+        if expert_group is not None:
+            self.expert_parallel_(expert_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tokens(x, self.experts)
+        self._check_expert_parallel_inputs(images=x.shape[0], tokens=x.shape[1], dim=x.shape[2])
         plan, self.last_metrics = self.router(x)
         if x.shape[1] == 0:
             # No token to mix into the slots (their softmax over the tokens is undefined) and none to output.
             return torch.zeros_like(x)
         slots = plan.dispatch(x)  # [B, E, P, D]
         B, E, P, D = slots.shape
-        expert_out = self.experts(slots.transpose(0, 1).reshape(E, B * P, D))
+        expert_out = self._padded_experts(slots.transpose(0, 1).reshape(E, B * P, D))
         return plan.combine(expert_out.view(E, B, P, D).transpose(0, 1))
 
 

@@ -263,17 +263,9 @@ class Trainer:
                           f"{self.world_size} ranks each rank's {self.local_batch_size} images are routed as one "
                           "group and results differ from one process's; set model_options.moe.group_size",
                           stacklevel=3)
-        try:
-            from ..distributed import parallelize
-        except ImportError:  # before expert-parallel layers exist: plain data parallelism
-            if self.config.expert_parallel != 1:
-                raise ValueError("config key 'expert_parallel' > 1 needs visionmoe.distributed.parallelize, "
-                                 "which this installation lacks") from None
-            from torch.nn.parallel import DistributedDataParallel
-            return DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                           if self.device.type == "cuda" else None)
-        wrapped = parallelize(self.model, self.mesh)
-        return self.model if wrapped is None else wrapped
+        from ..distributed import parallelize
+
+        return parallelize(self.model, self.mesh)
 
     def _build_consistency_tracker(self) -> RoutingConsistencyTracker:
         count = self.config.consistency_probe
@@ -388,7 +380,12 @@ class Trainer:
         self.scaler.scale(total).backward()
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.grad_clip)
+            if self.mesh is not None:  # each expert shard counted once
+                from ..distributed import clip_grad_norm_
+
+                clip_grad_norm_(self.forward_model, self.config.grad_clip, self.mesh)
+            else:
+                nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
