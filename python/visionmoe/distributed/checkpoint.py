@@ -144,19 +144,17 @@ def load_sharded_weights(model: nn.Module, path: str, allow_reshaped: bool = Fal
         if missing or unexpected:
             raise ValueError(f"the checkpoint {path!r} holds a different model: missing {missing[:5]}, unexpected "
                              f"{unexpected[:5]} (of {len(missing)} and {len(unexpected)})")
+        for name, layer in experts.items():  # the number of experts first: other tensors (the router) follow E
+            shape = tuple(file.get_slice(name).get_shape())
+            if not shape or shape[0] != layer.num_experts:
+                raise ValueError(f"the checkpoint {path!r} holds {shape[0] if shape else 'no'} experts in {name!r}, "
+                                 f"but the model's layer has E={layer.num_experts}: a checkpoint cannot change the "
+                                 f"number of experts")
         for name, target in own.items():
             stored = file.get_slice(name)
             shape = tuple(stored.get_shape())
             layer = experts.get(name)
-            if layer is not None:
-                if not shape or shape[0] != layer.num_experts:
-                    found = shape[0] if shape else "no"
-                    raise ValueError(f"the checkpoint {path!r} holds {found} experts in {name!r}, but the model's "
-                                     f"layer has E={layer.num_experts}: a checkpoint cannot change the number of "
-                                     f"experts")
-                expected = _full_shape(target, layer)
-            else:
-                expected = tuple(target.shape)
+            expected = _full_shape(target, layer)
             if shape != expected:
                 if allow_reshaped and layer is None:
                     reshaped.append(name)
