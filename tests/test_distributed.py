@@ -1,7 +1,8 @@
 """Expert parallelism (EP) and data parallelism on real gloo process groups: an MoE layer parallelized over
 (dp, ep) = (1, 2), (1, 4) and (2, 2) gives, on each rank's slice of a global batch, the one-process layer's outputs,
 input gradients, router (dense) gradients and expert-gradient shard, the same gradient-clipping norm, and the same
-parameters after an optimiser step; the capacity path compiles with fullgraph=True; ranks that disagree raise.
+parameters after an optimiser step; expert_parallel=1 (plain DDP) too; the capacity path compiles with
+fullgraph=True; ranks that disagree raise under the debug check; E not divisible by EP and ConvMoE are refused.
 
 Every rank builds the one-process reference itself from the same seed on the full global batch and compares its
 slice. Cases are batched per spawned group (spawning dominates the time on a small machine); float64, tiny shapes,
@@ -10,6 +11,7 @@ Gumbel noise is drawn per rank too).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from visionmoe.distributed import clip_grad_norm_, mesh_from_process_groups, parallelize, run_processes
-from visionmoe.layers import MoEMLP, SoftMoEMLP, aux_losses
+from visionmoe.layers import ConvMoE, MoEMLP, SoftMoEMLP, aux_losses
+from visionmoe.layers.expert_parallel import DEBUG_ENV
 
 TIMEOUT = 150
 D, F, E, N, LOCAL_BATCH = 4, 6, 4, 3, 2
@@ -177,6 +180,27 @@ def _compile_and_errors(rank, world_size):
     except ValueError as error:
         outcome["mismatch"] = str(error)
 
+    # ... and so do they with the check switched on by the environment variable.
+    torch.manual_seed(0)
+    layer = MoEMLP(D, F, E, "topk", capacity_factor=1.0, group_size=1).double()
+    layer.expert_parallel_(mesh.get_group("ep"))
+    os.environ[DEBUG_ENV] = "1"
+    try:
+        layer(torch.randn(LOCAL_BATCH, N + rank, D, dtype=torch.float64))
+    except ValueError as error:
+        outcome["mismatch_env"] = str(error)
+    finally:
+        del os.environ[DEBUG_ENV]
+
+    # ConvMoE under EP is refused.
+    try:
+        parallelize(nn.Sequential(ConvMoE(4, 4, E)), mesh)
+    except ValueError as error:
+        outcome["conv"] = str(error)
+
+    # expert_parallel=1 is plain DDP, and matches one process too.
+    outcome["ep1"] = _check_case("topk", dict(CASES)["topk"], mesh_from_process_groups(1), rank, world_size, seed=7)
+
     # E not divisible by the EP size.
     try:
         parallelize(Net(MoEMLP(D, F, 3, "topk", group_size=1)).double(), mesh)
@@ -191,3 +215,6 @@ def test_compiles_and_rejects_disagreeing_ranks():
         assert "disagree" in outcome["mismatch"] and "blocks.3.mlp" in outcome["mismatch"], outcome["mismatch"]
         assert "groups=2" in outcome["mismatch"] and "groups=3" in outcome["mismatch"], outcome["mismatch"]
         assert "divisible" in outcome["indivisible"], outcome["indivisible"]
+        assert "tokens_per_group=3" in outcome["mismatch_env"] and "tokens_per_group=4" in outcome["mismatch_env"]
+        assert "ConvMoE" in outcome["conv"] and "expert_parallel=1" in outcome["conv"], outcome["conv"]
+        assert outcome["ep1"]
