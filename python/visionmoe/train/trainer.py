@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..distributed.checkpoint import expert_layout, reshard_optimizer_state, unwrap
+from ..distributed.checkpoint import expert_layout, reshard_optimizer_state
 from ..distributed.data import (IndexBatchSampler, all_reduce_sum, local_batch_size, rank_evaluation_batches,
                                 rank_training_indices, routing_group_sizes, steps_per_epoch, world)
 from ..layers import aux_losses, student_moe_layers
