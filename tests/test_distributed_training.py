@@ -87,8 +87,9 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("expert_parallel", [1, 2])
 def test_two_processes_train_as_one_process_on_the_global_batch(runs, expert_parallel):
     output = runs["root"] / f"w2_ep{expert_parallel}"
+    # drop_last null: dropped automatically on several processes (the reference drops it explicitly).
     torchrun(2, "--config", str(runs["config"]), "--output-dir", str(output), "--set",
-             f"expert_parallel={expert_parallel}")
+             f"expert_parallel={expert_parallel}", "--set", "drop_last=null")
     assert_same_rows(read_csv(output / "steps.csv"), read_csv(runs["one"] / "steps.csv"),
                      ["loss", "accuracy", "aux_loss", "lr"])
     assert_same_rows(read_csv(output / "metrics.csv"), read_csv(runs["one"] / "metrics.csv"),
@@ -120,10 +121,12 @@ def test_a_checkpoint_of_two_processes_resumes_on_four_and_on_one(runs):
     assert_same_rows(read_csv(four / "metrics.csv"), read_csv(reference / "metrics.csv"),
                      ["train_loss", "val_loss", "val_accuracy"])
     assert len(list((four / "checkpoint").glob("optimizer_shard*.pt"))) == 3
-    # W=2 -> W=1: one process resumes the expert-parallel checkpoint (its optimiser shards reassembled).
+    # W=2 -> W=1: one process resumes the expert-parallel checkpoint (its optimiser shards reassembled), keeping
+    # the run's automatic drop_last so that its epochs have the same steps.
     one = runs["root"] / "w2_to_w1"
     shutil.copytree(start, one)
-    Trainer(config_from_dict(dict(RUN, output_dir=str(one), epochs=2)), resume=one / "checkpoint").fit()
+    Trainer(config_from_dict(dict(RUN, output_dir=str(one), epochs=2, drop_last=None)),
+            resume=one / "checkpoint").fit()
     assert_same_rows(read_csv(one / "steps.csv"), read_csv(reference / "steps.csv"), ["loss", "accuracy", "lr"])
     assert_same_rows(read_csv(one / "metrics.csv"), read_csv(reference / "metrics.csv"),
                      ["train_loss", "val_loss", "val_accuracy"])
@@ -229,6 +232,18 @@ def _checkpoint_pieces(rank, world_size, directory):
             checks["optimiser E mismatch refused"] = False
         except ValueError as error:
             checks["optimiser E mismatch refused"] = "cannot change the number of experts" in str(error)
+    # A save that rank 0 cannot make (the directory holds other files) fails on every rank instead of hanging.
+    occupied = os.path.join(directory, "occupied")
+    if rank == 0:
+        os.makedirs(occupied)
+        open(os.path.join(occupied, "notes.txt"), "w").close()
+    dist.barrier()
+    config = config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS, output_dir=directory))
+    try:
+        save_checkpoint(occupied, model, config, {"global_step": 1}, optimizer)
+        checks["failed save raised"] = False
+    except CheckpointError as error:
+        checks["failed save raised"] = "not part of a checkpoint" in str(error)
     return checks
 
 
