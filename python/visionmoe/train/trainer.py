@@ -315,7 +315,10 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.totals = _EpochTotals(**state["epoch_totals"])
-        restore_rng_states(state["rng"])
+        # Each rank's own generators when the world size is the same; otherwise rank 0's (every rank seeds alike).
+        per_rank = state.get("rng_ranks")
+        restore_rng_states(per_rank[self.rank] if per_rank is not None and len(per_rank) == self.world_size
+                           else state["rng"])
 
     def save(self, directory: Optional[str | Path] = None) -> Path:
         """Checkpoints the current state (by default into ``output_dir/checkpoint``)."""
@@ -333,6 +336,10 @@ class Trainer:
             "world_size": self.world_size,
             "expert_optimizer": expert_layout(self.model, self.optimizer),
         }
+        if self.world_size > 1:
+            per_rank: List[Any] = [None] * self.world_size
+            dist.all_gather_object(per_rank, state["rng"])
+            state["rng_ranks"] = per_rank
         if self.teacher_router is not None:
             state["teacher_router"] = self.teacher_router.routers.state_dict()
             state["teacher_router_frozen"] = not self.teacher_router.trainable
