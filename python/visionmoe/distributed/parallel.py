@@ -13,6 +13,7 @@ hold equal local batches, so the one-process loss on the global batch is L = (1 
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -49,6 +50,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
           ``w1, b1, w2, b2``), listed by :func:`expert_parameters`; they hold ``experts.num_local_experts`` rows
           starting at global expert ``experts.first_expert``. Clip gradients with :func:`clip_grad_norm_`, which
           counts each expert shard once;
+        - routing is per group: MoEMLP layers with group_size=None route each rank's local batch as one group
+          (a warning says so), which differs from one process on the global batch; router noise (noise_std > 0,
+          the token-choice default) is drawn from each rank's generator, so noisy routing is not the one-process
+          draw (with noise off, results do not depend on the world size);
         - the expert gradients are reduced in the backward pass of every step, also inside DDP's ``no_sync()``
           (correct with gradient accumulation, with one reduction per micro-batch).
 
@@ -67,6 +72,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
         raise ValueError(f"parallelize needs a mesh with dimensions ('dp', 'ep'), got {mesh.mesh_dim_names}")
     expert_parallel = mesh["ep"].size()
     world_size = dist.get_world_size()
+    ungrouped = [name for name, module in model.named_modules()
+                 if isinstance(module, MoEMLP) and module.group_size is None]
+    if world_size > 1 and ungrouped:
+        warnings.warn(f"the MoE layers {ungrouped} route the whole batch as one group (group_size=None): on {world_size} "
+                      "ranks each rank routes its local batch as one group, which is not the one-process routing of "
+                      "the global batch (capacity and expert choice span the group); set group_size to make the "
+                      "result independent of the world size", stacklevel=2)
     if expert_parallel > 1:
         layers = [(name, module) for name, module in model.named_modules() if isinstance(module, (MoEMLP, SoftMoEMLP))]
         owned = {id(layer.experts) for _, layer in layers}
