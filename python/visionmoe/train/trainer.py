@@ -257,12 +257,8 @@ class Trainer:
         return init_mesh(config.expert_parallel, device_type=self.device.type)
 
     def _parallelize(self) -> nn.Module:
-        """Shards the experts over the mesh's "ep" ranks and wraps the model for data parallelism."""
-        if self.world_size > 1 and not routing_group_sizes(self.model) and student_moe_layers(self.model):
-            warnings.warn("the model's MoE layers route each batch as one group (group_size null), so on "
-                          f"{self.world_size} ranks each rank's {self.local_batch_size} images are routed as one "
-                          "group and results differ from one process's; set model_options.moe.group_size",
-                          stacklevel=3)
+        """Shards the experts over the mesh's "ep" ranks and wraps the model for data parallelism (parallelize
+        warns when MoE layers route each rank's whole local batch as one group, group_size null)."""
         from ..distributed import parallelize
 
         return parallelize(self.model, self.mesh)
