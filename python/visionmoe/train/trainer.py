@@ -317,7 +317,8 @@ class Trainer:
                            else state["rng"])
 
     def save(self, directory: Optional[str | Path] = None) -> Path:
-        """Checkpoints the current state (by default into ``output_dir/checkpoint``)."""
+        """Checkpoints the current state (by default into ``output_dir/checkpoint``). On several ranks every rank
+        must call it (the expert tensors and optimiser shards are gathered to rank 0, which writes)."""
         state = {
             "model": self.config.model,
             "optimizer": self.optimizer.state_dict(),
