@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
+from ..distributed.checkpoint import (expert_tensors, load_sharded_weights, send_expert_optimizer_shards,
+                                      sharded_experts, write_full_safetensors)
+from ..distributed.data import world
 from .config import TrainConfig, load_config, save_config
 
 MODEL_FILE = "model.safetensors"
@@ -42,8 +46,16 @@ CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE)
 MANIFEST_VERSION = 1
 # Beside checkpoint directory X: X.new is a save in progress, X.old the previous checkpoint while X.new replaces it.
 NEW_SUFFIX, OLD_SUFFIX = ".new", ".old"
+# Under expert parallelism, the expert optimiser state of ranks 1 .. S - 1 of rank 0's expert group (see
+# visionmoe.distributed.checkpoint); listed in the manifest like the other files.
+OPTIMIZER_SHARD_FILE = "optimizer_shard{}.pt"
+_SHARD_NAME = re.compile(r"^optimizer_shard[1-9][0-9]*\.pt$")
 # What a save may replace: the files of a checkpoint, and the temporary files of older versions' one-by-one saves.
 _REPLACEABLE = {*CHECKPOINT_FILES, MANIFEST_FILE, *(name + ".tmp" for name in CHECKPOINT_FILES)}
+
+
+def _replaceable(name: str) -> bool:
+    return name in _REPLACEABLE or bool(_SHARD_NAME.match(name))
 
 
 class CheckpointError(ValueError):
@@ -102,33 +114,40 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def _weights_metadata(config: TrainConfig, trainer_state: Dict[str, Any]) -> Dict[str, str]:
+    return {"model": config.model, "model_options": json.dumps(config.model_options),
+            "global_step": json.dumps(trainer_state.get("global_step"))}
+
+
 def _write_files(directory: Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any]) -> None:
     """Writes the checkpoint's files and, last, its manifest into the new ``directory`` and flushes them."""
     directory.mkdir()
-    step = trainer_state.get("global_step")
-    metadata = {"model": config.model, "model_options": json.dumps(config.model_options),
-                "global_step": json.dumps(step)}
-    save_safetensors_model(model, str(directory / MODEL_FILE), metadata=metadata, force_contiguous=True)
+    save_safetensors_model(model, str(directory / MODEL_FILE), metadata=_weights_metadata(config, trainer_state),
+                           force_contiguous=True)
+    _write_state_and_manifest(directory, config, trainer_state, ())
+
+
+def _write_state_and_manifest(directory: Path, config: TrainConfig, trainer_state: Dict[str, Any],
+                              shard_files: Sequence[str]) -> None:
+    """Writes the trainer state and config beside the weights (and optimiser shards) already in ``directory``,
+    then the manifest of them all, and flushes everything."""
     torch.save(trainer_state, directory / STATE_FILE)
     save_config(config, directory / CONFIG_FILE)
-    manifest = {"version": MANIFEST_VERSION, "global_step": step,
-                "sha256": {name: _sha256(directory / name) for name in CHECKPOINT_FILES}}
+    names = (*CHECKPOINT_FILES, *shard_files)
+    manifest = {"version": MANIFEST_VERSION, "global_step": trainer_state.get("global_step"),
+                "sha256": {name: _sha256(directory / name) for name in names}}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    for name in (*CHECKPOINT_FILES, MANIFEST_FILE):
+    for name in (*names, MANIFEST_FILE):
         _fsync(directory / name)
     _fsync(directory)
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any]
-                    ) -> Path:
-    """Atomically replaces the checkpoint in ``directory`` by ``model.safetensors`` (with the model name, options
-    and step in its metadata), ``trainer_state.pt``, ``config.yaml`` and their ``manifest.json`` (see the module
-    docstring); returns ``directory``. A directory holding anything else is refused, since it is replaced whole."""
-    directory = Path(directory)
+def _prepare_save(directory: Path) -> tuple[Path, Path]:
+    """Checks that ``directory`` may be replaced by a checkpoint and clears the way: returns (staging, previous)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     _restore_interrupted_save(directory)
     if directory.is_dir():
-        others = sorted(path.name for path in directory.iterdir() if path.name not in _REPLACEABLE)
+        others = sorted(path.name for path in directory.iterdir() if not _replaceable(path.name))
         if others:
             raise CheckpointError(f"{str(directory)!r} holds files that are not part of a checkpoint "
                                   f"({', '.join(others[:5])}); a save replaces the whole directory, so move them "
@@ -141,11 +160,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig
     for leftover in (staging, previous):
         if leftover.exists():
             shutil.rmtree(leftover)
-    try:
-        _write_files(staging, model, config, trainer_state)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: do not leave half a checkpoint behind
-        raise
+    return staging, previous
+
+
+def _swap_in(directory: Path, staging: Path, previous: Path) -> None:
+    """Puts the complete checkpoint ``staging`` in place of ``directory`` (see the module docstring)."""
     replacing = directory.exists()
     if replacing:
         os.rename(directory, previous)
@@ -153,7 +172,107 @@ def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig
     _fsync(directory.parent)
     if replacing:
         shutil.rmtree(previous)
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any],
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
+    """Atomically replaces the checkpoint in ``directory`` by ``model.safetensors`` (with the model name, options
+    and step in its metadata), ``trainer_state.pt``, ``config.yaml`` and their ``manifest.json`` (see the module
+    docstring); returns ``directory``. A directory holding anything else is refused, since it is replaced whole.
+
+    In a process group of several ranks every rank calls it and rank 0 writes: the weights with every sharded
+    expert tensor gathered to its full shape (the same file one process saves), ``trainer_state`` (rank 0's) and,
+    with ``optimizer`` and sharded experts, the expert optimiser state of the other ranks of rank 0's expert group
+    as ``optimizer_shard<j>.pt``. An error on rank 0 is raised on every rank."""
+    directory = Path(directory)
+    if world()[1] > 1:
+        return _save_distributed(directory, model, config, trainer_state, optimizer)
+    staging, previous = _prepare_save(directory)
+    try:
+        _write_files(staging, model, config, trainer_state)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: do not leave half a checkpoint behind
+        raise
+    _swap_in(directory, staging, previous)
     return directory
+
+
+class _FirstError:
+    """Runs rank 0's file operations inside collectives, keeping the first error instead of raising it, so that
+    rank 0 keeps taking part in the collectives and every rank learns of the error afterwards (:func:`_agree`)."""
+
+    def __init__(self):
+        self.error: Optional[BaseException] = None
+
+    def run(self, function, *args) -> None:
+        if self.error is None:
+            try:
+                function(*args)
+            except Exception as error:  # reported on every rank by _agree
+                self.error = error
+
+
+def _agree(errors: _FirstError) -> None:
+    """Raises, on every rank, rank 0's first error (a CheckpointError naming it), or returns when there was none."""
+    import torch.distributed as dist
+
+    message = [None if errors.error is None else f"{type(errors.error).__name__}: {errors.error}"]
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        if errors.error is not None:
+            raise errors.error
+        raise CheckpointError(f"rank 0 failed to save the checkpoint: {message[0]}")
+
+
+def _save_distributed(directory: Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any],
+                      optimizer: Optional[torch.optim.Optimizer]) -> Path:
+    rank = world()[0]
+    errors = _FirstError()
+    paths: Dict[str, Path] = {}
+    shard_files: List[str] = []
+
+    def prepare():
+        paths["staging"], paths["previous"] = _prepare_save(directory)
+        paths["staging"].mkdir()
+
+    if rank == 0:
+        errors.run(prepare)
+    _agree(errors)
+    try:
+        file = open(paths["staging"] / MODEL_FILE, "wb") if rank == 0 else None
+        try:
+            writer = _GuardedFile(file, errors) if rank == 0 else None
+            write_full_safetensors(model, writer, _weights_metadata(config, trainer_state))
+        finally:
+            if file is not None:
+                file.close()
+        if optimizer is not None:
+            def write_shard(index: int, shard: Dict[int, Dict[str, Any]]) -> None:
+                name = OPTIMIZER_SHARD_FILE.format(index)
+                errors.run(torch.save, shard, paths["staging"] / name)
+                shard_files.append(name)
+
+            send_expert_optimizer_shards(model, optimizer, write_shard)
+        if rank == 0:
+            errors.run(_write_state_and_manifest, paths["staging"], config, trainer_state, shard_files)
+            if errors.error is None:
+                errors.run(_swap_in, directory, paths["staging"], paths["previous"])
+        _agree(errors)
+    except BaseException:
+        if rank == 0 and "staging" in paths:
+            shutil.rmtree(paths["staging"], ignore_errors=True)
+        raise
+    return directory
+
+
+class _GuardedFile:
+    """A file whose writes stop, keeping the error in ``errors``, after the first one fails (e.g. a full disk)."""
+
+    def __init__(self, file, errors: _FirstError):
+        self.file, self.errors = file, errors
+
+    def write(self, data: bytes) -> None:
+        self.errors.run(self.file.write, data)
 
 
 def _interrupted_save(directory: Path) -> Optional[Path]:
@@ -251,6 +370,8 @@ def load_trainer_state(directory: str | Path) -> Dict[str, Any]:
     :class:`CheckpointError` for a partial, corrupt or mixed checkpoint and for one without a manifest."""
     directory = check_checkpoint_dir(directory)
     manifest = verify_checkpoint(directory, CHECKPOINT_FILES)
+    if manifest is not None:
+        verify_checkpoint(directory, sorted(name for name in manifest["sha256"] if _SHARD_NAME.match(name)))
     if manifest is None:
         raise CheckpointError(f"checkpoint {str(directory)!r} has no {MANIFEST_FILE} (it was saved by an older "
                               f"visionmoe), so nothing shows that its weights and trainer state are of the same step "
@@ -296,14 +417,44 @@ def _checked_weights(model: nn.Module, directory: str | Path) -> Dict[str, torch
 def load_model_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     """Loads ``model.safetensors`` of the checkpoint ``directory`` names into ``model`` and returns it; every
     tensor must match the model's in name, dtype and shape."""
+    if sharded_experts(model):
+        _load_sharded(model, directory, allow_reshaped=False)
+        return model
     weights = _checked_weights(model, directory)
     own = model.state_dict()
+    experts = expert_tensors(model)
     for name, tensor in weights.items():
         if tensor.shape != own[name].shape:
+            if name in experts and tensor.dim() > 0 and tensor.shape[1:] == own[name].shape[1:]:
+                raise CheckpointError(f"the checkpoint in {str(directory)!r} holds {tensor.shape[0]} experts in "
+                                      f"{name!r}, but the model's layer has E={experts[name].num_experts}: a "
+                                      f"checkpoint cannot change the number of experts")
             raise CheckpointError(f"tensor {name!r} of the checkpoint in {str(directory)!r} has shape "
                                   f"{tuple(tensor.shape)}, the model's {tuple(own[name].shape)}")
     model.load_state_dict(weights, strict=True)
     return model
+
+
+def _load_sharded(model: nn.Module, directory: str | Path, allow_reshaped: bool) -> List[str]:
+    """Loads a checkpoint's full weights into a model with sharded experts, each rank reading its experts' rows."""
+    path = _verified_file(directory, MODEL_FILE)
+    try:
+        return load_sharded_weights(model, str(path), allow_reshaped=allow_reshaped)
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
+    except Exception as error:  # safetensors' own errors for a damaged file
+        raise CheckpointError(f"cannot read model weights {str(path)!r}: {error}") from error
+
+
+def load_optimizer_shard(directory: str | Path, index: int) -> Dict[int, Dict[str, Any]]:
+    """The expert optimiser state of shard ``index`` (>= 1) of a checkpoint saved under expert parallelism."""
+    path = _verified_file(directory, OPTIMIZER_SHARD_FILE.format(index))
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read optimiser shard {str(path)!r}: {error}") from error
 
 
 def load_matching_weights(model: nn.Module, directory: str | Path) -> List[str]:
@@ -311,6 +462,8 @@ def load_matching_weights(model: nn.Module, directory: str | Path) -> List[str]:
     returns the names left at their fresh initialisation because their shape differs (e.g. a classifier head for
     another number of classes). Names present on one side only, and tensors of another dtype, are an error: they
     mean a different model."""
+    if sharded_experts(model):
+        return _load_sharded(model, directory, allow_reshaped=True)
     weights = _checked_weights(model, directory)
     own = model.state_dict()
     reshaped = sorted(name for name, tensor in weights.items() if tensor.shape != own[name].shape)

@@ -129,7 +129,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         trainer = Trainer(config, resume=args.resume)
     except (ValueError, OSError, RuntimeError) as error:  # OSError: e.g. a data root that cannot be read
         parser.error(error_line(error))
-    if args.resume is not None:
+    try:
+        return _train(parser, trainer, args)
+    finally:
+        if trainer.owns_process_group:  # started from torchrun's environment: end it so each rank exits cleanly
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(parser: argparse.ArgumentParser, trainer, args: argparse.Namespace) -> int:
+    if args.resume is not None and trainer.is_main:
         print(f"resuming step {trainer.global_step} from {args.resume}; writing logs and "
               f"checkpoints to {trainer.output_dir}")
     try:
@@ -141,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if result.interrupted:
         return 130
     final = result.history[-1] if result.history else None
-    if final is not None:
+    if final is not None and trainer.is_main:
         print(f"done: val accuracy {final['val_accuracy']:.4f}; checkpoint in {result.checkpoint_dir}")
     return 0
 

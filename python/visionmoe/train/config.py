@@ -25,7 +25,8 @@ class TrainConfig:
         dataset_options: further keyword arguments for ``create_dataset``.
         train_split, val_split: split names passed to ``create_dataset``.
         epochs: passes over the training set.
-        batch_size: images per optimiser step (and per evaluation batch).
+        batch_size: images per optimiser step (and per evaluation batch), over all processes together: each of W
+            ranks takes batch_size / W of them.
         lr: peak learning rate of AdamW, reached at the end of the warm-up.
         min_lr: learning rate at the end of the cosine decay.
         weight_decay: AdamW's decoupled weight decay.
@@ -61,6 +62,12 @@ class TrainConfig:
             is an error. With ``consistency_probe``, the snapshot before training is the pre-trained routing
             (phase "pretrain") and the epochs' are phase "finetune", so the consistency report includes each
             epoch's agreement with the pre-trained routing.
+        expert_parallel: under torchrun with several processes, the number of ranks each MoE layer's experts are
+            sharded over (it must divide the world size and every layer's E); 1 is plain data parallelism. Ignored
+            in a single process.
+        drop_last: leave out the last training batch of an epoch when it holds fewer than ``batch_size`` images;
+            null (the default) drops it when training on several processes, which cannot split it evenly. A run
+            keeps the choice it started with when resumed, so it resumes with the same steps on any world size.
     """
 
     model: str = "vmoe_tiny_32"
@@ -94,6 +101,8 @@ class TrainConfig:
     tgr_pretrain_epochs: int = 0
     consistency_probe: int = 0
     init_from: Optional[str] = None
+    expert_parallel: int = 1
+    drop_last: Optional[bool] = None
 
     def __post_init__(self):
         validate(self)
@@ -114,7 +123,7 @@ _TYPES = {
     "progress": (bool, False), "tensorboard": (bool, False), "log_steps": (bool, False),
     "teacher": (str, True), "tgr_weight": (float, False), "tgr_schedule": ((str, float), False),
     "tgr_pretrain_epochs": (int, False), "consistency_probe": (int, False),
-    "init_from": (str, True),
+    "init_from": (str, True), "expert_parallel": (int, False), "drop_last": (bool, True),
 }
 TGR_SCHEDULES = {"full": 1.0, "first_half": 0.5}
 assert set(_TYPES) == set(_FIELDS), "every TrainConfig field needs an entry in _TYPES"
@@ -186,6 +195,7 @@ def validate(config: TrainConfig) -> None:
         ("tgr_weight", config.tgr_weight >= 0, ">= 0"),
         ("tgr_pretrain_epochs", config.tgr_pretrain_epochs >= 0, ">= 0"),
         ("consistency_probe", config.consistency_probe >= 0, ">= 0 (0 disables it)"),
+        ("expert_parallel", config.expert_parallel >= 1, ">= 1 (1: data parallelism only)"),
         # The per-epoch generators are seeded with about seed * 2**21, which must fit torch's 64 bits.
         ("seed", 0 <= config.seed < 2**32, "in [0, 2**32)"),
     ]

@@ -14,6 +14,15 @@ Teacher-guided routing (config key ``teacher``, PAPERS.md section 4): a frozen d
 ``tgr_weight`` times the mean over MoE layers of KL(p_teacher || p_student) and the teacher router's own losses.
 With ``consistency_probe``, the routing of a fixed probe set is recorded before training and after every epoch.
 
+Several processes (``torchrun --nproc_per_node=N -m visionmoe.train ...``, or any initialised default process
+group of W > 1 ranks): the trainer starts the (dp, ep) device mesh with ``expert_parallel`` (config key) and calls
+:func:`visionmoe.distributed.parallelize` (experts sharded over "ep", DistributedDataParallel for the rest).
+``batch_size`` is the global batch: each rank takes its B / W share of every global batch of the one seeded data
+order (visionmoe.distributed.data), training drops a last partial batch (``drop_last``), and evaluation pads and
+masks its last batch so that its metrics are exactly one process's. Step and epoch metrics are summed over the
+ranks; only rank 0 logs (progress bar, CSV, TensorBoard) and writes checkpoints, which hold full expert tensors and
+resume on any world size (see checkpoint.py).
+
 The loop lives here; what it logs is in logs.py, its learning-rate schedule in schedule.py, teacher-guided routing
 in teacher_guidance.py and the consistency tracker in routing_consistency.py.
 """
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import signal
 import time
@@ -31,16 +41,21 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..distributed.checkpoint import expert_layout, reshard_optimizer_state
+from ..distributed.data import (IndexBatchSampler, all_reduce_sum, local_batch_size, rank_evaluation_batches,
+                                rank_training_indices, routing_group_sizes, steps_per_epoch, world)
 from ..layers import aux_losses, student_moe_layers
 from ..models import create_model
 from ..routers import RouterMetrics
 from .checkpoint import (CheckpointError, capture_rng_states, check_checkpoint_dir, load_matching_weights,
-                         load_model_weights, load_trainer_state, restore_rng_states, save_checkpoint)
+                         load_model_weights, load_optimizer_shard, load_trainer_state, restore_rng_states,
+                         save_checkpoint)
 from .config import TrainConfig, tgr_fraction
 from .logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, log_epoch, log_step, tensorboard_writer
 from .routing_consistency import RoutingConsistencyTracker
@@ -150,6 +165,9 @@ class Trainer:
         if (train_set is None) != (val_set is None):
             raise ValueError("pass both train_set and val_set, or neither (to build them from the config)")
         self.device = resolve_device(config.device)  # before the data sets: a wrong device fails at once
+        self.mesh = self._start_process_group(config)
+        self.rank, self.world_size = world()
+        self.is_main = self.rank == 0
         if train_set is None:
             train_set, val_set = build_datasets(config)
         if len(train_set) == 0:
@@ -163,6 +181,10 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoint"
 
+        resume_state = None
+        if resume is not None:
+            resume = check_checkpoint_dir(resume)
+            resume_state = load_trainer_state(resume)  # refuses a partial, corrupt or mixed checkpoint
         seed_everything(config.seed)
         try:
             self.model = create_model(config.model, **model_options).to(self.device)
@@ -171,17 +193,33 @@ class Trainer:
                              f"{error}") from error
         if config.init_from is not None and resume is None:
             reinitialised = load_matching_weights(self.model, config.init_from)
-            if reinitialised:
+            if reinitialised and self.is_main:
                 print(f"init_from {config.init_from}: fresh weights for {', '.join(reinitialised)} (shape differs)")
         # Before fine-tuning, the routing of the pre-trained model; otherwise that of the initialisation.
         self.consistency_phases = ("pretrain", "finetune") if config.init_from is not None else ("init", "train")
         self.teacher_router = (build_teacher_router(config.teacher, self.model, config.model, self.device)
                                if config.teacher is not None else None)
+        self.local_batch_size = local_batch_size(config.batch_size, self.world_size, routing_group_sizes(self.model))
+        self.routing_multiple = math.lcm(1, *routing_group_sizes(self.model))
+        # The module the training steps call: DistributedDataParallel around the model on several ranks. The
+        # model itself (self.model) has the keys checkpoints use; parallelize shards its experts in place.
+        self.forward_model = self._parallelize() if self.mesh is not None else self.model
         self.trainable_parameters = list(self.model.parameters())
         if self.teacher_router is not None:
             self.trainable_parameters += list(self.teacher_router.routers.parameters())
         self.consistency = self._build_consistency_tracker() if config.consistency_probe else None
-        self.steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+        self.drop_last = config.drop_last
+        if self.drop_last is None:  # a resumed run keeps its choice, so its epochs have the same steps
+            self.drop_last = (resume_state.get("drop_last", False) if resume_state is not None
+                              else self.world_size > 1)
+        if self.world_size > 1 and not self.drop_last and len(train_set) % config.batch_size:
+            raise ValueError(f"config key 'drop_last' is false (or the run resumed was started without it) but "
+                             f"{len(train_set)} training images do not make whole batches of {config.batch_size}, "
+                             f"so {self.world_size} ranks cannot share the last one; set drop_last=true")
+        self.steps_per_epoch = steps_per_epoch(len(train_set), config.batch_size, self.drop_last)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of "
+                             f"config key 'batch_size' = {config.batch_size}, and the last partial batch is dropped")
         total_steps = self.steps_per_epoch * config.epochs
         self.tgr_steps = round(tgr_fraction(config.tgr_schedule) * total_steps)
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -197,7 +235,33 @@ class Trainer:
         self._checked_aux_names = False
         self._between_steps = True  # whether the state is consistent (no optimiser step half done)
         if resume is not None:
-            self._load(resume)
+            self._load(resume, resume_state)
+
+    def _start_process_group(self, config: TrainConfig):
+        """The (dp, ep) device mesh when this process is one of several (torchrun's WORLD_SIZE > 1, or an
+        initialised default group of several ranks), else None. On CUDA each rank takes the GPU of its
+        LOCAL_RANK."""
+        initialised = dist.is_available() and dist.is_initialized()
+        self.owns_process_group = False  # whether this trainer started the default group (from torchrun's env)
+        if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 or (initialised and dist.get_world_size() > 1)):
+            return None
+        from ..distributed import init_mesh
+
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        for key in ("teacher", "consistency_probe"):
+            if getattr(config, key):
+                raise ValueError(f"config key {key!r} is not supported when training on several processes yet; "
+                                 f"train with it in one process")
+        self.owns_process_group = not initialised
+        return init_mesh(config.expert_parallel, device_type=self.device.type)
+
+    def _parallelize(self) -> nn.Module:
+        """Shards the experts over the mesh's "ep" ranks and wraps the model for data parallelism (parallelize
+        warns when MoE layers route each rank's whole local batch as one group, group_size null)."""
+        from ..distributed import parallelize
+
+        return parallelize(self.model, self.mesh)
 
     def _build_consistency_tracker(self) -> RoutingConsistencyTracker:
         count = self.config.consistency_probe
@@ -217,9 +281,7 @@ class Trainer:
             return torch.float16
         return torch.bfloat16
 
-    def _load(self, directory: str | Path) -> None:
-        directory = check_checkpoint_dir(directory)
-        state = load_trainer_state(directory)  # refuses a partial, corrupt or mixed checkpoint
+    def _load(self, directory: Path, state: Dict[str, Any]) -> None:
         missing = sorted(_STATE_KEYS - state.keys())
         if missing:
             raise CheckpointError(f"the trainer state in {str(directory)!r} lacks {missing}: it was not saved by "
@@ -241,15 +303,22 @@ class Trainer:
                 self.teacher_router.freeze()
         if self.consistency is not None and "routing_consistency" in state:
             self.consistency.load_state_dict(state["routing_consistency"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Expert parameters' state is resharded for this rank's experts (the checkpoint may be of another world size).
+        self.optimizer.load_state_dict(reshard_optimizer_state(
+            state["optimizer"], state.get("expert_optimizer"), self.model, self.optimizer,
+            lambda index: load_optimizer_shard(directory, index)))
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.totals = _EpochTotals(**state["epoch_totals"])
-        restore_rng_states(state["rng"])
+        # Each rank's own generators when the world size is the same; otherwise rank 0's (every rank seeds alike).
+        per_rank = state.get("rng_ranks")
+        restore_rng_states(per_rank[self.rank] if per_rank is not None and len(per_rank) == self.world_size
+                           else state["rng"])
 
     def save(self, directory: Optional[str | Path] = None) -> Path:
-        """Checkpoints the current state (by default into ``output_dir/checkpoint``)."""
+        """Checkpoints the current state (by default into ``output_dir/checkpoint``). On several ranks every rank
+        must call it (the expert tensors and optimiser shards are gathered to rank 0, which writes)."""
         state = {
             "model": self.config.model,
             "optimizer": self.optimizer.state_dict(),
@@ -260,13 +329,20 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "epoch_totals": dataclasses.asdict(self.totals),
             "rng": capture_rng_states(),
+            "drop_last": self.drop_last,
+            "world_size": self.world_size,
+            "expert_optimizer": expert_layout(self.model, self.optimizer),
         }
+        if self.world_size > 1:
+            per_rank: List[Any] = [None] * self.world_size
+            dist.all_gather_object(per_rank, state["rng"])
+            state["rng_ranks"] = per_rank
         if self.teacher_router is not None:
             state["teacher_router"] = self.teacher_router.routers.state_dict()
             state["teacher_router_frozen"] = not self.teacher_router.trainable
         if self.consistency is not None:
             state["routing_consistency"] = self.consistency.state_dict()
-        return save_checkpoint(directory or self.checkpoint_dir, self.model, self.config, state)
+        return save_checkpoint(directory or self.checkpoint_dir, self.model, self.config, state, self.optimizer)
 
     def _generator(self, purpose: int, epoch: int) -> torch.Generator:
         """A generator seeded by (seed, epoch, purpose): 0 for the data order, 1 for the DataLoader's worker seeds,
@@ -276,9 +352,13 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> List[int]:
         return torch.randperm(len(self.train_set), generator=self._generator(0, epoch)).tolist()
 
-    def _loader(self, dataset: Dataset, order: Optional[List[int]], epoch: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, order: Optional[List[int]], epoch: int,
+                batch_sampler: Optional[IndexBatchSampler] = None) -> DataLoader:
         generator = self._generator(1, epoch)
-        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=order, shuffle=False,
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.config.num_workers,
+                              generator=generator, pin_memory=self.device.type == "cuda")
+        return DataLoader(dataset, batch_size=self.local_batch_size, sampler=order, shuffle=False,
                           num_workers=self.config.num_workers, generator=generator,
                           pin_memory=self.device.type == "cuda")
 
@@ -290,7 +370,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with self._autocast():
-            logits = self.model(images)
+            logits = self.forward_model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
             aux_loss = self._weighted_aux_loss()
             distillation_loss, teacher_router_loss = teacher_guided_routing_losses(
@@ -304,16 +384,34 @@ class Trainer:
         self.scaler.scale(total).backward()
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.grad_clip)
+            if self.mesh is not None:  # each expert shard counted once
+                from ..distributed import clip_grad_norm_
+
+                clip_grad_norm_(self.forward_model, self.config.grad_clip, self.mesh)
+            else:
+                nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
+        step = dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
                     correct=(logits.argmax(dim=-1) == labels).sum().item(), samples=labels.numel(),
                     expert_load_ratio=expert_load_ratio(self.model),
                     distillation_loss=None if distillation_loss is None else distillation_loss.item(),
                     teacher_router_loss=None if teacher_router_loss is None else teacher_router_loss.item())
+        return self._reduce_step(step) if self.world_size > 1 else step
+
+    def _reduce_step(self, step: Dict[str, Any]) -> Dict[str, Any]:
+        """A step's metrics over all ranks (each rank trained on an equal share of the global batch): the mean
+        losses, the summed counts, the mean load ratio; and a Ctrl-C on any rank stops every rank after this
+        step, so that they all checkpoint the same one. One all-reduce."""
+        ratio = step["expert_load_ratio"]
+        loss, aux_loss, correct, samples, ratio_sum, stop = all_reduce_sum(
+            [step["loss"], step["aux_loss"], step["correct"], step["samples"], 0.0 if ratio is None else ratio,
+             float(self._stop_requested)], self.device)
+        self._stop_requested = stop > 0
+        return dict(step, loss=loss / self.world_size, aux_loss=aux_loss / self.world_size, correct=int(correct),
+                    samples=int(samples), expert_load_ratio=None if ratio is None else ratio_sum / self.world_size)
 
     def _weighted_aux_loss(self) -> torch.Tensor:
         """The routers' auxiliary losses of the last forward, weighted by ``aux_loss_weights`` and summed."""
@@ -337,6 +435,8 @@ class Trainer:
     def evaluate(self, dataset: Optional[Dataset] = None) -> Dict[str, float]:
         """Mean cross-entropy loss and accuracy of the model on ``dataset`` (the validation set by default)."""
         dataset = self.val_set if dataset is None else dataset
+        if self.world_size > 1:
+            return self._evaluate_distributed(dataset)
         was_training = self.model.training
         self.model.eval()
         loss_sum, correct, samples = 0.0, 0, 0
@@ -350,12 +450,37 @@ class Trainer:
         self.model.train(was_training)
         return {"loss": loss_sum / max(samples, 1), "accuracy": correct / max(samples, 1)}
 
+    def _evaluate_distributed(self, dataset: Dataset) -> Dict[str, float]:
+        """:meth:`evaluate` on several ranks: each its share of every global batch, the last padded and masked
+        (visionmoe.distributed.data.rank_evaluation_batches), the sums all-reduced: one process's metrics."""
+        batches = rank_evaluation_batches(len(dataset), self.config.batch_size, self.rank, self.world_size,
+                                          self.routing_multiple)
+        sampler = IndexBatchSampler([index for indices, _ in batches for index in indices],
+                                    [len(indices) for indices, _ in batches])
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        for (_, valid), (images, labels) in zip(batches, self._loader(dataset, None, -1, batch_sampler=sampler)):
+            images, labels = images.to(self.device), labels.to(self.device)
+            mask = torch.tensor(valid, device=self.device)
+            with self._autocast():
+                logits = self.model(images).float()
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            loss_sum += losses[mask].double().sum()
+            correct += (logits.argmax(dim=-1) == labels)[mask].sum()
+        self.model.train(was_training)
+        loss_sum, correct = all_reduce_sum([loss_sum.item(), correct.item()], self.device)
+        samples = len(dataset)
+        return {"loss": loss_sum / max(samples, 1), "accuracy": correct / max(samples, 1)}
+
     def _run_epoch(self, progress: tqdm, step_log: Optional[CsvLog], writer) -> Dict[str, Any]:
         self.model.train()
         if self.teacher_router is not None:
             self.teacher_router.train()
         totals = self.totals
-        order = self._epoch_order(self.epoch)[totals.batches * self.config.batch_size:]
+        order = rank_training_indices(self._epoch_order(self.epoch), self.config.batch_size, self.rank,
+                                      self.world_size, self.drop_last, skip_batches=totals.batches)
         started = time.perf_counter()
         for images, labels in self._loader(self.train_set, order, self.epoch):
             step = self._train_step(images, labels)
@@ -380,7 +505,8 @@ class Trainer:
                        accuracy=step["correct"] / step["samples"], aux_loss=step["aux_loss"],
                        expert_load_ratio=step["expert_load_ratio"], distillation_loss=step["distillation_loss"],
                        teacher_router_loss=step["teacher_router_loss"])
-            log_step(row, progress, step_log, writer)
+            if self.is_main:
+                log_step(row, progress, step_log, writer)
             # Only now, with the step's row logged, is the state one to checkpoint: a second Ctrl-C before this
             # point keeps the previous checkpoint, whose resumption logs this step again.
             self._between_steps = True
@@ -422,18 +548,20 @@ class Trainer:
         """Trains until ``config.epochs`` epochs are done, checkpointing after each; on Ctrl-C (or a
         KeyboardInterrupt from the step callback) checkpoints the state after the last finished step and returns
         with ``interrupted=True``."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        epoch_log = CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch)
+        main = self.is_main  # only rank 0 logs and reports
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        epoch_log = CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch) if main else None
         step_log = (CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
-                    if self.config.log_steps else None)
-        writer = tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard else None
+                    if self.config.log_steps and main else None)
+        writer = tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard and main else None
         self._stop_requested = False
         self._between_steps = True
         previous_handler = None
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         progress = tqdm(total=self.steps_per_epoch * self.config.epochs, initial=self.global_step,
-                        desc="train", unit="step", disable=not self.config.progress, dynamic_ncols=True)
+                        desc="train", unit="step", disable=not (self.config.progress and main), dynamic_ncols=True)
         history: List[Dict[str, Any]] = []
         interrupted = False
         try:
@@ -446,7 +574,8 @@ class Trainer:
             while self.epoch < self.config.epochs:
                 progress.set_description(f"epoch {self.epoch + 1}/{self.config.epochs}")
                 row = self._run_epoch(progress, step_log, writer)
-                log_epoch(row, progress, epoch_log, writer)
+                if main:
+                    log_epoch(row, progress, epoch_log, writer)
                 history.append(row)
                 self.epoch += 1
                 self.totals = _EpochTotals()
@@ -456,17 +585,20 @@ class Trainer:
                 self.save()
         except KeyboardInterrupt:
             if not self._between_steps:
-                progress.write("Interrupted inside an optimiser step: no checkpoint written for this step")
+                if main:
+                    progress.write("Interrupted inside an optimiser step: no checkpoint written for this step")
                 raise
             interrupted = True
             try:
                 self.save()
             except KeyboardInterrupt:
-                progress.write(f"Interrupted again while saving step {self.global_step}: --resume "
-                               f"{self.checkpoint_dir} continues from the last checkpoint saved completely")
+                if main:
+                    progress.write(f"Interrupted again while saving step {self.global_step}: --resume "
+                                   f"{self.checkpoint_dir} continues from the last checkpoint saved completely")
                 raise
-            progress.write(f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved to "
-                           f"{self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}")
+            if main:
+                progress.write(f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved "
+                               f"to {self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}")
         finally:
             progress.close()
             if writer is not None:
