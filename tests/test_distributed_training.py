@@ -34,9 +34,8 @@ from visionmoe.train.checkpoint import CheckpointError, load_model_weights, save
 
 TIMEOUT = 240  # seconds, for each multi-process run
 # The tiny V-MoE of test_train.py, each image its own routing group (so a rank's share of a batch is routed as one
-# process routes it) and without router noise (drawn per rank, so it would differ from one process's).
-MODEL = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8,
-             moe=dict(num_experts=4, group_size=1, noise_std=0.0))
+# process routes it), with the default router noise (each rank draws the global batch's and keeps its slice).
+MODEL = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, moe=dict(num_experts=4, group_size=1))
 # digits has 1258 training images: two global batches of 628 (the last 2 dropped), each split over 1, 2 or 4 ranks.
 RUN = dict(model="vmoe_tiny_32", model_options=MODEL, dataset="digits", epochs=1, batch_size=628, lr=3e-3,
            warmup_epochs=0.5, seed=7, device="cpu", progress=False, tensorboard=False, log_steps=True,
