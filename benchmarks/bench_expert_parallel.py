@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, format_table, timeit, write_results  # noqa: E402
+from common import benchmark_parser, format_table, parse_benchmark_args, settings, timeit, write_results  # noqa: E402
 
 from visionmoe.distributed import run_processes  # noqa: E402
 from visionmoe.layers import MoEMLP  # noqa: E402
@@ -131,14 +131,14 @@ def benchmark(args):
           f"E={args.experts} group_size={args.group_size}, {args.threads} thread(s) per process")
     print(format_table(rows))
     meta = {"benchmark": "one MoE layer's forward + backward at W = 1 and 2 (gloo, CPU), same global batch",
-            **vars(args), "permute_ms": permute_seconds * 1e3,
+            **settings(args), "permute_ms": permute_seconds * 1e3,
             "bytes": "sent per rank per step: 4 exchanges (2 forward, 2 backward) x rows leaving the rank x D x "
                      "element size; permute GB/s counts read + write of one reorder copy",
             "permute_buffer_mb": 2 * two["rows_per_exchange"] * args.dim * 4 / 2 / 1e6,
             "permute_note": "the reorder copy of one exchange's received rows; at these sizes it runs in cache",
             "expert_path_ms_w2": two.get("expert_path_seconds", float("nan")) * 1e3}
     paths = write_results("expert_parallel", rows, meta, device="cpu", tag=args.tag or (
-        None if args.router == "topk" else args.router))
+        None if args.router == "topk" else args.router), directory=args.output)
     print("wrote", *paths)
 
 
@@ -234,14 +234,14 @@ def scaling_model(args):
         "step stay below E F / (K cf): " + ", ".join(f"{k}: {v:,}" for k, v in breakeven.items())
         + " tokens (e.g. 256 images of 196 tokens are 50,176).",
     ]
-    path = RESULTS_DIR / "expert_parallel_scaling.md"
+    path = args.output / "expert_parallel_scaling.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("wrote", path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = benchmark_parser(__doc__, warmup=2, repeat=9, dtypes=None)
     parser.add_argument("--images", type=int, default=16, help="global batch (images), split over the ranks")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--dim", type=int, default=192)
@@ -249,15 +249,22 @@ def main():
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=2)
     parser.add_argument("--router", default="topk", choices=sorted(ROUTERS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default=None)
-    parser.add_argument("--scaling-model", action="store_true", help="write results/expert_parallel_scaling.md only")
+    parser.add_argument("--scaling-model", action="store_true",
+                        help="write expert_parallel_scaling.md (in --output) only")
     parser.add_argument("--effective-tflops", type=float, default=400.0,
                         help="the scaling model's expert GEMM throughput per GPU")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parse_benchmark_args(parser, argv)
+    # One thread per process unless told otherwise: W = 2 then uses a core per rank, as a GPU run uses a GPU per rank.
+    args.threads = args.threads or 1
+    if args.device != "cpu":
+        parser.error("the expert-parallel benchmark runs gloo process groups on the CPU: --device cpu")
+    if args.images % 2 or (args.images // 2) % args.group_size:
+        parser.error("--images must split into two ranks' batches that --group-size divides")
     if args.scaling_model:
         scaling_model(args)
     else:

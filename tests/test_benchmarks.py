@@ -28,6 +28,7 @@ SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("bench_*.py"))
 SHARED_DEFAULTS = {
     "bench_dispatch": dict(dtype="float32", warmup=2, repeat=10, rounds=None),
     "bench_expert_mlp": dict(dtype="float32", warmup=2, repeat=5, rounds=3),
+    "bench_expert_parallel": dict(dtype=None, warmup=2, repeat=9, rounds=None),
     "bench_moe_layer": dict(dtype="float32", warmup=2, repeat=7, rounds=None),
     "bench_routing": dict(dtype=None, warmup=2, repeat=7, rounds=None),
     "bench_sinkhorn": dict(dtype="float32", warmup=2, repeat=10, rounds=None),
@@ -41,6 +42,7 @@ SHARED_DEFAULTS = {
 TINY = {
     "bench_dispatch": "--tokens 64 --dim 8 --experts 4",
     "bench_expert_mlp": "--rows 32 --dim 8 --hidden 16 --experts 4",
+    "bench_expert_parallel": "--images 4 --tokens 4 --dim 8 --hidden 16 --experts 4 --group-size 1",
     "bench_moe_layer": "--tokens 64 --dim 8 --hidden 16 --experts 4",
     "bench_routing": "--routers topk soft --tokens 64 --dim 8 --experts 4 --topk 1 --soft-group-size 16",
     "bench_sinkhorn": "--tokens 32 --experts 4 --iterations 2",
@@ -65,7 +67,7 @@ def recorded_commands():
     lines = (BENCHMARKS / "gpu_check.sh").read_text().splitlines()
     lines += [line for name in SCRIPTS for line in (BENCHMARKS / f"{name}.py").read_text().splitlines()]
     for line in lines:
-        match = re.search(r"benchmarks/(bench_\w+)\.py([^\"#]*)", line)
+        match = re.search(r"benchmarks/(bench_\w+)\.py([^\"#`]*)", line)
         if match:
             commands.append((match.group(1), shlex.split(match.group(2))))
     return commands
