@@ -21,12 +21,16 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "sinkhorn/sinkhorn.h"
 
 namespace visionmoe::sinkhorn::cuda {
 namespace {
 
+using device_math::exp_opmath;
+using device_math::log_opmath;
+using device_math::negative_infinity;
 using warp_reduce::warp_sum;
 
 constexpr int kWarp = 32;
@@ -34,16 +38,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarp * kWarps;
 constexpr int kChunkRows = 64;  // tokens per block
 constexpr int kMergeThreads = 256;
-
-__device__ __forceinline__ float exp_opmath(float x) { return expf(x); }
-__device__ __forceinline__ double exp_opmath(double x) { return exp(x); }
-__device__ __forceinline__ float log_opmath(float x) { return logf(x); }
-__device__ __forceinline__ double log_opmath(double x) { return log(x); }
-
-template <typename T>
-__device__ __forceinline__ T negative_infinity() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // A partial logsumexp: log(sum) + max over the values seen so far; sum = 0 and max = -inf when there were none.
 // -inf values add nothing, as exp(-inf) = 0 (the check order would otherwise give exp(-inf + inf) = NaN).

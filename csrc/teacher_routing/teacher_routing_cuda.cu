@@ -14,12 +14,15 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "teacher_routing/teacher_routing.h"
 
 namespace visionmoe::teacher_routing::cuda {
 namespace {
 
+using device_math::exp_opmath;
+using device_math::log_opmath;
 using warp_reduce::kWarpSize;
 using warp_reduce::warp_max;
 using warp_reduce::warp_sum;
@@ -27,11 +30,6 @@ using warp_reduce::warp_sum;
 constexpr int kWarps = 8;  // tokens per block
 constexpr int kThreads = kWarpSize * kWarps;
 constexpr int kReduceThreads = 1024;
-
-__device__ __forceinline__ float exp_opmath(float x) { return expf(x); }
-__device__ __forceinline__ double exp_opmath(double x) { return exp(x); }
-__device__ __forceinline__ float log_opmath(float x) { return logf(x); }
-__device__ __forceinline__ double log_opmath(double x) { return log(x); }
 
 struct Rows {
   int64_t tokens, experts;

@@ -25,12 +25,14 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "whatwhere/whatwhere.h"
 
 namespace visionmoe::whatwhere::cuda {
 namespace {
 
+using device_math::negative_infinity;
 using warp_reduce::warp_max;
 using warp_reduce::warp_sum;
 
@@ -39,11 +41,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kSharedBytes = 48 * 1024;  // available to every block without opting in
-
-template <typename T>
-__device__ __forceinline__ T negative_infinity() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // sum_d x[d] * y[d] in opmath, in order.
 template <typename T, typename scalar_t>
