@@ -96,16 +96,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_b
   return {grad_x, grad_w1, segment_sums(grad_pre, ends), grad_w2, segment_sums(grad_y, ends)};
 }
 #endif
-#ifdef VISIONMOE_HAS_GROUPED_MM
-  if (x.is_cuda() && use_grouped_mm({x, w1, w2}, sizes)) {
-    return grouped_forward(x, w1, b1, w2, b2, *expert_offsets, activation, sizes);
-  }
-#endif
-#ifdef VISIONMOE_HAS_GROUPED_MM
-  if (x.is_cuda() && use_grouped_mm({x, w1, w2, grad_y, pre}, sizes)) {
-    return grouped_backward(grad_y, x, w1, w2, pre, *expert_offsets, activation, sizes);
-  }
-#endif
 
 }  // namespace
 
