@@ -35,58 +35,58 @@ bool is_supported_dtype(at::ScalarType dtype) {
 bool is_reduced(at::ScalarType dtype) { return dtype == at::kHalf || dtype == at::kBFloat16; }
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
-              "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of x (", x.scalar_type(),
+                   "), got ", t.scalar_type());
   check_device(op, name, t, "x", x);
 }
 
 void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
                  const char* letters) {
-  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", letters, " = ", expected, ", got ",
-              t.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", letters, " = ", expected, ", got ",
+                    t.sizes());
 }
 
 Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                    const std::optional<at::Tensor>& expert_offsets, Activation activation) {
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must have shape [E, C, D] (padded) or [M, D] (packed), got ",
-              x.sizes());
-  TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
-              x.scalar_type());
-  TORCH_CHECK(w1.dim() == 3, op, ": w1 must have shape [E, D, F'], got ", w1.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, op, ": x must have shape [E, C, D] (padded) or [M, D] (packed), got ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(w1.dim() == 3, op, ": w1 must have shape [E, D, F'], got ", w1.sizes());
   check_like(op, "w1", w1, x);
   Sizes sizes;
   sizes.experts = w1.size(0);
   sizes.dim = x.size(-1);
   sizes.pre_width = w1.size(2);
   sizes.padded = x.dim() == 3;
-  TORCH_CHECK(w1.size(1) == sizes.dim, op, ": w1 must have shape [E, D, F'] with D = ", sizes.dim,
-              " (the width of x), got ", w1.sizes());
+  TORCH_CHECK_VALUE(w1.size(1) == sizes.dim, op, ": w1 must have shape [E, D, F'] with D = ", sizes.dim,
+                    " (the width of x), got ", w1.sizes());
   if (activation == Activation::kSiluGated) {
-    TORCH_CHECK(sizes.pre_width % 2 == 0, op,
-                ": w1 must have an even number of columns 2F (gate and value) for activation \"silu_gated\", got ",
-                w1.sizes());
+    TORCH_CHECK_VALUE(sizes.pre_width % 2 == 0, op,
+                      ": w1 must have an even number of columns 2F (gate and value) for activation \"silu_gated\", got ",
+                      w1.sizes());
     sizes.hidden = sizes.pre_width / 2;
   } else {
     sizes.hidden = sizes.pre_width;
   }
-  TORCH_CHECK(w2.dim() == 3, op, ": w2 must have shape [E, F, D], got ", w2.sizes());
+  TORCH_CHECK_VALUE(w2.dim() == 3, op, ": w2 must have shape [E, F, D], got ", w2.sizes());
   check_like(op, "w2", w2, x);
   check_shape(op, "w2", w2, {sizes.experts, sizes.hidden, sizes.dim}, "[E, F, D]");
   if (sizes.padded) {
-    TORCH_CHECK(!expert_offsets.has_value(), op,
-                ": expert_offsets must be None for padded x [E, C, D]; pass packed x [M, D] with offsets instead");
-    TORCH_CHECK(x.size(0) == sizes.experts, op, ": x must have shape [E, C, D] with E = ", sizes.experts,
-                " (the experts of w1), got ", x.sizes());
+    TORCH_CHECK_VALUE(!expert_offsets.has_value(), op,
+                      ": expert_offsets must be None for padded x [E, C, D]; pass packed x [M, D] with offsets instead");
+    TORCH_CHECK_VALUE(x.size(0) == sizes.experts, op, ": x must have shape [E, C, D] with E = ", sizes.experts,
+                      " (the experts of w1), got ", x.sizes());
     sizes.rows = x.size(0) * x.size(1);
   } else {
-    TORCH_CHECK(expert_offsets.has_value(), op,
-                ": expert_offsets [E + 1] is required for packed x [M, D] (expert e's rows are "
-                "expert_offsets[e]:expert_offsets[e + 1])");
+    TORCH_CHECK_VALUE(expert_offsets.has_value(), op,
+                      ": expert_offsets [E + 1] is required for packed x [M, D] (expert e's rows are "
+                      "expert_offsets[e]:expert_offsets[e + 1])");
     const at::Tensor& offsets = *expert_offsets;
-    TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == sizes.experts + 1, op,
-                ": expert_offsets must have shape [E + 1] = [", sizes.experts + 1, "], got ", offsets.sizes());
-    TORCH_CHECK(offsets.scalar_type() == at::kLong, op, ": expert_offsets must have dtype int64, got ",
-                offsets.scalar_type());
+    TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == sizes.experts + 1, op,
+                      ": expert_offsets must have shape [E + 1] = [", sizes.experts + 1, "], got ", offsets.sizes());
+    TORCH_CHECK_TYPE(offsets.scalar_type() == at::kLong, op, ": expert_offsets must have dtype int64, got ",
+                     offsets.scalar_type());
     check_device(op, "expert_offsets", offsets, "x", x);
     sizes.rows = x.size(0);
   }
@@ -106,13 +106,13 @@ std::vector<int64_t> host_offsets(const char* op, const at::Tensor& expert_offse
   const at::Tensor offsets = expert_offsets.to(at::kCPU).contiguous();
   const int64_t* values = offsets.data_ptr<int64_t>();
   std::vector<int64_t> result(values, values + offsets.size(0));
-  TORCH_CHECK(result.front() == 0, op, ": expert_offsets[0] must be 0, got ", result.front());
+  TORCH_CHECK_VALUE(result.front() == 0, op, ": expert_offsets[0] must be 0, got ", result.front());
   for (size_t e = 1; e < result.size(); ++e) {
-    TORCH_CHECK(result[e] >= result[e - 1], op, ": expert_offsets must be non-decreasing, got expert_offsets[", e,
-                "] = ", result[e], " < expert_offsets[", e - 1, "] = ", result[e - 1]);
+    TORCH_CHECK_VALUE(result[e] >= result[e - 1], op, ": expert_offsets must be non-decreasing, got expert_offsets[", e,
+                      "] = ", result[e], " < expert_offsets[", e - 1, "] = ", result[e - 1]);
   }
-  TORCH_CHECK(result.back() == rows, op, ": expert_offsets[E] must be M = ", rows, " (the rows of x), got ",
-              result.back());
+  TORCH_CHECK_VALUE(result.back() == rows, op, ": expert_offsets[E] must be M = ", rows, " (the rows of x), got ",
+                    result.back());
   return result;
 }
 
@@ -148,8 +148,8 @@ void activate_out(at::Tensor& out, const at::Tensor& pre, Activation activation)
 Activation parse_activation(const char* op, c10::string_view name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "silu_gated") return Activation::kSiluGated;
-  TORCH_CHECK(false, op, ": activation must be \"gelu\" or \"silu_gated\", got \"",
-              std::string(name.data(), name.size()), "\"");
+  TORCH_CHECK_VALUE(false, op, ": activation must be \"gelu\" or \"silu_gated\", got \"",
+                    std::string(name.data(), name.size()), "\"");
 }
 
 void bias_activation_(at::Tensor& pre, const at::Tensor& bias, at::Tensor& hidden, Activation activation) {

@@ -301,8 +301,8 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max(), "sinkhorn: logits has too many tokens (G * T = ",
-              shape.groups * shape.tokens, ") for one CUDA launch");
+  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(), "sinkhorn: logits has too many tokens (G * T = ",
+                    shape.groups * shape.tokens, ") for one CUDA launch");
   const at::Tensor chunk_max = at::empty({num_chunks, shape.experts}, row_potentials.options());
   const at::Tensor chunk_sum = at::empty({num_chunks, shape.experts}, row_potentials.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "visionmoe_sinkhorn_cuda", [&] {
@@ -336,9 +336,9 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max(),
-              "sinkhorn_backward: logits has too many tokens (G * T = ", shape.groups * shape.tokens,
-              ") for one CUDA launch");
+  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(),
+                    "sinkhorn_backward: logits has too many tokens (G * T = ", shape.groups * shape.tokens,
+                    ") for one CUDA launch");
   const auto opmath_options = row_potentials.options();
   const at::Tensor chunk_partial = at::empty({num_chunks, shape.experts}, opmath_options);
   const at::Tensor column_adjoint = at::empty({shape.groups, shape.experts}, opmath_options);

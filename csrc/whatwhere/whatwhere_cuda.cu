@@ -291,9 +291,9 @@ Grid make_grid(const char* op, const WhatWhereShape& shape, int64_t element_byte
   const int64_t per_row = (tiles * shape.slots + extra_per_row) * element_bytes;
   const int64_t fitting_rows = (kSharedBytes - fixed * element_bytes) / per_row;
   const int64_t rows = std::min<int64_t>({kMaxChunkRows, shape.tokens, fitting_rows});
-  TORCH_CHECK(rows >= 1, op, ": k has too many slots (S = ", shape.slots, ") for the CUDA kernel's shared memory");
-  TORCH_CHECK(shape.heads <= std::numeric_limits<int32_t>::max(), op, ": too many heads (B * H = ", shape.heads,
-              ") for one CUDA launch");
+  TORCH_CHECK_VALUE(rows >= 1, op, ": k has too many slots (S = ", shape.slots, ") for the CUDA kernel's shared memory");
+  TORCH_CHECK_VALUE(shape.heads <= std::numeric_limits<int32_t>::max(), op, ": too many heads (B * H = ", shape.heads,
+                    ") for one CUDA launch");
   return Grid{shape.tokens, shape.slots, shape.head_dim, shape.value_dim, rows, (shape.tokens + rows - 1) / rows};
 }
 
