@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_scores
 from ..plan import RoutingPlan
 from .dispatch import make_plan
 
@@ -32,6 +33,7 @@ def _finish(plan: RoutingPlan, list_source: torch.Tensor, weights: torch.Tensor,
 def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optional[torch.Tensor] = None,
                renormalize=False) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.topk_route`: stable sorts, then :func:`make_plan`."""
+    check_scores("topk_route", scores)
     scores = _groups(scores)
     weights = scores if weights is None else _groups(weights)
     G, T, E = scores.shape
@@ -57,6 +59,9 @@ def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optio
 
 def expert_choice_route(scores, capacity, *, weights: Optional[torch.Tensor] = None) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.expert_choice_route`: a stable sort of every expert's column."""
+    check_scores("expert_choice_route", scores)
+    if capacity < 0:
+        raise ValueError(f"expert_choice_route: capacity must be >= 0, got {capacity}")
     scores = _groups(scores)
     weights = scores if weights is None else _groups(weights)
     G, T, E = scores.shape
