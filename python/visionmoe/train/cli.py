@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = config_from_args(args)
         trainer = Trainer(config, resume=args.resume)
-    except (ValueError, OSError, RuntimeError) as error:  # OSError: e.g. a data root that cannot be read
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: e.g. a data root that cannot be read
         parser.error(error_line(error))
     if args.resume is not None:
         print(f"resuming step {trainer.global_step} from {args.resume}; writing logs and "
