@@ -27,6 +27,22 @@ def make_plan(
 ) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.make_plan`: a stable sort by expert, then ranks within experts."""
     check_make_plan("make_plan", token_index, expert_index, num_experts, num_tokens)
+    return build_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=num_tokens,
+                      validate=validate)
+
+
+def build_plan(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    *,
+    num_tokens: Optional[int] = None,
+    validate: bool = True,
+) -> RoutingPlan:
+    """make_plan without its argument checks, for the routers' references, whose plans are well formed by
+    construction and may have no experts at all (G = 0 groups), as the routing operators' internal plans may."""
     if capacity is not None and capacity < 0:
         raise ValueError(f"make_plan: capacity must be >= 0 or None (dropless), got {capacity}")
     if validate:
