@@ -245,9 +245,9 @@ def test_fake_kernels_reject_the_empty_sizes_the_kernels_reject(call):
 
 def test_routing_rejects_integer_combine_weights():
     scores = torch.rand(4, 3)
-    with pytest.raises(ValueError, match="weights must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="weights must be a floating-point tensor"):
         ops.topk_route(scores, 1, weights=torch.ones(4, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="weights must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="weights must be a floating-point tensor"):
         ops.expert_choice_route(scores, 2, weights=torch.ones(4, 3, dtype=torch.long))
 
 
