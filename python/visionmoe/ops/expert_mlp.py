@@ -73,7 +73,8 @@ def _expert_mlp_backward_fake(grad_y, x, w1, w2, pre_activation, expert_offsets,
     check_like_x("expert_mlp_backward", "grad_y", grad_y, x)
     check_like_x("expert_mlp_backward", "pre_activation", pre_activation, x)
     torch._check_value(grad_y.shape == x.shape,
-                       lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got {list(grad_y.shape)}")
+                       lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got "
+                               f"{list(grad_y.shape)}")
     torch._check_value(pre_activation.shape == (*x.shape[:-1], pre_width),
                        lambda: f"expert_mlp_backward: pre_activation must have shape {[*x.shape[:-1], pre_width]}, got "
                          f"{list(pre_activation.shape)}")

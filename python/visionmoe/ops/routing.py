@@ -125,7 +125,8 @@ def _fake_plan(scores, num_assignments, num_virtual_experts, num_tokens):
 
 @torch.library.register_fake("visionmoe::topk_route")
 def _topk_route_fake(scores, k, batch_priority):
-    torch._check_value(scores.dim() == 3, lambda: f"topk_route: scores must have shape [G, T, E], got {list(scores.shape)}")
+    torch._check_value(scores.dim() == 3,
+                       lambda: f"topk_route: scores must have shape [G, T, E], got {list(scores.shape)}")
     check_scores("topk_route", scores)
     G, T, E = scores.shape
     torch._check_value(1 <= k <= E, lambda: f"topk_route: k must be in [1, E] = [1, {E}], got {k}")

@@ -56,7 +56,8 @@ def _potential_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("visionmoe::sinkhorn")
 def _sinkhorn_fake(logits, num_iterations, validate=True):
-    torch._check_value(logits.dim() == 3, lambda: f"sinkhorn: logits must have shape [G, T, E], got {list(logits.shape)}")
+    torch._check_value(logits.dim() == 3,
+                       lambda: f"sinkhorn: logits must have shape [G, T, E], got {list(logits.shape)}")
     check_sinkhorn("sinkhorn", logits, num_iterations)
     groups, tokens, experts = logits.shape
     dtype = _potential_dtype(logits.dtype)

@@ -48,7 +48,8 @@ def soft_combine(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
 def _check_fake_grad(op: str, name: str, grad: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
-    torch._check_value(grad.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
+    torch._check_value(grad.shape == shape,
+                       lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
     check_dtype_like(op, name, grad, "the inputs", like)
     check_same_device(op, "the inputs", like, **{name: grad})
 
