@@ -284,5 +284,5 @@ def test_bad_model_requests_are_rejected():
 
 
 def test_slot_batch_norm_rejects_a_cumulative_momentum():
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(TypeError, match="momentum"):
         SlotBatchNorm2d(4, momentum=None)

@@ -261,7 +261,7 @@ def test_negative_capacity_is_rejected():
     plan = small_plan()
     args = (torch.randn(6, 4), plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets,
             plan.token_rows)
-    with pytest.raises(RuntimeError, match="capacity must be >= 0"):
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
         torch.ops.visionmoe.dispatch(*args, -2, True)
 
 
@@ -269,10 +269,10 @@ def test_token_index_out_of_range(device):
     token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
     bad_tokens = token_index.clone()
     bad_tokens[3] = 6
-    with pytest.raises(RuntimeError, match=r"token_index out of range: token_index\[3\] = 6"):
+    with pytest.raises(ValueError, match=r"token_index out of range: token_index\[3\] = 6"):
         ops.make_plan(bad_tokens, expert_index, weight, 3, 4, num_tokens=6)
     bad_tokens[3] = -1
-    with pytest.raises(RuntimeError, match="token_index out of range"):
+    with pytest.raises(ValueError, match="token_index out of range"):
         ops.make_plan(bad_tokens, expert_index, weight, 3, 4)
 
 
@@ -280,31 +280,31 @@ def test_token_index_beyond_x_is_rejected():
     # A plan made without num_tokens is checked when it meets x.
     token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
     plan = ops.make_plan(token_index, expert_index, weight, 3, 4)
-    with pytest.raises(RuntimeError, match="sorted_token out of range"):
+    with pytest.raises(ValueError, match="sorted_token out of range"):
         ops.dispatch(torch.randn(5, 4), plan, "padded")
-    with pytest.raises(RuntimeError, match="sorted_token out of range"):
+    with pytest.raises(ValueError, match="sorted_token out of range"):
         ops.combine(torch.randn(3, 4, 4), plan, 5)
 
 
 def test_expert_index_out_of_range(device):
     token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
     expert_index[5] = 3
-    with pytest.raises(RuntimeError, match=r"expert_index out of range: expert_index\[5\] = 3"):
+    with pytest.raises(ValueError, match=r"expert_index out of range: expert_index\[5\] = 3"):
         ops.make_plan(token_index, expert_index, weight, 3, 4)
 
 
 def test_wrong_dtypes_are_rejected():
     token_index, expert_index, weight = top_k_assignments(6, 3, 2, "cpu")
-    with pytest.raises(RuntimeError, match="expert_index must have dtype int64"):
+    with pytest.raises(TypeError, match="expert_index must have dtype int64"):
         ops.make_plan(token_index, expert_index.int(), weight, 3, 4)
-    with pytest.raises(ValueError, match="weight must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
         ops.make_plan(token_index, expert_index, weight.long(), 3, 4)
     plan = small_plan()
-    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
         ops.dispatch(torch.ones(6, 4, dtype=torch.long), plan, "padded")
     rows = torch.randn(3, 4, 5)
     plan_args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
-    with pytest.raises(RuntimeError, match=r"weight must have the dtype of expert_out \(Float\)"):
+    with pytest.raises(TypeError, match=r"weight must have the dtype of expert_out \(Float\)"):
         torch.ops.visionmoe.combine(rows, plan.weight.double(), *plan_args, plan.token_offsets, plan.token_rows, 4)
 
 
@@ -327,24 +327,24 @@ def test_cpu_plan_with_cuda_tensor_is_rejected():
     with pytest.raises(ValueError, match="x is on cuda:0 but the plan is on cpu"):
         ops.dispatch(torch.randn(6, 4, device="cuda"), plan, "padded")
     args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets, plan.token_rows)
-    with pytest.raises(RuntimeError, match="sorted_token must be on cuda:0"):
+    with pytest.raises(ValueError, match="sorted_token must be on cuda:0"):
         torch.ops.visionmoe.dispatch(torch.randn(6, 4, device="cuda"), *args, 4, True)
 
 
 def test_inconsistent_plan_shapes_are_rejected():
     plan = small_plan()
-    with pytest.raises(RuntimeError, match=r"expert_out must have shape \[E, C, D\] = \[3, 4, D\]"):
+    with pytest.raises(ValueError, match=r"expert_out must have shape \[E, C, D\] = \[3, 4, D\]"):
         ops.combine(torch.randn(3, 5, 4), plan, 6)
-    with pytest.raises(RuntimeError, match=r"expert_out must have shape \[A, D\] = \[12, D\]"):
+    with pytest.raises(ValueError, match=r"expert_out must have shape \[A, D\] = \[12, D\]"):
         ops.combine(torch.randn(11, 4), plan, 6)
     with pytest.raises(ValueError, match="num_tokens=7 but the plan was made for 6 tokens"):
         ops.combine(torch.randn(3, 4, 4), plan, 7)
-    with pytest.raises(RuntimeError, match="token_offsets describes 6 tokens but x has 5"):
+    with pytest.raises(ValueError, match="token_offsets describes 6 tokens but x has 5"):
         ops.dispatch(torch.randn(5, 4), plan, "padded")
     broken = visionmoe.RoutingPlan(**{**plan.__dict__, "slot": plan.slot[:-1]})
-    with pytest.raises(RuntimeError, match="plan shapes are inconsistent: sorted_token, sorted_expert and slot"):
+    with pytest.raises(ValueError, match="plan shapes are inconsistent: sorted_token, sorted_expert and slot"):
         ops.dispatch(torch.randn(6, 4), broken, "padded")
-    with pytest.raises(RuntimeError, match="plan shapes are inconsistent: weight must have shape"):
+    with pytest.raises(ValueError, match="plan shapes are inconsistent: weight must have shape"):
         ops.combine(torch.randn(3, 4, 4), visionmoe.RoutingPlan(**{**plan.__dict__, "weight": plan.weight[:3]}), 6)
     with pytest.raises(ValueError, match="weight must have shape"):
         ops.make_plan(plan.order, plan.order, torch.ones(3), 3)
@@ -359,7 +359,7 @@ def test_bad_layout_and_dropless_padded_are_rejected():
 
 
 def test_num_experts_must_be_positive():
-    with pytest.raises(RuntimeError, match="num_experts must be >= 1"):
+    with pytest.raises(ValueError, match="num_experts must be >= 1"):
         ops.make_plan(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), torch.ones(1), 0)
 
 
@@ -479,9 +479,9 @@ def test_inconsistent_plans_are_rejected_when_validating(device, layout):
     x = torch.randn(T, D, device=device)
     expert_out = ops.dispatch(x, plan, layout)
     for what, message, bad in inconsistent_plans(plan, T):
-        with pytest.raises(RuntimeError, match="dispatch: plan is inconsistent: " + message):
+        with pytest.raises(ValueError, match="dispatch: plan is inconsistent: " + message):
             ops.dispatch(x, bad, layout)
-        with pytest.raises(RuntimeError, match="combine: plan is inconsistent: " + message):
+        with pytest.raises(ValueError, match="combine: plan is inconsistent: " + message):
             ops.combine(expert_out, bad, T)
         # Without validation the result is unspecified, but the kernels stay within the tensors (on CPU they
         # raise on an index that points outside them).
@@ -489,7 +489,7 @@ def test_inconsistent_plans_are_rejected_when_validating(device, layout):
                      lambda: ops.combine(expert_out, bad, T, validate=False)):
             try:
                 call()
-            except RuntimeError as error:
+            except ValueError as error:
                 assert "plan is inconsistent" in str(error) or "out of range" in str(error), what
 
 
@@ -508,9 +508,9 @@ def test_mixed_devices_in_backward_are_rejected():
     plan = small_plan()
     rows = torch.randn(3, 4, 4)
     args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, 4)
-    with pytest.raises(RuntimeError, match="combine_backward: grad_y must be on cpu like expert_out, got meta"):
+    with pytest.raises(ValueError, match="combine_backward: grad_y must be on cpu like expert_out, got meta"):
         torch.ops.visionmoe.combine_backward(torch.randn(6, 4, device="meta"), rows, plan.weight, *args)
-    with pytest.raises(RuntimeError, match="combine_backward: weight must be on cpu like expert_out, got meta"):
+    with pytest.raises(ValueError, match="combine_backward: weight must be on cpu like expert_out, got meta"):
         torch.ops.visionmoe.combine_backward(torch.randn(6, 4), rows, plan.weight.to("meta"), *args)
 
 

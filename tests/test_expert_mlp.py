@@ -275,70 +275,70 @@ def call(x, w1, b1, w2, b2, offsets, activation="gelu"):
 
 def test_wrong_rank_is_rejected():
     x, w1, b1, w2, b2, offsets = good_packed()
-    with pytest.raises(RuntimeError, match=r"x must have shape \[E, C, D\] \(padded\) or \[M, D\] \(packed\), got "
+    with pytest.raises(ValueError, match=r"x must have shape \[E, C, D\] \(padded\) or \[M, D\] \(packed\), got "
                                            r"\[5\]"):
         call(x[:, 0], w1, b1, w2, b2, offsets)
-    with pytest.raises(RuntimeError, match=r"w1 must have shape \[E, D, F'\], got \[4, 6\]"):
+    with pytest.raises(ValueError, match=r"w1 must have shape \[E, D, F'\], got \[4, 6\]"):
         call(x, w1[0], b1, w2, b2, offsets)
-    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\], got \[6, 4\]"):
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, F, D\], got \[6, 4\]"):
         call(x, w1, b1, w2[0], b2, offsets)
 
 
 def test_mismatched_sizes_name_the_argument():
     x, w1, b1, w2, b2, offsets = good_packed()
-    with pytest.raises(RuntimeError, match=r"w1 must have shape \[E, D, F'\] with D = 3 \(the width of x\)"):
+    with pytest.raises(ValueError, match=r"w1 must have shape \[E, D, F'\] with D = 3 \(the width of x\)"):
         call(x[:, :3], w1, b1, w2, b2, offsets)
-    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[2, 5, 4\]"):
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[2, 5, 4\]"):
         call(x, w1, b1, w2[:, :5], b2, offsets)
-    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[1, 6, 4\]"):
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, F, D\] = \[2, 6, 4\], got \[1, 6, 4\]"):
         call(x, w1, b1, w2[:1], b2, offsets)
-    with pytest.raises(RuntimeError, match=r"b1 must have shape \[E, F'\] = \[2, 6\], got \[2, 5\]"):
+    with pytest.raises(ValueError, match=r"b1 must have shape \[E, F'\] = \[2, 6\], got \[2, 5\]"):
         call(x, w1, b1[:, :5], w2, b2, offsets)
-    with pytest.raises(RuntimeError, match=r"b2 must have shape \[E, D\] = \[2, 4\], got \[2, 3\]"):
+    with pytest.raises(ValueError, match=r"b2 must have shape \[E, D\] = \[2, 4\], got \[2, 3\]"):
         call(x, w1, b1, w2, b2[:, :3], offsets)
-    with pytest.raises(RuntimeError, match=r"w2 must have shape \[E, F, D\] = \[2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"w2 must have shape \[E, F, D\] = \[2, 3, 4\]"):
         call(x, w1, b1, w2, b2, offsets, activation="silu_gated")  # silu_gated halves F' = 6 into F = 3
-    with pytest.raises(RuntimeError, match=r"w1 must have an even number of columns 2F"):
+    with pytest.raises(ValueError, match=r"w1 must have an even number of columns 2F"):
         call(x, w1[..., :5], b1[:, :5], w2[:, :2], b2, offsets, activation="silu_gated")
-    with pytest.raises(RuntimeError, match=r"x must have shape \[E, C, D\] with E = 2"):
+    with pytest.raises(ValueError, match=r"x must have shape \[E, C, D\] with E = 2"):
         call(x.view(1, 5, 4), w1, b1, w2, b2, None)
 
 
 def test_bad_offsets_are_rejected():
     x, w1, b1, w2, b2, offsets = good_packed()
-    with pytest.raises(RuntimeError, match=r"expert_offsets must have shape \[E \+ 1\] = \[3\], got \[2\]"):
+    with pytest.raises(ValueError, match=r"expert_offsets must have shape \[E \+ 1\] = \[3\], got \[2\]"):
         call(x, w1, b1, w2, b2, offsets[:2])
-    with pytest.raises(RuntimeError, match="expert_offsets must have dtype int64, got Int"):
+    with pytest.raises(TypeError, match="expert_offsets must have dtype int64, got Int"):
         call(x, w1, b1, w2, b2, offsets.int())
-    with pytest.raises(RuntimeError, match="expert_offsets must be on cpu like x, got meta"):
+    with pytest.raises(ValueError, match="expert_offsets must be on cpu like x, got meta"):
         call(x, w1, b1, w2, b2, offsets.to("meta"))
-    with pytest.raises(RuntimeError, match=r"expert_offsets\[E\] must be M = 5 \(the rows of x\), got 4"):
+    with pytest.raises(ValueError, match=r"expert_offsets\[E\] must be M = 5 \(the rows of x\), got 4"):
         call(x, w1, b1, w2, b2, torch.tensor([0, 2, 4]))
-    with pytest.raises(RuntimeError, match=r"expert_offsets must be non-decreasing, got expert_offsets\[2\] = 1 < "
+    with pytest.raises(ValueError, match=r"expert_offsets must be non-decreasing, got expert_offsets\[2\] = 1 < "
                                            r"expert_offsets\[1\] = 3"):
         call(x, w1, b1, w2, b2, torch.tensor([0, 3, 1]))
-    with pytest.raises(RuntimeError, match=r"expert_offsets\[0\] must be 0, got 1"):
+    with pytest.raises(ValueError, match=r"expert_offsets\[0\] must be 0, got 1"):
         call(x, w1, b1, w2, b2, torch.tensor([1, 3, 5]))
-    with pytest.raises(RuntimeError, match=r"expert_offsets \[E \+ 1\] is required for packed x"):
+    with pytest.raises(ValueError, match=r"expert_offsets \[E \+ 1\] is required for packed x"):
         call(x, w1, b1, w2, b2, None)
-    with pytest.raises(RuntimeError, match=r"expert_offsets must be None for padded x"):
+    with pytest.raises(ValueError, match=r"expert_offsets must be None for padded x"):
         call(x.view(1, 5, 4).expand(2, 5, 4), w1, b1, w2, b2, offsets)
 
 
 def test_bad_dtype_device_and_activation_are_rejected():
     x, w1, b1, w2, b2, offsets = good_packed()
-    with pytest.raises(RuntimeError, match=r'activation must be "gelu" or "silu_gated", got "relu"'):
+    with pytest.raises(ValueError, match=r'activation must be "gelu" or "silu_gated", got "relu"'):
         call(x, w1, b1, w2, b2, offsets, activation="relu")
-    with pytest.raises(RuntimeError, match=r"w2 must have the dtype of x \(Float\), got Double"):
+    with pytest.raises(TypeError, match=r"w2 must have the dtype of x \(Float\), got Double"):
         call(x, w1, b1, w2.double(), b2, offsets)
-    with pytest.raises(RuntimeError, match=r"b1 must have the dtype of x \(Float\), got BFloat16"):
+    with pytest.raises(TypeError, match=r"b1 must have the dtype of x \(Float\), got BFloat16"):
         call(x, w1, b1.bfloat16(), w2, b2, offsets)
-    with pytest.raises(RuntimeError, match="x must be float32, float64, float16 or bfloat16, got Long"):
+    with pytest.raises(TypeError, match="x must be float32, float64, float16 or bfloat16, got Long"):
         call(x.long(), w1.long(), b1.long(), w2.long(), b2.long(), offsets)
-    with pytest.raises(RuntimeError, match="b2 must be on cpu like x, got meta"):
+    with pytest.raises(ValueError, match="b2 must be on cpu like x, got meta"):
         call(x, w1, b1, w2, b2.to("meta"), offsets)
-    with pytest.raises(RuntimeError, match=r"expert_mlp_backward: grad_y must have shape x's shape = \[5, 4\]"):
+    with pytest.raises(ValueError, match=r"expert_mlp_backward: grad_y must have shape x's shape = \[5, 4\]"):
         torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 3), x, w1, w2, torch.randn(5, 6), offsets, "gelu")
-    with pytest.raises(RuntimeError, match=r"expert_mlp_backward: pre_activation must have shape \[M, F'\] = "
+    with pytest.raises(ValueError, match=r"expert_mlp_backward: pre_activation must have shape \[M, F'\] = "
                                            r"\[5, 6\]"):
         torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 4), x, w1, w2, torch.randn(5, 7), offsets, "gelu")

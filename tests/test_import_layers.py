@@ -13,9 +13,10 @@ PACKAGE_DIR = Path(importlib.util.find_spec(PACKAGE).submodule_search_locations[
 
 # DESIGN.md's order, bottom to top; each entry names the package's top-level modules and subpackages of one layer.
 # The bottom layer also holds the neutral helpers several layers share (constants that ops and reference both
-# need, token groups that routers and losses both need, memory measurement for tests and benchmarks).
+# need, the argument checks that fake kernels and references share, token groups that routers and losses both need,
+# memory measurement for tests and benchmarks).
 LAYERS = [
-    ("registry", "plan", "data", "constants", "groups", "memory"),
+    ("registry", "plan", "data", "constants", "checks", "groups", "memory"),
     ("_C", "ops"),
     ("reference",),
     ("losses",),

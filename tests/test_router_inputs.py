@@ -1,7 +1,9 @@
 """Routers and layers reject bad options at construction, and bad inputs at forward, with errors naming the
 option or input and what was expected; empty inputs route to empty outputs."""
 
+import contextlib
 import math
+import re
 
 import pytest
 import torch
@@ -47,10 +49,21 @@ BAD_ROUTER_OPTIONS = [
 ]
 
 
+@contextlib.contextmanager
+def raises_option_error(message):
+    """The error contract for options: a TypeError for an option of the wrong type (its message says "got <type>
+    <value>"), a ValueError for one of the right type out of range."""
+    with pytest.raises((TypeError, ValueError), match=message) as error:
+        yield
+    wrong_type = re.search(r", got [A-Za-z_]\w* ", str(error.value)) is not None
+    assert isinstance(error.value, TypeError) == wrong_type, (type(error.value), str(error.value))
+    assert not isinstance(error.value, TypeError) or not isinstance(error.value, ValueError)
+
+
 @pytest.mark.parametrize("name, options, message", BAD_ROUTER_OPTIONS)
 def test_bad_router_options_are_rejected_at_construction(name, options, message):
     options = {"slots_per_expert": 2, **options} if name == "soft" else options
-    with pytest.raises(ValueError, match="^" + message.replace("[", r"\[").replace("]", r"\]")):
+    with raises_option_error("^" + message.replace("[", r"\[").replace("]", r"\]")):
         create_router(name, 8, 4, **options)
 
 
@@ -60,11 +73,11 @@ def test_bad_router_options_are_rejected_at_construction(name, options, message)
     (True, 4, "dim must be an integer >= 1"),
 ])
 def test_bad_router_sizes_are_rejected(name, dim, num_experts, message):
-    with pytest.raises(ValueError, match=message):
+    with raises_option_error(message):
         create_router(name, dim, num_experts, **({"slots_per_expert": 1} if name == "soft" else {}))
 
 
-def test_wrong_option_types_are_type_errors_too():
+def test_wrong_option_types_are_type_errors():
     with pytest.raises(TypeError, match="k must be an integer"):
         create_router("topk", 8, 4, k=2.0)
 
@@ -82,7 +95,7 @@ def test_wrong_option_types_are_type_errors_too():
     (lambda: ConvMoE(3, 4, 4, renormalize=0), "renormalize must be True or False"),
 ])
 def test_bad_layer_options_are_rejected_at_construction(build, message):
-    with pytest.raises(ValueError, match=message):
+    with raises_option_error(message):
         build()
 
 

@@ -269,13 +269,13 @@ def test_sparse_router_options_are_checked():
         create_router("sparse_expert_choice", 8, 4, gamma=0)
     with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
         create_router("sparse_expert_choice", 8, 4, iterations=0)
-    with pytest.raises(ValueError, match="iterations must be an integer >= 1, got float 2.5"):
+    with pytest.raises(TypeError, match="iterations must be an integer >= 1, got float 2.5"):
         create_router("sparse_topk", 8, 4, iterations=2.5)
     with pytest.raises(ValueError, match="lr must be > 0"):
         create_router("sparse_topk", 8, 4, lr=-1e-2)
     with pytest.raises(ValueError, match="combine must be one of"):
         create_router("sparse_expert_choice", 8, 4, combine="mean")
-    with pytest.raises(ValueError, match="capacity_factor must be a number > 0"):
+    with pytest.raises(TypeError, match="capacity_factor must be a number > 0"):
         create_router("sparse_expert_choice", 8, 4, capacity_factor=None)
     with pytest.raises(ValueError, match=r"k must be in \[1, 4\], got 5"):
         create_router("sparse_topk", 8, 4, k=5)

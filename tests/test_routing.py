@@ -202,7 +202,7 @@ def test_empty_input(device):
 
 def test_bad_input_is_rejected():
     probs = random_probs(1, 8, 4, "cpu")
-    with pytest.raises(RuntimeError, match=r"k must be in \[1, E\] = \[1, 4\], got 5"):
+    with pytest.raises(ValueError, match=r"k must be in \[1, E\] = \[1, 4\], got 5"):
         ops.topk_route(probs, 5, 3)
     with pytest.raises(ValueError, match="capacity must be >= 0"):
         ops.topk_route(probs, 1, -1)
@@ -210,16 +210,16 @@ def test_bad_input_is_rejected():
         ops.expert_choice_route(probs, -2)
     with pytest.raises(ValueError, match=r"scores must have shape \[T, E\] or \[G, T, E\]"):
         ops.topk_route(probs[0, 0], 1, 3)
-    with pytest.raises(RuntimeError, match="scores must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="scores must be a floating-point tensor"):
         ops.topk_route(probs.long(), 1, 3)
     with pytest.raises(ValueError, match="weights must have the shape of scores"):
         ops.topk_route(probs, 1, 3, weights=probs[:, :4])
     bad = probs.clone()
     bad[0, 5, 2] = float("nan")
-    with pytest.raises(RuntimeError, match=r"scores must be finite .* at scores\[0, 5, 2\]"):
+    with pytest.raises(ValueError, match=r"scores must be finite .* at scores\[0, 5, 2\]"):
         ops.topk_route(bad, 2, 3)
     bad[0, 5, 2] = float("inf")
-    with pytest.raises(RuntimeError, match="scores must be finite"):
+    with pytest.raises(ValueError, match="scores must be finite"):
         ops.expert_choice_route(bad, 3)
 
 

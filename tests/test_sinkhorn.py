@@ -220,19 +220,19 @@ def test_wrong_rank_is_rejected():
             ops.sinkhorn(torch.randn(shape))
         with pytest.raises(ValueError, match=r"logits must have shape \[T, E\] or \[G, T, E\]"):
             ref.sinkhorn(torch.randn(shape))
-    with pytest.raises(RuntimeError, match=r"logits must have shape \[G, T, E\]"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[G, T, E\]"):
         torch.ops.visionmoe.sinkhorn(torch.randn(4, 3), 2)
 
 
 def test_non_floating_logits_are_rejected():
-    with pytest.raises(RuntimeError, match="logits must be a floating-point tensor, got Long"):
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor, got Long"):
         ops.sinkhorn(torch.ones(4, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="logits must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         ref.sinkhorn(torch.ones(4, 3, dtype=torch.long))
 
 
 def test_negative_iterations_are_rejected():
-    with pytest.raises(RuntimeError, match="num_iterations must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_iterations must be >= 0, got -1"):
         ops.sinkhorn(torch.randn(4, 3), -1)
     with pytest.raises(ValueError, match="num_iterations must be >= 0"):
         ref.sinkhorn(torch.randn(4, 3), -1)
@@ -240,7 +240,7 @@ def test_negative_iterations_are_rejected():
 
 def test_empty_groups_are_rejected():
     for shape in ((2, 0, 3), (2, 4, 0)):
-        with pytest.raises(RuntimeError, match="logits must have T >= 1 tokens and E >= 1 experts"):
+        with pytest.raises(ValueError, match="logits must have T >= 1 tokens and E >= 1 experts"):
             ops.sinkhorn(torch.randn(shape))
 
 
@@ -248,7 +248,7 @@ def test_empty_groups_are_rejected():
 def test_non_finite_logits_are_rejected(device, bad_value):
     logits = torch.randn(2, 5, 3, device=device)
     logits[1, 2, 0] = bad_value
-    with pytest.raises(RuntimeError, match=rf"logits must be finite, got logits\[1, 2, 0\] = {bad_value}"):
+    with pytest.raises(ValueError, match=rf"logits must be finite, got logits\[1, 2, 0\] = {bad_value}"):
         ops.sinkhorn(logits)
     with pytest.raises(ValueError, match="logits must be finite"):
         ref.sinkhorn(logits)
@@ -266,15 +266,15 @@ def test_backward_rejects_inconsistent_inputs():
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 4)
     grad = torch.randn_like(logits)
     backward = torch.ops.visionmoe.sinkhorn_backward
-    with pytest.raises(RuntimeError, match=r"grad_log_plan must have the shape of logits"):
+    with pytest.raises(ValueError, match=r"grad_log_plan must have the shape of logits"):
         backward(grad[:, :4], logits, row_potentials, column_potentials)
-    with pytest.raises(RuntimeError, match="grad_log_plan must have the dtype of logits"):
+    with pytest.raises(TypeError, match="grad_log_plan must have the dtype of logits"):
         backward(grad.double(), logits, row_potentials, column_potentials)
-    with pytest.raises(RuntimeError, match=r"row_potentials must have shape \[G, K, T\] = \[2, K, 5\]"):
+    with pytest.raises(ValueError, match=r"row_potentials must have shape \[G, K, T\] = \[2, K, 5\]"):
         backward(grad, logits, row_potentials[:, :, :4], column_potentials)
-    with pytest.raises(RuntimeError, match="column_potentials must have dtype Float"):
+    with pytest.raises(TypeError, match="column_potentials must have dtype Float"):
         backward(grad, logits, row_potentials, column_potentials.double())
-    with pytest.raises(RuntimeError, match="must hold the same number of iterations, got 4 and 3"):
+    with pytest.raises(ValueError, match="must hold the same number of iterations, got 4 and 3"):
         backward(grad, logits, row_potentials, column_potentials[:, :3])
 
 
@@ -284,13 +284,13 @@ def test_backward_rejects_potentials_on_another_device():
         pytest.skip("no CUDA device")
     logits = torch.randn(2, 5, 3, device="cuda")
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 4)
-    with pytest.raises(RuntimeError, match="row_potentials must be on cuda:0 like logits"):
+    with pytest.raises(ValueError, match="row_potentials must be on cuda:0 like logits"):
         torch.ops.visionmoe.sinkhorn_backward(torch.ones_like(logits), logits, row_potentials.cpu(), column_potentials)
 
 
 def test_backward_rejects_a_meta_tensor_beside_cpu_ones():
     logits = torch.randn(1, 5, 3)
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 2)
-    with pytest.raises(RuntimeError, match="sinkhorn_backward: column_potentials must be on cpu like logits, got meta"):
+    with pytest.raises(ValueError, match="sinkhorn_backward: column_potentials must be on cpu like logits, got meta"):
         torch.ops.visionmoe.sinkhorn_backward(torch.randn(1, 5, 3), logits, row_potentials,
                                               column_potentials.to("meta"))

@@ -242,43 +242,43 @@ def test_router_compiles_fullgraph_dynamic(device):
 # ---- bad input: clear errors naming the argument ----
 
 def test_wrong_rank_is_rejected():
-    with pytest.raises(RuntimeError, match=r"soft_dispatch: x must have shape \[G, T, D\], got \[5, 4\]"):
+    with pytest.raises(ValueError, match=r"soft_dispatch: x must have shape \[G, T, D\], got \[5, 4\]"):
         ops.soft_dispatch(torch.randn(5, 4), torch.randn(1, 5, 3))
-    with pytest.raises(RuntimeError, match=r"soft_dispatch: logits must have shape \[G, T, S\], got \[5, 3\]"):
+    with pytest.raises(ValueError, match=r"soft_dispatch: logits must have shape \[G, T, S\], got \[5, 3\]"):
         ops.soft_dispatch(torch.randn(1, 5, 4), torch.randn(5, 3))
-    with pytest.raises(RuntimeError, match=r"soft_combine: y must have shape \[G, S, D\], got \[1, 1, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"soft_combine: y must have shape \[G, S, D\], got \[1, 1, 3, 4\]"):
         ops.soft_combine(torch.randn(1, 1, 3, 4), torch.randn(1, 5, 3))
 
 
 def test_wrong_dtype_is_rejected():
-    with pytest.raises(RuntimeError, match=r"soft_dispatch: logits must have the dtype of x \(Float\), got Double"):
+    with pytest.raises(TypeError, match=r"soft_dispatch: logits must have the dtype of x \(Float\), got Double"):
         ops.soft_dispatch(torch.randn(1, 5, 4), torch.randn(1, 5, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match=r"soft_combine: logits must have the dtype of y \(BFloat16\), got Float"):
+    with pytest.raises(TypeError, match=r"soft_combine: logits must have the dtype of y \(BFloat16\), got Float"):
         ops.soft_combine(torch.randn(1, 3, 4, dtype=torch.bfloat16), torch.randn(1, 5, 3))
-    with pytest.raises(RuntimeError, match="soft_dispatch: x must be float32, float64, float16 or bfloat16, got Long"):
+    with pytest.raises(TypeError, match="soft_dispatch: x must be float32, float64, float16 or bfloat16, got Long"):
         ops.soft_dispatch(torch.ones(1, 5, 4, dtype=torch.long), torch.ones(1, 5, 3, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="grad_slots must have the dtype of x"):
+    with pytest.raises(TypeError, match="grad_slots must have the dtype of x"):
         torch.ops.visionmoe.soft_dispatch_backward(torch.randn(1, 3, 4).double(), torch.randn(1, 5, 4),
                                                    torch.randn(1, 5, 3))
 
 
 def test_shape_mismatch_names_the_argument():
-    with pytest.raises(RuntimeError, match=r"logits must have shape \[G, T, S\] = \[2, 5, S\] to match x"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[G, T, S\] = \[2, 5, S\] to match x"):
         ops.soft_dispatch(torch.randn(2, 5, 4), torch.randn(2, 6, 3))
-    with pytest.raises(RuntimeError, match=r"logits must have shape \[G, T, S\] = \[2, 5, S\] to match x"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[G, T, S\] = \[2, 5, S\] to match x"):
         ops.soft_dispatch(torch.randn(2, 5, 4), torch.randn(3, 5, 3))
-    with pytest.raises(RuntimeError, match=r"logits must have shape \[G, T, S\] = \[2, T, 3\] to match y"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[G, T, S\] = \[2, T, 3\] to match y"):
         ops.soft_combine(torch.randn(2, 3, 4), torch.randn(2, 5, 4))
-    with pytest.raises(RuntimeError, match=r"soft_dispatch_backward: grad_slots must have shape \[2, 3, 4\]"):
+    with pytest.raises(ValueError, match=r"soft_dispatch_backward: grad_slots must have shape \[2, 3, 4\]"):
         torch.ops.visionmoe.soft_dispatch_backward(torch.randn(2, 3, 5), torch.randn(2, 5, 4), torch.randn(2, 5, 3))
-    with pytest.raises(RuntimeError, match=r"soft_combine_backward: grad_out must have shape \[2, 5, 4\]"):
+    with pytest.raises(ValueError, match=r"soft_combine_backward: grad_out must have shape \[2, 5, 4\]"):
         torch.ops.visionmoe.soft_combine_backward(torch.randn(2, 6, 4), torch.randn(2, 3, 4), torch.randn(2, 5, 3))
 
 
 def test_wrong_device_is_rejected():
-    with pytest.raises(RuntimeError, match="soft_dispatch: logits must be on cpu like x, got meta"):
+    with pytest.raises(ValueError, match="soft_dispatch: logits must be on cpu like x, got meta"):
         ops.soft_dispatch(torch.randn(2, 5, 4), torch.randn(2, 5, 3, device="meta"))
-    with pytest.raises(RuntimeError, match="soft_combine: logits must be on meta like y, got cpu"):
+    with pytest.raises(ValueError, match="soft_combine: logits must be on meta like y, got cpu"):
         ops.soft_combine(torch.randn(2, 3, 4, device="meta"), torch.randn(2, 5, 3))
 
 
@@ -286,14 +286,14 @@ def test_wrong_device_is_rejected():
 def test_cpu_logits_with_cuda_features_are_rejected():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    with pytest.raises(RuntimeError, match="logits must be on cuda:0 like x, got cpu"):
+    with pytest.raises(ValueError, match="logits must be on cuda:0 like x, got cpu"):
         ops.soft_dispatch(torch.randn(2, 5, 4, device="cuda"), torch.randn(2, 5, 3))
 
 
 def test_undefined_softmax_is_rejected(device):
-    with pytest.raises(RuntimeError, match=r"x has no tokens \(T = 0\)"):
+    with pytest.raises(ValueError, match=r"x has no tokens \(T = 0\)"):
         ops.soft_dispatch(torch.randn(2, 0, 4, device=device), torch.randn(2, 0, 3, device=device))
-    with pytest.raises(RuntimeError, match=r"y has no slots \(S = 0\)"):
+    with pytest.raises(ValueError, match=r"y has no slots \(S = 0\)"):
         ops.soft_combine(torch.randn(2, 0, 4, device=device), torch.randn(2, 5, 0, device=device))
 
 

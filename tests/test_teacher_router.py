@@ -168,12 +168,12 @@ def test_teacher_router_errors():
         TeacherRouter(teacher, [1, 3], [4])
     with pytest.raises(ValueError, match="dim could not be read"):
         TeacherRouter(_blocks_only(), [0], 4)
-    with pytest.raises(ValueError, match="num_experts must be an integer >= 1, got float 4.0"):
+    with pytest.raises(TypeError, match="num_experts must be an integer >= 1, got float 4.0"):
         TeacherRouter(teacher, [1], 4.0)
     assert [r.out_features for r in TeacherRouter(teacher, [1, 3], range(3, 5)).routers] == [3, 4]
     with pytest.raises(ValueError, match="importance_weight must be a finite number >= 0, got nan"):
         TeacherRouter(teacher, [1], 4, importance_weight=float("nan"))
-    with pytest.raises(ValueError, match="normalize_features must be True or False, got int 1"):
+    with pytest.raises(TypeError, match="normalize_features must be True or False, got int 1"):
         TeacherRouter(teacher, [1], 4, normalize_features=1)
     images = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"teacher block 1 must return \[B, N, D\] features with D = 12"):

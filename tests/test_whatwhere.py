@@ -272,7 +272,7 @@ def test_wrong_rank_is_rejected():
                                  (3, "v_slots", "B, H, S, dv"), (4, "where", "B, H, N, S")):
         inputs = good_inputs()
         inputs[index] = inputs[index][0]
-        with pytest.raises(RuntimeError, match=rf"whatwhere_attention: {name} must have shape \[{letters}\], got"):
+        with pytest.raises(ValueError, match=rf"whatwhere_attention: {name} must have shape \[{letters}\], got"):
             ops.whatwhere_attention(*inputs)
 
 
@@ -288,30 +288,30 @@ def test_wrong_rank_is_rejected():
 def test_shape_mismatch_names_the_argument(index, size, message):
     inputs = good_inputs()
     inputs[index] = torch.randn(size)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message):
         ops.whatwhere_attention(*inputs)
 
 
 def test_wrong_dtype_is_rejected():
     inputs = good_inputs()
     inputs[3] = inputs[3].double()
-    with pytest.raises(RuntimeError, match=r"v_slots must have the dtype of q \(Float\), got Double"):
+    with pytest.raises(TypeError, match=r"v_slots must have the dtype of q \(Float\), got Double"):
         ops.whatwhere_attention(*inputs)
-    with pytest.raises(RuntimeError, match="q must be float32, float64, float16 or bfloat16, got Long"):
+    with pytest.raises(TypeError, match="q must be float32, float64, float16 or bfloat16, got Long"):
         ops.whatwhere_attention(*[x.long() for x in good_inputs()])
 
 
 def test_zero_width_heads_are_rejected():
     inputs = good_inputs()
     inputs[0], inputs[1] = inputs[0][..., :0], inputs[1][..., :0]
-    with pytest.raises(RuntimeError, match=r"q must have dh >= 1 features per head"):
+    with pytest.raises(ValueError, match=r"q must have dh >= 1 features per head"):
         ops.whatwhere_attention(*inputs)
 
 
 def test_wrong_device_is_rejected():
     inputs = good_inputs()
     inputs[2] = inputs[2].to("meta")
-    with pytest.raises(RuntimeError, match="whatwhere_attention: v_tokens must be on cpu like q, got meta"):
+    with pytest.raises(ValueError, match="whatwhere_attention: v_tokens must be on cpu like q, got meta"):
         ops.whatwhere_attention(*inputs)
 
 
@@ -321,7 +321,7 @@ def test_cpu_where_with_cuda_inputs_is_rejected():
         pytest.skip("no CUDA device")
     inputs = good_inputs(device="cuda")
     inputs[4] = inputs[4].cpu()
-    with pytest.raises(RuntimeError, match="where must be on cuda:0 like q, got cpu"):
+    with pytest.raises(ValueError, match="where must be on cuda:0 like q, got cpu"):
         ops.whatwhere_attention(*inputs)
 
 
@@ -331,15 +331,15 @@ def test_backward_operator_checks_its_arguments():
         q, k, v_tokens, v_slots, where)
     backward = torch.ops.visionmoe.whatwhere_attention_backward
     saved = (q, k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp)
-    with pytest.raises(RuntimeError, match=r"grad_token_update must have shape \[B, H, N, dv\] like token_update"):
+    with pytest.raises(ValueError, match=r"grad_token_update must have shape \[B, H, N, dv\] like token_update"):
         backward(torch.randn(2, 3, 5, 6), None, None, *saved)
-    with pytest.raises(RuntimeError, match=r"grad_slot_update must have the dtype of q \(Float\), got Double"):
+    with pytest.raises(TypeError, match=r"grad_slot_update must have the dtype of q \(Float\), got Double"):
         backward(None, torch.randn(2, 3, 4, 7, dtype=torch.float64), None, *saved)
-    with pytest.raises(RuntimeError, match=r"grad_logits must have shape \[B, H, N, S\]"):
+    with pytest.raises(ValueError, match=r"grad_logits must have shape \[B, H, N, S\]"):
         backward(None, None, torch.randn(2, 3, 4, 5), *saved)
-    with pytest.raises(RuntimeError, match=r"token_logsumexp must have shape \[B, H, N\] = \[2, 3, 5\]"):
+    with pytest.raises(ValueError, match=r"token_logsumexp must have shape \[B, H, N\] = \[2, 3, 5\]"):
         backward(None, None, None, *saved[:5], slot_logsumexp, slot_logsumexp)
-    with pytest.raises(RuntimeError, match=r"slot_logsumexp must have dtype Float \(the opmath type of q's Float\)"):
+    with pytest.raises(TypeError, match=r"slot_logsumexp must have dtype Float \(the opmath type of q's Float\)"):
         backward(None, None, None, *saved[:6], slot_logsumexp.double())
-    with pytest.raises(RuntimeError, match=r"logits must have shape \[B, H, N, S\]"):
+    with pytest.raises(ValueError, match=r"logits must have shape \[B, H, N, S\]"):
         backward(None, None, None, *saved[:4], logits[:, :, :4], *saved[5:])

@@ -11,8 +11,8 @@ namespace visionmoe {
 // that reads its memory as if it were on the kernel's device.
 inline void check_device(const char* op, const char* name, const at::Tensor& t, const char* like_name,
                          const at::Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like ", like_name,
-              ", got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on ", like.device(), " like ", like_name,
+                    ", got ", t.device());
 }
 
 }  // namespace visionmoe

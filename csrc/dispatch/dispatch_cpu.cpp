@@ -25,14 +25,14 @@ int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<in
 // The assignment stored in expert row r, or kNoAssignment when the row is empty or dropped.
 int64_t checked_assignment_of_row(const char* op, const PlanView& plan, int64_t r) {
   const int64_t a = assignment_of_row(plan, r);
-  TORCH_CHECK(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to A = ",
-              plan.num_assignments, " (call with validate=True for the details)");
+  TORCH_CHECK_VALUE(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to A = ",
+                    plan.num_assignments, " (call with validate=True for the details)");
   return a;
 }
 
 void check_token(const char* op, const PlanView& plan, int64_t a, int64_t token) {
-  TORCH_CHECK(token >= 0 && token < plan.num_tokens, op, ": token index out of range: sorted_token[", a, "] = ",
-              token, ", expected values in [0, ", plan.num_tokens, ")");
+  TORCH_CHECK_VALUE(token >= 0 && token < plan.num_tokens, op, ": token index out of range: sorted_token[", a, "] = ",
+                    token, ", expected values in [0, ", plan.num_tokens, ")");
 }
 
 template <typename scalar_t>
@@ -63,16 +63,16 @@ void sum_rows_per_token_impl(const char* op, const PlanView& plan, const scalar_
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
-      TORCH_CHECK(0 <= first && first <= last && last <= plan.num_assignments, op,
-                  ": plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
+      TORCH_CHECK_VALUE(0 <= first && first <= last && last <= plan.num_assignments, op,
+                        ": plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
       for (int64_t j = first; j < last; ++j) {
         const int64_t a = plan.token_rows[j];
-        TORCH_CHECK(a >= 0 && a < plan.num_assignments, op, ": plan is inconsistent: token_rows[", j, "] = ", a,
-                    " is not an assignment");
+        TORCH_CHECK_VALUE(a >= 0 && a < plan.num_assignments, op, ": plan is inconsistent: token_rows[", j, "] = ", a,
+                          " is not an assignment");
         const int64_t r = row_of_assignment(plan, a);
         if (r == kNoAssignment) continue;
-        TORCH_CHECK(r >= 0, op, ": plan is inconsistent: assignment ", a,
-                    " (sorted_expert, slot) points outside the expert rows");
+        TORCH_CHECK_VALUE(r >= 0, op, ": plan is inconsistent: assignment ", a,
+                          " (sorted_expert, slot) points outside the expert rows");
         const opmath_t w = weight == nullptr ? opmath_t(1) : static_cast<opmath_t>(weight[a]);
         const scalar_t* src = rows + r * dim;
         opmath_t* acc_data = acc.data();
@@ -140,8 +140,8 @@ void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, i
       int64_t* chunk_counts = counts.data() + c * num_buckets;
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
         const int64_t key = keys[i];
-        TORCH_CHECK(key >= 0 && key < num_buckets, op, ": ", key_name, " out of range: ", key_name, "[", i, "] = ", key,
-                    ", expected values in [0, ", num_buckets, ")");
+        TORCH_CHECK_VALUE(key >= 0 && key < num_buckets, op, ": ", key_name, " out of range: ", key_name, "[", i, "] = ", key,
+                          ", expected values in [0, ", num_buckets, ")");
         ++chunk_counts[key];
       }
     }
@@ -194,8 +194,8 @@ namespace {
 void validate_tokens_on_host(const at::Tensor& token_index, int64_t num_tokens) {
   const int64_t* tokens = token_index.data_ptr<int64_t>();
   for (int64_t i = 0; i < token_index.size(0); ++i) {
-    TORCH_CHECK(tokens[i] >= 0 && tokens[i] < num_tokens, "make_plan: token_index out of range: token_index[", i,
-                "] = ", tokens[i], ", expected values in [0, ", num_tokens, ")");
+    TORCH_CHECK_VALUE(tokens[i] >= 0 && tokens[i] < num_tokens, "make_plan: token_index out of range: token_index[", i,
+                      "] = ", tokens[i], ", expected values in [0, ", num_tokens, ")");
   }
 }
 

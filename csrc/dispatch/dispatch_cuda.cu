@@ -231,8 +231,8 @@ void group_by_expert(const at::Tensor& token_index, const at::Tensor& expert_ind
     const int threads = 256;
     const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 1024));
     const size_t shared = sizeof(unsigned int) * num_experts;
-    TORCH_CHECK(shared <= 48 * 1024, "make_plan: num_experts must be at most ", 48 * 1024 / sizeof(unsigned int),
-                " on CUDA, got ", num_experts);
+    TORCH_CHECK_VALUE(shared <= 48 * 1024, "make_plan: num_experts must be at most ", 48 * 1024 / sizeof(unsigned int),
+                      " on CUDA, got ", num_experts);
     count_experts_kernel<<<blocks, threads, shared, stream>>>(
         expert_index.const_data_ptr<int64_t>(), n, num_experts,
         reinterpret_cast<unsigned long long*>(counts.mutable_data_ptr<int64_t>()));
@@ -306,8 +306,8 @@ void validate_indices_on_device(const at::Tensor& index, int64_t bound, const ch
   const at::Tensor bad = index.lt(0).logical_or_(index.ge(bound));
   if (!bad.any().item<bool>()) return;
   const int64_t position = bad.to(at::kByte).argmax().item<int64_t>();
-  TORCH_CHECK(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
-              index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
+  TORCH_CHECK_VALUE(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
+                    index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
 }
 
 }  // namespace

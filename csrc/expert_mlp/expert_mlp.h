@@ -21,6 +21,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 #include <c10/util/string_view.h>
 
 #include <cstdint>
@@ -34,14 +35,42 @@ enum class Activation { kGelu, kSiluGated };
 
 Activation parse_activation(const char* op, c10::string_view name);
 
-// x [E, C, D] or [M, D] -> (y like x, pre_activation [E, C, F'] or [M, F']).
-std::tuple<at::Tensor, at::Tensor> expert_mlp(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                              const at::Tensor& w2, const at::Tensor& b2,
-                                              const std::optional<at::Tensor>& expert_offsets,
-                                              c10::string_view activation);
+// Sizes of one call: E experts, D width, F hidden width, F' = F or 2F columns of x w1.
+struct Sizes {
+  int64_t experts = 0;
+  int64_t dim = 0;
+  int64_t hidden = 0;
+  int64_t pre_width = 0;
+  bool padded = false;
+  int64_t rows = 0;  // M, or E * C when padded
+};
+
+// Backend kernels. Every argument is checked and contiguous, and a guard for x's device is held, before these run;
+// the packed layout's expert_offsets are checked for shape, dtype and device but not for their values, which
+// live on x's device.
+// -> (y like x, pre_activation [E, C, F'] or [M, F']).
+using ForwardKernel = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& x, const at::Tensor& w1,
+                                                             const at::Tensor& b1, const at::Tensor& w2,
+                                                             const at::Tensor& b2,
+                                                             const std::optional<at::Tensor>& expert_offsets,
+                                                             Activation activation, const Sizes& sizes);
 // -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
+using BackwardKernel = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pre_activation, const std::optional<at::Tensor>& expert_offsets, Activation activation,
+    const Sizes& sizes);
+
+// Operator bodies shared by the backends (expert_mlp.cpp): argument checks naming the argument, contiguous
+// copies, a device guard, then `kernel`. Each backend file passes its own kernel and registers the result with
+// the dispatcher, so no host code branches on the device.
+// x [E, C, D] or [M, D] -> (y like x, pre_activation [E, C, F'] or [M, F']).
+std::tuple<at::Tensor, at::Tensor> run_expert_mlp(ForwardKernel kernel, const at::Tensor& x, const at::Tensor& w1,
+                                                  const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                                  const std::optional<at::Tensor>& expert_offsets,
+                                                  c10::string_view activation);
+// -> (grad_x, grad_w1, grad_b1, grad_w2, grad_b2).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_expert_mlp_backward(
+    BackwardKernel kernel, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor& pre_activation, const std::optional<at::Tensor>& expert_offsets, c10::string_view activation);
 
 // Bias and activation over a block of rows: pre += bias (broadcast over rows), hidden = act(pre). The block is
@@ -52,20 +81,44 @@ void bias_activation_(at::Tensor& pre, const at::Tensor& bias, at::Tensor& hidde
 void activation_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, at::Tensor& grad_pre,
                          at::Tensor& hidden, Activation activation);
 
-// The per-expert GEMM loop over row segments [offsets[e], offsets[e + 1]) of 2-D rows, with the offsets on the
-// host. On CPU the experts run in parallel (at::parallel_for; the GEMMs inside run single-threaded); elsewhere
-// they run in order. Every tensor is checked, contiguous and allocated by the caller.
-struct SegmentTensors {
-  const at::Tensor& w1;  // [E, D, F']
-  const at::Tensor& b1;  // [E, F']
-  const at::Tensor& w2;  // [E, F, D]
-  const at::Tensor& b2;  // [E, D]
-};
-void segments_forward(const at::Tensor& x, const SegmentTensors& weights, const std::vector<int64_t>& offsets,
-                      Activation activation, at::Tensor& y, at::Tensor& pre);
-void segments_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
-                       const at::Tensor& pre, const std::vector<int64_t>& offsets, Activation activation,
-                       at::Tensor& grad_x, at::Tensor& grad_w1, at::Tensor& grad_b1, at::Tensor& grad_w2,
-                       at::Tensor& grad_b2);
+// The per-expert GEMM loop over row segments [offsets[e], offsets[e + 1]) of the rows, with the offsets on the
+// host (read and validated there: offsets[0] = 0, non-decreasing, offsets[E] = M; the padded layout is segments
+// of C rows). Each expert's GEMMs are ATen GEMMs on views of its rows and weights; `for_each_expert` is the
+// backend's schedule, which calls body(e) once for every expert e (the CPU runs experts in parallel, CUDA in
+// order). `op` names the operator in errors.
+using ExpertLoop = void (*)(const std::vector<int64_t>& offsets, c10::function_ref<void(int64_t)> body);
+std::tuple<at::Tensor, at::Tensor> segments_forward(const char* op, ExpertLoop for_each_expert, const at::Tensor& x,
+                                                    const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                                                    const at::Tensor& b2,
+                                                    const std::optional<at::Tensor>& expert_offsets,
+                                                    Activation activation, const Sizes& sizes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segments_backward(
+    const char* op, ExpertLoop for_each_expert, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
+    const at::Tensor& w2, const at::Tensor& pre, const std::optional<at::Tensor>& expert_offsets,
+    Activation activation, const Sizes& sizes);
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                           const at::Tensor& w2, const at::Tensor& b2,
+                                           const std::optional<at::Tensor>& expert_offsets, Activation activation,
+                                           const Sizes& sizes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pre_activation, const std::optional<at::Tensor>& expert_offsets, Activation activation,
+    const Sizes& sizes);
+}  // namespace cpu
+
+#ifdef VISIONMOE_WITH_CUDA
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                           const at::Tensor& w2, const at::Tensor& b2,
+                                           const std::optional<at::Tensor>& expert_offsets, Activation activation,
+                                           const Sizes& sizes);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+    const at::Tensor& pre_activation, const std::optional<at::Tensor>& expert_offsets, Activation activation,
+    const Sizes& sizes);
+}  // namespace cuda
+#endif
 
 }  // namespace visionmoe::expert_mlp

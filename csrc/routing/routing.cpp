@@ -13,11 +13,11 @@ namespace visionmoe::routing {
 namespace {
 
 void check_scores(const char* op, const at::Tensor& scores) {
-  TORCH_CHECK(scores.dim() == 3, op, ": scores must have shape [G, T, E], got ", scores.sizes());
-  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), op, ": scores must be a floating-point tensor, got ",
-              scores.scalar_type());
-  TORCH_CHECK(scores.size(2) >= 1, op, ": scores must have at least one expert (E >= 1), got shape ",
-              scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 3, op, ": scores must have shape [G, T, E], got ", scores.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(scores.scalar_type()), op, ": scores must be a floating-point tensor, got ",
+                   scores.scalar_type());
+  TORCH_CHECK_VALUE(scores.size(2) >= 1, op, ": scores must have at least one expert (E >= 1), got shape ",
+                    scores.sizes());
 }
 
 // Maps (token g * T + t, expert e) to the plan's numbering: virtual expert e * G + g, and the position of the
@@ -33,7 +33,7 @@ at::Tensor check_topk_route(const at::Tensor& scores, int64_t k) {
   constexpr const char* op = "topk_route";
   check_scores(op, scores);
   const int64_t E = scores.size(2);
-  TORCH_CHECK(k >= 1 && k <= E, op, ": k must be in [1, E] = [1, ", E, "], got ", k);
+  TORCH_CHECK_VALUE(k >= 1 && k <= E, op, ": k must be in [1, E] = [1, ", E, "], got ", k);
   return scores.contiguous();
 }
 
@@ -81,7 +81,7 @@ PlanTuple plan_from_choices(const at::Tensor& scores, int64_t k, bool batch_prio
 at::Tensor check_expert_choice_route(const at::Tensor& scores, int64_t capacity) {
   constexpr const char* op = "expert_choice_route";
   check_scores(op, scores);
-  TORCH_CHECK(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
+  TORCH_CHECK_VALUE(capacity >= 0, op, ": capacity must be >= 0, got ", capacity);
   return scores.contiguous();
 }
 

@@ -20,8 +20,8 @@ namespace {
 
 template <typename value_t>
 void check_finite(const char* op, value_t value, int64_t g, int64_t t, int64_t e) {
-  TORCH_CHECK(std::isfinite(value), op, ": scores must be finite (NaN or infinite router logits?), got ", value,
-              " at scores[", g, ", ", t, ", ", e, "]");
+  TORCH_CHECK_VALUE(std::isfinite(value), op, ": scores must be finite (NaN or infinite router logits?), got ", value,
+                    " at scores[", g, ", ", t, ", ", e, "]");
 }
 
 // Unsigned keys whose ascending order is the descending order of the values (IEEE-754 bit tricks). -0 and +0

@@ -78,7 +78,7 @@ namespace {
 
 PlanTuple topk_route_cuda(const at::Tensor& scores_in, int64_t k, bool batch_priority) {
   const at::Tensor scores = check_topk_route(scores_in, k);
-  TORCH_CHECK(k <= cuda::kMaxK, "topk_route: k must be at most ", cuda::kMaxK, " on CUDA, got ", k);
+  TORCH_CHECK_VALUE(k <= cuda::kMaxK, "topk_route: k must be at most ", cuda::kMaxK, " on CUDA, got ", k);
   const c10::DeviceGuard guard(scores.device());
   const int64_t num_tokens = scores.size(0) * scores.size(1);
   at::Tensor experts = at::empty({num_tokens, k}, scores.options().dtype(at::kLong));

@@ -12,11 +12,11 @@ namespace visionmoe::sinkhorn {
 namespace {
 
 SinkhornShape check_logits(const char* op, const at::Tensor& logits) {
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [G, T, E], got ", logits.sizes());
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), op, ": logits must be a floating-point tensor, got ",
-              logits.scalar_type());
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(2) >= 1, op,
-              ": logits must have T >= 1 tokens and E >= 1 experts per group, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must have shape [G, T, E], got ", logits.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be a floating-point tensor, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1 && logits.size(2) >= 1, op,
+                    ": logits must have T >= 1 tokens and E >= 1 experts per group, got shape ", logits.sizes());
   SinkhornShape shape;
   shape.groups = logits.size(0);
   shape.tokens = logits.size(1);
@@ -31,17 +31,17 @@ void check_finite(const at::Tensor& logits) {
   if (!non_finite.any().item<bool>()) return;
   const int64_t flat = non_finite.flatten().to(at::kByte).argmax().item<int64_t>();
   const int64_t tokens = logits.size(1), experts = logits.size(2);
-  TORCH_CHECK(false, "sinkhorn: logits must be finite, got logits[", flat / (tokens * experts), ", ",
-              flat / experts % tokens, ", ", flat % experts, "] = ", logits.flatten()[flat].item<double>());
+  TORCH_CHECK_VALUE(false, "sinkhorn: logits must be finite, got logits[", flat / (tokens * experts), ", ",
+                    flat / experts % tokens, ", ", flat % experts, "] = ", logits.flatten()[flat].item<double>());
 }
 
 void check_potentials(const at::Tensor& potentials, const char* name, const char* length_letter, int64_t groups,
                       int64_t length, at::ScalarType dtype, const at::Tensor& logits) {
-  TORCH_CHECK(potentials.dim() == 3 && potentials.size(0) == groups && potentials.size(2) == length,
-              "sinkhorn_backward: ", name, " must have shape [G, K, ", length_letter, "] = [", groups, ", K, ", length,
-              "], got ", potentials.sizes());
-  TORCH_CHECK(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
-              " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
+  TORCH_CHECK_VALUE(potentials.dim() == 3 && potentials.size(0) == groups && potentials.size(2) == length,
+                    "sinkhorn_backward: ", name, " must have shape [G, K, ", length_letter, "] = [", groups, ", K, ", length,
+                    "], got ", potentials.sizes());
+  TORCH_CHECK_TYPE(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
+                   " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
   check_device("sinkhorn_backward", name, potentials, "logits", logits);
 }
 
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_sinkhorn(ForwardKernel kernel
                                                             int64_t num_iterations, bool validate) {
   constexpr const char* op = "sinkhorn";
   SinkhornShape shape = check_logits(op, logits_in);
-  TORCH_CHECK(num_iterations >= 0, op, ": num_iterations must be >= 0, got ", num_iterations);
+  TORCH_CHECK_VALUE(num_iterations >= 0, op, ": num_iterations must be >= 0, got ", num_iterations);
   shape.iterations = num_iterations;
   const at::Tensor logits = logits_in.contiguous();
   const c10::DeviceGuard guard(logits.device());
@@ -75,17 +75,17 @@ at::Tensor run_sinkhorn_backward(BackwardKernel kernel, const at::Tensor& grad_i
                                  const at::Tensor& row_in, const at::Tensor& column_in) {
   constexpr const char* op = "sinkhorn_backward";
   SinkhornShape shape = check_logits(op, logits_in);
-  TORCH_CHECK(grad_in.sizes() == logits_in.sizes(), op, ": grad_log_plan must have the shape of logits (",
-              logits_in.sizes(), "), got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
-              logits_in.scalar_type(), "), got ", grad_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_in.sizes() == logits_in.sizes(), op, ": grad_log_plan must have the shape of logits (",
+                    logits_in.sizes(), "), got ", grad_in.sizes());
+  TORCH_CHECK_TYPE(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
+                   logits_in.scalar_type(), "), got ", grad_in.scalar_type());
   check_device(op, "grad_log_plan", grad_in, "logits", logits_in);
   const at::ScalarType potential_dtype = at::toOpMathType(logits_in.scalar_type());
   check_potentials(row_in, "row_potentials", "T", shape.groups, shape.tokens, potential_dtype, logits_in);
   check_potentials(column_in, "column_potentials", "E", shape.groups, shape.experts, potential_dtype, logits_in);
-  TORCH_CHECK(row_in.size(1) == column_in.size(1), op,
-              ": row_potentials and column_potentials must hold the same number of iterations, got ",
-              row_in.size(1), " and ", column_in.size(1));
+  TORCH_CHECK_VALUE(row_in.size(1) == column_in.size(1), op,
+                    ": row_potentials and column_potentials must hold the same number of iterations, got ",
+                    row_in.size(1), " and ", column_in.size(1));
   shape.iterations = row_in.size(1);
   const at::Tensor grad_log_plan = grad_in.contiguous();
   if (shape.iterations == 0) return grad_log_plan.clone();

@@ -21,12 +21,16 @@
 #include <limits>
 #include <type_traits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "sinkhorn/sinkhorn.h"
 
 namespace visionmoe::sinkhorn::cuda {
 namespace {
 
+using device_math::exp_opmath;
+using device_math::log_opmath;
+using device_math::negative_infinity;
 using warp_reduce::warp_sum;
 
 constexpr int kWarp = 32;
@@ -34,16 +38,6 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarp * kWarps;
 constexpr int kChunkRows = 64;  // tokens per block
 constexpr int kMergeThreads = 256;
-
-__device__ __forceinline__ float exp_opmath(float x) { return expf(x); }
-__device__ __forceinline__ double exp_opmath(double x) { return exp(x); }
-__device__ __forceinline__ float log_opmath(float x) { return logf(x); }
-__device__ __forceinline__ double log_opmath(double x) { return log(x); }
-
-template <typename T>
-__device__ __forceinline__ T negative_infinity() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // A partial logsumexp: log(sum) + max over the values seen so far; sum = 0 and max = -inf when there were none.
 // -inf values add nothing, as exp(-inf) = 0 (the check order would otherwise give exp(-inf + inf) = NaN).
@@ -307,8 +301,8 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max(), "sinkhorn: logits has too many tokens (G * T = ",
-              shape.groups * shape.tokens, ") for one CUDA launch");
+  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(), "sinkhorn: logits has too many tokens (G * T = ",
+                    shape.groups * shape.tokens, ") for one CUDA launch");
   const at::Tensor chunk_max = at::empty({num_chunks, shape.experts}, row_potentials.options());
   const at::Tensor chunk_sum = at::empty({num_chunks, shape.experts}, row_potentials.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "visionmoe_sinkhorn_cuda", [&] {
@@ -342,9 +336,9 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int32_t>::max(),
-              "sinkhorn_backward: logits has too many tokens (G * T = ", shape.groups * shape.tokens,
-              ") for one CUDA launch");
+  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(),
+                    "sinkhorn_backward: logits has too many tokens (G * T = ", shape.groups * shape.tokens,
+                    ") for one CUDA launch");
   const auto opmath_options = row_potentials.options();
   const at::Tensor chunk_partial = at::empty({num_chunks, shape.experts}, opmath_options);
   const at::Tensor column_adjoint = at::empty({shape.groups, shape.experts}, opmath_options);

@@ -29,46 +29,46 @@ at::ScalarType opmath_type(at::ScalarType dtype) {
 }
 
 void check_features(const char* op, const char* name, const char* shape, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(is_supported_dtype(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const char* like_name, const at::Tensor& like) {
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
-              like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name, " (",
+                   like.scalar_type(), "), got ", t.scalar_type());
   check_device(op, name, t, like_name, like);
 }
 
 // x [G, T, D] and logits [G, T, S].
 void check_dispatch_inputs(const char* op, const at::Tensor& x, const at::Tensor& logits) {
   check_features(op, "x", "[G, T, D]", x);
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [G, T, S], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must have shape [G, T, S], got ", logits.sizes());
   check_like(op, "logits", logits, "x", x);
-  TORCH_CHECK(logits.size(0) == x.size(0) && logits.size(1) == x.size(1), op,
-              ": logits must have shape [G, T, S] = [", x.size(0), ", ", x.size(1),
-              ", S] to match x [G, T, D], got ", logits.sizes());
-  TORCH_CHECK(x.size(1) > 0 || x.size(0) == 0 || logits.size(2) == 0, op,
-              ": x has no tokens (T = 0), so the softmax over tokens that gives each slot its dispatch weights is "
-              "undefined");
+  TORCH_CHECK_VALUE(logits.size(0) == x.size(0) && logits.size(1) == x.size(1), op,
+                    ": logits must have shape [G, T, S] = [", x.size(0), ", ", x.size(1),
+                    ", S] to match x [G, T, D], got ", logits.sizes());
+  TORCH_CHECK_VALUE(x.size(1) > 0 || x.size(0) == 0 || logits.size(2) == 0, op,
+                    ": x has no tokens (T = 0), so the softmax over tokens that gives each slot its dispatch weights is "
+                    "undefined");
 }
 
 // y [G, S, D] and logits [G, T, S].
 void check_combine_inputs(const char* op, const at::Tensor& y, const at::Tensor& logits) {
   check_features(op, "y", "[G, S, D]", y);
-  TORCH_CHECK(logits.dim() == 3, op, ": logits must have shape [G, T, S], got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 3, op, ": logits must have shape [G, T, S], got ", logits.sizes());
   check_like(op, "logits", logits, "y", y);
-  TORCH_CHECK(logits.size(0) == y.size(0) && logits.size(2) == y.size(1), op,
-              ": logits must have shape [G, T, S] = [", y.size(0), ", T, ", y.size(1),
-              "] to match y [G, S, D], got ", logits.sizes());
-  TORCH_CHECK(y.size(1) > 0 || y.size(0) == 0 || logits.size(1) == 0, op,
-              ": y has no slots (S = 0), so the softmax over slots that gives each token its combine weights is "
-              "undefined");
+  TORCH_CHECK_VALUE(logits.size(0) == y.size(0) && logits.size(2) == y.size(1), op,
+                    ": logits must have shape [G, T, S] = [", y.size(0), ", T, ", y.size(1),
+                    "] to match y [G, S, D], got ", logits.sizes());
+  TORCH_CHECK_VALUE(y.size(1) > 0 || y.size(0) == 0 || logits.size(1) == 0, op,
+                    ": y has no slots (S = 0), so the softmax over slots that gives each token its combine weights is "
+                    "undefined");
 }
 
 void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
                 const char* like_name, const at::Tensor& like) {
-  TORCH_CHECK(grad.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", grad.sizes());
   check_like(op, name, grad, like_name, like);
 }
 

@@ -19,27 +19,27 @@ Reduction parse_reduction(const char* op, c10::string_view name) {
   if (name == "none") return Reduction::kNone;
   if (name == "mean") return Reduction::kMean;
   if (name == "sum") return Reduction::kSum;
-  TORCH_CHECK(false, op, ": reduction must be \"none\", \"mean\" or \"sum\", got \"", std::string(name), "\"");
+  TORCH_CHECK_VALUE(false, op, ": reduction must be \"none\", \"mean\" or \"sum\", got \"", std::string(name), "\"");
 }
 
 TeacherFormat parse_teacher_format(const char* op, c10::string_view name) {
   if (name == "probabilities") return TeacherFormat::kProbabilities;
   if (name == "logits") return TeacherFormat::kLogits;
-  TORCH_CHECK(false, op, ": teacher_format must be \"probabilities\" or \"logits\", got \"", std::string(name), "\"");
+  TORCH_CHECK_VALUE(false, op, ": teacher_format must be \"probabilities\" or \"logits\", got \"", std::string(name), "\"");
 }
 
 LossShape check_inputs(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher,
                        c10::string_view reduction, c10::string_view teacher_format) {
-  TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must have shape [T, E], got ", student_logits.sizes());
-  TORCH_CHECK(at::isFloatingType(student_logits.scalar_type()), op,
-              ": student_logits must be a floating-point tensor, got ", student_logits.scalar_type());
-  TORCH_CHECK(student_logits.size(1) >= 1, op, ": student_logits must have E >= 1 experts, got shape ",
-              student_logits.sizes());
-  TORCH_CHECK(teacher.sizes() == student_logits.sizes(), op, ": teacher must have the shape of student_logits (",
-              student_logits.sizes(), "), got ", teacher.sizes());
-  TORCH_CHECK(teacher.scalar_type() == student_logits.scalar_type(), op,
-              ": teacher must have the dtype of student_logits (", student_logits.scalar_type(), "), got ",
-              teacher.scalar_type());
+  TORCH_CHECK_VALUE(student_logits.dim() == 2, op, ": student_logits must have shape [T, E], got ", student_logits.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(student_logits.scalar_type()), op,
+                   ": student_logits must be a floating-point tensor, got ", student_logits.scalar_type());
+  TORCH_CHECK_VALUE(student_logits.size(1) >= 1, op, ": student_logits must have E >= 1 experts, got shape ",
+                    student_logits.sizes());
+  TORCH_CHECK_VALUE(teacher.sizes() == student_logits.sizes(), op, ": teacher must have the shape of student_logits (",
+                    student_logits.sizes(), "), got ", teacher.sizes());
+  TORCH_CHECK_TYPE(teacher.scalar_type() == student_logits.scalar_type(), op,
+                   ": teacher must have the dtype of student_logits (", student_logits.scalar_type(), "), got ",
+                   teacher.scalar_type());
   check_device(op, "teacher", teacher, "student_logits", student_logits);
   LossShape shape;
   shape.tokens = student_logits.size(0);
@@ -58,33 +58,33 @@ int64_t teacher_lse_length(const LossShape& shape) {
   return shape.teacher_format == TeacherFormat::kLogits ? shape.tokens : 0;
 }
 
-// The CPU kernel found a token whose loss is not finite, or a negative teacher probability: names the first
+// A kernel found a token whose loss is not finite, or a negative teacher probability: names the first
 // offending entry of that token, in student_logits before teacher.
 [[noreturn]] void report_invalid_token(const LossShape& shape, const at::Tensor& student_logits,
                                        const at::Tensor& teacher, int64_t token) {
   constexpr const char* op = "teacher_routing_loss";
-  const at::Tensor student_row = student_logits[token].to(at::kDouble);
-  const at::Tensor teacher_row = teacher[token].to(at::kDouble);
+  const at::Tensor student_row = student_logits[token].to(at::kCPU, at::kDouble);
+  const at::Tensor teacher_row = teacher[token].to(at::kCPU, at::kDouble);
   const double* s = student_row.const_data_ptr<double>();
   const double* p = teacher_row.const_data_ptr<double>();
   for (int64_t e = 0; e < shape.experts; ++e) {
-    TORCH_CHECK(std::isfinite(s[e]), op, ": student_logits must be finite, got student_logits[", token, ", ", e,
-                "] = ", s[e]);
+    TORCH_CHECK_VALUE(std::isfinite(s[e]), op, ": student_logits must be finite, got student_logits[", token, ", ", e,
+                      "] = ", s[e]);
   }
   for (int64_t e = 0; e < shape.experts; ++e) {
     if (shape.teacher_format == TeacherFormat::kLogits) {
-      TORCH_CHECK(std::isfinite(p[e]), op, ": teacher must be finite logits (teacher_format=\"logits\"), got teacher[",
-                  token, ", ", e, "] = ", p[e]);
+      TORCH_CHECK_VALUE(std::isfinite(p[e]), op, ": teacher must be finite logits (teacher_format=\"logits\"), got teacher[",
+                        token, ", ", e, "] = ", p[e]);
     } else {
-      TORCH_CHECK(std::isfinite(p[e]) && p[e] >= 0, op,
-                  ": teacher must hold probabilities, finite and >= 0 (teacher_format=\"probabilities\"), got "
-                  "teacher[",
-                  token, ", ", e, "] = ", p[e]);
+      TORCH_CHECK_VALUE(std::isfinite(p[e]) && p[e] >= 0, op,
+                        ": teacher must hold probabilities, finite and >= 0 (teacher_format=\"probabilities\"), got "
+                        "teacher[",
+                        token, ", ", e, "] = ", p[e]);
     }
   }
-  TORCH_CHECK(false, op, ": the loss of token ", token,
-              " is not finite although its inputs are: differences between its logits exceed the range of ",
-              student_logits.scalar_type());
+  TORCH_CHECK_VALUE(false, op, ": the loss of token ", token,
+                    " is not finite although its inputs are: differences between its logits exceed the range of ",
+                    student_logits.scalar_type());
 }
 
 }  // namespace
@@ -120,9 +120,9 @@ at::Tensor run_teacher_routing_loss_backward(BackwardKernel kernel, const at::Te
   const LossShape shape = check_inputs(op, student_in, teacher_in, reduction, teacher_format);
   const at::ScalarType opmath_dtype = at::toOpMathType(student_in.scalar_type());
   const auto check_saved = [&](const at::Tensor& tensor, const char* name, at::IntArrayRef sizes) {
-    TORCH_CHECK(tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", tensor.sizes());
-    TORCH_CHECK(tensor.scalar_type() == opmath_dtype, op, ": ", name, " must have dtype ", opmath_dtype,
-                " (the opmath type of student_logits' ", student_in.scalar_type(), "), got ", tensor.scalar_type());
+    TORCH_CHECK_VALUE(tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", tensor.sizes());
+    TORCH_CHECK_TYPE(tensor.scalar_type() == opmath_dtype, op, ": ", name, " must have dtype ", opmath_dtype,
+                     " (the opmath type of student_logits' ", student_in.scalar_type(), "), got ", tensor.scalar_type());
     check_device(op, name, tensor, "student_logits", student_in);
   };
   check_saved(grad_in, "grad_loss", loss_sizes(shape));

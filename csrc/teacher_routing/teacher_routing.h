@@ -74,10 +74,11 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
 
 #ifdef VISIONMOE_WITH_CUDA
 namespace cuda {
-// No validation (it would cost a device-to-host synchronisation): non-finite inputs or negative teacher
-// probabilities give a non-finite loss.
+// Validates as the CPU kernel does: first_invalid_token [1] int64 (on the device, holding INT64_MAX before the
+// call) receives the smallest token whose loss is not finite or whose teacher probabilities include a negative
+// one, which the caller reads back (one device-to-host synchronisation) and reports.
 void forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher, at::Tensor& loss,
-             at::Tensor& student_lse, at::Tensor& teacher_lse);
+             at::Tensor& student_lse, at::Tensor& teacher_lse, at::Tensor& first_invalid_token);
 void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
               const at::Tensor& teacher, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
               at::Tensor& grad_student_logits);

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -14,12 +15,15 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "teacher_routing/teacher_routing.h"
 
 namespace visionmoe::teacher_routing::cuda {
 namespace {
 
+using device_math::exp_opmath;
+using device_math::log_opmath;
 using warp_reduce::kWarpSize;
 using warp_reduce::warp_max;
 using warp_reduce::warp_sum;
@@ -27,11 +31,6 @@ using warp_reduce::warp_sum;
 constexpr int kWarps = 8;  // tokens per block
 constexpr int kThreads = kWarpSize * kWarps;
 constexpr int kReduceThreads = 1024;
-
-__device__ __forceinline__ float exp_opmath(float x) { return expf(x); }
-__device__ __forceinline__ double exp_opmath(double x) { return exp(x); }
-__device__ __forceinline__ float log_opmath(float x) { return logf(x); }
-__device__ __forceinline__ double log_opmath(double x) { return log(x); }
 
 struct Rows {
   int64_t tokens, experts;
@@ -48,7 +47,8 @@ template <typename scalar_t, typename opmath_t>
 __global__ void forward_kernel(Rows rows, const scalar_t* __restrict__ student_logits,
                                const scalar_t* __restrict__ teacher, opmath_t* __restrict__ row_loss,
                                opmath_t* __restrict__ block_partial, opmath_t* __restrict__ student_lse,
-                               opmath_t* __restrict__ teacher_lse) {
+                               opmath_t* __restrict__ teacher_lse,
+                               unsigned long long* __restrict__ first_invalid_token) {
   __shared__ opmath_t warp_loss[kWarps];
   const int64_t E = rows.experts, t = rows.token();
   const int lane = rows.lane();
@@ -67,6 +67,7 @@ __global__ void forward_kernel(Rows rows, const scalar_t* __restrict__ student_l
     // z = sum exp(s - m); for logits, z_a = sum w and cross = sum w ((a - m_a) - (s - m)) with w = exp(a - m_a);
     // for probabilities, z_a holds sum p and cross = sum p (log p - (s - m)), with 0 log 0 = 0.
     opmath_t z = 0, z_a = 0, cross = 0;
+    bool negative = false;  // a negative teacher probability, which the CPU kernel rejects as well
     for (int64_t e = lane; e < E; e += kWarpSize) {
       const opmath_t shifted_s = static_cast<opmath_t>(s[e]) - s_max;
       z += exp_opmath(shifted_s);
@@ -78,6 +79,7 @@ __global__ void forward_kernel(Rows rows, const scalar_t* __restrict__ student_l
         cross += w * (shifted_a - shifted_s);
       } else {
         z_a += teacher_value;
+        negative |= teacher_value < 0;
         const opmath_t entropy_term = teacher_value == 0 ? opmath_t(0) : teacher_value * log_opmath(teacher_value);
         cross += entropy_term - teacher_value * shifted_s;
       }
@@ -87,7 +89,11 @@ __global__ void forward_kernel(Rows rows, const scalar_t* __restrict__ student_l
     cross = warp_sum(cross);
     const opmath_t log_z = log_opmath(z);
     kl = rows.teacher_logits ? cross / z_a + log_z - log_opmath(z_a) : cross + z_a * log_z;
+    const bool any_negative = __any_sync(0xffffffffu, negative);
     if (lane == 0) {
+      // As the CPU kernel: a token whose loss is not finite (NaN or infinite inputs) or whose teacher holds a
+      // negative probability is reported; the smallest such token wins, whatever the schedule.
+      if (!isfinite(kl) || any_negative) atomicMin(first_invalid_token, static_cast<unsigned long long>(t));
       student_lse[t] = s_max + log_z;
       if (rows.teacher_logits) teacher_lse[t] = a_max + log_opmath(z_a);
       if (row_loss != nullptr) row_loss[t] = kl;
@@ -152,8 +158,8 @@ __global__ void backward_kernel(Rows rows, bool per_token, opmath_t grad_scale, 
 
 unsigned row_blocks(const LossShape& shape, const char* op) {
   const int64_t blocks = (shape.tokens + kWarps - 1) / kWarps;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": student_logits has too many tokens (T = ",
-              shape.tokens, ") for one CUDA launch");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": student_logits has too many tokens (T = ",
+                    shape.tokens, ") for one CUDA launch");
   return static_cast<unsigned>(blocks);
 }
 
@@ -164,7 +170,7 @@ Rows make_rows(const LossShape& shape) {
 }  // namespace
 
 void forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher, at::Tensor& loss,
-             at::Tensor& student_lse, at::Tensor& teacher_lse) {
+             at::Tensor& student_lse, at::Tensor& teacher_lse, at::Tensor& first_invalid_token) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = row_blocks(shape, "teacher_routing_loss");
   const bool per_token = shape.reduction == Reduction::kNone;
@@ -176,7 +182,8 @@ void forward(const LossShape& shape, const at::Tensor& student_logits, const at:
     forward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
         make_rows(shape), student_logits.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
         per_token ? loss.mutable_data_ptr<opmath_t>() : nullptr, partial, student_lse.mutable_data_ptr<opmath_t>(),
-        shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.mutable_data_ptr<opmath_t>() : nullptr);
+        shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.mutable_data_ptr<opmath_t>() : nullptr,
+        reinterpret_cast<unsigned long long*>(first_invalid_token.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!per_token) {
       const opmath_t scale =
@@ -214,17 +221,21 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
 namespace visionmoe::teacher_routing {
 namespace {
 
-// The CUDA kernel does not validate (see cuda::forward), so it never reports an invalid token.
-int64_t forward_unvalidated(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
-                            at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse) {
-  cuda::forward(shape, student_logits, teacher, loss, student_lse, teacher_lse);
-  return -1;
+// The kernel flags the first invalid token on the device; reading it back is the one synchronisation of the
+// forward, the price of raising the CPU kernel's error (non-finite input) rather than returning a NaN loss.
+int64_t forward_validated(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
+                          at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse) {
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  at::Tensor first_invalid_token = at::full({1}, kNone, student_logits.options().dtype(at::kLong));
+  cuda::forward(shape, student_logits, teacher, loss, student_lse, teacher_lse, first_invalid_token);
+  const int64_t token = first_invalid_token.item<int64_t>();
+  return token == kNone ? -1 : token;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher, c10::string_view reduction,
     c10::string_view teacher_format) {
-  return run_teacher_routing_loss(&forward_unvalidated, student_logits, teacher, reduction, teacher_format);
+  return run_teacher_routing_loss(&forward_validated, student_logits, teacher, reduction, teacher_format);
 }
 
 at::Tensor teacher_routing_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& student_logits,

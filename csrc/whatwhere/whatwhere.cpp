@@ -25,24 +25,24 @@ bool is_supported_dtype(at::ScalarType dtype) {
 // `t` must be a 4-D tensor [B, H, rows, columns] whose sizes equal `expected` where those are >= 0 (-1: any).
 void check_operand(const char* op, const char* name, const char* letters, const at::Tensor& t,
                    std::array<int64_t, 4> expected, const char* why, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must have shape ", letters, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must have shape ", letters, ", got ", t.sizes());
   for (int64_t i = 0; i < 4; ++i) {
-    TORCH_CHECK(expected[i] < 0 || t.size(i) == expected[i], op, ": ", name, " must have shape ", letters, " ", why,
-                ", got ", t.sizes(), " (dimension ", i, " must be ", expected[i], ")");
+    TORCH_CHECK_VALUE(expected[i] < 0 || t.size(i) == expected[i], op, ": ", name, " must have shape ", letters, " ", why,
+                      ", got ", t.sizes(), " (dimension ", i, " must be ", expected[i], ")");
   }
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
-              "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
+                   "), got ", t.scalar_type());
   check_device(op, name, t, "q", q);
 }
 
 // Checks the four attention inputs (and where, when given) and returns their shape.
 WhatWhereShape check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens,
                             const at::Tensor& v_slots) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must have shape [B, H, N, dh], got ", q.sizes());
-  TORCH_CHECK(is_supported_dtype(q.scalar_type()), op, ": q must be float32, float64, float16 or bfloat16, got ",
-              q.scalar_type());
-  TORCH_CHECK(q.size(3) >= 1, op, ": q must have dh >= 1 features per head (the logits are scaled by 1 / sqrt(dh)), ",
-              "got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must have shape [B, H, N, dh], got ", q.sizes());
+  TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op, ": q must be float32, float64, float16 or bfloat16, got ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": q must have dh >= 1 features per head (the logits are scaled by 1 / sqrt(dh)), ",
+                    "got shape ", q.sizes());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dh = q.size(3);
   check_operand(op, "k", "[B, H, S, dh]", k, {B, H, -1, dh}, "with B, H and dh of q [B, H, N, dh]", q);
   check_operand(op, "v_tokens", "[B, H, N, dv]", v_tokens, {B, H, N, -1}, "with B, H and N of q [B, H, N, dh]", q);
@@ -67,11 +67,11 @@ void check_logits_like(const char* op, const char* name, const at::Tensor& t, co
 void check_logsumexp(const char* op, const char* name, const char* letters, const at::Tensor& t, const at::Tensor& q,
                      int64_t length) {
   const at::ScalarType opmath = at::toOpMathType(q.scalar_type());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == length, op, ": ",
-              name, " must have shape ", letters, " = [", q.size(0), ", ", q.size(1), ", ", length, "], got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == opmath, op, ": ", name, " must have dtype ", opmath, " (the opmath type of q's ",
-              q.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == length, op, ": ",
+                    name, " must have shape ", letters, " = [", q.size(0), ", ", q.size(1), ", ", length, "], got ",
+                    t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == opmath, op, ": ", name, " must have dtype ", opmath, " (the opmath type of q's ",
+                   q.scalar_type(), "), got ", t.scalar_type());
   check_device(op, name, t, "q", q);
 }
 

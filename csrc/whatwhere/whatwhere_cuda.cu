@@ -25,12 +25,14 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/device_math.cuh"
 #include "common/warp_reduce.cuh"
 #include "whatwhere/whatwhere.h"
 
 namespace visionmoe::whatwhere::cuda {
 namespace {
 
+using device_math::negative_infinity;
 using warp_reduce::warp_max;
 using warp_reduce::warp_sum;
 
@@ -39,11 +41,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMaxChunkRows = 64;
 constexpr int64_t kSharedBytes = 48 * 1024;  // available to every block without opting in
-
-template <typename T>
-__device__ __forceinline__ T negative_infinity() {
-  return -std::numeric_limits<T>::infinity();
-}
 
 // sum_d x[d] * y[d] in opmath, in order.
 template <typename T, typename scalar_t>
@@ -294,9 +291,9 @@ Grid make_grid(const char* op, const WhatWhereShape& shape, int64_t element_byte
   const int64_t per_row = (tiles * shape.slots + extra_per_row) * element_bytes;
   const int64_t fitting_rows = (kSharedBytes - fixed * element_bytes) / per_row;
   const int64_t rows = std::min<int64_t>({kMaxChunkRows, shape.tokens, fitting_rows});
-  TORCH_CHECK(rows >= 1, op, ": k has too many slots (S = ", shape.slots, ") for the CUDA kernel's shared memory");
-  TORCH_CHECK(shape.heads <= std::numeric_limits<int32_t>::max(), op, ": too many heads (B * H = ", shape.heads,
-              ") for one CUDA launch");
+  TORCH_CHECK_VALUE(rows >= 1, op, ": k has too many slots (S = ", shape.slots, ") for the CUDA kernel's shared memory");
+  TORCH_CHECK_VALUE(shape.heads <= std::numeric_limits<int32_t>::max(), op, ": too many heads (B * H = ", shape.heads,
+                    ") for one CUDA launch");
   return Grid{shape.tokens, shape.slots, shape.head_dim, shape.value_dim, rows, (shape.tokens + rows - 1) / rows};
 }
 

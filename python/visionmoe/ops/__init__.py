@@ -2,6 +2,12 @@
 
 Every operator has a CPU kernel, a CUDA kernel (in CUDA builds), a fake kernel for ``torch.compile`` and
 registered autograd; ``visionmoe.reference`` holds a pure-PyTorch version of each with the same signature.
+
+Error contract: an operator's kernels, its fake kernel and its reference raise the same exception type for the
+same bad input. Bad argument values, shapes, sizes, devices or index contents (out-of-range indices, inconsistent
+plans or offsets, non-finite logits where not allowed) raise ``ValueError``; a wrong dtype raises ``TypeError``.
+Messages start with the operator's name and name the argument; the Python checks are worded once in
+``visionmoe.checks``. Internal invariants that only a bug could break may raise ``RuntimeError``.
 """
 
 from ..plan import RoutingPlan

@@ -20,7 +20,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..plan import RoutingPlan
-from ._checks import check_count, check_same_device, shape_of
+from ..checks import check_count, check_floating, check_make_plan, check_same_device, shape_of
 
 _ops = torch.ops.visionmoe
 
@@ -61,7 +61,7 @@ def make_plan(
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != token_index.shape[0]:
         raise ValueError(f"make_plan: weight must have shape [A] = [{token_index.shape[0]}], got {shape_of(weight)}")
     if not weight.is_floating_point():
-        raise ValueError(f"make_plan: weight must be a floating-point tensor, got {weight.dtype}")
+        raise TypeError(f"make_plan: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != token_index.device:
         raise ValueError(f"make_plan: weight must be on {token_index.device} like token_index, got {weight.device}")
     order, sorted_token, sorted_expert, slot, offsets = _ops.make_plan(
@@ -105,7 +105,7 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, vali
             [A, D] in the plan's expert-major order (dropped assignments' rows zero).
         validate: check that the plan is consistent (offsets rise from 0 to A, sorted_expert and slot agree
             with them, token indices are in [0, T), the token-major view lists each token's assignments) and raise a
-            RuntimeError naming what is not. On CUDA this costs one device-to-host synchronisation; callers whose
+            ValueError naming what is not. On CUDA this costs one device-to-host synchronisation; callers whose
             plans are consistent by construction (those of :func:`make_plan`, :func:`topk_route` and
             :func:`expert_choice_route`, unmodified) may pass False. An inconsistent plan then gives unspecified
             values, though never a read or write outside the tensors.
@@ -159,7 +159,7 @@ def _check_plan_devices(op, like_name, like, sorted_token, sorted_expert, slot, 
 
 @torch.library.register_fake("visionmoe::make_plan")
 def _make_plan_fake(token_index, expert_index, num_experts, num_tokens=None, validate=True):
-    check_same_device("make_plan", "expert_index", expert_index, token_index=token_index)
+    check_make_plan("make_plan", token_index, expert_index, num_experts, num_tokens)
     n = token_index.shape[0]
     index = [token_index.new_empty((n,)) for _ in range(4)]
     return (*index, token_index.new_empty((num_experts + 1,)))
@@ -173,10 +173,11 @@ def _token_major_fake(sorted_token, num_tokens):
 @torch.library.register_fake("visionmoe::dispatch")
 def _dispatch_fake(x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded,
                    validate=False):
-    torch._check(x.dim() == 2, lambda: f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    torch._check_value(x.dim() == 2, lambda: f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    check_floating("dispatch", "x", x)
     _check_plan_devices("dispatch", "x", x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows)
     if padded:
-        torch._check(capacity is not None, lambda: "dispatch: the padded layout needs a capacity")
+        torch._check_value(capacity is not None, lambda: "dispatch: the padded layout needs a capacity")
         return x.new_empty((offsets.shape[0] - 1, capacity, x.shape[1]))
     return x.new_empty((sorted_token.shape[0], x.shape[1]))
 

@@ -26,11 +26,10 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ._checks import check_same_device
+from ..checks import ACTIVATIONS, check_expert_mlp, check_expert_mlp_biases, check_like_x
 
 _ops = torch.ops.visionmoe
 
-ACTIVATIONS = ("gelu", "silu_gated")
 
 
 def expert_mlp(
@@ -61,65 +60,23 @@ def expert_mlp(
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
-def _check_fake_inputs(op, x, w1, w2, expert_offsets, activation) -> tuple[int, int]:
-    """The checks of the real kernels that shapes alone allow; returns (F', F)."""
-    torch._check(activation in ACTIVATIONS,
-                 lambda: f'{op}: activation must be "gelu" or "silu_gated", got "{activation}"')
-    torch._check(x.dim() in (2, 3),
-                 lambda: f"{op}: x must have shape [E, C, D] (padded) or [M, D] (packed), got {list(x.shape)}")
-    torch._check(w1.dim() == 3, lambda: f"{op}: w1 must have shape [E, D, F'], got {list(w1.shape)}")
-    torch._check(w2.dim() == 3, lambda: f"{op}: w2 must have shape [E, F, D], got {list(w2.shape)}")
-    _check_like(op, "w1", w1, x)
-    _check_like(op, "w2", w2, x)
-    E, D, pre_width = w1.shape
-    torch._check(x.shape[-1] == D, lambda: f"{op}: w1 must have shape [E, D, F'] with D = {x.shape[-1]} (the width "
-                                           f"of x), got {list(w1.shape)}")
-    if activation == "silu_gated":
-        torch._check(pre_width % 2 == 0, lambda: f"{op}: w1 must have an even number of columns 2F (gate and value) "
-                                                 f'for activation "silu_gated", got {list(w1.shape)}')
-    hidden = pre_width // 2 if activation == "silu_gated" else pre_width
-    torch._check(w2.shape == (E, hidden, D),
-                 lambda: f"{op}: w2 must have shape [E, F, D] = {[E, hidden, D]}, got {list(w2.shape)}")
-    if x.dim() == 3:
-        torch._check(expert_offsets is None, lambda: f"{op}: expert_offsets must be None for padded x [E, C, D]")
-        torch._check(x.shape[0] == E, lambda: f"{op}: x must have shape [E, C, D] with E = {E}, got {list(x.shape)}")
-    else:
-        torch._check(expert_offsets is not None, lambda: f"{op}: expert_offsets [E + 1] is required for packed x")
-        torch._check(expert_offsets.shape == (E + 1,),
-                     lambda: f"{op}: expert_offsets must have shape [E + 1] = [{E + 1}], got "
-                             f"{list(expert_offsets.shape)}")
-        torch._check(expert_offsets.dtype == torch.int64,
-                     lambda: f"{op}: expert_offsets must have dtype int64, got {expert_offsets.dtype}")
-        check_same_device(op, "x", x, expert_offsets=expert_offsets)
-    return pre_width, hidden
-
-
-def _check_like(op, name, t, x) -> None:
-    torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    check_same_device(op, "x", x, **{name: t})
-
-
 @torch.library.register_fake("visionmoe::expert_mlp")
 def _expert_mlp_fake(x, w1, b1, w2, b2, expert_offsets, activation):
-    pre_width, _ = _check_fake_inputs("expert_mlp", x, w1, w2, expert_offsets, activation)
-    _check_like("expert_mlp", "b1", b1, x)
-    _check_like("expert_mlp", "b2", b2, x)
-    torch._check(b1.shape == (w1.shape[0], pre_width), lambda: f"expert_mlp: b1 must have shape [E, F'], got "
-                                                                f"{list(b1.shape)}")
-    torch._check(b2.shape == (w1.shape[0], w1.shape[1]), lambda: f"expert_mlp: b2 must have shape [E, D], got "
-                                                                  f"{list(b2.shape)}")
+    pre_width, _ = check_expert_mlp("expert_mlp", x, w1, w2, expert_offsets, activation)
+    check_expert_mlp_biases("expert_mlp", x, w1, b1, b2, pre_width)
     return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], pre_width))
 
 
 @torch.library.register_fake("visionmoe::expert_mlp_backward")
 def _expert_mlp_backward_fake(grad_y, x, w1, w2, pre_activation, expert_offsets, activation):
-    pre_width, _ = _check_fake_inputs("expert_mlp_backward", x, w1, w2, expert_offsets, activation)
-    _check_like("expert_mlp_backward", "grad_y", grad_y, x)
-    _check_like("expert_mlp_backward", "pre_activation", pre_activation, x)
-    torch._check(grad_y.shape == x.shape,
-                 lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got {list(grad_y.shape)}")
-    torch._check(pre_activation.shape == (*x.shape[:-1], pre_width),
-                 lambda: f"expert_mlp_backward: pre_activation must have shape {[*x.shape[:-1], pre_width]}, got "
+    pre_width, _ = check_expert_mlp("expert_mlp_backward", x, w1, w2, expert_offsets, activation)
+    check_like_x("expert_mlp_backward", "grad_y", grad_y, x)
+    check_like_x("expert_mlp_backward", "pre_activation", pre_activation, x)
+    torch._check_value(grad_y.shape == x.shape,
+                       lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got "
+                               f"{list(grad_y.shape)}")
+    torch._check_value(pre_activation.shape == (*x.shape[:-1], pre_width),
+                       lambda: f"expert_mlp_backward: pre_activation must have shape {[*x.shape[:-1], pre_width]}, got "
                          f"{list(pre_activation.shape)}")
     E, D, _ = w1.shape
     # contiguous, as the kernels return them

@@ -13,7 +13,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..plan import RoutingPlan
-from ._checks import check_count, shape_of
+from ..checks import check_count, check_scores, shape_of
 
 _ops = torch.ops.visionmoe
 
@@ -34,7 +34,7 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
     if weights.device != scores.device:
         raise ValueError(f"{name}: weights must be on {scores.device} like scores, got {weights.device}")
     if not weights.is_floating_point():  # they become the plan's combine weights
-        raise ValueError(f"{name}: weights must be a floating-point tensor, got {weights.dtype}")
+        raise TypeError(f"{name}: weights must be a floating-point tensor, got {weights.dtype}")
     return weights
 
 
@@ -128,12 +128,20 @@ def _fake_plan(scores, num_assignments, num_virtual_experts, num_tokens):
 
 @torch.library.register_fake("visionmoe::topk_route")
 def _topk_route_fake(scores, k, batch_priority):
+    torch._check_value(scores.dim() == 3,
+                       lambda: f"topk_route: scores must have shape [G, T, E], got {list(scores.shape)}")
+    check_scores("topk_route", scores)
     G, T, E = scores.shape
+    torch._check_value(1 <= k <= E, lambda: f"topk_route: k must be in [1, E] = [1, {E}], got {k}")
     return _fake_plan(scores, G * T * k, E * G, G * T)
 
 
 @torch.library.register_fake("visionmoe::expert_choice_route")
 def _expert_choice_route_fake(scores, capacity):
+    torch._check_value(scores.dim() == 3,
+                       lambda: f"expert_choice_route: scores must have shape [G, T, E], got {list(scores.shape)}")
+    check_scores("expert_choice_route", scores)
+    torch._check_value(capacity >= 0, lambda: f"expert_choice_route: capacity must be >= 0, got {capacity}")
     G, T, E = scores.shape
     taken = torch.sym_min(capacity, T)
     return _fake_plan(scores, G * E * taken, E * G, G * T)

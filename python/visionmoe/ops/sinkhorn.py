@@ -10,7 +10,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..constants import DEFAULT_SINKHORN_ITERATIONS
-from ._checks import check_same_device, shape_of
+from ..checks import check_same_device, check_sinkhorn, shape_of
 
 _ops = torch.ops.visionmoe
 
@@ -56,11 +56,10 @@ def _potential_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("visionmoe::sinkhorn")
 def _sinkhorn_fake(logits, num_iterations, validate=True):
-    torch._check(logits.dim() == 3, lambda: f"sinkhorn: logits must have shape [G, T, E], got {tuple(logits.shape)}")
-    torch._check(num_iterations >= 0, lambda: f"sinkhorn: num_iterations must be >= 0, got {num_iterations}")
+    torch._check_value(logits.dim() == 3,
+                       lambda: f"sinkhorn: logits must have shape [G, T, E], got {list(logits.shape)}")
+    check_sinkhorn("sinkhorn", logits, num_iterations)
     groups, tokens, experts = logits.shape
-    torch._check(tokens >= 1 and experts >= 1, lambda: "sinkhorn: logits must have T >= 1 tokens and E >= 1 "
-                                                       f"experts per group, got shape {list(logits.shape)}")
     dtype = _potential_dtype(logits.dtype)
     return (
         torch.empty_like(logits, memory_format=torch.contiguous_format),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ._checks import check_same_device
+from ..checks import check_dtype_like, check_same_device, check_soft_inputs
 
 _ops = torch.ops.visionmoe
 
@@ -47,54 +47,35 @@ def soft_combine(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
-def _check_fake_inputs(op: str, features: torch.Tensor, features_name: str, logits: torch.Tensor) -> None:
-    torch._check(features.dim() == 3, lambda: f"{op}: {features_name} must be a 3-D tensor, got {features.shape}")
-    torch._check(logits.dim() == 3, lambda: f"{op}: logits must have shape [G, T, S], got {tuple(logits.shape)}")
-    torch._check(logits.dtype == features.dtype,
-                 lambda: f"{op}: logits must have the dtype of {features_name} ({features.dtype}), got {logits.dtype}")
-    check_same_device(op, features_name, features, logits=logits)
-    torch._check(logits.shape[0] == features.shape[0],
-                 lambda: f"{op}: logits has {logits.shape[0]} groups but {features_name} has {features.shape[0]}")
-
-
 def _check_fake_grad(op: str, name: str, grad: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
-    torch._check(grad.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
-    torch._check(grad.dtype == like.dtype, lambda: f"{op}: {name} must have the dtype of the inputs ({like.dtype})")
+    torch._check_value(grad.shape == shape,
+                       lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
+    check_dtype_like(op, name, grad, "the inputs", like)
     check_same_device(op, "the inputs", like, **{name: grad})
 
 
 @torch.library.register_fake("visionmoe::soft_dispatch")
 def _soft_dispatch_fake(x, logits):
-    _check_fake_inputs("soft_dispatch", x, "x", logits)
-    torch._check(logits.shape[1] == x.shape[1],
-                 lambda: f"soft_dispatch: logits has {logits.shape[1]} tokens but x has {x.shape[1]}")
-    torch._check(x.shape[1] > 0 or x.shape[0] == 0 or logits.shape[2] == 0,
-                 lambda: "soft_dispatch: x has no tokens (T = 0), so the softmax over tokens that gives each slot "
-                         "its dispatch weights is undefined")
+    check_soft_inputs("soft_dispatch", x, "x", logits)
     return x.new_empty((x.shape[0], logits.shape[2], x.shape[2]))
 
 
 @torch.library.register_fake("visionmoe::soft_dispatch_backward")
 def _soft_dispatch_backward_fake(grad_slots, x, logits):
-    _check_fake_inputs("soft_dispatch_backward", x, "x", logits)
+    check_soft_inputs("soft_dispatch_backward", x, "x", logits)
     _check_fake_grad("soft_dispatch_backward", "grad_slots", grad_slots, (x.shape[0], logits.shape[2], x.shape[2]), x)
     return x.new_empty(x.shape), logits.new_empty(logits.shape)  # contiguous, as the kernel returns them
 
 
 @torch.library.register_fake("visionmoe::soft_combine")
 def _soft_combine_fake(y, logits):
-    _check_fake_inputs("soft_combine", y, "y", logits)
-    torch._check(logits.shape[2] == y.shape[1],
-                 lambda: f"soft_combine: logits has {logits.shape[2]} slots but y has {y.shape[1]}")
-    torch._check(y.shape[1] > 0 or y.shape[0] == 0 or logits.shape[1] == 0,
-                 lambda: "soft_combine: y has no slots (S = 0), so the softmax over slots that gives each token its "
-                         "combine weights is undefined")
+    check_soft_inputs("soft_combine", y, "y", logits)
     return y.new_empty((y.shape[0], logits.shape[1], y.shape[2]))
 
 
 @torch.library.register_fake("visionmoe::soft_combine_backward")
 def _soft_combine_backward_fake(grad_out, y, logits):
-    _check_fake_inputs("soft_combine_backward", y, "y", logits)
+    check_soft_inputs("soft_combine_backward", y, "y", logits)
     _check_fake_grad("soft_combine_backward", "grad_out", grad_out, (y.shape[0], logits.shape[1], y.shape[2]), y)
     return y.new_empty(y.shape), logits.new_empty(logits.shape)  # contiguous, as the kernel returns them
 

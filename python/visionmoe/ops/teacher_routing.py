@@ -10,7 +10,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
 from ..constants import REDUCTIONS, TEACHER_FORMATS
-from ._checks import check_same_device
+from ..checks import check_same_device, check_teacher_routing
 
 _ops = torch.ops.visionmoe
 
@@ -45,10 +45,11 @@ def teacher_routing_loss(
         loss is float32; float32 and float64 inputs give a loss of their own dtype.
 
     Raises:
-        RuntimeError: for inputs that are not [T, E] floating-point tensors of one shape, dtype and device, for
-            E = 0, or for an unknown ``reduction`` or ``teacher_format``. On CPU also for non-finite logits and
-            for teacher probabilities that are negative or not finite, naming the first offending entry; on CUDA
-            these are not checked (that would cost a device-to-host synchronisation) and give a non-finite loss.
+        TypeError: for inputs that are not floating point or not of one dtype.
+        ValueError: for inputs that are not [T, E] tensors of one shape and device, for E = 0, for an unknown
+            ``reduction`` or ``teacher_format``, and for non-finite logits or teacher probabilities that are
+            negative or not finite, naming the first offending entry, on CPU and CUDA alike (on CUDA the check
+            costs one device-to-host synchronisation per forward).
     """
     loss, _, _ = _ops.teacher_routing_loss(student_logits, teacher, reduction, teacher_format)
     return loss
@@ -57,27 +58,15 @@ def teacher_routing_loss(
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
 def _check_options(op: str, reduction: str, teacher_format: str) -> None:
-    torch._check(reduction in REDUCTIONS,
-                 lambda: f'{op}: reduction must be "none", "mean" or "sum", got "{reduction}"')
-    torch._check(teacher_format in TEACHER_FORMATS,
-                 lambda: f'{op}: teacher_format must be "probabilities" or "logits", got "{teacher_format}"')
+    torch._check_value(reduction in REDUCTIONS,
+                       lambda: f'{op}: reduction must be "none", "mean" or "sum", got "{reduction}"')
+    torch._check_value(teacher_format in TEACHER_FORMATS,
+                       lambda: f'{op}: teacher_format must be "probabilities" or "logits", got "{teacher_format}"')
 
 
 @torch.library.register_fake("visionmoe::teacher_routing_loss")
 def _teacher_routing_loss_fake(student_logits, teacher, reduction, teacher_format):
-    op = "teacher_routing_loss"
-    torch._check(student_logits.dim() == 2,
-                 lambda: f"{op}: student_logits must have shape [T, E], got {tuple(student_logits.shape)}")
-    torch._check(teacher.shape == student_logits.shape,
-                 lambda: f"{op}: teacher must have the shape of student_logits ({tuple(student_logits.shape)}), "
-                         f"got {tuple(teacher.shape)}")
-    torch._check(teacher.dtype == student_logits.dtype,
-                 lambda: f"{op}: teacher must have the dtype of student_logits ({student_logits.dtype}), "
-                         f"got {teacher.dtype}")
-    check_same_device(op, "student_logits", student_logits, teacher=teacher)
-    _check_options(op, reduction, teacher_format)
-    torch._check(student_logits.shape[1] >= 1, lambda: f"{op}: student_logits must have E >= 1 experts, got shape "
-                                                        f"{list(student_logits.shape)}")
+    check_teacher_routing("teacher_routing_loss", student_logits, teacher, reduction, teacher_format)
     tokens = student_logits.shape[0]
     dtype = torch.promote_types(student_logits.dtype, torch.float32)  # the kernels' opmath type
     loss = student_logits.new_empty((tokens,) if reduction == "none" else (), dtype=dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ._checks import check_same_device
+from ..checks import check_same_device, check_whatwhere, check_whatwhere_operand
 
 _ops = torch.ops.visionmoe
 
@@ -54,34 +54,10 @@ def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check_fake_operand(op: str, name: str, letters: str, t: torch.Tensor, expected: tuple, q: torch.Tensor) -> None:
-    torch._check(t.dim() == len(expected), lambda: f"{op}: {name} must have shape {letters}, got {tuple(t.shape)}")
-    for dim, size in enumerate(expected):
-        if size is not None:
-            torch._check(t.shape[dim] == size,
-                         lambda: f"{op}: {name} must have shape {letters}, got {tuple(t.shape)} (dimension {dim} "
-                                 f"must be {size})")
-    torch._check(t.dtype == q.dtype, lambda: f"{op}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-    check_same_device(op, "q", q, **{name: t})
-
-
-def _check_fake_inputs(op: str, q, k, v_tokens, v_slots) -> tuple:
-    torch._check(q.dim() == 4, lambda: f"{op}: q must have shape [B, H, N, dh], got {tuple(q.shape)}")
-    torch._check(q.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                 lambda: f"{op}: q must be float32, float64, float16 or bfloat16, got {q.dtype}")
-    torch._check(q.shape[3] >= 1, lambda: f"{op}: q must have dh >= 1 features per head, got {tuple(q.shape)}")
-    B, H, N, dh = q.shape
-    _check_fake_operand(op, "k", "[B, H, S, dh]", k, (B, H, None, dh), q)
-    _check_fake_operand(op, "v_tokens", "[B, H, N, dv]", v_tokens, (B, H, N, None), q)
-    S, dv = k.shape[2], v_tokens.shape[3]
-    _check_fake_operand(op, "v_slots", "[B, H, S, dv]", v_slots, (B, H, S, dv), q)
-    return B, H, N, S, dh, dv
-
-
 @torch.library.register_fake("visionmoe::whatwhere_attention")
 def _whatwhere_attention_fake(q, k, v_tokens, v_slots, where):
-    B, H, N, S, dh, dv = _check_fake_inputs("whatwhere_attention", q, k, v_tokens, v_slots)
-    _check_fake_operand("whatwhere_attention", "where", "[B, H, N, S]", where, (B, H, N, S), q)
+    B, H, N, S, dh, dv = check_whatwhere("whatwhere_attention", q, k, v_tokens, v_slots)
+    check_whatwhere_operand("whatwhere_attention", "where", "[B, H, N, S]", where, (B, H, N, S), q)
     opmath = _opmath_dtype(q.dtype)
     return (
         q.new_empty((B, H, N, dv)),
@@ -96,19 +72,19 @@ def _whatwhere_attention_fake(q, k, v_tokens, v_slots, where):
 def _whatwhere_attention_backward_fake(grad_token_update, grad_slot_update, grad_logits, q, k, v_tokens, v_slots,
                                        logits, token_logsumexp, slot_logsumexp):
     op = "whatwhere_attention_backward"
-    B, H, N, S, dh, dv = _check_fake_inputs(op, q, k, v_tokens, v_slots)
-    _check_fake_operand(op, "logits", "[B, H, N, S]", logits, (B, H, N, S), q)
+    B, H, N, S, dh, dv = check_whatwhere(op, q, k, v_tokens, v_slots)
+    check_whatwhere_operand(op, "logits", "[B, H, N, S]", logits, (B, H, N, S), q)
     for name, grad, letters, shape in (("grad_token_update", grad_token_update, "[B, H, N, dv]", (B, H, N, dv)),
                                        ("grad_slot_update", grad_slot_update, "[B, H, S, dv]", (B, H, S, dv)),
                                        ("grad_logits", grad_logits, "[B, H, N, S]", (B, H, N, S))):
         if grad is not None:
-            _check_fake_operand(op, name, letters, grad, shape, q)
+            check_whatwhere_operand(op, name, letters, grad, shape, q)
     opmath = _opmath_dtype(q.dtype)
     for name, stats, letters, shape in (("token_logsumexp", token_logsumexp, "[B, H, N]", (B, H, N)),
                                         ("slot_logsumexp", slot_logsumexp, "[B, H, S]", (B, H, S))):
-        torch._check(tuple(stats.shape) == shape,
-                     lambda: f"{op}: {name} must have shape {letters} = {list(shape)}, got {list(stats.shape)}")
-        torch._check(stats.dtype == opmath, lambda: f"{op}: {name} must have dtype {opmath}, got {stats.dtype}")
+        torch._check_value(tuple(stats.shape) == shape,
+                           lambda: f"{op}: {name} must have shape {letters} = {list(shape)}, got {list(stats.shape)}")
+        torch._check_type(stats.dtype == opmath, lambda: f"{op}: {name} must have dtype {opmath}, got {stats.dtype}")
         check_same_device(op, "q", q, **{name: stats})
     return (q.new_empty(q.shape), k.new_empty(k.shape), v_tokens.new_empty(v_tokens.shape),
             v_slots.new_empty(v_slots.shape), logits.new_empty(logits.shape))

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_floating, check_make_plan
 from ..plan import RoutingPlan
 
 
@@ -25,6 +26,23 @@ def make_plan(
     validate: bool = True,
 ) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.make_plan`: a stable sort by expert, then ranks within experts."""
+    check_make_plan("make_plan", token_index, expert_index, num_experts, num_tokens)
+    return build_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=num_tokens,
+                      validate=validate)
+
+
+def build_plan(
+    token_index: torch.Tensor,
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    capacity: Optional[int] = None,
+    *,
+    num_tokens: Optional[int] = None,
+    validate: bool = True,
+) -> RoutingPlan:
+    """make_plan without its argument checks, for the routers' references, whose plans are well formed by
+    construction and may have no experts at all (G = 0 groups), as the routing operators' internal plans may."""
     if capacity is not None and capacity < 0:
         raise ValueError(f"make_plan: capacity must be >= 0 or None (dropless), got {capacity}")
     if validate:
@@ -79,6 +97,9 @@ def _rows_of_assignments(plan: RoutingPlan, layout: str) -> tuple[torch.Tensor, 
 
 def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded") -> torch.Tensor:
     """Reference of :func:`visionmoe.ops.dispatch`, with ``index_select`` and ``index_add_``."""
+    if x.dim() != 2:
+        raise ValueError(f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
+    check_floating("dispatch", "x", x)
     if layout == "padded" and plan.capacity is None:
         raise ValueError("dispatch: the padded layout needs a capacity; a dropless plan uses layout='packed'")
     rows, _, num_rows = _rows_of_assignments(plan, layout)

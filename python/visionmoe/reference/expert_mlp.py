@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_expert_mlp, check_expert_mlp_biases, check_expert_offsets_values
+
 
 def _activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "gelu":
@@ -33,10 +35,13 @@ def expert_mlp(
 ) -> torch.Tensor:
     """Reference of :func:`visionmoe.ops.expert_mlp`: padded x [E, C, D] or packed x [M, D] with expert_offsets
     [E + 1] -> y with x's shape."""
+    pre_width, _ = check_expert_mlp("expert_mlp", x, w1, w2, expert_offsets, activation)
+    check_expert_mlp_biases("expert_mlp", x, w1, b1, b2, pre_width)
     if x.dim() == 3:
         hidden = _activate(torch.einsum("ecd,edf->ecf", x, w1) + b1[:, None], activation)
         return torch.einsum("ecf,efd->ecd", hidden, w2) + b2[:, None]
     bounds = expert_offsets.tolist()
+    check_expert_offsets_values("expert_mlp", bounds, x.shape[0])
     outputs = []
     for e in range(w1.shape[0]):
         rows = x[bounds[e]:bounds[e + 1]]

@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_scores
 from ..plan import RoutingPlan
-from .dispatch import make_plan
+from .dispatch import build_plan
 
 
 def _groups(scores: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,7 @@ def _finish(plan: RoutingPlan, list_source: torch.Tensor, weights: torch.Tensor,
 def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optional[torch.Tensor] = None,
                renormalize=False) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.topk_route`: stable sorts, then :func:`make_plan`."""
+    check_scores("topk_route", scores)
     scores = _groups(scores)
     weights = scores if weights is None else _groups(weights)
     G, T, E = scores.shape
@@ -49,7 +51,7 @@ def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optio
     group_base = torch.arange(G, device=scores.device).view(1, G, 1)
     tokens = (rank_to_token.unsqueeze(0) + group_base * T).expand(k, G, T)
     virtual_experts = choices_by_rank * G + group_base
-    plan = make_plan(tokens.reshape(-1), virtual_experts.reshape(-1), torch.zeros(tokens.numel()), E * G, capacity,
+    plan = build_plan(tokens.reshape(-1), virtual_experts.reshape(-1), torch.zeros(tokens.numel()), E * G, capacity,
                      num_tokens=G * T)
     list_source = (tokens + torch.arange(k, device=scores.device).view(k, 1, 1) * G * T).reshape(-1)
     return _finish(plan, list_source, weights, capacity, renormalize, G)
@@ -57,6 +59,9 @@ def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optio
 
 def expert_choice_route(scores, capacity, *, weights: Optional[torch.Tensor] = None) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.expert_choice_route`: a stable sort of every expert's column."""
+    check_scores("expert_choice_route", scores)
+    if capacity < 0:
+        raise ValueError(f"expert_choice_route: capacity must be >= 0, got {capacity}")
     scores = _groups(scores)
     weights = scores if weights is None else _groups(weights)
     G, T, E = scores.shape
@@ -65,5 +70,5 @@ def expert_choice_route(scores, capacity, *, weights: Optional[torch.Tensor] = N
     group_base = torch.arange(G, device=scores.device).view(1, G, 1)
     tokens = (tokens.permute(1, 0, 2) + group_base * T).reshape(-1)  # expert-major over e * G + g
     virtual_experts = torch.arange(E * G, device=scores.device).repeat_interleave(taken)
-    plan = make_plan(tokens, virtual_experts, torch.zeros(tokens.numel()), E * G, capacity, num_tokens=G * T)
+    plan = build_plan(tokens, virtual_experts, torch.zeros(tokens.numel()), E * G, capacity, num_tokens=G * T)
     return _finish(plan, torch.arange(tokens.numel(), device=scores.device), weights, capacity, False, G)

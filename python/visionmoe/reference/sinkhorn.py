@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..checks import check_sinkhorn
 from ..constants import DEFAULT_SINKHORN_ITERATIONS
 
 
@@ -21,15 +22,8 @@ def sinkhorn(
     Each iteration sets ``u = -logsumexp_e(logits + v)``, then ``v = log(T / E) - logsumexp_t(logits + u)``,
     from u = v = 0; float16 and bfloat16 logits are computed in float32, as the operator does.
     """
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"sinkhorn: logits must have shape [T, E] or [G, T, E], got {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"sinkhorn: logits must be a floating-point tensor, got {logits.dtype}")
-    if num_iterations < 0:
-        raise ValueError(f"sinkhorn: num_iterations must be >= 0, got {num_iterations}")
+    check_sinkhorn("sinkhorn", logits, num_iterations)
     num_tokens, num_experts = logits.shape[-2:]
-    if num_tokens < 1 or num_experts < 1:
-        raise ValueError(f"sinkhorn: logits must have T >= 1 tokens and E >= 1 experts, got {tuple(logits.shape)}")
     if validate and not torch.isfinite(logits).all():
         raise ValueError("sinkhorn: logits must be finite")
     if num_iterations == 0:

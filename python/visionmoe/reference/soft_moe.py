@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_soft_inputs
+
 
 def _softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in float32 for float16/bfloat16 logits, rounded once to their dtype."""
@@ -17,9 +19,11 @@ def _softmax(logits: torch.Tensor, dim: int) -> torch.Tensor:
 
 def soft_dispatch(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`visionmoe.ops.soft_dispatch`: x [G, T, D], logits [G, T, S] -> slots [G, S, D]."""
+    check_soft_inputs("soft_dispatch", x, "x", logits)
     return torch.einsum("gts,gtd->gsd", _softmax(logits, 1), x)
 
 
 def soft_combine(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Reference of :func:`visionmoe.ops.soft_combine`: y [G, S, D], logits [G, T, S] -> out [G, T, D]."""
+    check_soft_inputs("soft_combine", y, "y", logits)
     return torch.einsum("gts,gsd->gtd", _softmax(logits, 2), y)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..constants import REDUCTIONS, TEACHER_FORMATS
+from ..checks import check_teacher_routing, check_teacher_routing_values
 
 
 def teacher_routing_loss(
@@ -25,26 +25,8 @@ def teacher_routing_loss(
     The teacher is detached (a stop-gradient target). float16 and bfloat16 inputs are computed in float32, as
     the operator does; the mean of zero tokens is 0.
     """
-    if student_logits.dim() != 2:
-        raise ValueError(f"teacher_routing_loss: student_logits must have shape [T, E], "
-                         f"got {tuple(student_logits.shape)}")
-    if not student_logits.is_floating_point():
-        raise ValueError(f"teacher_routing_loss: student_logits must be a floating-point tensor, "
-                         f"got {student_logits.dtype}")
-    if student_logits.shape[1] < 1:
-        raise ValueError(f"teacher_routing_loss: student_logits must have E >= 1 experts, "
-                         f"got shape {tuple(student_logits.shape)}")
-    if teacher.shape != student_logits.shape:
-        raise ValueError(f"teacher_routing_loss: teacher must have the shape of student_logits "
-                         f"({tuple(student_logits.shape)}), got {tuple(teacher.shape)}")
-    if teacher.dtype != student_logits.dtype:
-        raise ValueError(f"teacher_routing_loss: teacher must have the dtype of student_logits "
-                         f"({student_logits.dtype}), got {teacher.dtype}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f'teacher_routing_loss: reduction must be "none", "mean" or "sum", got "{reduction}"')
-    if teacher_format not in TEACHER_FORMATS:
-        raise ValueError(f'teacher_routing_loss: teacher_format must be "probabilities" or "logits", '
-                         f'got "{teacher_format}"')
+    check_teacher_routing("teacher_routing_loss", student_logits, teacher, reduction, teacher_format)
+    check_teacher_routing_values("teacher_routing_loss", student_logits, teacher.detach(), teacher_format)
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_student = F.log_softmax(student_logits.to(compute_dtype), dim=-1)
     target = teacher.detach().to(compute_dtype)

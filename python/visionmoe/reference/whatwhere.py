@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_whatwhere, check_whatwhere_operand
 from .soft_moe import _softmax
 
 
@@ -19,6 +20,8 @@ def whatwhere_attention(
     [B, H, S, dv], logits [B, H, N, S]), with ``logits = where + q k^T / sqrt(dh)``, tokens reading the slots
     through the softmax over tokens (dim -2) and slots reading the tokens through the softmax over slots (dim -1).
     """
+    B, H, N, S, _, _ = check_whatwhere("whatwhere_attention", q, k, v_tokens, v_slots)
+    check_whatwhere_operand("whatwhere_attention", "where", "[B, H, N, S]", where, (B, H, N, S), q)
     logits = where + torch.einsum("bhnd,bhsd->bhns", q, k) * q.shape[-1] ** -0.5
     token_update = torch.einsum("bhns,bhsd->bhnd", _softmax(logits, -2), v_slots)
     slot_update = torch.einsum("bhns,bhnd->bhsd", _softmax(logits, -1), v_tokens)

@@ -2,7 +2,9 @@
 their inputs.
 
 Each option check returns the option as the type the module computes with (``int``, ``float``, ``bool``) or
-raises an error naming the option, what it must be and what it got. Options are checked at construction: a
+raises an error naming the option, what it must be and what it got: a TypeError for an option of the wrong type
+(a float for an integer, 1 for a flag), a ValueError for one of the right type out of range (the operators'
+error contract, visionmoe.ops). Options are checked at construction: a
 wrong type or a non-finite number would otherwise surface only at the first forward pass, as an error about
 some internal value (``'<' not supported``, ``cannot convert float NaN to integer``), or not at all.
 """
@@ -14,11 +16,6 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
-
-
-class OptionTypeError(TypeError, ValueError):
-    """An option of the wrong type. A TypeError, and a ValueError too, because the command-line tools report
-    a ValueError as a bad configuration value, and options checked only for their range raised it before."""
 
 
 def _or_none(none_means: Optional[str]) -> str:
@@ -34,8 +31,8 @@ def check_int(name: str, value, minimum: int, maximum: Optional[int] = None, *,
         return None
     bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise OptionTypeError(f"{name} must be an integer {bounds}{_or_none(none_means)}, got "
-                              f"{type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an integer {bounds}{_or_none(none_means)}, got "
+                        f"{type(value).__name__} {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return int(value)
@@ -50,8 +47,8 @@ def check_real(name: str, value, *, greater_than: Optional[float] = None, at_lea
     bounds = ((">", greater_than), (">=", at_least), ("<=", at_most))
     expected = " and ".join(f"{relation} {bound}" for relation, bound in bounds if bound is not None)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise OptionTypeError(f"{name} must be a number {expected}{_or_none(none_means)}, got "
-                              f"{type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a number {expected}{_or_none(none_means)}, got "
+                        f"{type(value).__name__} {value!r}")
     value = float(value)
     # Comparisons rather than math.isfinite, which torch.compile cannot trace (functions such as
     # sparsity_constrained_transport check their options on every call, also inside a compiled router).
@@ -66,7 +63,7 @@ def check_real(name: str, value, *, greater_than: Optional[float] = None, at_lea
 def check_flag(name: str, value) -> bool:
     """``value``, which must be True or False (not 0, 1 or a string, which are more often mistakes)."""
     if not isinstance(value, bool):
-        raise OptionTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
     return value
 
 

@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = config_from_args(args)
         trainer = Trainer(config, resume=args.resume)
-    except (ValueError, OSError, RuntimeError) as error:  # OSError: e.g. a data root that cannot be read
+    except (ValueError, TypeError, OSError, RuntimeError) as error:  # OSError: e.g. a data root that cannot be read
         parser.error(error_line(error))
     try:
         return _train(parser, trainer, args)
