@@ -14,7 +14,7 @@ gradients to x and to the plan's weights. The plan is made once, outside the tim
 between dispatch and combine: an expert would, but its memory traffic is not dispatch's or combine's.
 
 Bandwidth counts the minimum bytes the step must move, each tensor read or written once, with R the expert
-rows (E * C padded, A packed) and the [A]-sized index and weight vectors neglected:
+rows (E * C padded, M packed) and the [M]-sized index and weight vectors neglected:
   forward   dispatch reads x [T, D], writes h [R, D]; combine reads h, writes y [T, D]      2 T D + 2 R D
   backward  combine reads grad_y [T, D] and h, writes grad_h [R, D];
             dispatch reads grad_h, writes grad_x [T, D]                                      2 T D + 3 R D
@@ -24,7 +24,7 @@ bandwidth (bytes read + written per second) is the practical ceiling each implem
 
 Usage:
   python benchmarks/bench_dispatch.py                        # CPU, default sizes, padded layout
-  python benchmarks/bench_dispatch.py --layout packed        # dropless plan, [A, D] expert rows
+  python benchmarks/bench_dispatch.py --layout packed        # dropless plan, [M, D] expert rows
   python benchmarks/bench_dispatch.py --device cuda --tokens 65536 --dim 1024 --dtype bfloat16
 Results: benchmarks/results/dispatch_<layout>_<device>[_<tag>].json and .md.
 """
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity-factor", type=float, default=1.25,
                         help="C = ceil(K * T * factor / E) for the padded layout (default 1.25)")
     parser.add_argument("--layout", choices=ops.LAYOUTS, default="padded",
-                        help="padded: [E, C, D] with capacity C; packed: [A, D] with a dropless plan")
+                        help="padded: [E, C, D] with capacity C; packed: [M, D] with a dropless plan")
     parser.add_argument("--einsum-repeat", type=int, default=3,
                         help=f"cap on the einsum formulation's timed runs, which also gets at most "
                              f"{EINSUM_MAX_WARMUP} warmup run (default 3)")
@@ -88,7 +88,7 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, imbalance: flo
     Expert popularity rises linearly from ``1 - imbalance`` to ``1 + imbalance`` times the mean, as a trained
     router's does not stay uniform, so that the most popular experts overflow their capacity. Assignments are
     listed in priority order, every token's first choice before any second choice, so that the capacity
-    drops later choices first. Returns [A] token, expert and weight, A = K * T, on the CPU so that every
+    drops later choices first. Returns [M] token, expert and weight, M = K * T, on the CPU so that every
     device gets the same routing.
     """
     generator = torch.Generator().manual_seed(seed)

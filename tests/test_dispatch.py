@@ -335,7 +335,7 @@ def test_inconsistent_plan_shapes_are_rejected():
     plan = small_plan()
     with pytest.raises(ValueError, match=r"expert_out must have shape \[E, C, D\] = \[3, 4, D\]"):
         ops.combine(torch.randn(3, 5, 4), plan, 6)
-    with pytest.raises(ValueError, match=r"expert_out must have shape \[A, D\] = \[12, D\]"):
+    with pytest.raises(ValueError, match=r"expert_out must have shape \[M, D\] = \[12, D\]"):
         ops.combine(torch.randn(11, 4), plan, 6)
     with pytest.raises(ValueError, match="num_tokens=7 but the plan was made for 6 tokens"):
         ops.combine(torch.randn(3, 4, 4), plan, 7)
@@ -441,15 +441,15 @@ def inconsistent_plans(plan, T):
         return tensor
 
     offsets, slot, token_rows = plan.offsets, plan.slot, plan.token_rows
-    A = plan.num_assignments
+    M = plan.num_assignments
     swapped_rows = token_rows.clone()
     swapped_rows[[0, 1]] = token_rows[[1, 0]]
     return [
         ("offsets start above 0", r"offsets\[0\] must be 0, got 1", changed(offsets=with_value(offsets, 0, 1))),
         ("offsets decrease", r"offsets must be non-decreasing, got offsets\[2\] = 0 < offsets\[1\]",
          changed(offsets=with_value(offsets, 2, 0))),
-        ("offsets end before A", rf"offsets\[E\] must be A = {A} \(the number of assignments\), got {A - 1}",
-         changed(offsets=with_value(offsets, -1, A - 1))),
+        ("offsets end before M", rf"offsets\[E\] must be M = {M} \(the number of assignments\), got {M - 1}",
+         changed(offsets=with_value(offsets, -1, M - 1))),
         ("sorted_expert disagrees with offsets", r"sorted_expert\[0\] = 2 but offsets place assignment 0 in expert 0",
          changed(sorted_expert=with_value(plan.sorted_expert, 0, 2))),
         ("slots are not ranks", r"slot\[1\] = 0 but assignment 1 is number 1 of its expert",
@@ -460,8 +460,8 @@ def inconsistent_plans(plan, T):
          changed(sorted_token=with_value(plan.sorted_token, 0, -1))),
         ("token_offsets start above 0", r"token_offsets\[0\] must be 0, got 1",
          changed(token_offsets=with_value(plan.token_offsets, 0, 1))),
-        ("token_offsets end before A", rf"token_offsets\[T\] must be A = {A}",
-         changed(token_offsets=with_value(plan.token_offsets, -1, A - 1))),
+        ("token_offsets end before M", rf"token_offsets\[T\] must be M = {M}",
+         changed(token_offsets=with_value(plan.token_offsets, -1, M - 1))),
         ("token_rows out of order", r"token_rows must list each token's assignments in increasing order",
          changed(token_rows=swapped_rows)),
         ("token_rows out of range", r"token_rows must list .* token_rows\[2\] = 99 is not the next assignment",

@@ -82,7 +82,7 @@ std::vector<at::Tensor> on_host(const std::vector<at::Tensor>& tensors) {
 
 }  // namespace
 
-// One pass over the plan on the host: lost in the noise of a 1 ms dispatch (A = 16384, T = 8192, D = 384, two
+// One pass over the plan on the host: lost in the noise of a 1 ms dispatch (M = 16384, T = 8192, D = 384, two
 // shared cores), where the same checks as ATen ops had taken about 6 ms.
 void validate_plan(const char* op, const CheckedPlan& plan) {
   const std::vector<at::Tensor> host =
@@ -93,14 +93,14 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
   const int64_t* offsets = host[3].const_data_ptr<int64_t>();
   const int64_t* token_offsets = host[4].const_data_ptr<int64_t>();
   const int64_t* token_rows = host[5].const_data_ptr<int64_t>();
-  const int64_t A = plan.view.num_assignments, E = plan.view.num_experts, T = plan.view.num_tokens;
+  const int64_t M = plan.view.num_assignments, E = plan.view.num_experts, T = plan.view.num_tokens;
   TORCH_CHECK_VALUE(offsets[0] == 0, op, ": plan is inconsistent: offsets[0] must be 0, got ", offsets[0]);
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK_VALUE(offsets[e + 1] >= offsets[e], op,
                       ": plan is inconsistent: offsets must be non-decreasing, got offsets[", e + 1, "] = ", offsets[e + 1],
                       " < offsets[", e, "] = ", offsets[e]);
   }
-  TORCH_CHECK_VALUE(offsets[E] == A, op, ": plan is inconsistent: offsets[E] must be A = ", A,
+  TORCH_CHECK_VALUE(offsets[E] == M, op, ": plan is inconsistent: offsets[E] must be M = ", M,
                     " (the number of assignments), got ", offsets[E]);
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t a = offsets[e]; a < offsets[e + 1]; ++a) {
@@ -111,7 +111,7 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
                         " of its expert (slot[a] must be a - offsets[sorted_expert[a]])");
     }
   }
-  for (int64_t a = 0; a < A; ++a) {
+  for (int64_t a = 0; a < M; ++a) {
     TORCH_CHECK_VALUE(sorted_token[a] >= 0 && sorted_token[a] < T, op, ": plan is inconsistent: sorted_token[", a, "] = ",
                       sorted_token[a], " is not a token index in [0, ", T, ")");
   }
@@ -121,15 +121,15 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
                       ": plan is inconsistent: token_offsets must be non-decreasing, got token_offsets[", t + 1, "] = ",
                       token_offsets[t + 1], " < token_offsets[", t, "] = ", token_offsets[t]);
   }
-  TORCH_CHECK_VALUE(token_offsets[T] == A, op, ": plan is inconsistent: token_offsets[T] must be A = ", A, ", got ",
+  TORCH_CHECK_VALUE(token_offsets[T] == M, op, ": plan is inconsistent: token_offsets[T] must be M = ", M, ", got ",
                     token_offsets[T]);
-  // Entries that belong to their token and increase within it are distinct, and there are A of them: token_rows
+  // Entries that belong to their token and increase within it are distinct, and there are M of them: token_rows
   // is then the token-major permutation of the assignments.
   for (int64_t t = 0; t < T; ++t) {
     int64_t previous = -1;
     for (int64_t j = token_offsets[t]; j < token_offsets[t + 1]; ++j) {
       const int64_t a = token_rows[j];
-      TORCH_CHECK_VALUE(a > previous && a < A && sorted_token[a] == t, op,
+      TORCH_CHECK_VALUE(a > previous && a < M && sorted_token[a] == t, op,
                         ": plan is inconsistent: token_rows must list each token's assignments in increasing order (the "
                         "token-major view of sorted_token), but token_rows[", j, "] = ", a,
                         " is not the next assignment of token ", t);
@@ -145,7 +145,7 @@ void check_rows(const char* op, const char* name, const at::Tensor& rows, const 
                       rows.sizes());
   } else {
     TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == view.num_assignments, op, ": ", name,
-                      " must have shape [A, D] = [", view.num_assignments, ", D] (packed layout) for this plan, got ",
+                      " must have shape [M, D] = [", view.num_assignments, ", D] (packed layout) for this plan, got ",
                       rows.sizes());
   }
   TORCH_CHECK_TYPE(at::isFloatingType(rows.scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
@@ -250,7 +250,7 @@ at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out_in, co
   PlanView& view = plan.view;
   check_rows(op, "expert_out", expert_out_in, view);
   TORCH_CHECK_VALUE(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
-                    ": plan shapes are inconsistent: weight must have shape [A] = [", view.num_assignments, "], got ",
+                    ": plan shapes are inconsistent: weight must have shape [M] = [", view.num_assignments, "], got ",
                     weight_in.sizes());
   TORCH_CHECK_TYPE(weight_in.scalar_type() == expert_out_in.scalar_type(), op, ": weight must have the dtype of expert_out (",
                    expert_out_in.scalar_type(), "), got ", weight_in.scalar_type());
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> run_combine_backward(CombineBackwardKernel ke
                   weight_in.scalar_type() == expert_out_in.scalar_type(),
                    op, ": grad_y and weight must have the dtype of expert_out (", expert_out_in.scalar_type(), ")");
   TORCH_CHECK_VALUE(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
-                    ": weight must have shape [A] = [", view.num_assignments, "], got ", weight_in.sizes());
+                    ": weight must have shape [M] = [", view.num_assignments, "], got ", weight_in.sizes());
   check_device(op, "grad_y", grad_y_in, "expert_out", expert_out_in);
   check_device(op, "weight", weight_in, "expert_out", expert_out_in);
   view.num_tokens = grad_y_in.size(0);

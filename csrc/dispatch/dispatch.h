@@ -1,14 +1,14 @@
 // Expert dispatch and combine: the routing plan's operators.
 //
-// A routing plan lists A assignments in expert-major order (stable within an expert, so earlier assignments
+// A routing plan lists M assignments in expert-major order (stable within an expert, so earlier assignments
 // have priority). For assignment a: sorted_token[a] is its token, sorted_expert[a] its expert, slot[a] its rank
 // within the expert, and offsets[e] .. offsets[e + 1] the expert's segment. With a capacity C an assignment is
 // kept when slot[a] < C; without one (dropless) every assignment is kept. The token-major view
-// (token_offsets [T + 1], token_rows [A]) lists, per token, its assignments in increasing order.
+// (token_offsets [T + 1], token_rows [M]) lists, per token, its assignments in increasing order.
 //
 // Expert rows live in one of two layouts:
 //   padded [E, C, D]: assignment a is row sorted_expert[a] * C + slot[a]; empty slots are zero;
-//   packed [A, D]:    assignment a is row a; dropped assignments' rows are zero.
+//   packed [M, D]:    assignment a is row a; dropped assignments' rows are zero.
 //
 // What the operators assume of a plan (make_plan and the routers produce plans that hold it by construction):
 //   offsets[0] = 0, offsets non-decreasing, offsets[E] = A;
@@ -33,12 +33,12 @@ namespace visionmoe::dispatch {
 
 // Raw views of the plan that every kernel takes.
 struct PlanView {
-  const int64_t* sorted_token = nullptr;   // [A]
-  const int64_t* sorted_expert = nullptr;  // [A]
-  const int64_t* slot = nullptr;           // [A]
+  const int64_t* sorted_token = nullptr;   // [M]
+  const int64_t* sorted_expert = nullptr;  // [M]
+  const int64_t* slot = nullptr;           // [M]
   const int64_t* offsets = nullptr;        // [E + 1]
   const int64_t* token_offsets = nullptr;  // [T + 1]
-  const int64_t* token_rows = nullptr;     // [A]
+  const int64_t* token_rows = nullptr;     // [M]
   int64_t num_assignments = 0;             // A
   int64_t num_experts = 0;                 // E
   int64_t num_tokens = 0;                  // T

@@ -25,7 +25,7 @@ int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<in
 // The assignment stored in expert row r, or kNoAssignment when the row is empty or dropped.
 int64_t checked_assignment_of_row(const char* op, const PlanView& plan, int64_t r) {
   const int64_t a = assignment_of_row(plan, r);
-  TORCH_CHECK_VALUE(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to A = ",
+  TORCH_CHECK_VALUE(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to M = ",
                     plan.num_assignments, " (call with validate=True for the details)");
   return a;
 }
@@ -64,7 +64,7 @@ void sum_rows_per_token_impl(const char* op, const PlanView& plan, const scalar_
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
       TORCH_CHECK_VALUE(0 <= first && first <= last && last <= plan.num_assignments, op,
-                        ": plan is inconsistent: token_offsets must increase from 0 to at most A = ", plan.num_assignments);
+                        ": plan is inconsistent: token_offsets must increase from 0 to at most M = ", plan.num_assignments);
       for (int64_t j = first; j < last; ++j) {
         const int64_t a = plan.token_rows[j];
         TORCH_CHECK_VALUE(a >= 0 && a < plan.num_assignments, op, ": plan is inconsistent: token_rows[", j, "] = ", a,

@@ -40,11 +40,11 @@ at::Tensor check_topk_route(const at::Tensor& scores, int64_t k) {
 PlanOutputs empty_topk_plan(const at::Tensor& scores, int64_t k) {
   const int64_t G = scores.size(0), T = scores.size(1), E = scores.size(2);
   const auto index_options = scores.options().dtype(at::kLong);
-  const int64_t A = G * T * k;
-  return PlanOutputs{at::empty({A}, index_options),         at::empty({A}, index_options),
-                     at::empty({A}, index_options),         at::empty({E * G + 1}, index_options),
-                     at::empty({A}, index_options),         at::empty({A}, index_options),
-                     at::empty({G * T + 1}, index_options), at::empty({A}, index_options)};
+  const int64_t M = G * T * k;
+  return PlanOutputs{at::empty({M}, index_options),         at::empty({M}, index_options),
+                     at::empty({M}, index_options),         at::empty({E * G + 1}, index_options),
+                     at::empty({M}, index_options),         at::empty({M}, index_options),
+                     at::empty({G * T + 1}, index_options), at::empty({M}, index_options)};
 }
 
 PlanTuple as_tuple(const PlanOutputs& plan) {

@@ -2,9 +2,9 @@
 //
 // Scores are [G, T, E]: G groups routed independently, T tokens per group, E experts. Both operators return a
 // routing plan over E * G virtual experts numbered e * G + g (see visionmoe.RoutingPlan), tokens numbered
-// g * T + t, plus flat_index [A], the position (g * T + t) * E + e of each assignment's score, from which the
+// g * T + t, plus flat_index [M], the position (g * T + t) * E + e of each assignment's score, from which the
 // Python wrapper gathers the differentiable combine weights, and the plan's token-major view (token_offsets
-// [G * T + 1], token_rows [A]).
+// [G * T + 1], token_rows [M]).
 #pragma once
 
 #include <ATen/core/Tensor.h>

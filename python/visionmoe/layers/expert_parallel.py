@@ -1,6 +1,6 @@
 """Expert parallelism's data path: an MoE layer's expert rows travel to the ranks that hold their experts and back.
 
-Under expert parallelism (EP) over S ranks, rank j holds experts [j * E / S, (j + 1) * E / S) (E_loc = E / S of
+Under expert parallelism (EP) over W ranks, rank j holds experts [j * E / W, (j + 1) * E / W) (E_loc = E / W of
 them, see :meth:`visionmoe.layers.ExpertMLPs.shard_`). Each rank routes its own groups of tokens, dispatches them
 into expert-major rows (expert e's rows contiguous, so rank j's experts are one contiguous chunk), sends chunk j to
 rank j with an all-to-all, runs its local experts on the rows of every rank, and sends the outputs back with a
@@ -19,8 +19,8 @@ Two kinds of exchange:
   with one all-to-all and copied to the host once per layer (the one device-to-host synchronisation of the
   dropless EP path: the all-to-all needs its split sizes on the host).
 
-Shape letters: E experts, S EP ranks, E_loc = E / S, R rows per expert and rank, D width, G groups, T tokens per
-group, C capacity, A assignments.
+Shape letters (README, "Shape letters"): E experts, W ranks of the EP group, E_loc = E / W, R rows per expert and
+rank, D width, G groups, T tokens per group, C capacity, M assignments.
 """
 
 from __future__ import annotations
@@ -77,43 +77,42 @@ def run_experts_equal_splits(experts, rows: torch.Tensor, group: dist.ProcessGro
     rank. Rows of expert e come back to the rank that sent them, in the order it sent them.
     """
     E, R, D = rows.shape
-    S = dist.get_world_size(group)
-    local = E // S
-    # Rank j receives [S, E_loc, R, D] (source-major); the local experts want [E_loc, S * R, D].
+    W = dist.get_world_size(group)
+    local = E // W
+    # Rank j receives [W, E_loc, R, D] (source-major); the local experts want [E_loc, W * R, D].
     received = _exchange(rows.reshape(E * R, D), None, None, group)
-    expert_rows = received.view(S, local, R, D).transpose(0, 1).reshape(local, S * R, D)
+    expert_rows = received.view(W, local, R, D).transpose(0, 1).reshape(local, W * R, D)
     out = experts(expert_rows)
-    send_back = out.view(local, S, R, D).transpose(0, 1).reshape(S * local * R, D)
+    send_back = out.view(local, W, R, D).transpose(0, 1).reshape(W * local * R, D)
     return _exchange(send_back, None, None, group).view(E, R, D)
 
 
 def run_experts_variable_splits(experts, rows: torch.Tensor, expert_counts: torch.Tensor,
                                 group: dist.ProcessGroup) -> torch.Tensor:
-    """Packed expert-major rows [A, D] (expert e's ``expert_counts[e]`` rows contiguous, all E experts) through the
-    experts held across ``group``: [A, D] -> [A, D], each row back on its rank in its place.
+    """Packed expert-major rows [M, D] (expert e's ``expert_counts[e]`` rows contiguous, all E experts) through the
+    experts held across ``group``: [M, D] -> [M, D], each row back on its rank in its place.
 
     The counts are exchanged with an all-to-all and copied to the host once (the split sizes), so this path
     synchronises with the host once per layer and does not compile without a graph break.
     """
-    A, D = rows.shape
     E = expert_counts.shape[0]
-    S = dist.get_world_size(group)
-    local = E // S
+    W = dist.get_world_size(group)
+    local = E // W
     counts = expert_counts.to(torch.int64).contiguous()
-    received_counts = torch.empty_like(counts)  # [S * E_loc]: (source rank, local expert)
+    received_counts = torch.empty_like(counts)  # [W * E_loc]: (source rank, local expert)
     dist.all_to_all_single(received_counts, counts, group=group)
     host = torch.cat([counts, received_counts]).tolist()  # the one device-to-host copy
     send_counts, receive_counts = host[:E], host[E:]
-    input_splits = [sum(send_counts[j * local:(j + 1) * local]) for j in range(S)]
-    output_splits = [sum(receive_counts[s * local:(s + 1) * local]) for s in range(S)]
+    input_splits = [sum(send_counts[j * local:(j + 1) * local]) for j in range(W)]
+    output_splits = [sum(receive_counts[s * local:(s + 1) * local]) for s in range(W)]
     received = _exchange(rows, output_splits, input_splits, group)  # [M, D], source-major
-    M = received.shape[0]
+    received_rows = received.shape[0]
     # Reorder (source, expert) chunks into (expert, source) order so that each local expert's rows are contiguous.
-    chunk = torch.repeat_interleave(torch.arange(S * local, device=rows.device), received_counts, output_size=M)
-    perm = torch.argsort((chunk % local) * S + chunk // local, stable=True)
-    per_expert = received_counts.view(S, local).sum(0)
+    chunk = torch.repeat_interleave(torch.arange(W * local, device=rows.device), received_counts, output_size=received_rows)
+    perm = torch.argsort((chunk % local) * W + chunk // local, stable=True)
+    per_expert = received_counts.view(W, local).sum(0)
     offsets = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])
     out = experts(received.index_select(0, perm), expert_offsets=offsets)
     inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(M, device=perm.device)
+    inverse[perm] = torch.arange(received_rows, device=perm.device)
     return _exchange(out.index_select(0, inverse), input_splits, output_splits, group)

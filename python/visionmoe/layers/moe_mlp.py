@@ -233,7 +233,7 @@ class MoEMLP(_ExpertParallel, nn.Module):
             rows = ops.dispatch(tokens, plan, "padded", validate=False)
             expert_out = self._padded_experts(rows.view(E, G * plan.capacity, D)).view_as(rows)
         else:
-            rows = ops.dispatch(tokens, plan, "packed", validate=False)  # [A, D], expert-major
+            rows = ops.dispatch(tokens, plan, "packed", validate=False)  # [M, D], expert-major
             expert_out = self._packed_experts(rows, plan)
             if hasattr(self.router, "choose"):
                 plan, metrics = self.router.choose(plan, expert_out)

@@ -1,9 +1,9 @@
 """Routing plans, expert dispatch and combine: thin wrappers over ``torch.ops.visionmoe``.
 
-Shape letters: T tokens, D width, E experts, C capacity, A assignments. The fake kernels and autograd
+Shape letters: T tokens, D width, E experts, C capacity, M assignments. The fake kernels and autograd
 formulas of the operators are registered here, so the operators work under ``torch.compile`` and autograd.
 
-The operators assume a consistent plan: ``offsets`` rises from 0 to A; ``sorted_expert[a]`` is the expert whose
+The operators assume a consistent plan: ``offsets`` rises from 0 to M; ``sorted_expert[a]`` is the expert whose
 segment ``offsets[e]:offsets[e + 1]`` holds ``a`` and ``slot[a] = a - offsets[sorted_expert[a]]``; every
 ``sorted_token`` is in [0, T); ``token_rows[token_offsets[t]:token_offsets[t + 1]]`` lists token t's assignments
 in increasing order. :func:`make_plan` and the routers make such plans. The raw operators
@@ -40,9 +40,9 @@ def make_plan(
     """Builds a routing plan from explicit assignments.
 
     Args:
-        token_index: [A] int64, the token of each assignment.
-        expert_index: [A] int64, the expert of each assignment, in [0, E).
-        weight: [A] float, the combine weight of each assignment (gradients flow back to it).
+        token_index: [M] int64, the token of each assignment.
+        expert_index: [M] int64, the expert of each assignment, in [0, E).
+        weight: [M] float, the combine weight of each assignment (gradients flow back to it).
         num_experts: E.
         capacity: C, the slots per expert: each expert keeps its first C assignments in the given order (so
             list assignments in priority order) and drops the rest. None keeps every assignment (dropless).
@@ -59,7 +59,7 @@ def make_plan(
     if capacity is not None:
         capacity = int(capacity)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.shape[0] != token_index.shape[0]:
-        raise ValueError(f"make_plan: weight must have shape [A] = [{token_index.shape[0]}], got {shape_of(weight)}")
+        raise ValueError(f"make_plan: weight must have shape [M] = [{token_index.shape[0]}], got {shape_of(weight)}")
     if not weight.is_floating_point():
         raise TypeError(f"make_plan: weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != token_index.device:
@@ -102,8 +102,8 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, vali
         x: [T, D] token features.
         plan: the routing plan.
         layout: ``"padded"`` returns [E, C, D] (empty slots zero; needs a capacity); ``"packed"`` returns
-            [A, D] in the plan's expert-major order (dropped assignments' rows zero).
-        validate: check that the plan is consistent (offsets rise from 0 to A, sorted_expert and slot agree
+            [M, D] in the plan's expert-major order (dropped assignments' rows zero).
+        validate: check that the plan is consistent (offsets rise from 0 to M, sorted_expert and slot agree
             with them, token indices are in [0, T), the token-major view lists each token's assignments) and raise a
             ValueError naming what is not. On CUDA this costs one device-to-host synchronisation; callers whose
             plans are consistent by construction (those of :func:`make_plan`, :func:`topk_route` and
@@ -128,7 +128,7 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int, *, val
     """Mixes expert outputs back into tokens: ``y[t] = sum of weight[a] * expert_out[row(a)]``.
 
     Args:
-        expert_out: [E, C, D] (padded) or [A, D] (packed) expert outputs, as produced from :func:`dispatch`.
+        expert_out: [E, C, D] (padded) or [M, D] (packed) expert outputs, as produced from :func:`dispatch`.
         plan: the routing plan; its weights are cast to ``expert_out``'s dtype.
         num_tokens: T.
         validate: check the plan first, as :func:`dispatch` does.

@@ -121,9 +121,9 @@ def _fake_plan(scores, num_assignments, num_virtual_experts, num_tokens):
     def index(n):
         return scores.new_empty((n,), dtype=torch.long)
 
-    A = num_assignments
-    return index(A), index(A), index(A), index(num_virtual_experts + 1), index(A), index(A), index(num_tokens + 1), \
-        index(A)
+    M = num_assignments
+    return index(M), index(M), index(M), index(num_virtual_experts + 1), index(M), index(M), index(num_tokens + 1), \
+        index(M)
 
 
 @torch.library.register_fake("visionmoe::topk_route")
