@@ -27,8 +27,8 @@ void check_capacity(const char* op, std::optional<int64_t> capacity, bool padded
 
 }  // namespace
 
-CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like,
-                       std::optional<int64_t> capacity, bool padded) {
+CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like, std::optional<int64_t> capacity,
+                       bool padded) {
   check_index_tensor(op, "sorted_token", plan.sorted_token, like);
   check_index_tensor(op, "sorted_expert", plan.sorted_expert, like);
   check_index_tensor(op, "slot", plan.slot, like);
@@ -59,8 +59,8 @@ CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor
     check_index_tensor(op, "token_rows", *plan.token_rows, like);
     TORCH_CHECK_VALUE(plan.token_offsets->size(0) >= 1, op, ": token_offsets must have num_tokens + 1 >= 1 entries");
     TORCH_CHECK_VALUE(plan.token_rows->size(0) == num_assignments, op,
-                      ": plan shapes are inconsistent: token_rows must have one entry per assignment (", num_assignments,
-                      "), got ", plan.token_rows->size(0));
+                      ": plan shapes are inconsistent: token_rows must have one entry per assignment (",
+                      num_assignments, "), got ", plan.token_rows->size(0));
     checked.token_offsets = plan.token_offsets->contiguous();
     checked.token_rows = plan.token_rows->contiguous();
     view.num_tokens = checked.token_offsets.size(0) - 1;
@@ -97,29 +97,30 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
   TORCH_CHECK_VALUE(offsets[0] == 0, op, ": plan is inconsistent: offsets[0] must be 0, got ", offsets[0]);
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK_VALUE(offsets[e + 1] >= offsets[e], op,
-                      ": plan is inconsistent: offsets must be non-decreasing, got offsets[", e + 1, "] = ", offsets[e + 1],
-                      " < offsets[", e, "] = ", offsets[e]);
+                      ": plan is inconsistent: offsets must be non-decreasing, got offsets[", e + 1,
+                      "] = ", offsets[e + 1], " < offsets[", e, "] = ", offsets[e]);
   }
   TORCH_CHECK_VALUE(offsets[E] == M, op, ": plan is inconsistent: offsets[E] must be M = ", M,
                     " (the number of assignments), got ", offsets[E]);
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t a = offsets[e]; a < offsets[e + 1]; ++a) {
-      TORCH_CHECK_VALUE(sorted_expert[a] == e, op, ": plan is inconsistent: sorted_expert[", a, "] = ", sorted_expert[a],
-                        " but offsets place assignment ", a, " in expert ", e);
+      TORCH_CHECK_VALUE(sorted_expert[a] == e, op, ": plan is inconsistent: sorted_expert[", a,
+                        "] = ", sorted_expert[a], " but offsets place assignment ", a, " in expert ", e);
       TORCH_CHECK_VALUE(slot[a] == a - offsets[e], op, ": plan is inconsistent: slot[", a, "] = ", slot[a],
                         " but assignment ", a, " is number ", a - offsets[e],
                         " of its expert (slot[a] must be a - offsets[sorted_expert[a]])");
     }
   }
   for (int64_t a = 0; a < M; ++a) {
-    TORCH_CHECK_VALUE(sorted_token[a] >= 0 && sorted_token[a] < T, op, ": plan is inconsistent: sorted_token[", a, "] = ",
-                      sorted_token[a], " is not a token index in [0, ", T, ")");
+    TORCH_CHECK_VALUE(sorted_token[a] >= 0 && sorted_token[a] < T, op, ": plan is inconsistent: sorted_token[", a,
+                      "] = ", sorted_token[a], " is not a token index in [0, ", T, ")");
   }
-  TORCH_CHECK_VALUE(token_offsets[0] == 0, op, ": plan is inconsistent: token_offsets[0] must be 0, got ", token_offsets[0]);
+  TORCH_CHECK_VALUE(token_offsets[0] == 0, op, ": plan is inconsistent: token_offsets[0] must be 0, got ",
+                    token_offsets[0]);
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK_VALUE(token_offsets[t + 1] >= token_offsets[t], op,
-                      ": plan is inconsistent: token_offsets must be non-decreasing, got token_offsets[", t + 1, "] = ",
-                      token_offsets[t + 1], " < token_offsets[", t, "] = ", token_offsets[t]);
+                      ": plan is inconsistent: token_offsets must be non-decreasing, got token_offsets[", t + 1,
+                      "] = ", token_offsets[t + 1], " < token_offsets[", t, "] = ", token_offsets[t]);
   }
   TORCH_CHECK_VALUE(token_offsets[T] == M, op, ": plan is inconsistent: token_offsets[T] must be M = ", M, ", got ",
                     token_offsets[T]);
@@ -129,10 +130,11 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
     int64_t previous = -1;
     for (int64_t j = token_offsets[t]; j < token_offsets[t + 1]; ++j) {
       const int64_t a = token_rows[j];
-      TORCH_CHECK_VALUE(a > previous && a < M && sorted_token[a] == t, op,
-                        ": plan is inconsistent: token_rows must list each token's assignments in increasing order (the "
-                        "token-major view of sorted_token), but token_rows[", j, "] = ", a,
-                        " is not the next assignment of token ", t);
+      TORCH_CHECK_VALUE(
+          a > previous && a < M && sorted_token[a] == t, op,
+          ": plan is inconsistent: token_rows must list each token's assignments in increasing order (the "
+          "token-major view of sorted_token), but token_rows[",
+          j, "] = ", a, " is not the next assignment of token ", t);
       previous = a;
     }
   }
@@ -140,9 +142,9 @@ void validate_plan(const char* op, const CheckedPlan& plan) {
 
 void check_rows(const char* op, const char* name, const at::Tensor& rows, const PlanView& view) {
   if (view.padded) {
-    TORCH_CHECK_VALUE(rows.dim() == 3 && rows.size(0) == view.num_experts && rows.size(1) == view.capacity, op, ": ", name,
-                      " must have shape [E, C, D] = [", view.num_experts, ", ", view.capacity, ", D] for this plan, got ",
-                      rows.sizes());
+    TORCH_CHECK_VALUE(rows.dim() == 3 && rows.size(0) == view.num_experts && rows.size(1) == view.capacity, op, ": ",
+                      name, " must have shape [E, C, D] = [", view.num_experts, ", ", view.capacity,
+                      ", D] for this plan, got ", rows.sizes());
   } else {
     TORCH_CHECK_VALUE(rows.dim() == 2 && rows.size(0) == view.num_assignments, op, ": ", name,
                       " must have shape [M, D] = [", view.num_assignments, ", D] (packed layout) for this plan, got ",
@@ -206,8 +208,8 @@ at::Tensor run_dispatch(GatherKernel kernel, const at::Tensor& x_in, const at::T
   TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), op, ": x must be a floating-point tensor, got ",
                    x_in.scalar_type());
   const c10::DeviceGuard guard(x_in.device());
-  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows}, x_in,
-                                capacity, padded);
+  CheckedPlan plan =
+      check_plan(op, {sorted_token, sorted_expert, slot, offsets, &token_offsets, &token_rows}, x_in, capacity, padded);
   PlanView& view = plan.view;
   TORCH_CHECK_VALUE(view.num_tokens == x_in.size(0), op, ": plan shapes are inconsistent: token_offsets describes ",
                     view.num_tokens, " tokens but x has ", x_in.size(0));
@@ -252,8 +254,9 @@ at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out_in, co
   TORCH_CHECK_VALUE(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
                     ": plan shapes are inconsistent: weight must have shape [M] = [", view.num_assignments, "], got ",
                     weight_in.sizes());
-  TORCH_CHECK_TYPE(weight_in.scalar_type() == expert_out_in.scalar_type(), op, ": weight must have the dtype of expert_out (",
-                   expert_out_in.scalar_type(), "), got ", weight_in.scalar_type());
+  TORCH_CHECK_TYPE(weight_in.scalar_type() == expert_out_in.scalar_type(), op,
+                   ": weight must have the dtype of expert_out (", expert_out_in.scalar_type(), "), got ",
+                   weight_in.scalar_type());
   check_device(op, "weight", weight_in, "expert_out", expert_out_in);
   if (validate) validate_plan(op, plan);
   view.dim = expert_out_in.size(-1);
@@ -266,22 +269,22 @@ at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out_in, co
 
 std::tuple<at::Tensor, at::Tensor> run_combine_backward(CombineBackwardKernel kernel, const at::Tensor& grad_y_in,
                                                         const at::Tensor& expert_out_in, const at::Tensor& weight_in,
-                                                        const at::Tensor& sorted_token,
-                                                        const at::Tensor& sorted_expert, const at::Tensor& slot,
-                                                        const at::Tensor& offsets, std::optional<int64_t> capacity) {
+                                                        const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                                                        const at::Tensor& slot, const at::Tensor& offsets,
+                                                        std::optional<int64_t> capacity) {
   constexpr const char* op = "combine_backward";
   const bool padded = expert_out_in.dim() == 3;
   const c10::DeviceGuard guard(expert_out_in.device());
-  CheckedPlan plan = check_plan(op, {sorted_token, sorted_expert, slot, offsets, nullptr, nullptr}, expert_out_in,
-                                capacity, padded);
+  CheckedPlan plan =
+      check_plan(op, {sorted_token, sorted_expert, slot, offsets, nullptr, nullptr}, expert_out_in, capacity, padded);
   PlanView& view = plan.view;
   check_rows(op, "expert_out", expert_out_in, view);
   view.dim = expert_out_in.size(-1);
-  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(1) == view.dim, op, ": grad_y must have shape [T, ", view.dim,
-                    "], got ", grad_y_in.sizes());
-  TORCH_CHECK_TYPE(grad_y_in.scalar_type() == expert_out_in.scalar_type() &&
-                  weight_in.scalar_type() == expert_out_in.scalar_type(),
-                   op, ": grad_y and weight must have the dtype of expert_out (", expert_out_in.scalar_type(), ")");
+  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(1) == view.dim, op, ": grad_y must have shape [T, ",
+                    view.dim, "], got ", grad_y_in.sizes());
+  TORCH_CHECK_TYPE(
+      grad_y_in.scalar_type() == expert_out_in.scalar_type() && weight_in.scalar_type() == expert_out_in.scalar_type(),
+      op, ": grad_y and weight must have the dtype of expert_out (", expert_out_in.scalar_type(), ")");
   TORCH_CHECK_VALUE(weight_in.dim() == 1 && weight_in.size(0) == view.num_assignments, op,
                     ": weight must have shape [M] = [", view.num_assignments, "], got ", weight_in.sizes());
   check_device(op, "grad_y", grad_y_in, "expert_out", expert_out_in);

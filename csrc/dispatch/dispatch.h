@@ -89,8 +89,8 @@ struct CheckedPlan {
   PlanView view;
 };
 
-CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like,
-                       std::optional<int64_t> capacity, bool padded);
+CheckedPlan check_plan(const char* op, const PlanTensors& plan, const at::Tensor& like, std::optional<int64_t> capacity,
+                       bool padded);
 // Checks everything the operators assume of a plan (see the top of this file); needs the token-major view.
 void validate_plan(const char* op, const CheckedPlan& plan);
 void check_rows(const char* op, const char* name, const at::Tensor& rows, const PlanView& view);
@@ -107,11 +107,10 @@ using GroupKernel = void (*)(const at::Tensor& token_index, const at::Tensor& ex
                              at::Tensor& offsets);
 using TokenMajorKernel = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& sorted_token, int64_t num_tokens);
 using GatherKernel = void (*)(const PlanView& plan, const at::Tensor& x, at::Tensor& out);
-using SumRowsKernel = void (*)(const char* op, const PlanView& plan, const at::Tensor& rows,
-                               const at::Tensor* weight, at::Tensor& out);
+using SumRowsKernel = void (*)(const char* op, const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight,
+                               at::Tensor& out);
 using CombineBackwardKernel = void (*)(const PlanView& plan, const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                       const at::Tensor& weight, at::Tensor& grad_expert_out,
-                                       at::Tensor& grad_weight);
+                                       const at::Tensor& weight, at::Tensor& grad_expert_out, at::Tensor& grad_weight);
 
 // Operator bodies shared by the backends (dispatch.cpp): argument checks, contiguous copies and allocation, then
 // `kernel` under a guard for the inputs' device. Each backend file passes its kernels and registers the result
@@ -135,9 +134,9 @@ at::Tensor run_combine(SumRowsKernel kernel, const at::Tensor& expert_out, const
                        std::optional<int64_t> capacity, bool validate);
 std::tuple<at::Tensor, at::Tensor> run_combine_backward(CombineBackwardKernel kernel, const at::Tensor& grad_y,
                                                         const at::Tensor& expert_out, const at::Tensor& weight,
-                                                        const at::Tensor& sorted_token,
-                                                        const at::Tensor& sorted_expert, const at::Tensor& slot,
-                                                        const at::Tensor& offsets, std::optional<int64_t> capacity);
+                                                        const at::Tensor& sorted_token, const at::Tensor& sorted_expert,
+                                                        const at::Tensor& slot, const at::Tensor& offsets,
+                                                        std::optional<int64_t> capacity);
 
 namespace cpu {
 // The plan's grouping by expert and its token-major view; the routers' CPU paths use token_major too.

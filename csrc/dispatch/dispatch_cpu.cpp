@@ -25,14 +25,15 @@ int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / std::max<in
 // The assignment stored in expert row r, or kNoAssignment when the row is empty or dropped.
 int64_t checked_assignment_of_row(const char* op, const PlanView& plan, int64_t r) {
   const int64_t a = assignment_of_row(plan, r);
-  TORCH_CHECK_VALUE(a != kOutOfBounds, op, ": plan is inconsistent: offsets must increase from 0 to M = ",
-                    plan.num_assignments, " (call with validate=True for the details)");
+  TORCH_CHECK_VALUE(a != kOutOfBounds, op,
+                    ": plan is inconsistent: offsets must increase from 0 to M = ", plan.num_assignments,
+                    " (call with validate=True for the details)");
   return a;
 }
 
 void check_token(const char* op, const PlanView& plan, int64_t a, int64_t token) {
-  TORCH_CHECK_VALUE(token >= 0 && token < plan.num_tokens, op, ": token index out of range: sorted_token[", a, "] = ",
-                    token, ", expected values in [0, ", plan.num_tokens, ")");
+  TORCH_CHECK_VALUE(token >= 0 && token < plan.num_tokens, op, ": token index out of range: sorted_token[", a,
+                    "] = ", token, ", expected values in [0, ", plan.num_tokens, ")");
 }
 
 template <typename scalar_t>
@@ -63,8 +64,9 @@ void sum_rows_per_token_impl(const char* op, const PlanView& plan, const scalar_
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const int64_t first = plan.token_offsets[t], last = plan.token_offsets[t + 1];
-      TORCH_CHECK_VALUE(0 <= first && first <= last && last <= plan.num_assignments, op,
-                        ": plan is inconsistent: token_offsets must increase from 0 to at most M = ", plan.num_assignments);
+      TORCH_CHECK_VALUE(
+          0 <= first && first <= last && last <= plan.num_assignments, op,
+          ": plan is inconsistent: token_offsets must increase from 0 to at most M = ", plan.num_assignments);
       for (int64_t j = first; j < last; ++j) {
         const int64_t a = plan.token_rows[j];
         TORCH_CHECK_VALUE(a >= 0 && a < plan.num_assignments, op, ": plan is inconsistent: token_rows[", j, "] = ", a,
@@ -140,8 +142,8 @@ void stable_counting_sort(const int64_t* keys, int64_t n, int64_t num_buckets, i
       int64_t* chunk_counts = counts.data() + c * num_buckets;
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
         const int64_t key = keys[i];
-        TORCH_CHECK_VALUE(key >= 0 && key < num_buckets, op, ": ", key_name, " out of range: ", key_name, "[", i, "] = ", key,
-                          ", expected values in [0, ", num_buckets, ")");
+        TORCH_CHECK_VALUE(key >= 0 && key < num_buckets, op, ": ", key_name, " out of range: ", key_name, "[", i,
+                          "] = ", key, ", expected values in [0, ", num_buckets, ")");
         ++chunk_counts[key];
       }
     }
@@ -229,9 +231,11 @@ std::tuple<at::Tensor, at::Tensor> token_major(const at::Tensor& sorted_token, i
 namespace visionmoe::dispatch {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(
-    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
-    std::optional<int64_t> num_tokens, bool validate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cpu(const at::Tensor& token_index,
+                                                                                     const at::Tensor& expert_index,
+                                                                                     int64_t num_experts,
+                                                                                     std::optional<int64_t> num_tokens,
+                                                                                     bool validate) {
   return run_make_plan(&cpu::make_plan, token_index, expert_index, num_experts, num_tokens, validate);
 }
 

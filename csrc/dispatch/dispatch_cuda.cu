@@ -208,10 +208,23 @@ int pack_width(int64_t dim, std::initializer_list<const void*> pointers) {
 template <typename scalar_t, typename Body>
 void with_pack_width(int width, Body&& body) {
   switch (width) {
-    case 8: if constexpr (16 / sizeof(scalar_t) >= 8) { body(std::integral_constant<int, 8>{}); return; } break;
-    case 4: if constexpr (16 / sizeof(scalar_t) >= 4) { body(std::integral_constant<int, 4>{}); return; } break;
-    case 2: body(std::integral_constant<int, 2>{}); return;
-    default: break;
+    case 8:
+      if constexpr (16 / sizeof(scalar_t) >= 8) {
+        body(std::integral_constant<int, 8>{});
+        return;
+      }
+      break;
+    case 4:
+      if constexpr (16 / sizeof(scalar_t) >= 4) {
+        body(std::integral_constant<int, 4>{});
+        return;
+      }
+      break;
+    case 2:
+      body(std::integral_constant<int, 2>{});
+      return;
+    default:
+      break;
   }
   body(std::integral_constant<int, 1>{});
 }
@@ -283,17 +296,18 @@ void combine_backward(const PlanView& plan, const at::Tensor& grad_y, const at::
   grad_weight.zero_();
   if (grad_expert_out.numel() == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "visionmoe_combine_bwd_cuda", [&] {
-    const scalar_t* g = grad_y.const_data_ptr<scalar_t>();
-    const scalar_t* src = expert_out.const_data_ptr<scalar_t>();
-    scalar_t* grad_src = grad_expert_out.mutable_data_ptr<scalar_t>();
-    with_pack_width<scalar_t>(pack_width<scalar_t>(plan.dim, {g, src, grad_src}), [&](auto width) {
-      combine_backward_kernel<scalar_t, decltype(width)::value>
-          <<<row_grid(plan.num_rows()), kWarp * kWarpsPerBlock, 0, stream>>>(
-              plan, g, src, weight.const_data_ptr<scalar_t>(), grad_src, grad_weight.mutable_data_ptr<scalar_t>());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, expert_out.scalar_type(), "visionmoe_combine_bwd_cuda", [&] {
+        const scalar_t* g = grad_y.const_data_ptr<scalar_t>();
+        const scalar_t* src = expert_out.const_data_ptr<scalar_t>();
+        scalar_t* grad_src = grad_expert_out.mutable_data_ptr<scalar_t>();
+        with_pack_width<scalar_t>(pack_width<scalar_t>(plan.dim, {g, src, grad_src}), [&](auto width) {
+          combine_backward_kernel<scalar_t, decltype(width)::value>
+              <<<row_grid(plan.num_rows()), kWarp * kWarpsPerBlock, 0, stream>>>(
+                  plan, g, src, weight.const_data_ptr<scalar_t>(), grad_src, grad_weight.mutable_data_ptr<scalar_t>());
+        });
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 namespace {
@@ -306,8 +320,8 @@ void validate_indices_on_device(const at::Tensor& index, int64_t bound, const ch
   const at::Tensor bad = index.lt(0).logical_or_(index.ge(bound));
   if (!bad.any().item<bool>()) return;
   const int64_t position = bad.to(at::kByte).argmax().item<int64_t>();
-  TORCH_CHECK_VALUE(false, "make_plan: ", name, " out of range: ", name, "[", position, "] = ",
-                    index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
+  TORCH_CHECK_VALUE(false, "make_plan: ", name, " out of range: ", name, "[", position,
+                    "] = ", index[position].item<int64_t>(), ", expected values in [0, ", bound, ")");
 }
 
 }  // namespace
@@ -317,8 +331,7 @@ void make_plan(const at::Tensor& token_index, const at::Tensor& expert_index, in
                at::Tensor& sorted_expert, at::Tensor& slot, at::Tensor& offsets) {
   if (validate) {
     validate_indices_on_device(expert_index, num_experts, "expert_index");
-    validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()),
-                               "token_index");
+    validate_indices_on_device(token_index, num_tokens.value_or(std::numeric_limits<int64_t>::max()), "token_index");
   }
   if (num_experts <= kMaxExpertsForCompaction) {
     group_by_expert(token_index, expert_index, num_experts, order, sorted_token, sorted_expert, slot, offsets);
@@ -349,8 +362,8 @@ namespace visionmoe::dispatch {
 namespace {
 
 // The CUDA kernel reports nothing by operator name (its checks are the host's), so it takes no op.
-void sum_rows_per_token_cuda(const char* /*op*/, const PlanView& plan, const at::Tensor& rows,
-                             const at::Tensor* weight, at::Tensor& out) {
+void sum_rows_per_token_cuda(const char* /*op*/, const PlanView& plan, const at::Tensor& rows, const at::Tensor* weight,
+                             at::Tensor& out) {
   cuda::sum_rows_per_token(plan, rows, weight, out);
 }
 
@@ -360,9 +373,11 @@ void sum_rows_per_token_cuda(const char* /*op*/, const PlanView& plan, const at:
 namespace visionmoe::dispatch {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cuda(
-    const at::Tensor& token_index, const at::Tensor& expert_index, int64_t num_experts,
-    std::optional<int64_t> num_tokens, bool validate) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> make_plan_cuda(const at::Tensor& token_index,
+                                                                                      const at::Tensor& expert_index,
+                                                                                      int64_t num_experts,
+                                                                                      std::optional<int64_t> num_tokens,
+                                                                                      bool validate) {
   return run_make_plan(&cuda::make_plan, token_index, expert_index, num_experts, num_tokens, validate);
 }
 

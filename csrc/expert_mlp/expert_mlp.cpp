@@ -40,8 +40,7 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
   check_device(op, name, t, "x", x);
 }
 
-void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
-                 const char* letters) {
+void check_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected, const char* letters) {
   TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", letters, " = ", expected, ", got ",
                     t.sizes());
 }
@@ -62,9 +61,9 @@ Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, co
   TORCH_CHECK_VALUE(w1.size(1) == sizes.dim, op, ": w1 must have shape [E, D, F'] with D = ", sizes.dim,
                     " (the width of x), got ", w1.sizes());
   if (activation == Activation::kSiluGated) {
-    TORCH_CHECK_VALUE(sizes.pre_width % 2 == 0, op,
-                      ": w1 must have an even number of columns 2F (gate and value) for activation \"silu_gated\", got ",
-                      w1.sizes());
+    TORCH_CHECK_VALUE(
+        sizes.pre_width % 2 == 0, op,
+        ": w1 must have an even number of columns 2F (gate and value) for activation \"silu_gated\", got ", w1.sizes());
     sizes.hidden = sizes.pre_width / 2;
   } else {
     sizes.hidden = sizes.pre_width;
@@ -73,8 +72,9 @@ Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, co
   check_like(op, "w2", w2, x);
   check_shape(op, "w2", w2, {sizes.experts, sizes.hidden, sizes.dim}, "[E, F, D]");
   if (sizes.padded) {
-    TORCH_CHECK_VALUE(!expert_offsets.has_value(), op,
-                      ": expert_offsets must be None for padded x [E, C, D]; pass packed x [M, D] with offsets instead");
+    TORCH_CHECK_VALUE(
+        !expert_offsets.has_value(), op,
+        ": expert_offsets must be None for padded x [E, C, D]; pass packed x [M, D] with offsets instead");
     TORCH_CHECK_VALUE(x.size(0) == sizes.experts, op, ": x must have shape [E, C, D] with E = ", sizes.experts,
                       " (the experts of w1), got ", x.sizes());
     sizes.rows = x.size(0) * x.size(1);
@@ -93,8 +93,7 @@ Sizes check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w1, co
   return sizes;
 }
 
-void check_biases(const char* op, const at::Tensor& x, const at::Tensor& b1, const at::Tensor& b2,
-                  const Sizes& sizes) {
+void check_biases(const char* op, const at::Tensor& x, const at::Tensor& b1, const at::Tensor& b2, const Sizes& sizes) {
   check_like(op, "b1", b1, x);
   check_shape(op, "b1", b1, {sizes.experts, sizes.pre_width}, "[E, F']");
   check_like(op, "b2", b2, x);
@@ -121,9 +120,7 @@ std::vector<int64_t> host_offsets(const char* op, const at::Tensor& expert_offse
 // is valid: its blocks are empty, so any row count serves.
 constexpr int64_t kBlockBytes = 128 * 1024;
 
-int64_t rows_per_block(int64_t width) {
-  return std::max<int64_t>(1, kBlockBytes / (std::max<int64_t>(width, 1) * 4));
-}
+int64_t rows_per_block(int64_t width) { return std::max<int64_t>(1, kBlockBytes / (std::max<int64_t>(width, 1) * 4)); }
 
 // Segments of C rows for the padded layout flattened to [E * C, D].
 std::vector<int64_t> padded_offsets(int64_t experts, int64_t capacity) {
@@ -165,8 +162,8 @@ void bias_activation_(at::Tensor& pre, const at::Tensor& bias, at::Tensor& hidde
   hidden.copy_(hidden_float);
 }
 
-void activation_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, at::Tensor& grad_pre,
-                         at::Tensor& hidden, Activation activation) {
+void activation_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, at::Tensor& grad_pre, at::Tensor& hidden,
+                         Activation activation) {
   const bool reduced = is_reduced(pre.scalar_type());
   const at::Tensor p = reduced ? pre.to(at::kFloat) : pre;
   const at::Tensor g_h = reduced ? grad_hidden.to(at::kFloat) : grad_hidden;
@@ -223,8 +220,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_exper
   const c10::DeviceGuard guard(x.device());
   // See run_expert_mlp.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return kernel(grad_y.contiguous(), x.contiguous(), w1.contiguous(), w2.contiguous(), pre.contiguous(),
-                expert_offsets, activation, sizes);
+  return kernel(grad_y.contiguous(), x.contiguous(), w1.contiguous(), w2.contiguous(), pre.contiguous(), expert_offsets,
+                activation, sizes);
 }
 
 std::tuple<at::Tensor, at::Tensor> segments_forward(const char* op, ExpertLoop for_each_expert, const at::Tensor& x,
@@ -232,8 +229,8 @@ std::tuple<at::Tensor, at::Tensor> segments_forward(const char* op, ExpertLoop f
                                                     const at::Tensor& b2,
                                                     const std::optional<at::Tensor>& expert_offsets,
                                                     Activation activation, const Sizes& sizes) {
-  const std::vector<int64_t> offsets = sizes.padded ? padded_offsets(sizes.experts, x.size(1))
-                                                    : host_offsets(op, *expert_offsets, sizes.rows);
+  const std::vector<int64_t> offsets =
+      sizes.padded ? padded_offsets(sizes.experts, x.size(1)) : host_offsets(op, *expert_offsets, sizes.rows);
   at::Tensor y = at::empty(x.sizes(), x.options());
   at::Tensor pre = at::empty({sizes.rows, sizes.pre_width}, x.options());
   const at::Tensor x_rows = x.view({sizes.rows, sizes.dim});
@@ -262,10 +259,10 @@ std::tuple<at::Tensor, at::Tensor> segments_forward(const char* op, ExpertLoop f
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segments_backward(
     const char* op, ExpertLoop for_each_expert, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
-    const at::Tensor& w2, const at::Tensor& pre, const std::optional<at::Tensor>& expert_offsets,
-    Activation activation, const Sizes& sizes) {
-  const std::vector<int64_t> offsets = sizes.padded ? padded_offsets(sizes.experts, x.size(1))
-                                                    : host_offsets(op, *expert_offsets, sizes.rows);
+    const at::Tensor& w2, const at::Tensor& pre, const std::optional<at::Tensor>& expert_offsets, Activation activation,
+    const Sizes& sizes) {
+  const std::vector<int64_t> offsets =
+      sizes.padded ? padded_offsets(sizes.experts, x.size(1)) : host_offsets(op, *expert_offsets, sizes.rows);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_w1 = at::empty(w1.sizes(), x.options());
   at::Tensor grad_b1 = at::empty({sizes.experts, sizes.pre_width}, x.options());
@@ -295,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segments_
       const int64_t count = std::min(block, rows - row);
       at::Tensor grad_pre_block = grad_pre.narrow(0, row, count);
       at::Tensor hidden_block = hidden_e.narrow(0, row, count);
-      activation_backward(grad_hidden.narrow(0, row, count), pre_e.narrow(0, row, count), grad_pre_block,
-                          hidden_block, activation);
+      activation_backward(grad_hidden.narrow(0, row, count), pre_e.narrow(0, row, count), grad_pre_block, hidden_block,
+                          activation);
     }
     const at::Tensor x_e = x_rows.narrow(0, start, rows);
     at::Tensor grad_w2_e = grad_w2[e];

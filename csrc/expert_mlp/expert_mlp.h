@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_exper
 // and rounded once.
 void bias_activation_(at::Tensor& pre, const at::Tensor& bias, at::Tensor& hidden, Activation activation);
 // hidden = act(pre), grad_pre = grad_hidden * act'(pre), over a block of rows.
-void activation_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, at::Tensor& grad_pre,
-                         at::Tensor& hidden, Activation activation);
+void activation_backward(const at::Tensor& grad_hidden, const at::Tensor& pre, at::Tensor& grad_pre, at::Tensor& hidden,
+                         Activation activation);
 
 // The per-expert GEMM loop over row segments [offsets[e], offsets[e + 1]) of the rows, with the offsets on the
 // host (read and validated there: offsets[0] = 0, non-decreasing, offsets[E] = M; the padded layout is segments
@@ -94,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> segments_forward(const char* op, ExpertLoop f
                                                     Activation activation, const Sizes& sizes);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> segments_backward(
     const char* op, ExpertLoop for_each_expert, const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w1,
-    const at::Tensor& w2, const at::Tensor& pre, const std::optional<at::Tensor>& expert_offsets,
-    Activation activation, const Sizes& sizes);
+    const at::Tensor& w2, const at::Tensor& pre, const std::optional<at::Tensor>& expert_offsets, Activation activation,
+    const Sizes& sizes);
 
 namespace cpu {
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,

@@ -28,9 +28,8 @@ void for_each_expert_parallel(const std::vector<int64_t>& offsets, c10::function
   const int64_t num_experts = static_cast<int64_t>(offsets.size()) - 1;
   std::vector<int64_t> largest_first(num_experts);
   std::iota(largest_first.begin(), largest_first.end(), 0);
-  std::stable_sort(largest_first.begin(), largest_first.end(), [&](int64_t a, int64_t b) {
-    return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b];
-  });
+  std::stable_sort(largest_first.begin(), largest_first.end(),
+                   [&](int64_t a, int64_t b) { return offsets[a + 1] - offsets[a] > offsets[b + 1] - offsets[b]; });
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_experts);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {

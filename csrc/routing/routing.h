@@ -17,8 +17,8 @@
 namespace visionmoe::routing {
 
 // (sorted_token, sorted_expert, slot, offsets, order, flat_index, token_offsets, token_rows)
-using PlanTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor>;
+using PlanTuple =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The plan's tensors, allocated by the host code and filled by a backend.
 struct PlanOutputs {

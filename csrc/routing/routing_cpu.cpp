@@ -169,8 +169,8 @@ void topk_route_impl(const scalar_t* scores, int64_t G, int64_t T, int64_t E, in
 }
 
 template <typename scalar_t>
-void select_top_tokens_impl(const scalar_t* scores, int64_t num_groups, int64_t tokens_per_group,
-                            int64_t num_experts, int64_t capacity, int64_t* tokens) {
+void select_top_tokens_impl(const scalar_t* scores, int64_t num_groups, int64_t tokens_per_group, int64_t num_experts,
+                            int64_t capacity, int64_t* tokens) {
   using opmath_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, num_groups * num_experts, 1, [&](int64_t begin, int64_t end) {
     std::vector<std::pair<opmath_t, int64_t>> column(tokens_per_group);
@@ -203,8 +203,8 @@ void topk_route(const at::Tensor& scores, int64_t k, bool batch_priority, PlanOu
 
 void select_top_tokens(const at::Tensor& scores, int64_t capacity, at::Tensor& tokens) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "visionmoe_select_tokens_cpu", [&] {
-    select_top_tokens_impl<scalar_t>(scores.const_data_ptr<scalar_t>(), scores.size(0), scores.size(1),
-                                     scores.size(2), capacity, tokens.mutable_data_ptr<int64_t>());
+    select_top_tokens_impl<scalar_t>(scores.const_data_ptr<scalar_t>(), scores.size(0), scores.size(1), scores.size(2),
+                                     capacity, tokens.mutable_data_ptr<int64_t>());
   });
 }
 

@@ -2,9 +2,9 @@
 // (k <= kMaxK), ties to the lower expert index. Grouping and ordering are ATen steps in routing.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -64,9 +64,9 @@ void select_topk(const at::Tensor& scores, int64_t k, at::Tensor& experts, at::T
   const auto blocks = static_cast<unsigned>((num_tokens + threads - 1) / threads);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "visionmoe_select_topk_cuda", [&] {
-    select_topk_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        scores.const_data_ptr<scalar_t>(), num_tokens, scores.size(2), k, experts.mutable_data_ptr<int64_t>(),
-        top_score.mutable_data_ptr<scalar_t>());
+    select_topk_kernel<scalar_t><<<blocks, threads, 0, stream>>>(scores.const_data_ptr<scalar_t>(), num_tokens,
+                                                                 scores.size(2), k, experts.mutable_data_ptr<int64_t>(),
+                                                                 top_score.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

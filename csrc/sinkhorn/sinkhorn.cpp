@@ -38,8 +38,8 @@ void check_finite(const at::Tensor& logits) {
 void check_potentials(const at::Tensor& potentials, const char* name, const char* length_letter, int64_t groups,
                       int64_t length, at::ScalarType dtype, const at::Tensor& logits) {
   TORCH_CHECK_VALUE(potentials.dim() == 3 && potentials.size(0) == groups && potentials.size(2) == length,
-                    "sinkhorn_backward: ", name, " must have shape [G, K, ", length_letter, "] = [", groups, ", K, ", length,
-                    "], got ", potentials.sizes());
+                    "sinkhorn_backward: ", name, " must have shape [G, K, ", length_letter, "] = [", groups, ", K, ",
+                    length, "], got ", potentials.sizes());
   TORCH_CHECK_TYPE(potentials.scalar_type() == dtype, "sinkhorn_backward: ", name, " must have dtype ", dtype,
                    " (the opmath type of logits' ", logits.scalar_type(), "), got ", potentials.scalar_type());
   check_device("sinkhorn_backward", name, potentials, "logits", logits);
@@ -77,8 +77,9 @@ at::Tensor run_sinkhorn_backward(BackwardKernel kernel, const at::Tensor& grad_i
   SinkhornShape shape = check_logits(op, logits_in);
   TORCH_CHECK_VALUE(grad_in.sizes() == logits_in.sizes(), op, ": grad_log_plan must have the shape of logits (",
                     logits_in.sizes(), "), got ", grad_in.sizes());
-  TORCH_CHECK_TYPE(grad_in.scalar_type() == logits_in.scalar_type(), op, ": grad_log_plan must have the dtype of logits (",
-                   logits_in.scalar_type(), "), got ", grad_in.scalar_type());
+  TORCH_CHECK_TYPE(grad_in.scalar_type() == logits_in.scalar_type(), op,
+                   ": grad_log_plan must have the dtype of logits (", logits_in.scalar_type(), "), got ",
+                   grad_in.scalar_type());
   check_device(op, "grad_log_plan", grad_in, "logits", logits_in);
   const at::ScalarType potential_dtype = at::toOpMathType(logits_in.scalar_type());
   check_potentials(row_in, "row_potentials", "T", shape.groups, shape.tokens, potential_dtype, logits_in);

@@ -270,9 +270,8 @@ void backward_impl(const SinkhornShape& shape, const scalar_t* grad_log_plan, co
             }
           }
           for (int64_t e = 0; e < E; ++e) grad_row[e] -= column_term[e];
-          const opmath_t a_u =
-              (k == K - 1 ? sum_of<opmath_t>(grad_log_plan + (g * T + t) * E, E) : opmath_t(0)) -
-              sum_of<opmath_t>(column_term.data(), E);
+          const opmath_t a_u = (k == K - 1 ? sum_of<opmath_t>(grad_log_plan + (g * T + t) * E, E) : opmath_t(0)) -
+                               sum_of<opmath_t>(column_term.data(), E);
           // Row step: dL_te -= a_u_t P_te, and a_v'_e -= a_u_t P_te summed over the tokens.
           for (int64_t e = 0; e < E; ++e) {
             const opmath_t term = a_u * row_plan[e];
@@ -312,8 +311,7 @@ void backward(const SinkhornShape& shape, const at::Tensor& grad_log_plan, const
     using opmath_t = at::opmath_type<scalar_t>;
     backward_impl<scalar_t>(shape, grad_log_plan.const_data_ptr<scalar_t>(), logits.const_data_ptr<scalar_t>(),
                             row_max.const_data_ptr<opmath_t>(), row_potentials.const_data_ptr<opmath_t>(),
-                            column_potentials.const_data_ptr<opmath_t>(),
-                            grad_logits.mutable_data_ptr<scalar_t>());
+                            column_potentials.const_data_ptr<opmath_t>(), grad_logits.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -91,8 +91,8 @@ struct ChunkGrid {
 template <typename scalar_t, typename opmath_t>
 __global__ void forward_chunk_kernel(ChunkGrid grid, int64_t k, const scalar_t* __restrict__ logits,
                                      const opmath_t* __restrict__ row_max, opmath_t* __restrict__ row_potentials,
-                                     const opmath_t* __restrict__ column_potentials,
-                                     opmath_t* __restrict__ chunk_max, opmath_t* __restrict__ chunk_sum) {
+                                     const opmath_t* __restrict__ column_potentials, opmath_t* __restrict__ chunk_max,
+                                     opmath_t* __restrict__ chunk_sum) {
   __shared__ opmath_t chunk_u[kChunkRows];
   __shared__ opmath_t chunk_m[kChunkRows];
   __shared__ opmath_t warp_max[kWarps][kWarp];
@@ -146,8 +146,7 @@ __global__ void forward_chunk_kernel(ChunkGrid grid, int64_t k, const scalar_t* 
 template <typename opmath_t>
 __global__ void merge_columns_kernel(int64_t groups, int64_t experts, int64_t iterations, int64_t chunks_per_group,
                                      int64_t k, opmath_t log_column_mass, const opmath_t* __restrict__ chunk_max,
-                                     const opmath_t* __restrict__ chunk_sum,
-                                     opmath_t* __restrict__ column_potentials) {
+                                     const opmath_t* __restrict__ chunk_sum, opmath_t* __restrict__ column_potentials) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= groups * experts) return;
   const int64_t g = i / experts, e = i % experts;
@@ -208,8 +207,7 @@ __global__ void backward_init_kernel(ChunkGrid grid, const scalar_t* __restrict_
 template <typename scalar_t, typename opmath_t>
 __global__ void backward_chunk_kernel(ChunkGrid grid, int64_t k, opmath_t log_column_mass,
                                       const scalar_t* __restrict__ grad_log_plan, const scalar_t* __restrict__ logits,
-                                      const opmath_t* __restrict__ row_max,
-                                      const opmath_t* __restrict__ row_potentials,
+                                      const opmath_t* __restrict__ row_max, const opmath_t* __restrict__ row_potentials,
                                       const opmath_t* __restrict__ column_potentials,
                                       const opmath_t* __restrict__ column_adjoint, opmath_t* __restrict__ grad,
                                       opmath_t* __restrict__ chunk_partial) {
@@ -301,8 +299,9 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const ChunkGrid grid = make_grid(shape);
   const int64_t num_chunks = shape.groups * grid.chunks_per_group;
-  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(), "sinkhorn: logits has too many tokens (G * T = ",
-                    shape.groups * shape.tokens, ") for one CUDA launch");
+  TORCH_CHECK_VALUE(num_chunks <= std::numeric_limits<int32_t>::max(),
+                    "sinkhorn: logits has too many tokens (G * T = ", shape.groups * shape.tokens,
+                    ") for one CUDA launch");
   const at::Tensor chunk_max = at::empty({num_chunks, shape.experts}, row_potentials.options());
   const at::Tensor chunk_sum = at::empty({num_chunks, shape.experts}, row_potentials.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "visionmoe_sinkhorn_cuda", [&] {
@@ -311,15 +310,14 @@ void forward(const SinkhornShape& shape, const at::Tensor& logits, const at::Ten
     for (int64_t k = 0; k < shape.iterations; ++k) {
       forward_chunk_kernel<scalar_t, opmath_t><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
           grid, k, logits.const_data_ptr<scalar_t>(), row_max.const_data_ptr<opmath_t>(),
-          row_potentials.mutable_data_ptr<opmath_t>(),
-          column_potentials.const_data_ptr<opmath_t>(), chunk_max.mutable_data_ptr<opmath_t>(),
-          chunk_sum.mutable_data_ptr<opmath_t>());
+          row_potentials.mutable_data_ptr<opmath_t>(), column_potentials.const_data_ptr<opmath_t>(),
+          chunk_max.mutable_data_ptr<opmath_t>(), chunk_sum.mutable_data_ptr<opmath_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      merge_columns_kernel<opmath_t><<<blocks_for(shape.groups * shape.experts, kMergeThreads), kMergeThreads, 0,
-                                       stream>>>(
-          shape.groups, shape.experts, shape.iterations, grid.chunks_per_group, k, column_mass,
-          chunk_max.const_data_ptr<opmath_t>(), chunk_sum.const_data_ptr<opmath_t>(),
-          column_potentials.mutable_data_ptr<opmath_t>());
+      merge_columns_kernel<opmath_t>
+          <<<blocks_for(shape.groups * shape.experts, kMergeThreads), kMergeThreads, 0, stream>>>(
+              shape.groups, shape.experts, shape.iterations, grid.chunks_per_group, k, column_mass,
+              chunk_max.const_data_ptr<opmath_t>(), chunk_sum.const_data_ptr<opmath_t>(),
+              column_potentials.mutable_data_ptr<opmath_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     log_plan_kernel<scalar_t, opmath_t><<<elementwise_blocks(logits.numel()), 256, 0, stream>>>(

@@ -48,9 +48,10 @@ void check_dispatch_inputs(const char* op, const at::Tensor& x, const at::Tensor
   TORCH_CHECK_VALUE(logits.size(0) == x.size(0) && logits.size(1) == x.size(1), op,
                     ": logits must have shape [G, T, S] = [", x.size(0), ", ", x.size(1),
                     ", S] to match x [G, T, D], got ", logits.sizes());
-  TORCH_CHECK_VALUE(x.size(1) > 0 || x.size(0) == 0 || logits.size(2) == 0, op,
-                    ": x has no tokens (T = 0), so the softmax over tokens that gives each slot its dispatch weights is "
-                    "undefined");
+  TORCH_CHECK_VALUE(
+      x.size(1) > 0 || x.size(0) == 0 || logits.size(2) == 0, op,
+      ": x has no tokens (T = 0), so the softmax over tokens that gives each slot its dispatch weights is "
+      "undefined");
 }
 
 // y [G, S, D] and logits [G, T, S].
@@ -66,8 +67,8 @@ void check_combine_inputs(const char* op, const at::Tensor& y, const at::Tensor&
                     "undefined");
 }
 
-void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape,
-                const char* like_name, const at::Tensor& like) {
+void check_grad(const char* op, const char* name, const at::Tensor& grad, at::IntArrayRef shape, const char* like_name,
+                const at::Tensor& like) {
   TORCH_CHECK_VALUE(grad.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", grad.sizes());
   check_like(op, name, grad, like_name, like);
 }

@@ -25,12 +25,14 @@ Reduction parse_reduction(const char* op, c10::string_view name) {
 TeacherFormat parse_teacher_format(const char* op, c10::string_view name) {
   if (name == "probabilities") return TeacherFormat::kProbabilities;
   if (name == "logits") return TeacherFormat::kLogits;
-  TORCH_CHECK_VALUE(false, op, ": teacher_format must be \"probabilities\" or \"logits\", got \"", std::string(name), "\"");
+  TORCH_CHECK_VALUE(false, op, ": teacher_format must be \"probabilities\" or \"logits\", got \"", std::string(name),
+                    "\"");
 }
 
 LossShape check_inputs(const char* op, const at::Tensor& student_logits, const at::Tensor& teacher,
                        c10::string_view reduction, c10::string_view teacher_format) {
-  TORCH_CHECK_VALUE(student_logits.dim() == 2, op, ": student_logits must have shape [T, E], got ", student_logits.sizes());
+  TORCH_CHECK_VALUE(student_logits.dim() == 2, op, ": student_logits must have shape [T, E], got ",
+                    student_logits.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(student_logits.scalar_type()), op,
                    ": student_logits must be a floating-point tensor, got ", student_logits.scalar_type());
   TORCH_CHECK_VALUE(student_logits.size(1) >= 1, op, ": student_logits must have E >= 1 experts, got shape ",
@@ -73,8 +75,9 @@ int64_t teacher_lse_length(const LossShape& shape) {
   }
   for (int64_t e = 0; e < shape.experts; ++e) {
     if (shape.teacher_format == TeacherFormat::kLogits) {
-      TORCH_CHECK_VALUE(std::isfinite(p[e]), op, ": teacher must be finite logits (teacher_format=\"logits\"), got teacher[",
-                        token, ", ", e, "] = ", p[e]);
+      TORCH_CHECK_VALUE(std::isfinite(p[e]), op,
+                        ": teacher must be finite logits (teacher_format=\"logits\"), got teacher[", token, ", ", e,
+                        "] = ", p[e]);
     } else {
       TORCH_CHECK_VALUE(std::isfinite(p[e]) && p[e] >= 0, op,
                         ": teacher must hold probabilities, finite and >= 0 (teacher_format=\"probabilities\"), got "
@@ -122,7 +125,8 @@ at::Tensor run_teacher_routing_loss_backward(BackwardKernel kernel, const at::Te
   const auto check_saved = [&](const at::Tensor& tensor, const char* name, at::IntArrayRef sizes) {
     TORCH_CHECK_VALUE(tensor.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", tensor.sizes());
     TORCH_CHECK_TYPE(tensor.scalar_type() == opmath_dtype, op, ": ", name, " must have dtype ", opmath_dtype,
-                     " (the opmath type of student_logits' ", student_in.scalar_type(), "), got ", tensor.scalar_type());
+                     " (the opmath type of student_logits' ", student_in.scalar_type(), "), got ",
+                     tensor.scalar_type());
     check_device(op, name, tensor, "student_logits", student_in);
   };
   check_saved(grad_in, "grad_loss", loss_sizes(shape));

@@ -39,12 +39,11 @@ struct LossShape {
 
 // Backend kernels, with the signatures below; a forward kernel returns the first token whose input it found
 // invalid (see cpu::forward), or -1.
-using ForwardKernel = int64_t (*)(const LossShape& shape, const at::Tensor& student_logits,
-                                  const at::Tensor& teacher, at::Tensor& loss, at::Tensor& student_lse,
-                                  at::Tensor& teacher_lse);
+using ForwardKernel = int64_t (*)(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
+                                  at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse);
 using BackwardKernel = void (*)(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                                const at::Tensor& teacher, const at::Tensor& student_lse,
-                                const at::Tensor& teacher_lse, at::Tensor& grad_student_logits);
+                                const at::Tensor& teacher, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
+                                at::Tensor& grad_student_logits);
 
 // Operator bodies shared by the backends (teacher_routing.cpp): argument checks, output allocation and the
 // empty case, then `kernel` under a guard for the inputs' device. Each backend file passes its own kernel and
@@ -65,8 +64,8 @@ at::Tensor run_teacher_routing_loss_backward(BackwardKernel kernel, const at::Te
 namespace cpu {
 // Returns the first token whose loss is not finite or whose teacher probabilities include a negative one, or
 // -1 when there is none: the host code then finds the offending entry and reports it.
-int64_t forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
-                at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse);
+int64_t forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher, at::Tensor& loss,
+                at::Tensor& student_lse, at::Tensor& teacher_lse);
 void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
               const at::Tensor& teacher, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
               at::Tensor& grad_student_logits);

@@ -48,9 +48,18 @@ const opmath_t* opmath_row(const scalar_t* row, int64_t experts, opmath_t* buffe
 template <typename opmath_t>
 struct Buffers {
   Buffers(int64_t experts, int64_t chunk_rows)
-      : student(experts), teacher(experts), grad(experts), student_max(chunk_rows), teacher_max(chunk_rows),
-        student_sum(chunk_rows), teacher_sum(chunk_rows), cross(chunk_rows), kl(chunk_rows), negative(chunk_rows),
-        student_block(experts < kLanes ? experts * kLanes : 0), teacher_block(student_block.size()) {}
+      : student(experts),
+        teacher(experts),
+        grad(experts),
+        student_max(chunk_rows),
+        teacher_max(chunk_rows),
+        student_sum(chunk_rows),
+        teacher_sum(chunk_rows),
+        cross(chunk_rows),
+        kl(chunk_rows),
+        negative(chunk_rows),
+        student_block(experts < kLanes ? experts * kLanes : 0),
+        teacher_block(student_block.size()) {}
   std::vector<opmath_t> student, teacher, grad;
   std::vector<opmath_t> student_max, teacher_max, student_sum, teacher_sum, cross, kl;
   std::vector<int> negative;
@@ -322,50 +331,51 @@ VISIONMOE_CPU_CLONES void backward_rows(const BackwardRows<scalar_t>& rows, int6
 
 }  // namespace
 
-int64_t forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher,
-                at::Tensor& loss, at::Tensor& student_lse, at::Tensor& teacher_lse) {
+int64_t forward(const LossShape& shape, const at::Tensor& student_logits, const at::Tensor& teacher, at::Tensor& loss,
+                at::Tensor& student_lse, at::Tensor& teacher_lse) {
   int64_t invalid_token = -1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(),
-                                  "visionmoe_teacher_routing_loss_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const bool per_token = shape.reduction == Reduction::kNone;
-    const ForwardRows<scalar_t> rows{shape.experts,
-                                     shape.teacher_format == TeacherFormat::kLogits,
-                                     student_logits.const_data_ptr<scalar_t>(),
-                                     teacher.const_data_ptr<scalar_t>(),
-                                     per_token ? loss.mutable_data_ptr<opmath_t>() : nullptr,
-                                     student_lse.mutable_data_ptr<opmath_t>(),
-                                     teacher_lse.mutable_data_ptr<opmath_t>()};
-    invalid_token = forward_impl(shape, rows, loss.mutable_data_ptr<opmath_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student_logits.scalar_type(), "visionmoe_teacher_routing_loss_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const bool per_token = shape.reduction == Reduction::kNone;
+        const ForwardRows<scalar_t> rows{shape.experts,
+                                         shape.teacher_format == TeacherFormat::kLogits,
+                                         student_logits.const_data_ptr<scalar_t>(),
+                                         teacher.const_data_ptr<scalar_t>(),
+                                         per_token ? loss.mutable_data_ptr<opmath_t>() : nullptr,
+                                         student_lse.mutable_data_ptr<opmath_t>(),
+                                         teacher_lse.mutable_data_ptr<opmath_t>()};
+        invalid_token = forward_impl(shape, rows, loss.mutable_data_ptr<opmath_t>());
+      });
   return invalid_token;
 }
 
 void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
               const at::Tensor& teacher, const at::Tensor& student_lse, const at::Tensor& teacher_lse,
               at::Tensor& grad_student_logits) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(),
-                                  "visionmoe_teacher_routing_loss_bwd_cpu", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t* grad = grad_loss.const_data_ptr<opmath_t>();
-    const bool per_token = shape.reduction == Reduction::kNone;
-    const opmath_t shared_grad = per_token ? opmath_t(0)
-                                 : shape.reduction == Reduction::kMean ? grad[0] / static_cast<opmath_t>(shape.tokens)
-                                                                       : grad[0];
-    const BackwardRows<scalar_t> rows{shape.experts,
-                                      shape.teacher_format == TeacherFormat::kLogits,
-                                      per_token ? grad : nullptr,
-                                      shared_grad,
-                                      student_logits.const_data_ptr<scalar_t>(),
-                                      teacher.const_data_ptr<scalar_t>(),
-                                      student_lse.const_data_ptr<opmath_t>(),
-                                      teacher_lse.const_data_ptr<opmath_t>(),
-                                      grad_student_logits.mutable_data_ptr<scalar_t>()};
-    at::parallel_for(0, shape.tokens, rows_per_chunk(shape), [&](int64_t begin, int64_t end) {
-      Buffers<opmath_t> buffers(shape.experts, 0);
-      backward_rows(rows, begin, end, buffers);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student_logits.scalar_type(), "visionmoe_teacher_routing_loss_bwd_cpu", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const opmath_t* grad = grad_loss.const_data_ptr<opmath_t>();
+        const bool per_token = shape.reduction == Reduction::kNone;
+        const opmath_t shared_grad = per_token ? opmath_t(0)
+                                     : shape.reduction == Reduction::kMean
+                                         ? grad[0] / static_cast<opmath_t>(shape.tokens)
+                                         : grad[0];
+        const BackwardRows<scalar_t> rows{shape.experts,
+                                          shape.teacher_format == TeacherFormat::kLogits,
+                                          per_token ? grad : nullptr,
+                                          shared_grad,
+                                          student_logits.const_data_ptr<scalar_t>(),
+                                          teacher.const_data_ptr<scalar_t>(),
+                                          student_lse.const_data_ptr<opmath_t>(),
+                                          teacher_lse.const_data_ptr<opmath_t>(),
+                                          grad_student_logits.mutable_data_ptr<scalar_t>()};
+        at::parallel_for(0, shape.tokens, rows_per_chunk(shape), [&](int64_t begin, int64_t end) {
+          Buffers<opmath_t> buffers(shape.experts, 0);
+          backward_rows(rows, begin, end, buffers);
+        });
+      });
 }
 
 }  // namespace visionmoe::teacher_routing::cpu
@@ -373,18 +383,19 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
 namespace visionmoe::teacher_routing {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher, c10::string_view reduction,
-    c10::string_view teacher_format) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cpu(const at::Tensor& student_logits,
+                                                                        const at::Tensor& teacher,
+                                                                        c10::string_view reduction,
+                                                                        c10::string_view teacher_format) {
   return run_teacher_routing_loss(&cpu::forward, student_logits, teacher, reduction, teacher_format);
 }
 
 at::Tensor teacher_routing_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                                              const at::Tensor& teacher, const at::Tensor& student_lse,
-                                              const at::Tensor& teacher_lse, c10::string_view reduction,
-                                              c10::string_view teacher_format) {
-  return run_teacher_routing_loss_backward(&cpu::backward, grad_loss, student_logits, teacher, student_lse,
-                                           teacher_lse, reduction, teacher_format);
+                                             const at::Tensor& teacher, const at::Tensor& student_lse,
+                                             const at::Tensor& teacher_lse, c10::string_view reduction,
+                                             c10::string_view teacher_format) {
+  return run_teacher_routing_loss_backward(&cpu::backward, grad_loss, student_logits, teacher, student_lse, teacher_lse,
+                                           reduction, teacher_format);
 }
 
 }  // namespace

@@ -99,7 +99,7 @@ __global__ void forward_kernel(Rows rows, const scalar_t* __restrict__ student_l
       if (row_loss != nullptr) row_loss[t] = kl;
     }
   }
-  if (block_partial != nullptr) {  // the same for the whole grid
+  if (block_partial != nullptr) {                            // the same for the whole grid
     if (lane == 0) warp_loss[threadIdx.x / kWarpSize] = kl;  // 0 for warps past the last token
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -158,8 +158,8 @@ __global__ void backward_kernel(Rows rows, bool per_token, opmath_t grad_scale, 
 
 unsigned row_blocks(const LossShape& shape, const char* op) {
   const int64_t blocks = (shape.tokens + kWarps - 1) / kWarps;
-  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op, ": student_logits has too many tokens (T = ",
-                    shape.tokens, ") for one CUDA launch");
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), op,
+                    ": student_logits has too many tokens (T = ", shape.tokens, ") for one CUDA launch");
   return static_cast<unsigned>(blocks);
 }
 
@@ -175,24 +175,24 @@ void forward(const LossShape& shape, const at::Tensor& student_logits, const at:
   const unsigned blocks = row_blocks(shape, "teacher_routing_loss");
   const bool per_token = shape.reduction == Reduction::kNone;
   const at::Tensor block_partial = per_token ? at::Tensor() : at::empty({int64_t(blocks)}, loss.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(),
-                                  "visionmoe_teacher_routing_loss_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    opmath_t* partial = per_token ? nullptr : block_partial.mutable_data_ptr<opmath_t>();
-    forward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-        make_rows(shape), student_logits.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
-        per_token ? loss.mutable_data_ptr<opmath_t>() : nullptr, partial, student_lse.mutable_data_ptr<opmath_t>(),
-        shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.mutable_data_ptr<opmath_t>() : nullptr,
-        reinterpret_cast<unsigned long long*>(first_invalid_token.mutable_data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!per_token) {
-      const opmath_t scale =
-          shape.reduction == Reduction::kMean ? opmath_t(1) / static_cast<opmath_t>(shape.tokens) : opmath_t(1);
-      reduce_partials_kernel<opmath_t><<<1, kReduceThreads, 0, stream>>>(int64_t(blocks), partial, scale,
-                                                                          loss.mutable_data_ptr<opmath_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student_logits.scalar_type(), "visionmoe_teacher_routing_loss_cuda", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        opmath_t* partial = per_token ? nullptr : block_partial.mutable_data_ptr<opmath_t>();
+        forward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
+            make_rows(shape), student_logits.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+            per_token ? loss.mutable_data_ptr<opmath_t>() : nullptr, partial, student_lse.mutable_data_ptr<opmath_t>(),
+            shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.mutable_data_ptr<opmath_t>() : nullptr,
+            reinterpret_cast<unsigned long long*>(first_invalid_token.mutable_data_ptr<int64_t>()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (!per_token) {
+          const opmath_t scale =
+              shape.reduction == Reduction::kMean ? opmath_t(1) / static_cast<opmath_t>(shape.tokens) : opmath_t(1);
+          reduce_partials_kernel<opmath_t>
+              <<<1, kReduceThreads, 0, stream>>>(int64_t(blocks), partial, scale, loss.mutable_data_ptr<opmath_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
 }
 
 void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Tensor& student_logits,
@@ -201,19 +201,19 @@ void backward(const LossShape& shape, const at::Tensor& grad_loss, const at::Ten
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = row_blocks(shape, "teacher_routing_loss_backward");
   const bool per_token = shape.reduction == Reduction::kNone;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student_logits.scalar_type(),
-                                  "visionmoe_teacher_routing_loss_bwd_cuda", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t grad_scale =
-        shape.reduction == Reduction::kMean ? opmath_t(1) / static_cast<opmath_t>(shape.tokens) : opmath_t(1);
-    backward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-        make_rows(shape), per_token, grad_scale, grad_loss.const_data_ptr<opmath_t>(),
-        student_logits.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
-        student_lse.const_data_ptr<opmath_t>(),
-        shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.const_data_ptr<opmath_t>() : nullptr,
-        grad_student_logits.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student_logits.scalar_type(), "visionmoe_teacher_routing_loss_bwd_cuda", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        const opmath_t grad_scale =
+            shape.reduction == Reduction::kMean ? opmath_t(1) / static_cast<opmath_t>(shape.tokens) : opmath_t(1);
+        backward_kernel<scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
+            make_rows(shape), per_token, grad_scale, grad_loss.const_data_ptr<opmath_t>(),
+            student_logits.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(),
+            student_lse.const_data_ptr<opmath_t>(),
+            shape.teacher_format == TeacherFormat::kLogits ? teacher_lse.const_data_ptr<opmath_t>() : nullptr,
+            grad_student_logits.mutable_data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace visionmoe::teacher_routing::cuda
@@ -232,9 +232,10 @@ int64_t forward_validated(const LossShape& shape, const at::Tensor& student_logi
   return token == kNone ? -1 : token;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cuda(
-    const at::Tensor& student_logits, const at::Tensor& teacher, c10::string_view reduction,
-    c10::string_view teacher_format) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> teacher_routing_loss_cuda(const at::Tensor& student_logits,
+                                                                         const at::Tensor& teacher,
+                                                                         c10::string_view reduction,
+                                                                         c10::string_view teacher_format) {
   return run_teacher_routing_loss(&forward_validated, student_logits, teacher, reduction, teacher_format);
 }
 

@@ -27,8 +27,8 @@ void check_operand(const char* op, const char* name, const char* letters, const 
                    std::array<int64_t, 4> expected, const char* why, const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.dim() == 4, op, ": ", name, " must have shape ", letters, ", got ", t.sizes());
   for (int64_t i = 0; i < 4; ++i) {
-    TORCH_CHECK_VALUE(expected[i] < 0 || t.size(i) == expected[i], op, ": ", name, " must have shape ", letters, " ", why,
-                      ", got ", t.sizes(), " (dimension ", i, " must be ", expected[i], ")");
+    TORCH_CHECK_VALUE(expected[i] < 0 || t.size(i) == expected[i], op, ": ", name, " must have shape ", letters, " ",
+                      why, ", got ", t.sizes(), " (dimension ", i, " must be ", expected[i], ")");
   }
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (", q.scalar_type(),
                    "), got ", t.scalar_type());
@@ -41,8 +41,9 @@ WhatWhereShape check_inputs(const char* op, const at::Tensor& q, const at::Tenso
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must have shape [B, H, N, dh], got ", q.sizes());
   TORCH_CHECK_TYPE(is_supported_dtype(q.scalar_type()), op, ": q must be float32, float64, float16 or bfloat16, got ",
                    q.scalar_type());
-  TORCH_CHECK_VALUE(q.size(3) >= 1, op, ": q must have dh >= 1 features per head (the logits are scaled by 1 / sqrt(dh)), ",
-                    "got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.size(3) >= 1, op,
+                    ": q must have dh >= 1 features per head (the logits are scaled by 1 / sqrt(dh)), ", "got shape ",
+                    q.sizes());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), dh = q.size(3);
   check_operand(op, "k", "[B, H, S, dh]", k, {B, H, -1, dh}, "with B, H and dh of q [B, H, N, dh]", q);
   check_operand(op, "v_tokens", "[B, H, N, dv]", v_tokens, {B, H, N, -1}, "with B, H and N of q [B, H, N, dh]", q);
@@ -81,8 +82,8 @@ at::Tensor flat_heads(const at::Tensor& t) { return t.contiguous().flatten(0, 1)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention(
-    ForwardKernel kernel, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in,
-    const at::Tensor& where_in) {
+    ForwardKernel kernel, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_tokens_in,
+    const at::Tensor& v_slots_in, const at::Tensor& where_in) {
   constexpr const char* op = "whatwhere_attention";
   const WhatWhereShape shape = check_inputs(op, q_in, k_in, v_tokens_in, v_slots_in);
   check_logits_like(op, "where", where_in, q_in, shape);
@@ -109,17 +110,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatw
   at::Tensor token_update_flat = token_update.flatten(0, 1), slot_update_flat = slot_update.flatten(0, 1);
   at::Tensor logits_flat = logits.flatten(0, 1);
   at::Tensor token_logsumexp_flat = token_logsumexp.flatten(0, 1), slot_logsumexp_flat = slot_logsumexp.flatten(0, 1);
-  const ForwardTensors tensors{q, k, v_tokens, v_slots, where, token_update_flat, slot_update_flat, logits_flat,
-                               token_logsumexp_flat, slot_logsumexp_flat};
+  const ForwardTensors tensors{q,
+                               k,
+                               v_tokens,
+                               v_slots,
+                               where,
+                               token_update_flat,
+                               slot_update_flat,
+                               logits_flat,
+                               token_logsumexp_flat,
+                               slot_logsumexp_flat};
   kernel(shape, tensors);
   return {token_update, slot_update, logits, token_logsumexp, slot_logsumexp};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatwhere_attention_backward(
-    BackwardKernel kernel, const std::optional<at::Tensor>& grad_token_update_in, const std::optional<at::Tensor>& grad_slot_update_in,
-    const std::optional<at::Tensor>& grad_logits_in, const at::Tensor& q_in, const at::Tensor& k_in,
-    const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in, const at::Tensor& logits_in,
-    const at::Tensor& token_logsumexp_in, const at::Tensor& slot_logsumexp_in) {
+    BackwardKernel kernel, const std::optional<at::Tensor>& grad_token_update_in,
+    const std::optional<at::Tensor>& grad_slot_update_in, const std::optional<at::Tensor>& grad_logits_in,
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_tokens_in, const at::Tensor& v_slots_in,
+    const at::Tensor& logits_in, const at::Tensor& token_logsumexp_in, const at::Tensor& slot_logsumexp_in) {
   constexpr const char* op = "whatwhere_attention_backward";
   const WhatWhereShape shape = check_inputs(op, q_in, k_in, v_tokens_in, v_slots_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), N = shape.tokens, S = shape.slots, dv = shape.value_dim;
@@ -130,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatw
   const bool has_grad_slot_update = grad_slot_update_in.has_value() && grad_slot_update_in->defined();
   const bool has_grad_logits = grad_logits_in.has_value() && grad_logits_in->defined();
   if (has_grad_token_update) {
-    check_operand(op, "grad_token_update", "[B, H, N, dv]", *grad_token_update_in, {B, H, N, dv},
-                  "like token_update", q_in);
+    check_operand(op, "grad_token_update", "[B, H, N, dv]", *grad_token_update_in, {B, H, N, dv}, "like token_update",
+                  q_in);
   }
   if (has_grad_slot_update) {
     check_operand(op, "grad_slot_update", "[B, H, S, dv]", *grad_slot_update_in, {B, H, S, dv}, "like slot_update",
@@ -158,10 +167,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_whatw
   at::Tensor grad_q_flat = grad_q.flatten(0, 1), grad_k_flat = grad_k.flatten(0, 1);
   at::Tensor grad_v_tokens_flat = grad_v_tokens.flatten(0, 1), grad_v_slots_flat = grad_v_slots.flatten(0, 1);
   at::Tensor grad_where_flat = grad_where.flatten(0, 1);
-  const BackwardTensors tensors{grad_token_update, grad_slot_update, grad_logits,      q,
-                                k,                 v_tokens,         v_slots,          logits,
-                                token_logsumexp,   slot_logsumexp,   grad_q_flat,      grad_k_flat,
-                                grad_v_tokens_flat, grad_v_slots_flat, grad_where_flat};
+  const BackwardTensors tensors{grad_token_update,
+                                grad_slot_update,
+                                grad_logits,
+                                q,
+                                k,
+                                v_tokens,
+                                v_slots,
+                                logits,
+                                token_logsumexp,
+                                slot_logsumexp,
+                                grad_q_flat,
+                                grad_k_flat,
+                                grad_v_tokens_flat,
+                                grad_v_slots_flat,
+                                grad_where_flat};
   kernel(shape, tensors);
   return {grad_q, grad_k, grad_v_tokens, grad_v_slots, grad_where};
 }

@@ -413,11 +413,11 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
   workspace.reserve(3 * N * S + dv * S + S * dh + S + N +
                     (kConverts ? N * S + N * dh + S * dh + 2 * N * dv + 2 * S * dv : 0));
   T* logits_copy = workspace.template take_copy<scalar_t>(N * S);
-  T* scaled_k = workspace.take(S * dh);  // k / sqrt(dh)
-  T* probabilities = workspace.take(N * S);  // P_N, then P_S
+  T* scaled_k = workspace.take(S * dh);           // k / sqrt(dh)
+  T* probabilities = workspace.take(N * S);       // P_N, then P_S
   T* grad_probabilities = workspace.take(N * S);  // G_N, then G_S
-  T* grad_logits_tile = workspace.take(N * S);  // dL
-  T* transposed = workspace.take(dv * S);  // v_slots^T, then grad_slot_update^T
+  T* grad_logits_tile = workspace.take(N * S);    // dL
+  T* transposed = workspace.take(dv * S);         // v_slots^T, then grad_slot_update^T
   T* column_sum = workspace.take(S);
   T* row_sum = workspace.take(N);
   T* q_copy = workspace.template take_copy<scalar_t>(N * dh);
@@ -450,8 +450,7 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
           probabilities[n * S + s] = exp_opmath(logits_tile[n * S + s] - slot_logsumexp[s]);
         }
       }
-      const T* grad_token_update =
-          in_opmath(ptr.grad_token_update + h * N * dv, N * dv, grad_token_update_copy);
+      const T* grad_token_update = in_opmath(ptr.grad_token_update + h * N * dv, N * dv, grad_token_update_copy);
       const T* v_slots = in_opmath(ptr.v_slots + h * S * dv, S * dv, v_slots_copy);
       transpose(v_slots, S, dv, transposed);
       product(N, S, dv, grad_token_update, dv, 1, transposed, S, T(1), grad_probabilities, S, prefetcher);
@@ -482,8 +481,7 @@ VISIONMOE_CPU_CLONES void backward_heads(const WhatWhereShape& shape, const Back
       const T* v_tokens = in_opmath(ptr.v_tokens + h * N * dv, N * dv, v_tokens_copy);
       transpose(grad_slot_update, S, dv, transposed);
       product(N, S, dv, v_tokens, dv, 1, transposed, S, T(1), grad_probabilities, S, prefetcher);
-      reduce_rows(
-          N, S, row_sum, [&](int64_t i) { return probabilities[i] * grad_probabilities[i]; }, add<T>);
+      reduce_rows(N, S, row_sum, [&](int64_t i) { return probabilities[i] * grad_probabilities[i]; }, add<T>);
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t s = 0; s < S; ++s) {
           grad_logits_tile[n * S + s] += probabilities[n * S + s] * (grad_probabilities[n * S + s] - row_sum[n]);
@@ -525,9 +523,8 @@ void forward(const WhatWhereShape& shape, const ForwardTensors& t) {
                                         t.logits.mutable_data_ptr<scalar_t>(),
                                         t.token_logsumexp.mutable_data_ptr<opmath_t>(),
                                         t.slot_logsumexp.mutable_data_ptr<opmath_t>()};
-    at::parallel_for(0, shape.heads, 1, [&](int64_t begin, int64_t end) {
-      forward_heads<scalar_t>(shape, ptr, begin, end);
-    });
+    at::parallel_for(0, shape.heads, 1,
+                     [&](int64_t begin, int64_t end) { forward_heads<scalar_t>(shape, ptr, begin, end); });
   });
 }
 
@@ -549,9 +546,8 @@ void backward(const WhatWhereShape& shape, const BackwardTensors& t) {
                                          t.grad_v_tokens.mutable_data_ptr<scalar_t>(),
                                          t.grad_v_slots.mutable_data_ptr<scalar_t>(),
                                          t.grad_where.mutable_data_ptr<scalar_t>()};
-    at::parallel_for(0, shape.heads, 1, [&](int64_t begin, int64_t end) {
-      backward_heads<scalar_t>(shape, ptr, begin, end);
-    });
+    at::parallel_for(0, shape.heads, 1,
+                     [&](int64_t begin, int64_t end) { backward_heads<scalar_t>(shape, ptr, begin, end); });
   });
 }
 
@@ -568,11 +564,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward_cpu(
     const std::optional<at::Tensor>& grad_token_update, const std::optional<at::Tensor>& grad_slot_update,
-    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v_tokens, const at::Tensor& v_slots, const at::Tensor& logits,
-    const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp) {
-  return run_whatwhere_attention_backward(&cpu::backward, grad_token_update, grad_slot_update, grad_logits, q,
-                                          k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
+    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens,
+    const at::Tensor& v_slots, const at::Tensor& logits, const at::Tensor& token_logsumexp,
+    const at::Tensor& slot_logsumexp) {
+  return run_whatwhere_attention_backward(&cpu::backward, grad_token_update, grad_slot_update, grad_logits, q, k,
+                                          v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
 }
 
 }  // namespace

@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = threadIdx.x; i < rows * S; i += kThreads) {
       const int64_t r = i / S, s = i % S, n = n0 + r;
       // Rounded to the output dtype first: the backward recomputes the softmaxes from the rounded logits.
-      const scalar_t value = static_cast<scalar_t>(static_cast<T>(where[n * S + s]) +
-                                                   scale * dot<T>(q + n * dh, k + s * dh, dh));
+      const scalar_t value =
+          static_cast<scalar_t>(static_cast<T>(where[n * S + s]) + scale * dot<T>(q + n * dh, k + s * dh, dh));
       logits[n * S + s] = value;
       tile[r * S + s] = static_cast<T>(value);
     }
@@ -178,11 +178,11 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t N = grid.tokens, S = grid.slots, dh = grid.head_dim, dv = grid.value_dim, R = grid.rows;
   T* grad_tile = reinterpret_cast<T*>(shared_bytes);  // dL of the chunk                       [R, S]
-  T* p_tokens = grad_tile + R * S;                     // P_N of the chunk                      [R, S]
-  T* p_slots = p_tokens + R * S;                       // P_S of the chunk                      [R, S]
-  T* g_slots = p_slots + R * S;                        // G_S; in pass 1, P_N * G_N             [R, S]
-  T* column_sum = g_slots + R * S;                     // sum_n P_N G_N                         [S]
-  T* row_sum = column_sum + S;                         // sum_s P_S G_S of the chunk's tokens   [R]
+  T* p_tokens = grad_tile + R * S;                    // P_N of the chunk                      [R, S]
+  T* p_slots = p_tokens + R * S;                      // P_S of the chunk                      [R, S]
+  T* g_slots = p_slots + R * S;                       // G_S; in pass 1, P_N * G_N             [R, S]
+  T* column_sum = g_slots + R * S;                    // sum_n P_N G_N                         [S]
+  T* row_sum = column_sum + S;                        // sum_s P_S G_S of the chunk's tokens   [R]
   const int64_t h = blockIdx.x;
   const bool has_grad_token_update = grad_token_update_all != nullptr;
   const bool has_grad_slot_update = grad_slot_update_all != nullptr;
@@ -286,12 +286,13 @@ __global__ void __launch_bounds__(kThreads)
 
 // Tokens per chunk: as many as fit `tiles` [rows, S] tiles and `extra_per_row` numbers per token, beside
 // `fixed` numbers, in kSharedBytes.
-Grid make_grid(const char* op, const WhatWhereShape& shape, int64_t element_bytes, int64_t tiles,
-               int64_t extra_per_row, int64_t fixed) {
+Grid make_grid(const char* op, const WhatWhereShape& shape, int64_t element_bytes, int64_t tiles, int64_t extra_per_row,
+               int64_t fixed) {
   const int64_t per_row = (tiles * shape.slots + extra_per_row) * element_bytes;
   const int64_t fitting_rows = (kSharedBytes - fixed * element_bytes) / per_row;
   const int64_t rows = std::min<int64_t>({kMaxChunkRows, shape.tokens, fitting_rows});
-  TORCH_CHECK_VALUE(rows >= 1, op, ": k has too many slots (S = ", shape.slots, ") for the CUDA kernel's shared memory");
+  TORCH_CHECK_VALUE(rows >= 1, op, ": k has too many slots (S = ", shape.slots,
+                    ") for the CUDA kernel's shared memory");
   TORCH_CHECK_VALUE(shape.heads <= std::numeric_limits<int32_t>::max(), op, ": too many heads (B * H = ", shape.heads,
                     ") for one CUDA launch");
   return Grid{shape.tokens, shape.slots, shape.head_dim, shape.value_dim, rows, (shape.tokens + rows - 1) / rows};
@@ -329,15 +330,15 @@ void forward(const WhatWhereShape& shape, const ForwardTensors& t) {
     const int64_t bytes = sizeof(T);
     const Grid grid = make_grid("whatwhere_attention", shape, bytes, kForwardTiles, 0, 2 * shape.slots);
     at::Tensor workspace;
-    T* workspace_data = optional_workspace<T>(grid.chunks > 1, shape.heads, shape.slots, shape.value_dim, t.q,
-                                              workspace);
+    T* workspace_data =
+        optional_workspace<T>(grid.chunks > 1, shape.heads, shape.slots, shape.value_dim, t.q, workspace);
     forward_kernel<scalar_t, T><<<static_cast<unsigned>(shape.heads), kThreads,
                                   shared_memory_bytes(grid, bytes, kForwardTiles, 0, 2 * shape.slots), stream>>>(
         grid, static_cast<T>(shape.scale), t.q.const_data_ptr<scalar_t>(), t.k.const_data_ptr<scalar_t>(),
-        t.v_tokens.const_data_ptr<scalar_t>(), t.v_slots.const_data_ptr<scalar_t>(),
-        t.where.const_data_ptr<scalar_t>(), t.token_update.mutable_data_ptr<scalar_t>(),
-        t.slot_update.mutable_data_ptr<scalar_t>(), t.logits.mutable_data_ptr<scalar_t>(),
-        t.token_logsumexp.mutable_data_ptr<T>(), t.slot_logsumexp.mutable_data_ptr<T>(), workspace_data);
+        t.v_tokens.const_data_ptr<scalar_t>(), t.v_slots.const_data_ptr<scalar_t>(), t.where.const_data_ptr<scalar_t>(),
+        t.token_update.mutable_data_ptr<scalar_t>(), t.slot_update.mutable_data_ptr<scalar_t>(),
+        t.logits.mutable_data_ptr<scalar_t>(), t.token_logsumexp.mutable_data_ptr<T>(),
+        t.slot_logsumexp.mutable_data_ptr<T>(), workspace_data);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -380,11 +381,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> whatwhere_attention_backward_cuda(
     const std::optional<at::Tensor>& grad_token_update, const std::optional<at::Tensor>& grad_slot_update,
-    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v_tokens, const at::Tensor& v_slots, const at::Tensor& logits,
-    const at::Tensor& token_logsumexp, const at::Tensor& slot_logsumexp) {
-  return run_whatwhere_attention_backward(&cuda::backward, grad_token_update, grad_slot_update, grad_logits, q,
-                                          k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
+    const std::optional<at::Tensor>& grad_logits, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_tokens,
+    const at::Tensor& v_slots, const at::Tensor& logits, const at::Tensor& token_logsumexp,
+    const at::Tensor& slot_logsumexp) {
+  return run_whatwhere_attention_backward(&cuda::backward, grad_token_update, grad_slot_update, grad_logits, q, k,
+                                          v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp);
 }
 
 }  // namespace
