@@ -8,7 +8,7 @@ import torch
 from visionmoe import reference
 from visionmoe.layers import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
 from visionmoe.metrics import normalise_maps
-from visionmoe.models import ObjectDiscovery, WhatWhereTransformer, create_model, list_models
+from visionmoe.models import ObjectDiscovery, SlotAttentionClassifier, WhatWhereTransformer, create_model, list_models
 from visionmoe.layers.mlp import Mlp
 
 B, N, S, D, H = 2, 6, 3, 8, 2
@@ -278,3 +278,24 @@ def test_wwt_trains_with_visionmoe_train_on_digit_scenes(tmp_path):
     assert main([argument for override in overrides for argument in ("--set", override)]) == 0
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2  # header and the one epoch
+
+
+def test_slot_attention_baseline_trains_and_discovers():
+    model = create_model("slot_attention_32", embed_dim=32, depth=1, num_heads=2, num_slots=4)
+    assert isinstance(model, SlotAttentionClassifier) and model.slot_attention.iterations == 3
+    images = torch.randn(3, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 7, 0])).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+    model.eval()
+    torch.manual_seed(1)
+    found = model.discover(images)
+    torch.manual_seed(1)
+    torch.testing.assert_close(found.logits, model(images))  # slots are sampled: the same draw, the same logits
+    assert found.where_maps.shape == (3, 1, 64, 4) and found.segments.shape == (3, 8, 8)
+    weights = found.where_maps[:, 0].softmax(dim=-1).mean(dim=1)  # each slot's mean assignment [B, S]
+    torch.testing.assert_close(found.logits, (weights[:, :, None] * found.slot_logits).sum(dim=1))
+    assert torch.equal(found.masks.sum(dim=1), torch.ones(3, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_pool"):
+        create_model("slot_attention_32", head_pool="sum")
+    with pytest.raises(ValueError, match="num_slots"):
+        create_model("slot_attention_32", num_slots=0)
