@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from visionmoe.metrics import (best_overlaps, box_iou, component_boxes, connected_components, corloc, foreground_ari,
-                               label_map, masks_to_boxes, mean_iou, normalise_maps, object_precision, object_recall,
+                               label_map, mass_masks, masks_to_boxes, mean_iou, normalise_maps, object_precision, object_recall,
                                positional_collapse, segmentation_confusion, semantic_target)
 
 
@@ -233,3 +233,24 @@ def test_best_overlaps_by_hand():
     torch.testing.assert_close(best_overlaps(segments, masks), torch.tensor([2 / 3, 2 / 3], dtype=torch.float64))
     torch.testing.assert_close(best_overlaps(torch.tensor([[0, 0, 1, 2, 2, 2]]), masks),
                                torch.tensor([1.0, 1.0], dtype=torch.float64))
+
+
+def test_mass_masks_keep_the_top_sixty_percent_of_the_mass():
+    maps = torch.tensor([[[0.4, 0.1], [0.3, 0.2]],
+                         [[0.25, 0.25], [0.25, 0.25]],
+                         [[0.0, 0.0], [0.0, 0.0]]])
+    # Map 0, sorted 0.4, 0.3, 0.2, 0.1: mass above each 0, 0.4, 0.7, 0.9; kept while < 0.6 -> 0.4 and 0.3
+    # (0.4 alone is short of 0.6, 0.4 + 0.3 = 0.7 reaches it).
+    # Map 1: above 0, 0.25, 0.5, 0.75 -> three values kept, and the fourth ties at the cut, so all four.
+    # Map 2: no mass, nothing kept.
+    expected = torch.tensor([[[True, False], [True, False]],
+                             [[True, True], [True, True]],
+                             [[False, False], [False, False]]])
+    assert torch.equal(mass_masks(maps, 0.6), expected)
+    # Unnormalised maps: the same fractions of their own totals.
+    assert torch.equal(mass_masks(10 * maps[:1], 0.6), expected[:1])
+    assert torch.equal(mass_masks(maps[:1], 0.4), torch.tensor([[[True, False], [False, False]]]))
+    with pytest.raises(ValueError, match="mass"):
+        mass_masks(maps, 0.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        mass_masks(-maps[:1] - 1, 0.6)

@@ -26,6 +26,26 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return scaled.view_as(maps)
 
 
+def mass_masks(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
+    """DINO's attention threshold: each map [..., H, W] of non-negative weights keeps its largest values whose sum
+    first reaches ``mass`` of the map's total (ties at the cut all kept) -> [..., H, W] bool. A map of zeros keeps
+    nothing."""
+    if maps.dim() < 2 or not maps.is_floating_point():
+        raise ValueError(f"maps must be a floating-point tensor [..., H, W], got {maps.dtype} of shape "
+                         f"{tuple(maps.shape)}")
+    if not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    if bool((maps < 0).any()):
+        raise ValueError("maps must be non-negative weights (e.g. attention probabilities)")
+    flat = maps.flatten(-2)
+    ordered = flat.sort(dim=-1, descending=True).values
+    before = ordered.cumsum(dim=-1) - ordered  # the mass of the values above each one
+    # A value is kept while the mass above it is still short of the target; the last kept value is the cut.
+    kept = before < mass * flat.sum(dim=-1, keepdim=True)
+    cut = torch.where(kept, ordered, torch.inf).amin(dim=-1, keepdim=True)
+    return ((flat >= cut) & (flat > 0)).view_as(maps)
+
+
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Boxes around masks: [..., H, W] bool -> [..., 4] float32 (x0, y0, x1, y1; x1, y1 exclusive). An empty mask
     gives the empty box (0, 0, 0, 0), whose IoU with any box is 0."""
