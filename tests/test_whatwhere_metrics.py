@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from visionmoe.metrics import (best_overlaps, box_iou, component_boxes, connected_components, corloc, foreground_ari,
-                               label_map, mass_masks, masks_to_boxes, mean_iou, normalise_maps, object_precision, object_recall,
-                               positional_collapse, segmentation_confusion, semantic_target)
+                               label_map, mass_masks, masks_to_boxes, mean_iou, normalise_maps, object_precision,
+                               object_recall, positional_collapse, segmentation_confusion, semantic_target)
 
 
 def test_masks_to_boxes_tight_exclusive_boxes_and_empty_masks():
