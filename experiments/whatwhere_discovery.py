@@ -305,7 +305,6 @@ def score_maps(maps: Maps, images, labels, targets, task: str) -> Dict[str, Dict
 def run_study(args, setting: Setting, save) -> List[Dict]:
     """Trains and scores every run; ``save(rows)`` after each, so that a study cut short keeps its tables."""
     rows: List[Dict] = []
-    args.best_variant = None
     size, side, slots = SCENES["canvas_size"], SCENES["canvas_size"] // setting.model["patch_size"], 8
 
     def record(task, method, seed, trained, seconds, maps, images, labels, targets):
@@ -358,18 +357,22 @@ def run_study(args, setting: Setting, save) -> List[Dict]:
             return model
 
         if task == "A":
-            variants = {}
-            for variant in args.variants:
-                method = f"wwt_{variant}"
-                variants[method] = val_fg_ari(fit(method, args.seeds[0]), val_images, val_targets, val_labels, task)
-            best = max(variants, key=variants.get)
-            args.best_variant = best
-            print(f"best WWT variant on validation scenes (FG-ARI, >= 2 digits): {best} {variants}", flush=True)
+            # The variants run at the first seed, so the best one has that seed already.
+            selected_here = args.best_variant is None
+            if selected_here:
+                variants = {}
+                for variant in args.variants:
+                    method = f"wwt_{variant}"
+                    variants[method] = val_fg_ari(fit(method, args.seeds[0]), val_images, val_targets, val_labels,
+                                                  task)
+                args.best_variant = max(variants, key=variants.get)
+                print(f"best WWT variant on validation scenes (FG-ARI, >= 2 digits): {args.best_variant} {variants}",
+                      flush=True)
             for method in ("vit", "slot_attention"):
                 for seed in args.seeds:
                     fit(method, seed)
-            for seed in args.seeds[1:]:
-                fit(best, seed)
+            for seed in args.seeds[1:] if selected_here else args.seeds:
+                fit(args.best_variant, seed)
         else:
             for method in ("vit", "slot_attention", args.best_variant):
                 fit(method, args.seeds[0])
@@ -390,8 +393,8 @@ def write_results(rows: List[Dict], output_dir: Path, command: str, setting_name
     lines = [f"# What-where discovery, a fair test ({setting_name} setting)", "",
              f"Command: `{command}`", "",
              f"Setting: {dataclasses.asdict(setting)}; scenes {SCENES}; {seconds / 60:.1f} min on "
-             f"{torch.get_num_threads()} CPU threads. Best WWT variant (validation FG-ARI on >= 2 digits among runs "
-             f"reaching {ACCURACY_BAR:.0%}): {best or 'not chosen yet'}.", "",
+             f"{torch.get_num_threads()} CPU threads. Best WWT variant (by validation FG-ARI on >= 2 digits among runs "
+             f"reaching {ACCURACY_BAR:.0%}, or named by --best-variant): {best or 'not chosen yet'}.", "",
              "Mean ± standard deviation over seeds (per-seed rows in runs.csv); score: accuracy (A) or mAP (B); "
              "'below bar': a trained run under 90 %. Slot models' maps are the assignment (argmax slot per patch) "
              "unless marked 'token softmax'. Definitions in experiments/whatwhere_discovery.py."]
@@ -434,10 +437,14 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", choices=WWT_VARIANT_NAMES, default=list(WWT_VARIANT_NAMES),
                         help="WWT variants trained at the first seed; the best is trained at every seed")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--best-variant", choices=WWT_VARIANT_NAMES,
+                        help="skip the variant runs and use this WWT variant as the best (e.g. to run task B alone)")
     parser.add_argument("--output-dir", default="results/whatwhere")
     args = parser.parse_args(argv)
-    if "B" in args.tasks and "A" not in args.tasks:
-        parser.error("task B uses the best WWT variant of task A: run A too")
+    if "B" in args.tasks and "A" not in args.tasks and args.best_variant is None:
+        parser.error("task B uses the best WWT variant of task A: run A too, or name it with --best-variant")
+    best = None if args.best_variant is None else f"wwt_{args.best_variant}"
+    args.best_variant = best
     setting = SETTINGS[args.setting]
     if args.steps is not None:
         if args.steps < 1:
