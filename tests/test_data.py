@@ -15,6 +15,7 @@ from visionmoe.data import (
     RandomHorizontalFlip,
     create_dataset,
     default_augmentation,
+    digit_count_groups,
     list_datasets,
 )
 from visionmoe.data.digits import load_digit_scans, split_indices
@@ -146,6 +147,44 @@ def test_digit_scenes_bad_options():
         create_dataset("digit_scenes", "train", canvas_size=32, digit_size=(16, 40))
     with pytest.raises(ValueError, match="min_digits"):
         create_dataset("digit_scenes", "train", min_digits=3, max_digits=2)
+
+
+def test_digit_scenes_same_class_scenes_hold_instances_of_one_class():
+    scenes = create_dataset("digit_scenes", "train", length=30, canvas_size=32, digit_size=(10, 14), min_digits=1,
+                            max_digits=3, classes="same")
+    counts = set()
+    for index in range(len(scenes)):
+        image, primary = scenes[index]
+        labels = scenes.targets(index)["labels"]
+        counts.add(labels.shape[0])
+        assert image.shape == (3, 32, 32)
+        assert set(labels.tolist()) == {primary}  # every digit of the scene is of the one class
+    assert counts == {1, 2, 3}
+    sources = torch.cat([scenes.targets(i)["source_indices"] for i in range(len(scenes))])
+    assert set(sources.tolist()) <= set(split_indices("train").tolist())
+
+
+def test_digit_scenes_multi_hot_labels_and_digit_count_groups():
+    scenes = create_dataset("digit_scenes", "test", length=20, canvas_size=32, digit_size=(10, 14), min_digits=1,
+                            max_digits=3, label="multi_hot")
+    targets = [scenes.targets(i) for i in range(len(scenes))]
+    for index, target in enumerate(targets):
+        _, label = scenes[index]
+        assert label.dtype == torch.float32 and label.shape == (10,)
+        assert label.nonzero().flatten().tolist() == sorted(set(target["labels"].tolist()))
+    groups = digit_count_groups(targets)
+    counts = [t["labels"].shape[0] for t in targets]
+    assert groups["all"].tolist() == list(range(20))
+    assert groups["1"].tolist() == [i for i, c in enumerate(counts) if c == 1]
+    assert groups[">=2"].tolist() == [i for i, c in enumerate(counts) if c >= 2]
+    assert groups["1"].numel() and groups[">=2"].numel()
+
+
+def test_digit_scenes_bad_class_and_label_options():
+    with pytest.raises(ValueError, match="classes"):
+        create_dataset("digit_scenes", "train", classes="one")
+    with pytest.raises(ValueError, match="label"):
+        create_dataset("digit_scenes", "train", label="soft")
 
 
 # ------------------------------------------------------------------------------------------------------- CIFAR

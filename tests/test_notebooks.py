@@ -15,7 +15,7 @@ SMALL_SETTINGS = {
     "01_routers_tour.ipynb": "NUM_IMAGES = 16",
     "02_train_vmoe_digits.ipynb": "EPOCHS = 2",  # its config warms up for 2 epochs
     "03_teacher_guided_routing.ipynb": "TEACHER_EPOCHS, STUDENT_EPOCHS, TRAIN_IMAGES, PROBE_IMAGES = 1, 2, 128, 16",
-    "04_what_where_maps.ipynb": "TRAIN_SCENES, TEST_SCENES, EPOCHS = 64, 16, 1",
+    "04_what_where_maps.ipynb": "TRAIN_SCENES, TEST_SCENES, STEPS = 64, 24, 2",
 }
 # Seconds a cell (and the kernel's start) may take: far above what the settings need, so that only a hang fails,
 # not a machine busy with other work.

@@ -1,25 +1,45 @@
-"""experiments/whatwhere_discovery.py runs end to end in its small setting and writes its table."""
+"""experiments/whatwhere_discovery.py runs end to end in its tiny setting and writes its tables."""
 
+import csv
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
 
-def test_discovery_experiment_small_setting_writes_its_table(tmp_path, monkeypatch):
+def load_experiment(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "experiments" / "whatwhere_discovery.py"
     spec = importlib.util.spec_from_file_location("whatwhere_discovery", path)
     experiment = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, experiment)  # dataclasses look their module up there
     spec.loader.exec_module(experiment)
-    assert experiment.main(["--small", "--seeds", "0", "1", "--output-dir", str(tmp_path)]) == 0
+    return experiment
+
+
+def test_discovery_experiment_tiny_setting_writes_its_tables(tmp_path, monkeypatch):
+    experiment = load_experiment(monkeypatch)
+    arguments = ["--setting", "tiny", "--seeds", "0", "1", "--variants", "w0", "w12", "--output-dir", str(tmp_path)]
+    assert experiment.main(arguments) == 0
     table = (tmp_path / "table.md").read_text()
-    assert ("Command: `PYTHONPATH=python python experiments/whatwhere_discovery.py --small --seeds 0 1 --output-dir "
-            f"{tmp_path}`") in table
-    rows = (tmp_path / "runs.csv").read_text().splitlines()
-    assert rows[0] == "model,trained,seed,parameters,accuracy,corloc,object_recall,boxes_per_image,miou"
-    assert len(rows) == 1 + 2 * 2 * 2  # two models, two seeds, before and after training
-    for row in rows[1:]:
-        rates = [float(v) for i, v in enumerate(row.split(",")[4:]) if i != 3]  # all but boxes_per_image
-        assert all(0.0 <= v <= 1.0 for v in rates)
-    for model in ("wwt_tiny_32", "vit_tiny_32"):
-        assert f"| {model} | yes |" in table and f"| {model} | no (at initialisation) |" in table
+    assert f"Command: `PYTHONPATH=python python experiments/whatwhere_discovery.py {' '.join(arguments)}`" in table
+    for heading in ("(A) same-class scenes, single label: >=2 digits", "(B) mixed scenes, multi-hot labels: 1 digits"):
+        assert heading in table
+    with (tmp_path / "runs.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    methods = {(row["task"], row["method"]) for row in rows}
+    for task in ("A", "B"):
+        assert {(task, m) for m in ("ink", "tiles", "vit (mean)", "vit (best head)", "vit (mass)",
+                                    "slot_attention")} <= methods
+    assert {("A", "wwt_w0"), ("A", "wwt_w0 (token softmax)"), ("A", "wwt_w12")} <= methods
+    # Task A: the ViT, the slot-attention model and the best variant at both seeds, trained.
+    best = next(line for line in table.splitlines() if line.startswith("Setting:")).split("): ")[-1].rstrip(".")
+    for method in ("vit (mean)", "slot_attention", best):
+        seeds = {row["seed"] for row in rows if (row["task"], row["method"], row["trained"]) == ("A", method, "True")}
+        assert seeds == {"0", "1"}
+    assert {row["group"] for row in rows} <= {"all", "1", ">=2"}
+    for row in rows:
+        for metric in ("score", "corloc", "recall", "precision", "fg_ari", "mbo", "miou", "collapse"):
+            value = float(row[metric])
+            assert math.isnan(value) or -1.0 <= value <= 1.0
+    assert all(math.isnan(float(row["miou"])) for row in rows if row["task"] == "A")
+    assert float(next(row for row in rows if row["method"] == "tiles")["collapse"]) == 1.0

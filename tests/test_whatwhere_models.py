@@ -8,7 +8,7 @@ import torch
 from visionmoe import reference
 from visionmoe.layers import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
 from visionmoe.metrics import normalise_maps
-from visionmoe.models import ObjectDiscovery, WhatWhereTransformer, create_model, list_models
+from visionmoe.models import ObjectDiscovery, SlotAttentionClassifier, WhatWhereTransformer, create_model, list_models
 from visionmoe.layers.mlp import Mlp
 
 B, N, S, D, H = 2, 6, 3, 8, 2
@@ -136,8 +136,8 @@ def test_wwt_forward_backward_reaches_every_parameter(options):
 def test_discover_maps_masks_and_boxes():
     model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4).eval()
     images = torch.randn(3, 3, 32, 32)
-    found = model.discover(images, threshold=0.3)
-    assert isinstance(found, ObjectDiscovery)
+    found = model.discover(images, threshold=0.3, readout="token_softmax")
+    assert isinstance(found, ObjectDiscovery) and found.readout == "token_softmax"
     assert found.logits.shape == (3, 10) and found.slot_logits.shape == (3, 4, 10)
     assert found.where_maps.shape == (3, 2, 64, 4)
     assert found.slot_maps.shape == (3, 4, 32, 32) and found.masks.shape == (3, 4, 32, 32)
@@ -150,13 +150,32 @@ def test_discover_maps_masks_and_boxes():
     torch.testing.assert_close(found.slot_maps, torch.nn.functional.interpolate(attention, size=32, mode="bilinear"))
     torch.testing.assert_close(found.masks, normalise_maps(found.slot_maps) >= 0.3)
     assert found.masks.flatten(2).any(dim=-1).all()  # a rescaled map reaches 1 somewhere, unless it is constant
+    torch.testing.assert_close(found.segments, normalise_maps(attention).argmax(dim=1))
     with pytest.raises(ValueError, match="threshold"):
         model.discover(images, threshold=1.5)
+    with pytest.raises(ValueError, match="readout"):
+        model.discover(images, readout="tokens")
 
 
-def test_discover_boxes_surround_the_masks():
+def test_discover_reads_the_models_own_assignment_by_default():
+    model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4).eval()
+    images = torch.randn(3, 3, 32, 32)
+    found = model.discover(images)
+    assert found.readout == "assignment"
+    # The assignment: the where-maps' softmax over the 4 slots, averaged over the heads; rows sum to 1.
+    assignment = found.where_maps.softmax(dim=-1).mean(dim=1)  # [3, 64, 4]
+    torch.testing.assert_close(found.segments, assignment.argmax(dim=-1).view(3, 8, 8))
+    torch.testing.assert_close(found.slot_maps.sum(dim=1), torch.ones(3, 32, 32))
+    # Masks: each 4 x 4 pixel patch in the mask of its argmax slot, so every pixel lies in exactly one mask.
+    assert torch.equal(found.masks.sum(dim=1), torch.ones(3, 32, 32, dtype=torch.long))
+    patch = found.segments[:, 2, 5]  # patch row 2, column 5 covers pixels rows 8-11, columns 20-23
+    assert bool(found.masks[torch.arange(3), patch, 8:12, 20:24].all())
+
+
+@pytest.mark.parametrize("readout", ["assignment", "token_softmax"])
+def test_discover_boxes_surround_the_masks(readout):
     model = create_model("wwt_tiny_32", depth=1, embed_dim=16, num_heads=1, num_slots=2).eval()
-    found = model.discover(torch.randn(4, 3, 32, 32), threshold=0.5)
+    found = model.discover(torch.randn(4, 3, 32, 32), threshold=0.5, readout=readout)
     for masks, boxes in zip(found.masks.flatten(0, 1), found.boxes.flatten(0, 1)):
         if masks.any():
             rows, cols = masks.nonzero().unbind(1)
@@ -166,6 +185,54 @@ def test_discover_boxes_surround_the_masks():
             assert boxes.tolist() == [0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("variant", ["w0", "w1", "w3", "w12"])
+def test_wwt_variants_train_every_parameter(variant):
+    model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant=variant)
+    torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 7])).backward()
+    unreached = {name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
+    # A full last block's token FFN comes after its where stream has read the tokens, so it reaches no output.
+    dead = {f"blocks.1.{name}" for name in ("norm_token_mlp.weight", "norm_token_mlp.bias", "token_mlp.fc1.weight",
+                                            "token_mlp.fc1.bias", "token_mlp.fc2.weight", "token_mlp.fc2.bias")}
+    assert unreached == (dead if variant == "w12" else set())
+
+
+def test_wwt_w2_final_maps_are_the_last_where_state():
+    model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w2").eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert model.blocks[-1].updates_tokens
+    tokens = model.patch_embed(images) + model.pos_embed
+    slots = model.slots.expand(2, -1, -1)
+    where = tokens.new_zeros(2, 2, 64, 4)
+    for block in model.blocks:
+        tokens, slots, where, _ = block(tokens, slots, where)
+    torch.testing.assert_close(model.discover(images).where_maps, where)
+
+
+def test_wwt_w1_head_weights_slot_logits_by_mean_assignment():
+    model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w1").eval()
+    images = torch.randn(2, 3, 32, 32)
+    found = model.discover(images)
+    weights = found.where_maps.softmax(dim=-1).mean(dim=1).mean(dim=1)  # [B, S], each slot's mean assignment
+    torch.testing.assert_close(model(images), (weights[:, :, None] * found.slot_logits).sum(dim=1))
+    torch.testing.assert_close(found.logits, model(images))
+    maxed = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w1",
+                         head_pool="max").eval()
+    found = maxed.discover(images)
+    token_logits = found.where_maps.softmax(dim=-1).mean(dim=1) @ found.slot_logits  # [B, N, C]
+    torch.testing.assert_close(maxed(images), token_logits.amax(dim=1))
+
+
+def test_wwt_w3_samples_slots_per_image():
+    model = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w3").eval()
+    assert not hasattr(model, "slots") and model.slots_mu.shape == (1, 1, 32)
+    image = torch.randn(1, 3, 32, 32).expand(2, -1, -1, -1)
+    torch.manual_seed(0)
+    first = model(image)
+    assert not torch.allclose(first[0], first[1])  # one image, two draws of the slots
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(image), first)  # reproducible under the global seed
+
+
 def test_wwt_rejects_bad_configuration():
     with pytest.raises(ValueError, match="num_slots"):
         WhatWhereTransformer(num_slots=0)
@@ -173,6 +240,10 @@ def test_wwt_rejects_bad_configuration():
         WhatWhereTransformer(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="slot_update"):
         create_model("wwt_tiny_32", depth=1, slot_update="max")
+    with pytest.raises(ValueError, match="variant"):
+        create_model("wwt_tiny_32", depth=1, variant="w9")
+    with pytest.raises(ValueError, match="head_pool"):
+        create_model("wwt_tiny_32", depth=1, head_pool="sum")
 
 
 def test_vit_class_token_attention_matches_the_last_block():
@@ -186,6 +257,9 @@ def test_vit_class_token_attention_matches_the_last_block():
     q, k, _ = model.blocks[-1].attn.qkv(normed).view(2, 65, 3, 2, 16).permute(2, 0, 3, 1, 4)
     weights = (q[:, :, :1] @ k.transpose(-2, -1) / 4).softmax(dim=-1)  # [B, H, 1, 65], sqrt(16) = 4
     torch.testing.assert_close(maps, weights[:, :, 0, 1:].mean(dim=1).view(2, 8, 8))
+    torch.testing.assert_close(model.class_token_attention(images, heads="all"), weights[:, :, 0, 1:].view(2, 2, 8, 8))
+    with pytest.raises(ValueError, match="heads"):
+        model.class_token_attention(images, heads="best")
     # The attention the block applies: the same weights reproduce scaled_dot_product_attention's output.
     attention = model.blocks[-1].attn
     v = attention.qkv(normed).view(2, 65, 3, 2, 16).permute(2, 0, 3, 1, 4)[2]
@@ -204,3 +278,24 @@ def test_wwt_trains_with_visionmoe_train_on_digit_scenes(tmp_path):
     assert main([argument for override in overrides for argument in ("--set", override)]) == 0
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2  # header and the one epoch
+
+
+def test_slot_attention_baseline_trains_and_discovers():
+    model = create_model("slot_attention_32", embed_dim=32, depth=1, num_heads=2, num_slots=4)
+    assert isinstance(model, SlotAttentionClassifier) and model.slot_attention.iterations == 3
+    images = torch.randn(3, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(images), torch.tensor([1, 7, 0])).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0] == []
+    model.eval()
+    torch.manual_seed(1)
+    found = model.discover(images)
+    torch.manual_seed(1)
+    torch.testing.assert_close(found.logits, model(images))  # slots are sampled: the same draw, the same logits
+    assert found.where_maps.shape == (3, 1, 64, 4) and found.segments.shape == (3, 8, 8)
+    weights = found.where_maps[:, 0].softmax(dim=-1).mean(dim=1)  # each slot's mean assignment [B, S]
+    torch.testing.assert_close(found.logits, (weights[:, :, None] * found.slot_logits).sum(dim=1))
+    assert torch.equal(found.masks.sum(dim=1), torch.ones(3, 32, 32, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_pool"):
+        create_model("slot_attention_32", head_pool="sum")
+    with pytest.raises(ValueError, match="num_slots"):
+        create_model("slot_attention_32", num_slots=0)

@@ -13,13 +13,15 @@ Items are ``(image [C, H, W] float32, label int)``; data sets carry ``num_classe
 
 from . import cifar, digit_scenes, digits, image_folder, transforms
 from .cifar import CifarDataset
-from .digit_scenes import DigitScenesDataset, collate_scenes
+from .digit_scenes import (COUNT_GROUPS, SCENE_CLASSES, SCENE_LABELS, DigitScenesDataset, collate_scenes,
+                           digit_count_groups)
 from .digits import DigitsDataset
 from .factory import DATASETS, DataFileError, create_dataset, list_datasets
 from .image_folder import ImageFolderDataset
 from .transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip, default_augmentation
 
 __all__ = [
+    "COUNT_GROUPS",
     "DATASETS",
     "CifarDataset",
     "Compose",
@@ -30,10 +32,13 @@ __all__ = [
     "Normalize",
     "RandomCrop",
     "RandomHorizontalFlip",
+    "SCENE_CLASSES",
+    "SCENE_LABELS",
     "cifar",
     "collate_scenes",
     "create_dataset",
     "default_augmentation",
+    "digit_count_groups",
     "digit_scenes",
     "digits",
     "image_folder",

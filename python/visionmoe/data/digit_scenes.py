@@ -19,6 +19,18 @@ from .factory import DATASETS, check_no_root, check_split
 DEFAULT_LENGTHS = {"train": 2000, "val": 200, "test": 500}
 PLACEMENT_TRIES = 50
 
+#: Which classes a scene's digits have. "mixed": each digit's scan is drawn from the whole split, so a scene mixes
+#: classes. "same": one class is drawn per scene and every digit is a scan of that class (several instances, one
+#: label).
+SCENE_CLASSES = ("mixed", "same")
+
+#: The image-level label of an item. "primary": the class of the largest digit (an int, for cross-entropy).
+#: "multi_hot": a float32 [num_classes] vector with 1 for every class present (for binary cross-entropy).
+SCENE_LABELS = ("primary", "multi_hot")
+
+#: The digit-count groups :func:`digit_count_groups` splits scenes into: one digit, or several.
+COUNT_GROUPS = ("1", ">=2")
+
 
 @DATASETS.register("digit_scenes")
 class DigitScenesDataset(Dataset):
@@ -31,10 +43,13 @@ class DigitScenesDataset(Dataset):
     copies of the grey channel. An object's mask is its pixels with intensity above ``mask_threshold``; its box is the
     tightest box around the mask, ``(x0, y0, x1, y1)`` in pixels with ``x1`` and ``y1`` exclusive.
 
-    Image-level labels for weakly supervised training: items are ``(image, primary_label)`` where ``primary_label``
-    is the class of the object with the largest mask (the first placed on a tie); :meth:`targets` gives the full
-    annotation, and ``with_targets=True`` makes items ``(image, targets)`` instead (batch those with
-    :func:`collate_scenes`, since scenes hold different numbers of objects)."""
+    ``classes`` (one of :data:`SCENE_CLASSES`) chooses mixed scenes or scenes of several instances of one class.
+
+    Image-level labels for weakly supervised training: items are ``(image, label)`` where ``label`` (one of
+    :data:`SCENE_LABELS`) is ``primary_label``, the class of the object with the largest mask (the first placed on
+    a tie), or the ``multi_hot`` vector of the classes present; :meth:`targets` gives the full annotation, and
+    ``with_targets=True`` makes items ``(image, targets)`` instead (batch those with :func:`collate_scenes`, since
+    scenes hold different numbers of objects)."""
 
     def __init__(
         self,
@@ -49,6 +64,8 @@ class DigitScenesDataset(Dataset):
         mask_threshold: float = 0.25,
         in_chans: int = 3,
         with_targets: bool = False,
+        classes: str = "mixed",
+        label: str = "primary",
     ):
         check_no_root(root, "digit_scenes")
         check_split(split, SPLITS, "digit_scenes")
@@ -64,6 +81,10 @@ class DigitScenesDataset(Dataset):
                 f"digit_size must be a range (low, high) with 8 <= low <= high <= canvas_size={canvas_size}, "
                 f"got {digit_size}"
             )
+        if classes not in SCENE_CLASSES:
+            raise ValueError(f"classes must be one of {SCENE_CLASSES}, got {classes!r}")
+        if label not in SCENE_LABELS:
+            raise ValueError(f"label must be one of {SCENE_LABELS}, got {label!r}")
         if not 0.0 <= mask_threshold < 1.0:
             raise ValueError(f"mask_threshold must be in [0, 1), got {mask_threshold}")
         length = DEFAULT_LENGTHS[split] if length is None else length
@@ -78,7 +99,12 @@ class DigitScenesDataset(Dataset):
         self.digit_size = (smallest, largest)
         self.mask_threshold = mask_threshold
         self.with_targets = with_targets
+        self.scene_classes = classes
+        self.label = label
         self.source_indices = split_indices(split)
+        scan_labels = load_digit_scans()[1][self.source_indices]
+        # The split's scans of each class, for scenes of one class.
+        self.class_indices = [self.source_indices[scan_labels == c] for c in range(len(DIGIT_CLASSES))]
         self.image_size = canvas_size
         self.in_chans = in_chans
         self.classes = DIGIT_CLASSES
@@ -97,9 +123,12 @@ class DigitScenesDataset(Dataset):
         windows: list[tuple[int, int, int, int]] = []
         boxes, masks, labels, sources = [], [], [], []
         wanted = int(rng.integers(self.min_digits, self.max_digits + 1))
+        pool = self.source_indices
+        if self.scene_classes == "same":
+            pool = self.class_indices[int(rng.integers(len(self.class_indices)))]
         for _ in range(wanted):
             for _ in range(PLACEMENT_TRIES):
-                source = int(self.source_indices[int(rng.integers(len(self.source_indices)))])
+                source = int(pool[int(rng.integers(len(pool)))])
                 side = int(rng.integers(self.digit_size[0], self.digit_size[1] + 1))
                 top = int(rng.integers(0, size - side + 1))
                 left = int(rng.integers(0, size - side + 1))
@@ -157,7 +186,15 @@ class DigitScenesDataset(Dataset):
         image, targets = self._scene(index)
         if self.with_targets:
             return image, targets
-        return image, targets["primary_label"]
+        return image, targets["multi_hot"] if self.label == "multi_hot" else targets["primary_label"]
+
+
+def digit_count_groups(targets: list[dict]) -> dict[str, torch.Tensor]:
+    """Indices [n] int64 of the scenes in each digit-count group of :data:`COUNT_GROUPS` ("1": one digit, ">=2":
+    several), and of all scenes under "all", for reporting every metric separately by digit count."""
+    counts = torch.tensor([int(t["labels"].shape[0]) for t in targets], dtype=torch.int64)
+    return {"all": torch.arange(len(counts)), "1": (counts == 1).nonzero().flatten(),
+            ">=2": (counts >= 2).nonzero().flatten()}
 
 
 def collate_scenes(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:

@@ -1,6 +1,7 @@
 """Layers built from visionmoe's routers and operators: MoE MLPs for transformer blocks, MoE blocks for CNNs, the
-teacher router of TGR-MoE and the What-Where Transformer's block; and the dense ViT parts (patch embedding,
-attention, MLP) the models and the What-Where block are built from, as in timm.layers."""
+teacher router of TGR-MoE, the What-Where Transformer's block and Slot Attention (its object-discovery baseline);
+and the dense ViT parts (patch embedding, attention, MLP) the models and the What-Where block are built from, as in
+timm.layers."""
 
 from .attention import Attention
 from .conv_moe import (GATINGS, HARD_CONSTRAINTS, ConstrainedTokenChoiceRouter, ConvMoE, ResidualBody, SlotBatchNorm2d,
@@ -8,6 +9,7 @@ from .conv_moe import (GATINGS, HARD_CONSTRAINTS, ConstrainedTokenChoiceRouter, 
 from .mlp import Mlp
 from .moe_mlp import ACTIVATIONS, ExpertMLPs, MoEMLP, SoftMoEMLP, aux_losses
 from .patch_embed import PatchEmbed
+from .slot_attention import SlotAttention
 from .teacher_router import TeacherRouter, aligned_blocks, student_moe_layers, student_router_logits
 from .whatwhere import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
 
@@ -24,6 +26,7 @@ __all__ = [
     "PatchEmbed",
     "ResidualBody",
     "SLOT_UPDATES",
+    "SlotAttention",
     "SlotBatchNorm2d",
     "SoftMoEMLP",
     "TeacherRouter",

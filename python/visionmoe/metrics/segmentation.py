@@ -1,5 +1,6 @@
 """Weakly supervised semantic segmentation from object maps: label maps, their confusion against the ground
-truth, and mIoU.
+truth, and mIoU; and instance segmentation by slots (each pixel's argmax slot) against instance masks, as FG-ARI
+and mean best overlap.
 
 Shape letters (README, "Shape letters"): S maps, O objects, L labels. Label maps hold 0 for the background
 and c + 1 for class c.
@@ -81,3 +82,63 @@ def mean_iou(confusion: torch.Tensor) -> Tuple[float, torch.Tensor]:
     if not bool(present.any()):
         raise ValueError("confusion counts no pixels")
     return float(iou[present].mean()), iou
+
+
+def _check_instances(segments: torch.Tensor, masks: torch.Tensor) -> None:
+    if segments.dim() != 2 or segments.is_floating_point() or segments.dtype == torch.bool:
+        raise ValueError(f"segments must be an integer tensor [H, W], got {segments.dtype} of shape "
+                         f"{tuple(segments.shape)}")
+    if masks.dim() != 3 or masks.dtype != torch.bool or masks.shape[1:] != segments.shape:
+        raise ValueError(f"masks must be a bool tensor [O, H, W] with [H, W] = {tuple(segments.shape)}, got "
+                         f"{masks.dtype} of shape {tuple(masks.shape)}")
+    if bool((masks.sum(dim=0) > 1).any()):
+        raise ValueError("masks overlap, so a pixel would belong to two objects")
+
+
+def _pairs(counts: torch.Tensor) -> torch.Tensor:
+    """n choose 2, elementwise, in float64."""
+    counts = counts.to(torch.float64)
+    return counts * (counts - 1) / 2
+
+
+def foreground_ari(segments: torch.Tensor, masks: torch.Tensor) -> float:
+    """FG-ARI of one image: the adjusted Rand index between a predicted segmentation and the true instances, over
+    the foreground pixels only (those on some instance mask), as in slot-attention object discovery.
+
+    Args:
+        segments: [H, W] int, a segment id per pixel (e.g. the argmax slot). masks: [O, H, W] bool, disjoint
+            instance masks.
+    Returns:
+        ARI in [-1, 1]: 1 when the segments split the foreground exactly as the instances (up to renaming),
+        about 0 for a chance split. As scikit-learn, 1 when the index equals its maximum (e.g. one instance and
+        one segment on it); one instance split among several segments gives 0. NaN for an empty foreground.
+    """
+    _check_instances(segments, masks)
+    foreground = masks.any(dim=0)
+    count = int(foreground.sum())
+    if count == 0:
+        return math.nan
+    true = masks.to(torch.int64).argmax(dim=0)[foreground]
+    _, predicted = torch.unique(segments[foreground], return_inverse=True)
+    contingency = torch.zeros(int(true.max()) + 1, int(predicted.max()) + 1, dtype=torch.int64)
+    contingency.index_put_((true, predicted), torch.ones_like(true), accumulate=True)
+    index = float(_pairs(contingency).sum())
+    true_pairs = float(_pairs(contingency.sum(dim=1)).sum())
+    predicted_pairs = float(_pairs(contingency.sum(dim=0)).sum())
+    expected = true_pairs * predicted_pairs / float(_pairs(torch.tensor(count)))
+    maximum = (true_pairs + predicted_pairs) / 2
+    if maximum == expected:
+        return 1.0 if index == maximum else 0.0
+    return (index - expected) / (maximum - expected)
+
+
+def best_overlaps(segments: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """For each true instance of one image, the IoU of the predicted segment that overlaps it best: segments [H, W]
+    int (a segment id per pixel, background pixels included), masks [O, H, W] bool -> [O] float64. Their mean over
+    all instances of a test set is the mean best overlap (mBO)."""
+    _check_instances(segments, masks)
+    ids = torch.unique(segments)
+    predicted = segments[None] == ids[:, None, None]  # [P, H, W]
+    intersection = (predicted[:, None] & masks[None]).flatten(2).sum(dim=-1)  # [P, O]
+    union = (predicted[:, None] | masks[None]).flatten(2).sum(dim=-1)
+    return (intersection.to(torch.float64) / union.clamp_min(1)).amax(dim=0)

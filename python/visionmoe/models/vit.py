@@ -172,16 +172,20 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x)[:, 0])
 
-    def class_token_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's attention of the class token over the patches, averaged over heads (the DINO/LOST
-        object-discovery map): [B, in_chans, img, img] -> [B, img / patch_size, img / patch_size].
+    def class_token_attention(self, x: torch.Tensor, heads: str = "mean") -> torch.Tensor:
+        """The last block's attention of the class token over the patches (the DINO/LOST object-discovery map):
+        [B, in_chans, img, img] -> [B, img / patch_size, img / patch_size] averaged over heads (``heads="mean"``),
+        or [B, H, img / patch_size, img / patch_size] per head (``heads="all"``).
 
         The weights are those of the softmax over all N keys (the class token included), not renormalised over
         the patches."""
+        if heads not in ("mean", "all"):
+            raise ValueError(f"heads must be 'mean' or 'all', got {heads!r}")
         last = self.blocks[-1]
         probabilities = last.attn.attention_probabilities(last.norm1(self.blocks[:-1](self._embed(x))))
         side = self.config["img_size"] // self.config["patch_size"]
-        return probabilities[:, :, 0, 1:].mean(dim=1).view(-1, side, side)
+        per_head = probabilities[:, :, 0, 1:].reshape(x.shape[0], -1, side, side)
+        return per_head.mean(dim=1) if heads == "mean" else per_head
 
 
 def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] = None, moe_layer: str = "sparse",
