@@ -35,12 +35,17 @@ import argparse
 import math
 
 import torch
+from common import (
+    abort_unless_close,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    timeit,
+    write_results,
+)
 
 from visionmoe import ops, reference
-
-from common import (abort_unless_close, apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args,
-                    timeit, write_results)
-
 
 # The einsum formulation is orders of magnitude slower (tens of seconds a step on a small CPU), so it gets at
 # most one warmup run and at most --einsum-repeat timed runs.
@@ -53,19 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=384, help="D (default 384)")
     parser.add_argument("--experts", type=int, default=16, help="E (default 16)")
     parser.add_argument("--topk", type=int, default=2, help="K, experts per token (default 2)")
-    parser.add_argument("--capacity-factor", type=float, default=1.25,
-                        help="C = ceil(K * T * factor / E) for the padded layout (default 1.25)")
-    parser.add_argument("--layout", choices=ops.LAYOUTS, default="padded",
-                        help="padded: [E, C, D] with capacity C; packed: [M, D] with a dropless plan")
-    parser.add_argument("--einsum-repeat", type=int, default=3,
-                        help=f"cap on the einsum formulation's timed runs, which also gets at most "
-                             f"{EINSUM_MAX_WARMUP} warmup run (default 3)")
-    parser.add_argument("--max-dense-gb", type=float, default=4.0,
-                        help="skip einsum when its dense [T, E, C] tensor would exceed this many GB; its peak "
-                             "memory is a few times that (default 4)")
-    parser.add_argument("--imbalance", type=float, default=0.5,
-                        help="expert popularity spans 1 -/+ this times the mean; at the defaults about 3%% of "
-                             "the assignments overflow the capacity (default 0.5)")
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        default=1.25,
+        help="C = ceil(K * T * factor / E) for the padded layout (default 1.25)",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=ops.LAYOUTS,
+        default="padded",
+        help="padded: [E, C, D] with capacity C; packed: [M, D] with a dropless plan",
+    )
+    parser.add_argument(
+        "--einsum-repeat",
+        type=int,
+        default=3,
+        help=f"cap on the einsum formulation's timed runs, which also gets at most "
+        f"{EINSUM_MAX_WARMUP} warmup run (default 3)",
+    )
+    parser.add_argument(
+        "--max-dense-gb",
+        type=float,
+        default=4.0,
+        help="skip einsum when its dense [T, E, C] tensor would exceed this many GB; its peak "
+        "memory is a few times that (default 4)",
+    )
+    parser.add_argument(
+        "--imbalance",
+        type=float,
+        default=0.5,
+        help="expert popularity spans 1 -/+ this times the mean; at the defaults about 3%% of "
+        "the assignments overflow the capacity (default 0.5)",
+    )
     return parser
 
 
@@ -81,8 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_routing(num_tokens: int, num_experts: int, top_k: int, imbalance: float, dtype: torch.dtype,
-                   seed: int):
+def random_routing(num_tokens: int, num_experts: int, top_k: int, imbalance: float, dtype: torch.dtype, seed: int):
     """Each token picks ``top_k`` distinct experts at random, with positive weights summing to 1.
 
     Expert popularity rises linearly from ``1 - imbalance`` to ``1 + imbalance`` times the mean, as a trained
@@ -114,20 +138,24 @@ def make_leaf_plan(make_plan, routing, num_experts, capacity, num_tokens, device
 
 def dispatch_combine_step(module, x, plan, grad_y, layout):
     """The timed step of an implementation with visionmoe's signatures (``visionmoe.ops`` or ``reference``)."""
+
     def step():
         y = module.combine(module.dispatch(x, plan, layout), plan, x.shape[0])
         y.backward(grad_y)
         return y
+
     return step
 
 
 def einsum_step(x, plan, grad_y):
     """The timed step of the one-hot formulation; building the dense combine tensor is part of it."""
+
     def step():
         combine_weights = reference.combine_tensor(plan, x.shape[0], x.dtype)
         y = reference.combine_einsum(reference.dispatch_einsum(x, combine_weights != 0), combine_weights)
         y.backward(grad_y)
         return y
+
     return step
 
 
@@ -144,6 +172,15 @@ def check_close(name: str, actual: dict, expected: dict) -> None:
 def bytes_moved(num_tokens: int, dim: int, expert_rows: int, element_size: int) -> int:
     """(4 T + 5 R) * D * element size: see the module docstring for the count."""
     return (4 * num_tokens + 5 * expert_rows) * dim * element_size
+
+
+def copy_reference_seconds(numel: int, dtype: torch.dtype, device: torch.device, warmup: int, repeat: int) -> float:
+    """The copy reference: the source holds the step's minimum traffic; the destination is allocated (and, by the
+    warmup, touched) once, so the copy pays no page faults or allocations and its bandwidth is a ceiling. Both are
+    freed on return, before the implementations are measured."""
+    source = torch.ones(numel, dtype=dtype, device=device)
+    destination = torch.empty_like(source)
+    return timeit(lambda: destination.copy_(source), warmup, repeat, device)
 
 
 def main(argv=None) -> None:
@@ -167,15 +204,21 @@ def main(argv=None) -> None:
     total_bytes = bytes_moved(num_tokens, dim, expert_rows, element_size)
 
     plan_kind = f"capacity factor {args.capacity_factor}" if padded else "dropless"
-    print(f"dispatch + combine, forward + backward: T={num_tokens} D={dim} E={num_experts} K={args.topk} "
-          f"C={capacity} ({args.layout}, {plan_kind}) {args.dtype} on {device}")
-    print(f"assignments {num_assignments}, kept {kept} ({1 - kept / num_assignments:.1%} dropped); "
-          f"minimum traffic {total_bytes / 1e6:.1f} MB")
+    print(
+        f"dispatch + combine, forward + backward: T={num_tokens} D={dim} E={num_experts} K={args.topk} "
+        f"C={capacity} ({args.layout}, {plan_kind}) {args.dtype} on {device}"
+    )
+    print(
+        f"assignments {num_assignments}, kept {kept} ({1 - kept / num_assignments:.1%} dropped); "
+        f"minimum traffic {total_bytes / 1e6:.1f} MB"
+    )
 
     def clear_grads(plan):
         """So that each step's backward writes the gradients instead of adding to the previous step's."""
+
         def clear():
             x.grad = plan.weight.grad = None
+
         return clear
 
     def run_once(step, plan) -> dict:
@@ -202,47 +245,54 @@ def main(argv=None) -> None:
         notes["einsum"] = f"skipped: would need {dense_bytes / 1e9:.3g} GB"
     else:
         timed_runs["einsum"] = min(args.repeat, args.einsum_repeat)
-        seconds["einsum"] = timeit(einsum_step(x, reference_plan, grad_y), min(args.warmup, EINSUM_MAX_WARMUP),
-                                   timed_runs["einsum"], device, clear_grads(reference_plan))
+        seconds["einsum"] = timeit(
+            einsum_step(x, reference_plan, grad_y),
+            min(args.warmup, EINSUM_MAX_WARMUP),
+            timed_runs["einsum"],
+            device,
+            clear_grads(reference_plan),
+        )
         # The last timed run's gradient is still there: checking it costs nothing, where a separate check
         # run would cost as much as another timed run.
         check_close("einsum", {"x.grad": x.grad}, {"x.grad": expected["x.grad"]})
 
-    # The copy reference: src holds the step's minimum traffic; dst is allocated (and, by the warmup, touched)
-    # once, so the copy pays no page faults or allocations and its bandwidth is a ceiling.
-    src = torch.ones(total_bytes // element_size, dtype=dtype, device=device)
-    dst = torch.empty_like(src)
-    copy_seconds = timeit(lambda: dst.copy_(src), args.warmup, args.repeat, device)
-    copy_gb_per_s = 2 * src.numel() * element_size / copy_seconds / 1e9
-    del src, dst
+    numel = total_bytes // element_size
+    copy_seconds = copy_reference_seconds(numel, dtype, device, args.warmup, args.repeat)
+    copy_gb_per_s = 2 * numel * element_size / copy_seconds / 1e9
 
     rows = []
     for implementation in ("visionmoe", "index", "einsum"):
         elapsed = seconds.get(implementation)
         gb_per_s = None if elapsed is None else total_bytes / elapsed / 1e9
-        rows.append({
-            "implementation": implementation,
-            "timed_runs": timed_runs.get(implementation),
-            "median_ms": None if elapsed is None else elapsed * 1e3,
-            "visionmoe_speedup": None if elapsed is None else elapsed / seconds["visionmoe"],
-            "gb_per_s": gb_per_s,
-            "copy_fraction": None if gb_per_s is None else gb_per_s / copy_gb_per_s,
-            "note": notes.get(implementation, ""),
-        })
-    rows.append({
-        "implementation": "copy",
-        "timed_runs": args.repeat,
-        "median_ms": copy_seconds * 1e3,
-        "visionmoe_speedup": None,
-        "gb_per_s": copy_gb_per_s,
-        "copy_fraction": 1.0,
-        "note": f"dst.copy_(src), src {total_bytes / 1e6:.1f} MB",
-    })
+        rows.append(
+            {
+                "implementation": implementation,
+                "timed_runs": timed_runs.get(implementation),
+                "median_ms": None if elapsed is None else elapsed * 1e3,
+                "visionmoe_speedup": None if elapsed is None else elapsed / seconds["visionmoe"],
+                "gb_per_s": gb_per_s,
+                "copy_fraction": None if gb_per_s is None else gb_per_s / copy_gb_per_s,
+                "note": notes.get(implementation, ""),
+            }
+        )
+    rows.append(
+        {
+            "implementation": "copy",
+            "timed_runs": args.repeat,
+            "median_ms": copy_seconds * 1e3,
+            "visionmoe_speedup": None,
+            "gb_per_s": copy_gb_per_s,
+            "copy_fraction": 1.0,
+            "note": f"dst.copy_(src), src {total_bytes / 1e6:.1f} MB",
+        }
+    )
 
     print()
     print(format_table(rows))
-    print("visionmoe_speedup = implementation's median / visionmoe's median; "
-          "gb_per_s = minimum traffic / median; copy_fraction = gb_per_s / copy's gb_per_s")
+    print(
+        "visionmoe_speedup = implementation's median / visionmoe's median; "
+        "gb_per_s = minimum traffic / median; copy_fraction = gb_per_s / copy's gb_per_s"
+    )
 
     meta = {
         "benchmark": "dispatch + combine, forward + backward",
@@ -267,8 +317,7 @@ def main(argv=None) -> None:
         "imbalance": args.imbalance,
         "seed": args.seed,
     }
-    paths = write_results(f"dispatch_{args.layout}", rows, meta, device=device, tag=args.tag,
-                          directory=args.output)
+    paths = write_results(f"dispatch_{args.layout}", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

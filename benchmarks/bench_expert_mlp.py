@@ -30,11 +30,18 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from common import (
+    abort_unless_close,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    saved_storages,
+    timeit_rounds,
+    write_results,
+)
 
 from visionmoe import ops, reference
-
-from common import (abort_unless_close, apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args,
-                    saved_storages, timeit_rounds, write_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,15 +81,25 @@ def saved_bytes(forward, held) -> int:
 
 def loop_mlp(x, expert_weights, bounds, activation):
     """Every expert's dense MLP on its rows, one after the other."""
-    return torch.cat([dense_mlp(x[begin:end], *weights, activation)
-                      for weights, begin, end in zip(expert_weights, bounds[:-1], bounds[1:])])
+    return torch.cat(
+        [
+            dense_mlp(x[begin:end], *weights, activation)
+            for weights, begin, end in zip(expert_weights, bounds[:-1], bounds[1:])
+        ]
+    )
 
 
 def check_close(actual: list, expected: list) -> None:
     """Aborts when the operator computes something else than the reference: timing it would be meaningless."""
     quantities = ("y", "x.grad", "w1.grad", "b1.grad", "w2.grad", "b2.grad")
-    abort_unless_close("visionmoe", dict(zip(quantities, actual)), dict(zip(quantities, expected)), "the reference",
-                       atol=1e-3, rtol=1e-3)
+    abort_unless_close(
+        "visionmoe",
+        dict(zip(quantities, actual)),
+        dict(zip(quantities, expected)),
+        "the reference",
+        atol=1e-3,
+        rtol=1e-3,
+    )
 
 
 def run_config(args, device, dtype, activation: str) -> list[dict]:
@@ -94,18 +111,23 @@ def run_config(args, device, dtype, activation: str) -> list[dict]:
         return (scale * torch.randn(shape, generator=generator)).to(device, dtype).requires_grad_()
 
     x = randn(M, D)
-    w1, b1 = randn(E, D, pre_width, scale=D ** -0.5), randn(E, pre_width, scale=0.1)
-    w2, b2 = randn(E, Fh, D, scale=Fh ** -0.5), randn(E, D, scale=0.1)
-    dense_w1, dense_b1 = randn(pre_width, D, scale=D ** -0.5), randn(pre_width, scale=0.1)
-    dense_w2, dense_b2 = randn(D, Fh, scale=Fh ** -0.5), randn(D, scale=0.1)
+    w1, b1 = randn(E, D, pre_width, scale=D**-0.5), randn(E, pre_width, scale=0.1)
+    w2, b2 = randn(E, Fh, D, scale=Fh**-0.5), randn(E, D, scale=0.1)
+    dense_w1, dense_b1 = randn(pre_width, D, scale=D**-0.5), randn(pre_width, scale=0.1)
+    dense_w2, dense_b2 = randn(D, Fh, scale=Fh**-0.5), randn(D, scale=0.1)
     grad_y = torch.randn(M, D, generator=generator).to(device, dtype)
     offsets = torch.arange(E + 1, dtype=torch.int64).mul_(M // E).to(device)
     bounds = offsets.tolist()
-    loop_weights = [tuple(t.detach().clone().requires_grad_()
-                          for t in (w1[e].T.contiguous(), b1[e], w2[e].T.contiguous(), b2[e])) for e in range(E)]
+    loop_weights = [
+        tuple(t.detach().clone().requires_grad_() for t in (w1[e].T.contiguous(), b1[e], w2[e].T.contiguous(), b2[e]))
+        for e in range(E)
+    ]
     expert_leaves = (x, w1, b1, w2, b2)
-    leaves = {"visionmoe": expert_leaves, "dense": (x, dense_w1, dense_b1, dense_w2, dense_b2),
-              "loop": (x, *(t for weights in loop_weights for t in weights))}
+    leaves = {
+        "visionmoe": expert_leaves,
+        "dense": (x, dense_w1, dense_b1, dense_w2, dense_b2),
+        "loop": (x, *(t for weights in loop_weights for t in weights)),
+    }
 
     forwards = {
         "visionmoe": lambda: ops.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets),
@@ -121,40 +143,61 @@ def run_config(args, device, dtype, activation: str) -> list[dict]:
     def step(forward):
         def run():
             forward().backward(grad_y)
+
         return run
 
     results = []
-    for forward in (forwards["visionmoe"],
-                    lambda: reference.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets)):
+    for forward in (
+        forwards["visionmoe"],
+        lambda: reference.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets),
+    ):
         clear_grads()
         y = forward()
         y.backward(grad_y)
         results.append([y.detach(), *(t.grad for t in expert_leaves)])
     check_close(*results)
 
-    seconds = timeit_rounds({name: step(forward) for name, forward in forwards.items()}, args.warmup, args.repeat,
-                            args.rounds, device, clear_grads)
+    seconds = timeit_rounds(
+        {name: step(forward) for name, forward in forwards.items()},
+        args.warmup,
+        args.repeat,
+        args.rounds,
+        device,
+        clear_grads,
+    )
 
     flops = 3 * 2 * M * D * (pre_width + Fh)
     rows = []
     for name, forward in forwards.items():
         held = leaves[name]
-        rows.append({"activation": activation, "implementation": name, "median_ms": seconds[name] * 1e3,
-                     "vs_dense": seconds[name] / seconds["dense"], "loop_speedup": seconds["loop"] / seconds[name],
-                     "gflop_per_s": flops / seconds[name] / 1e9, "saved_mb": saved_bytes(forward, held) / 1e6})
+        rows.append(
+            {
+                "activation": activation,
+                "implementation": name,
+                "median_ms": seconds[name] * 1e3,
+                "vs_dense": seconds[name] / seconds["dense"],
+                "loop_speedup": seconds["loop"] / seconds[name],
+                "gflop_per_s": flops / seconds[name] / 1e9,
+                "saved_mb": saved_bytes(forward, held) / 1e6,
+            }
+        )
     return rows
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = apply_benchmark_args(args)
-    print(f"expert MLP, forward + backward: M={args.rows} D={args.dim} F={args.hidden} E={args.experts} "
-          f"{args.dtype} on {device}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"expert MLP, forward + backward: M={args.rows} D={args.dim} F={args.hidden} E={args.experts} "
+        f"{args.dtype} on {device}, {torch.get_num_threads()} CPU threads"
+    )
     rows = [row for activation in args.activations for row in run_config(args, device, dtype, activation)]
     print()
     print(format_table(rows))
-    print("vs_dense = median / dense median (1.0 is the limit); loop_speedup = loop median / median; "
-          "gflop_per_s = 6 M D (F' + F) / median; saved_mb = storages autograd keeps beyond x and the weights")
+    print(
+        "vs_dense = median / dense median (1.0 is the limit); loop_speedup = loop median / median; "
+        "gflop_per_s = 6 M D (F' + F) / median; saved_mb = storages autograd keeps beyond x and the weights"
+    )
     meta = {
         "benchmark": "grouped expert MLP, forward + backward, packed rows, balanced offsets",
         "device": str(device),

@@ -31,8 +31,10 @@ from visionmoe.distributed import run_processes  # noqa: E402
 from visionmoe.layers import MoEMLP  # noqa: E402
 from visionmoe.layers.expert_parallel import run_experts_equal_splits  # noqa: E402
 
-ROUTERS = {"topk": dict(router="topk", k=1, capacity_factor=1.25, noise_std=0.0),
-           "dropless": dict(router="topk", k=1, capacity_factor=None, noise_std=0.0)}
+ROUTERS = {
+    "topk": dict(router="topk", k=1, capacity_factor=1.25, noise_std=0.0),
+    "dropless": dict(router="topk", k=1, capacity_factor=None, noise_std=0.0),
+}
 
 
 def build(args):
@@ -47,7 +49,7 @@ def rank_step(rank, world_size, args):
     torch.set_num_threads(args.threads)
     layer, x_global = build(args)
     local = args.images // world_size
-    x = x_global[rank * local:(rank + 1) * local].clone().requires_grad_()
+    x = x_global[rank * local : (rank + 1) * local].clone().requires_grad_()
     if world_size > 1:
         layer.expert_parallel_(dist.group.WORLD)
     grad = torch.randn_like(x)
@@ -73,8 +75,11 @@ def rank_step(rank, world_size, args):
     # Rows leaving this rank per exchange: all but its own experts' share (the padded buffer is split equally; the
     # dropless one by counts, estimated here by the same share).
     sent_rows = rows_per_rank * (S - 1) / S
-    result = {"seconds": seconds, "bytes_sent_per_step": 4 * sent_rows * D * element,
-              "rows_per_exchange": rows_per_rank}
+    result = {
+        "seconds": seconds,
+        "bytes_sent_per_step": 4 * sent_rows * D * element,
+        "rows_per_exchange": rows_per_rank,
+    }
     if world_size > 1 and plan.capacity is not None:
         rows = torch.randn(E, plan.num_groups * plan.capacity, D)
         from torch.distributed._functional_collectives import all_to_all_single, wait_tensor
@@ -82,10 +87,13 @@ def rank_step(rank, world_size, args):
         def exchange():
             all_to_all_single(rows.reshape(-1, D), None, None, dist.group.WORLD).wait()
             dist.barrier()
+
         result["all_to_all_seconds"] = timeit(exchange, args.warmup, args.repeat, "cpu")
+
         def expert_path():
             wait_tensor(run_experts_equal_splits(layer.experts, rows, dist.group.WORLD))
             dist.barrier()
+
         result["expert_path_seconds"] = timeit(expert_path, args.warmup, args.repeat, "cpu")
     return result
 
@@ -109,6 +117,7 @@ def permute_bandwidth(args, world_size, rows_per_rank):
 
         def copy():
             return received.transpose(0, 1).reshape(local, world_size * R, D)
+
     seconds = timeit(copy, args.warmup, args.repeat, "cpu")
     return 2 * received.numel() * received.element_size() / seconds / 1e9, seconds
 
@@ -116,29 +125,54 @@ def permute_bandwidth(args, world_size, rows_per_rank):
 def benchmark(args):
     rows = []
     one = rank_step(0, 1, args)
-    rows.append({"world_size": 1, "images_per_rank": args.images, "step_ms": one["seconds"] * 1e3,
-                 "sent_mb_per_step_per_rank": 0.0, "all_to_all_ms": None, "permute_gb_s": None})
+    rows.append(
+        {
+            "world_size": 1,
+            "images_per_rank": args.images,
+            "step_ms": one["seconds"] * 1e3,
+            "sent_mb_per_step_per_rank": 0.0,
+            "all_to_all_ms": None,
+            "permute_gb_s": None,
+        }
+    )
     results = run_processes(rank_step, 2, args, timeout=600)
     two = max(results, key=lambda r: r["seconds"])
     gb_s, permute_seconds = permute_bandwidth(args, 2, two["rows_per_exchange"])
-    rows.append({"world_size": 2, "images_per_rank": args.images // 2, "step_ms": two["seconds"] * 1e3,
-                 "sent_mb_per_step_per_rank": two["bytes_sent_per_step"] / 1e6,
-                 "all_to_all_ms": two.get("all_to_all_seconds", float("nan")) * 1e3 if "all_to_all_seconds" in two
-                 else None, "permute_gb_s": gb_s})
+    rows.append(
+        {
+            "world_size": 2,
+            "images_per_rank": args.images // 2,
+            "step_ms": two["seconds"] * 1e3,
+            "sent_mb_per_step_per_rank": two["bytes_sent_per_step"] / 1e6,
+            "all_to_all_ms": two.get("all_to_all_seconds", float("nan")) * 1e3 if "all_to_all_seconds" in two else None,
+            "permute_gb_s": gb_s,
+        }
+    )
     for row in rows:
         row["step_vs_w1"] = row["step_ms"] / rows[0]["step_ms"]
-    print(f"MoE layer step, {args.router}: B={args.images} N={args.tokens} D={args.dim} F={args.hidden} "
-          f"E={args.experts} group_size={args.group_size}, {args.threads} thread(s) per process")
+    print(
+        f"MoE layer step, {args.router}: B={args.images} N={args.tokens} D={args.dim} F={args.hidden} "
+        f"E={args.experts} group_size={args.group_size}, {args.threads} thread(s) per process"
+    )
     print(format_table(rows))
-    meta = {"benchmark": "one MoE layer's forward + backward at W = 1 and 2 (gloo, CPU), same global batch",
-            **settings(args), "permute_ms": permute_seconds * 1e3,
-            "bytes": "sent per rank per step: 4 exchanges (2 forward, 2 backward) x rows leaving the rank x D x "
-                     "element size; permute GB/s counts read + write of one reorder copy",
-            "permute_buffer_mb": 2 * two["rows_per_exchange"] * args.dim * 4 / 2 / 1e6,
-            "permute_note": "the reorder copy of one exchange's received rows; at these sizes it runs in cache",
-            "expert_path_ms_w2": two.get("expert_path_seconds", float("nan")) * 1e3}
-    paths = write_results("expert_parallel", rows, meta, device="cpu", tag=args.tag or (
-        None if args.router == "topk" else args.router), directory=args.output)
+    meta = {
+        "benchmark": "one MoE layer's forward + backward at W = 1 and 2 (gloo, CPU), same global batch",
+        **settings(args),
+        "permute_ms": permute_seconds * 1e3,
+        "bytes": "sent per rank per step: 4 exchanges (2 forward, 2 backward) x rows leaving the rank x D x "
+        "element size; permute GB/s counts read + write of one reorder copy",
+        "permute_buffer_mb": 2 * two["rows_per_exchange"] * args.dim * 4 / 2 / 1e6,
+        "permute_note": "the reorder copy of one exchange's received rows; at these sizes it runs in cache",
+        "expert_path_ms_w2": two.get("expert_path_seconds", float("nan")) * 1e3,
+    }
+    paths = write_results(
+        "expert_parallel",
+        rows,
+        meta,
+        device="cpu",
+        tag=args.tag or (None if args.router == "topk" else args.router),
+        directory=args.output,
+    )
     print("wrote", *paths)
 
 
@@ -167,16 +201,23 @@ def scaling_model(args):
                 for link, (bandwidth, S) in LINKS.items():
                     sent = bytes_full * (S - 1) / S
                     comm_us = sent / bandwidth * 1e6
-                    rows.append({
-                        "model": model, "N": N, "K": K, "link": link,
-                        "a2a_kb_per_image_layer": sent / 1e3,
-                        "expert_mflop_per_image_layer": expert_flops / 1e6,
-                        "comm_us": comm_us, "expert_us": compute_us, "comm_over_compute": comm_us / compute_us,
-                        # Without EP every rank holds all E experts: their bf16 weights plus fp32 master weights
-                        # and AdamW moments (2 + 4 + 8 = 14 bytes per parameter), over all MoE layers.
-                        "expert_state_gb_ep1": 14 * expert_params * moe_layers / 1e9,
-                        "expert_state_gb_ep": 14 * expert_params * moe_layers / S / 1e9,
-                    })
+                    rows.append(
+                        {
+                            "model": model,
+                            "N": N,
+                            "K": K,
+                            "link": link,
+                            "a2a_kb_per_image_layer": sent / 1e3,
+                            "expert_mflop_per_image_layer": expert_flops / 1e6,
+                            "comm_us": comm_us,
+                            "expert_us": compute_us,
+                            "comm_over_compute": comm_us / compute_us,
+                            # Without EP every rank holds all E experts: their bf16 weights plus fp32 master weights
+                            # and AdamW moments (2 + 4 + 8 = 14 bytes per parameter), over all MoE layers.
+                            "expert_state_gb_ep1": 14 * expert_params * moe_layers / 1e9,
+                            "expert_state_gb_ep": 14 * expert_params * moe_layers / S / 1e9,
+                        }
+                    )
     table = format_table(rows)
     # Break-even against data parallelism alone: its expert-gradient all-reduce moves ~2 x the expert gradients
     # (bf16) per step, however few tokens; EP moves 4 K cf T D x 2 bytes. EP sends fewer bytes while
@@ -189,23 +230,31 @@ def scaling_model(args):
     lines = [
         "# Expert parallelism: a scaling model for V-MoE-S/B/L with E = 32",
         "",
-        "Generated by `python benchmarks/bench_expert_parallel.py --scaling-model` (every number below is computed "
-        "by that script; edit the script, not this file).",
+        (
+            "Generated by `python benchmarks/bench_expert_parallel.py --scaling-model` (every number below is computed "
+            "by that script; edit the script, not this file)."
+        ),
         "",
         "## Model",
         "",
-        f"- Per MoE layer and image: N tokens, K experts per token, capacity factor {cf}, so K * {cf} * N padded "
-        "expert rows of D bf16 values. A training step exchanges them four times (dispatch and return, forward and "
-        "backward); a rank sends the fraction (S - 1) / S of them (the rest stays on the rank).",
+        (
+            f"- Per MoE layer and image: N tokens, K experts per token, capacity factor {cf}, so K * {cf} * N padded "
+            "expert rows of D bf16 values. A training step exchanges them four times (dispatch and return, forward and "
+            "backward); a rank sends the fraction (S - 1) / S of them (the rest stays on the rank)."
+        ),
         "- Expert FLOPs per row: two GEMMs of 2 D F multiply-adds forward, three times that for forward + backward.",
-        f"- Compute time at an effective {args.effective_tflops:g} TFLOP/s per GPU (bf16 on an H100, ~40 % of its "
-        "989 TFLOP/s dense peak); links at their per-GPU bandwidth, NVLink ~450 GB/s within a node (EP = 8), "
-        "InfiniBand ~50 GB/s across nodes (EP = 32, 400 Gb/s NICs, one per GPU). Latency and overlap ignored: "
-        "comm_over_compute > 1 means the exchange alone takes longer than the experts it feeds.",
+        (
+            f"- Compute time at an effective {args.effective_tflops:g} TFLOP/s per GPU (bf16 on an H100, ~40 % of its "
+            "989 TFLOP/s dense peak); links at their per-GPU bandwidth, NVLink ~450 GB/s within a node (EP = 8), "
+            "InfiniBand ~50 GB/s across nodes (EP = 32, 400 Gb/s NICs, one per GPU). Latency and overlap ignored: "
+            "comm_over_compute > 1 means the exchange alone takes longer than the experts it feeds."
+        ),
         "- The ratio does not depend on the batch: FLOPs per byte sent = 1.5 F S / (S - 1) "
         "(" + ", ".join(f"{m}: {v:.0f}" for m, v in intensity.items()) + " FLOP/byte at large S).",
-        "- V-MoE places MoE layers in every other block (S, B: 6 of 12; L: 12 of 24). Expert state = bf16 weights + "
-        "fp32 master weights + AdamW moments, 14 bytes per parameter, all MoE layers.",
+        (
+            "- V-MoE places MoE layers in every other block (S, B: 6 of 12; L: 12 of 24). Expert state = bf16 "
+            "weights + fp32 master weights + AdamW moments, 14 bytes per parameter, all MoE layers."
+        ),
         "",
         "## Per MoE layer and image",
         "",
@@ -213,27 +262,41 @@ def scaling_model(args):
         "",
         "## When expert parallelism pays off",
         "",
-        f"- Within a node (NVLink), the all-to-all costs {min(r['comm_over_compute'] for r in nvlink):.2f}x to "
-        f"{max(r['comm_over_compute'] for r in nvlink):.2f}x the expert compute it feeds (independent of K and N): "
-        "small enough to pay even without overlapping it with compute (which this library does not do yet). EP = 8 "
-        "within a node is the default choice.",
-        f"- Across nodes (InfiniBand), the exchange costs {min(r['comm_over_compute'] for r in infiniband):.2f}x to "
-        f"{max(r['comm_over_compute'] for r in infiniband):.2f}x the expert compute: EP across nodes makes the MoE "
-        "layers communication-bound (worst for V-MoE-S, whose narrow experts do the least work per byte); span "
-        "nodes with EP only when the experts' state does not fit a node's GPUs otherwise.",
+        (
+            f"- Within a node (NVLink), the all-to-all costs {min(r['comm_over_compute'] for r in nvlink):.2f}x to "
+            f"{max(r['comm_over_compute'] for r in nvlink):.2f}x the expert compute it feeds (independent of K and N): "
+            "small enough to pay even without overlapping it with compute (which this library does not do yet). EP = 8 "
+            "within a node is the default choice."
+        ),
+        (
+            "- Across nodes (InfiniBand), the exchange costs "
+            f"{min(r['comm_over_compute'] for r in infiniband):.2f}x to "
+            f"{max(r['comm_over_compute'] for r in infiniband):.2f}x the expert compute: EP across nodes makes the MoE "
+            "layers communication-bound (worst for V-MoE-S, whose narrow experts do the least work per byte); span "
+            "nodes with EP only when the experts' state does not fit a node's GPUs otherwise."
+        ),
         "- Memory is the reason to shard at all: without EP every GPU holds all 32 experts' state, "
-        + ", ".join(f"{row['model']}: {row['expert_state_gb_ep1']:.1f} GB" for row in rows
-                    if row["N"] == 196 and row["K"] == 1 and row["link"].startswith("NVLink"))
-        + " (" + ", ".join(f"{row['expert_state_gb_ep1'] / 80:.0%}" for row in rows
-                           if row["N"] == 196 and row["K"] == 1 and row["link"].startswith("NVLink"))
+        + ", ".join(
+            f"{row['model']}: {row['expert_state_gb_ep1']:.1f} GB"
+            for row in rows
+            if row["N"] == 196 and row["K"] == 1 and row["link"].startswith("NVLink")
+        )
+        + " ("
+        + ", ".join(
+            f"{row['expert_state_gb_ep1'] / 80:.0%}"
+            for row in rows
+            if row["N"] == 196 and row["K"] == 1 and row["link"].startswith("NVLink")
+        )
         + " of an 80 GB GPU, before activations and the dense layers); with EP = 8, an eighth of that. Where the "
         "experts fit, plain DDP (expert_parallel=1) needs no all-to-all at all but all-reduces every expert "
         "gradient each step; where they take a large share of the GPU (V-MoE-L), EP is what lets the batch fit.",
         "- Bytes against plain data parallelism: DDP all-reduces ~2x the experts' bf16 gradients per step whatever "
         "the batch, EP exchanges 8 K cf T D bytes per MoE layer; EP sends fewer bytes while the tokens per rank and "
-        "step stay below E F / (K cf): " + ", ".join(f"{k}: {v:,}" for k, v in breakeven.items())
+        "step stay below E F / (K cf): "
+        + ", ".join(f"{k}: {v:,}" for k, v in breakeven.items())
         + " tokens (e.g. 256 images of 196 tokens are 50,176).",
     ]
+    args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "expert_parallel_scaling.md"
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -249,10 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=2)
     parser.add_argument("--router", default="topk", choices=sorted(ROUTERS))
-    parser.add_argument("--scaling-model", action="store_true",
-                        help="write expert_parallel_scaling.md (in --output) only")
-    parser.add_argument("--effective-tflops", type=float, default=400.0,
-                        help="the scaling model's expert GEMM throughput per GPU")
+    parser.add_argument(
+        "--scaling-model", action="store_true", help="write expert_parallel_scaling.md (in --output) only"
+    )
+    parser.add_argument(
+        "--effective-tflops", type=float, default=400.0, help="the scaling model's expert GEMM throughput per GPU"
+    )
     return parser
 
 

@@ -28,9 +28,18 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
-                    parse_benchmark_args, peak_memory_in_fresh_process, peak_resident_bytes, settings, timeit,
-                    write_results)
+from common import (  # noqa: E402
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    peak_memory_in_fresh_process,
+    peak_resident_bytes,
+    settings,
+    timeit,
+    write_results,
+)
 
 from visionmoe import reference  # noqa: E402
 from visionmoe.layers import MoEMLP  # noqa: E402
@@ -40,8 +49,19 @@ IMPLEMENTATIONS = ("dense", "visionmoe", "expert_loop", "einsum")
 
 def build(args, device, dtype):
     torch.manual_seed(args.seed)
-    layer = MoEMLP(args.dim, args.hidden, args.experts, "topk", k=args.topk, capacity_factor=args.capacity_factor,
-                   noise_std=0.0).to(device=device, dtype=dtype).train()
+    layer = (
+        MoEMLP(
+            args.dim,
+            args.hidden,
+            args.experts,
+            "topk",
+            k=args.topk,
+            capacity_factor=args.capacity_factor,
+            noise_std=0.0,
+        )
+        .to(device=device, dtype=dtype)
+        .train()
+    )
     x = torch.randn(1, args.tokens, args.dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     return layer, x, grad
@@ -82,8 +102,12 @@ def run_einsum(layer, x):
     return reference.combine_einsum(layer.experts(rows), combine_weights).view_as(x)
 
 
-RUNNERS = {"dense": run_dense, "visionmoe": lambda layer, x: layer(x), "expert_loop": run_expert_loop,
-           "einsum": run_einsum}
+RUNNERS = {
+    "dense": run_dense,
+    "visionmoe": lambda layer, x: layer(x),
+    "expert_loop": run_expert_loop,
+    "einsum": run_einsum,
+}
 
 
 def step(implementation, layer, x, grad):
@@ -144,8 +168,14 @@ def main(argv=None):
         clear()
         allocated = allocated_peak_bytes(lambda: step(implementation, layer, x, grad), device)
         peak = measure_peak_memory(args, implementation) - baseline
-        rows.append({"implementation": implementation, "median_ms": seconds * 1e3,
-                     "allocated_peak_mb": allocated / 2**20, "peak_mb": peak / 2**20})
+        rows.append(
+            {
+                "implementation": implementation,
+                "median_ms": seconds * 1e3,
+                "allocated_peak_mb": allocated / 2**20,
+                "peak_mb": peak / 2**20,
+            }
+        )
     dense = rows[0]
     for row in rows:
         row["time_vs_dense"] = row["median_ms"] / dense["median_ms"]
@@ -154,13 +184,18 @@ def main(argv=None):
     visionmoe_ms = rows[1]["median_ms"]
     for row in rows:
         row["visionmoe_speedup"] = row["median_ms"] / visionmoe_ms
-    print(f"MoE MLP forward + backward: T={args.tokens} D={args.dim} F={args.hidden} E={args.experts} K={args.topk} "
-          f"C={capacity} {args.dtype} on {device}")
+    print(
+        f"MoE MLP forward + backward: T={args.tokens} D={args.dim} F={args.hidden} E={args.experts} K={args.topk} "
+        f"C={capacity} {args.dtype} on {device}"
+    )
     print(format_table(rows))
-    meta = {"benchmark": "MoE MLP forward + backward against dense, expert loop and one-hot einsum",
-            **settings(args), "capacity": capacity,
-            "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; peak: above a "
-                      "baseline process holding the same inputs and weights"}
+    meta = {
+        "benchmark": "MoE MLP forward + backward against dense, expert loop and one-hot einsum",
+        **settings(args),
+        "capacity": capacity,
+        "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; peak: above a "
+        "baseline process holding the same inputs and weights",
+    }
     paths = write_results("moe_layer", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 

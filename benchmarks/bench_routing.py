@@ -29,8 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args, timeit,  # noqa: E402
-                    write_results)
+from common import apply_benchmark_args, benchmark_parser, format_table, parse_benchmark_args, timeit, write_results  # noqa: E402
 
 from visionmoe import ops, reference  # noqa: E402
 from visionmoe.routers import capacity_from_factor, create_router, list_routers  # noqa: E402
@@ -73,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=384, help="D")
     parser.add_argument("--experts", type=int, nargs="*", default=[8, 32, 128], help="E values")
     parser.add_argument("--topk", type=int, nargs="*", default=[1, 2], help="K values (token-choice routers)")
-    parser.add_argument("--soft-group-size", type=int, default=196,
-                        help="tokens per group for the soft router (one image of 14 x 14 patches)")
+    parser.add_argument(
+        "--soft-group-size",
+        type=int,
+        default=196,
+        help="tokens per group for the soft router (one image of 14 x 14 patches)",
+    )
     return parser
 
 
@@ -87,7 +90,7 @@ def main(argv=None):
     rows = []
     for name in names:
         for num_experts in args.experts:
-            for k in (args.topk if name in TOKEN_CHOICE else [None]):
+            for k in args.topk if name in TOKEN_CHOICE else [None]:
                 options = dict(ROUTER_OPTIONS.get(name, {}))
                 if k is not None:
                     options["k"] = k
@@ -111,22 +114,30 @@ def main(argv=None):
                 fused = timeit(step, args.warmup, args.repeat, device, setup=clear)
                 with reference_operators(router):
                     unfused = timeit(step, args.warmup, args.repeat, device, setup=clear)
-                rows.append({
-                    "router": name, "E": num_experts, "K": k, "visionmoe_ms": fused * 1e3,
-                    "reference_ms": unfused * 1e3, "speedup": unfused / fused,
-                })
+                rows.append(
+                    {
+                        "router": name,
+                        "E": num_experts,
+                        "K": k,
+                        "visionmoe_ms": fused * 1e3,
+                        "reference_ms": unfused * 1e3,
+                        "speedup": unfused / fused,
+                    }
+                )
                 print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     for num_experts in args.experts:
         probs = torch.rand(args.groups, args.tokens, num_experts, device=device).softmax(-1).requires_grad_()
         cases = [("topk_route", k) for k in args.topk] + [("expert_choice_route", None)]
         for op_name, k in cases:
+
             def route(implementation, op_name=op_name, k=k):
                 if op_name == "topk_route":
                     capacity = capacity_from_factor(k * args.tokens, num_experts, 1.25)
                     plan = implementation.topk_route(probs, k, capacity, batch_priority=True)
                 else:
-                    plan = implementation.expert_choice_route(probs, capacity_from_factor(args.tokens, num_experts,
-                                                                                          1.0))
+                    plan = implementation.expert_choice_route(
+                        probs, capacity_from_factor(args.tokens, num_experts, 1.0)
+                    )
                 plan.weight.sum().backward()
 
             def clear():
@@ -134,15 +145,31 @@ def main(argv=None):
 
             fused = timeit(lambda: route(ops), args.warmup, args.repeat, device, setup=clear)
             unfused = timeit(lambda: route(reference), args.warmup, args.repeat, device, setup=clear)
-            rows.append({"router": f"op:{op_name}", "E": num_experts, "K": k, "visionmoe_ms": fused * 1e3,
-                         "reference_ms": unfused * 1e3, "speedup": unfused / fused})
+            rows.append(
+                {
+                    "router": f"op:{op_name}",
+                    "E": num_experts,
+                    "K": k,
+                    "visionmoe_ms": fused * 1e3,
+                    "reference_ms": unfused * 1e3,
+                    "speedup": unfused / fused,
+                }
+            )
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
-    meta = {"benchmark": "router forward + backward vs the same router on reference operators",
-            "tokens": args.tokens, "groups": args.groups, "dim": args.dim, "device": str(device),
-            "warmup": args.warmup, "repeat": args.repeat, "seed": args.seed, "router_options": ROUTER_OPTIONS,
-            "soft_group_size": args.soft_group_size}
+    meta = {
+        "benchmark": "router forward + backward vs the same router on reference operators",
+        "tokens": args.tokens,
+        "groups": args.groups,
+        "dim": args.dim,
+        "device": str(device),
+        "warmup": args.warmup,
+        "repeat": args.repeat,
+        "seed": args.seed,
+        "router_options": ROUTER_OPTIONS,
+        "soft_group_size": args.soft_group_size,
+    }
     paths = write_results("routing", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 

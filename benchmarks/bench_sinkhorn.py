@@ -24,11 +24,18 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import (
+    abort_unless_close,
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    timeit,
+    write_results,
+)
 
 from visionmoe import ops, reference
-
-from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
-                    parse_benchmark_args, timeit, write_results)
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes; log-plan entries
 # are a few units, and gradients of order one.
@@ -45,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=16384, help="T, tokens per group (default 16384)")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="E values (default 8 32 128)")
     parser.add_argument("--groups", type=int, default=1, help="G (default 1)")
-    parser.add_argument("--iterations", type=int, default=ops.DEFAULT_SINKHORN_ITERATIONS,
-                        help=f"K (default {ops.DEFAULT_SINKHORN_ITERATIONS}, the operator's default)")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=ops.DEFAULT_SINKHORN_ITERATIONS,
+        help=f"K (default {ops.DEFAULT_SINKHORN_ITERATIONS}, the operator's default)",
+    )
     return parser
 
 
@@ -64,8 +75,10 @@ def check_against_float64(name: str, sinkhorn, logits, grad_log_plan, iterations
     """Aborts the benchmark when an implementation's log-plan or gradient differs from the float64 reference's:
     its timings would be meaningless."""
     results = []
-    for function, inputs in ((sinkhorn, (logits, grad_log_plan)),
-                             (reference.sinkhorn, (logits.double(), grad_log_plan.double()))):
+    for function, inputs in (
+        (sinkhorn, (logits, grad_log_plan)),
+        (reference.sinkhorn, (logits.double(), grad_log_plan.double())),
+    ):
         leaf = inputs[0].detach().clone().requires_grad_()
         log_plan = function(leaf, iterations)
         log_plan.backward(inputs[1])
@@ -111,21 +124,25 @@ def main(argv=None) -> None:
                 peak_memory_mb(forward_backward, logits, device),
             )
         for name, (forward_s, forward_backward_s, peak_mb) in seconds.items():
-            rows.append({
-                "experts": E,
-                "implementation": name,
-                "forward_ms": forward_s * 1e3,
-                "forward_backward_ms": forward_backward_s * 1e3,
-                "visionmoe_speedup": forward_backward_s / seconds["visionmoe"][1],
-                "ns_per_entry": forward_backward_s * 1e9 / (G * T * E * K),
-                "peak_mb": peak_mb,
-            })
-        print(format_table(rows[-len(seconds):]), flush=True)
+            rows.append(
+                {
+                    "experts": E,
+                    "implementation": name,
+                    "forward_ms": forward_s * 1e3,
+                    "forward_backward_ms": forward_backward_s * 1e3,
+                    "visionmoe_speedup": forward_backward_s / seconds["visionmoe"][1],
+                    "ns_per_entry": forward_backward_s * 1e9 / (G * T * E * K),
+                    "peak_mb": peak_mb,
+                }
+            )
+        print(format_table(rows[-len(seconds) :]), flush=True)
 
     print()
     print(format_table(rows))
-    print("visionmoe_speedup = implementation's forward + backward median / visionmoe's; "
-          "ns_per_entry = forward + backward median / (G * T * E * K)")
+    print(
+        "visionmoe_speedup = implementation's forward + backward median / visionmoe's; "
+        "ns_per_entry = forward + backward median / (G * T * E * K)"
+    )
     meta = {
         "benchmark": "sinkhorn, forward and forward + backward",
         "device": str(device),

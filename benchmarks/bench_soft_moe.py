@@ -32,11 +32,19 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import (
+    abort_unless_close,
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    saved_storages,
+    timeit_rounds,
+    write_results,
+)
 
 from visionmoe import ops, reference
-
-from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
-                    parse_benchmark_args, saved_storages, timeit_rounds, write_results)
 
 IMPLEMENTATIONS = {"visionmoe": ops, "eager": reference}
 
@@ -47,8 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=196, help="T, tokens per group (default 196: 14 x 14 patches)")
     parser.add_argument("--dim", type=int, default=384, help="D (default 384, ViT-S)")
     parser.add_argument("--experts", type=int, default=16, help="E (default 16)")
-    parser.add_argument("--slots-per-expert", type=int, nargs="+", default=[1, 12],
-                        help="P values to run, S = E * P (default 1 and 12, Soft MoE's round(T / E) for T = 196)")
+    parser.add_argument(
+        "--slots-per-expert",
+        type=int,
+        nargs="+",
+        default=[1, 12],
+        help="P values to run, S = E * P (default 1 and 12, Soft MoE's round(T / E) for T = 196)",
+    )
     return parser
 
 
@@ -65,6 +78,7 @@ def soft_moe_step(module, x, logits, grad_out):
         out = module.soft_combine(module.soft_dispatch(x, logits), logits)
         out.backward(grad_out)
         return out
+
     return step
 
 
@@ -90,6 +104,7 @@ def gemm_only_step(x, logits, grad_out):
         torch.bmm(x, slots.transpose(1, 2))
         torch.bmm(weights.transpose(1, 2), grad_out)
         torch.bmm(grad_out, slots.transpose(1, 2))
+
     return step
 
 
@@ -115,36 +130,55 @@ def run_config(args, device, dtype, slots_per_expert: int) -> list[dict]:
     steps = {name: soft_moe_step(module, x, logits, grad_out) for name, module in IMPLEMENTATIONS.items()}
     gemms = gemm_only_step(x.detach(), logits.detach(), grad_out)
     # clear_grads is harmless for the GEMM-only step, whose inputs are detached.
-    seconds = timeit_rounds({**steps, "gemm_only": gemms}, args.warmup, args.repeat, args.rounds, device,
-                            clear_grads)
+    seconds = timeit_rounds({**steps, "gemm_only": gemms}, args.warmup, args.repeat, args.rounds, device, clear_grads)
 
     rows = []
     for name, module in IMPLEMENTATIONS.items():
         total, beyond_inputs = saved_bytes(module, x, logits)
         clear_grads()
         peak = allocated_peak_bytes(steps[name], device)
-        rows.append({"S": S, "implementation": name, "median_ms": seconds[name] * 1e3,
-                     "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
-                     "gflop_per_s": flops / seconds[name] / 1e9, "saved_mb": total / 1e6,
-                     "beyond_inputs_mb": beyond_inputs / 1e6, "peak_mb": peak / 1e6})
-    rows.append({"S": S, "implementation": "gemm_only", "median_ms": seconds["gemm_only"] * 1e3,
-                 "visionmoe_speedup": seconds["gemm_only"] / seconds["visionmoe"],
-                 "gflop_per_s": flops / seconds["gemm_only"] / 1e9, "saved_mb": None, "beyond_inputs_mb": None,
-                 "peak_mb": None})
+        rows.append(
+            {
+                "S": S,
+                "implementation": name,
+                "median_ms": seconds[name] * 1e3,
+                "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
+                "gflop_per_s": flops / seconds[name] / 1e9,
+                "saved_mb": total / 1e6,
+                "beyond_inputs_mb": beyond_inputs / 1e6,
+                "peak_mb": peak / 1e6,
+            }
+        )
+    rows.append(
+        {
+            "S": S,
+            "implementation": "gemm_only",
+            "median_ms": seconds["gemm_only"] * 1e3,
+            "visionmoe_speedup": seconds["gemm_only"] / seconds["visionmoe"],
+            "gflop_per_s": flops / seconds["gemm_only"] / 1e9,
+            "saved_mb": None,
+            "beyond_inputs_mb": None,
+            "peak_mb": None,
+        }
+    )
     return rows
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = apply_benchmark_args(args)
-    print(f"soft dispatch + combine, forward + backward: G={args.groups} T={args.tokens} D={args.dim} "
-          f"E={args.experts} P in {args.slots_per_expert} {args.dtype} on {device}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"soft dispatch + combine, forward + backward: G={args.groups} T={args.tokens} D={args.dim} "
+        f"E={args.experts} P in {args.slots_per_expert} {args.dtype} on {device}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     rows = [row for P in args.slots_per_expert for row in run_config(args, device, dtype, P)]
     print()
     print(format_table(rows))
-    print("visionmoe_speedup = implementation's median / visionmoe's median; gflop_per_s = 12 G T S D / median; "
-          "saved_mb = storages autograd keeps for the backward, beyond_inputs_mb = the same without x and logits")
+    print(
+        "visionmoe_speedup = implementation's median / visionmoe's median; gflop_per_s = 12 G T S D / median; "
+        "saved_mb = storages autograd keeps for the backward, beyond_inputs_mb = the same without x and logits"
+    )
     meta = {
         "benchmark": "soft dispatch + combine, forward + backward",
         "device": str(device),
@@ -156,7 +190,7 @@ def main(argv=None) -> None:
         "slots_per_expert": args.slots_per_expert,
         "flops_formula": "12 G T S D (six batched GEMMs of 2 G T S D)",
         "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); peak_mb: peak allocated "
-                  "during a step beyond what was allocated before it",
+        "during a step beyond what was allocated before it",
         "warmup": args.warmup,
         "repeat": args.repeat,
         "rounds": args.rounds,

@@ -35,11 +35,19 @@ import os
 
 import torch
 import torch.nn.functional as F
+from common import (
+    abort_unless_close,
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    saved_storages,
+    timeit_rounds,
+    write_results,
+)
 
 from visionmoe import ops, reference
-
-from common import (abort_unless_close, allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,
-                    parse_benchmark_args, saved_storages, timeit_rounds, write_results)
 
 # Agreement with the float64 reference that a correct implementation reaches at these sizes: the loss is a mean
 # of values of order one, the gradient entries are of order 1 / T.
@@ -68,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = benchmark_parser(__doc__, warmup=3, repeat=20, rounds=3)
     parser.add_argument("--tokens", type=int, default=16384, help="T (default 16384)")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128], help="E values (default 8 32 128)")
-    parser.add_argument("--formats", nargs="+", choices=ops.TEACHER_FORMATS, default=list(ops.TEACHER_FORMATS),
-                        help="teacher formats (default both)")
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=ops.TEACHER_FORMATS,
+        default=list(ops.TEACHER_FORMATS),
+        help="teacher formats (default both)",
+    )
     return parser
 
 
@@ -94,8 +107,10 @@ def check_against_float64(name: str, loss_fn, student_logits, teacher, teacher_f
     """Aborts the benchmark when an implementation's loss or gradient differs from the float64 reference's: its
     timings would be meaningless."""
     results = []
-    for function, (s, p) in ((loss_fn, (student_logits, teacher)),
-                             (reference.teacher_routing_loss, (student_logits.double(), teacher.double()))):
+    for function, (s, p) in (
+        (loss_fn, (student_logits, teacher)),
+        (reference.teacher_routing_loss, (student_logits.double(), teacher.double())),
+    ):
         leaf = s.detach().clone().requires_grad_()
         loss = function(leaf, p, "mean", teacher_format)
         loss.backward()
@@ -133,37 +148,43 @@ def run_config(args, device, dtype, E: int, teacher_format: str) -> list[dict]:
         beyond_inputs_bytes = sum(nbytes for pointer, nbytes in storages.items() if pointer not in inputs)
         clear_grad()
         peak = allocated_peak_bytes(steps[name], device)
-        rows.append({
-            "teacher": teacher_format,
-            "experts": E,
-            "implementation": name,
-            "forward_ms": seconds[f"{name} forward"] * 1e3,
-            "forward_backward_ms": seconds[name] * 1e3,
-            "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
-            "ns_per_entry": seconds[name] * 1e9 / (T * E),
-            "saved_mb": saved_bytes / 1e6,
-            "beyond_inputs_mb": beyond_inputs_bytes / 1e6,
-            "peak_mb": peak / 1e6,
-        })
+        rows.append(
+            {
+                "teacher": teacher_format,
+                "experts": E,
+                "implementation": name,
+                "forward_ms": seconds[f"{name} forward"] * 1e3,
+                "forward_backward_ms": seconds[name] * 1e3,
+                "visionmoe_speedup": seconds[name] / seconds["visionmoe"],
+                "ns_per_entry": seconds[name] * 1e9 / (T * E),
+                "saved_mb": saved_bytes / 1e6,
+                "beyond_inputs_mb": beyond_inputs_bytes / 1e6,
+                "peak_mb": peak / 1e6,
+            }
+        )
     return rows
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = apply_benchmark_args(args)
-    print(f"teacher_routing_loss (mean), forward and forward + backward: T={args.tokens} E={args.experts} "
-          f"teacher {args.formats} {args.dtype} on {device}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"teacher_routing_loss (mean), forward and forward + backward: T={args.tokens} E={args.experts} "
+        f"teacher {args.formats} {args.dtype} on {device}, {torch.get_num_threads()} CPU threads"
+    )
     rows = []
     for teacher_format in args.formats:
         for E in args.experts:
             rows += run_config(args, device, dtype, E, teacher_format)
-            print(format_table(rows[-len(IMPLEMENTATIONS):]), flush=True)
+            print(format_table(rows[-len(IMPLEMENTATIONS) :]), flush=True)
 
     print()
     print(format_table(rows))
-    print("visionmoe_speedup = implementation's forward + backward median / visionmoe's; "
-          "ns_per_entry = forward + backward median / (T * E); saved_mb = storages autograd keeps for the backward, "
-          "beyond_inputs_mb = the same without the inputs' storages")
+    print(
+        "visionmoe_speedup = implementation's forward + backward median / visionmoe's; "
+        "ns_per_entry = forward + backward median / (T * E); saved_mb = storages autograd keeps for the backward, "
+        "beyond_inputs_mb = the same without the inputs' storages"
+    )
     meta = {
         "benchmark": "teacher_routing_loss (reduction mean), forward and forward + backward",
         "device": str(device),
@@ -173,8 +194,8 @@ def main(argv=None) -> None:
         "teacher_formats": args.formats,
         "inputs": "student logits 2 * standard normal; teacher logits standard normal, probabilities their softmax",
         "memory": "saved_mb: distinct storages saved by autograd (saved_tensors_hooks); beyond_inputs_mb: without "
-                  "the student's logits and the teacher; peak_mb: peak allocated during a step beyond what was "
-                  "allocated before it",
+        "the student's logits and the teacher; peak_mb: peak allocated during a step beyond what was "
+        "allocated before it",
         "warmup": args.warmup,
         "repeat": args.repeat,
         "rounds": args.rounds,
@@ -182,8 +203,7 @@ def main(argv=None) -> None:
         # Other work on a shared machine inflates the medians: the system load over 1, 5 and 15 minutes at the end.
         "load_average": [round(load, 2) for load in os.getloadavg()],
     }
-    paths = write_results("teacher_routing", rows, meta, device=device, tag=args.tag,
-                          directory=args.output)
+    paths = write_results("teacher_routing", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("\nwrote " + ", ".join(str(path) for path in paths))
 
 

@@ -50,9 +50,21 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
-                    keep_freed_memory_in_heap, page_faults_per_call, parse_benchmark_args, peak_memory_in_fresh_process,
-                    peak_resident_bytes, saved_storages, settings, timeit_rounds, write_results)
+from common import (  # noqa: E402
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    keep_freed_memory_in_heap,
+    page_faults_per_call,
+    parse_benchmark_args,
+    peak_memory_in_fresh_process,
+    peak_resident_bytes,
+    saved_storages,
+    settings,
+    timeit_rounds,
+    write_results,
+)
 
 from visionmoe import ops, reference  # noqa: E402
 
@@ -92,9 +104,12 @@ def resident_peak_probe(args, dtype):
 
 def resident_peaks(args, implementation) -> list[int]:
     """Peak resident bytes of ``args.memory_probes`` fresh processes running ``implementation``."""
-    return [peak_memory_in_fresh_process(__file__, args, implementation,
-                                         ("tag", "warmup", "repeat", "rounds", "memory_probes"))
-            for _ in range(args.memory_probes)]
+    return [
+        peak_memory_in_fresh_process(
+            __file__, args, implementation, ("tag", "warmup", "repeat", "rounds", "memory_probes")
+        )
+        for _ in range(args.memory_probes)
+    ]
 
 
 def resident_columns(args, implementation, baseline: Optional[float]) -> dict:
@@ -102,20 +117,27 @@ def resident_columns(args, implementation, baseline: Optional[float]) -> dict:
     if baseline is None:
         return {"resident_peak_mb": None, "resident_peak_mb_range": None}
     above = [(peak - baseline) / 2**20 for peak in resident_peaks(args, implementation)]
-    return {"resident_peak_mb": statistics.median(above),
-            "resident_peak_mb_range": f"{min(above):.1f}-{max(above):.1f}"}
+    return {
+        "resident_peak_mb": statistics.median(above),
+        "resident_peak_mb_range": f"{min(above):.1f}-{max(above):.1f}",
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = benchmark_parser(__doc__, warmup=2, repeat=5, rounds=5,
-                              dtypes=("float32", "float64", "bfloat16", "float16"))
+    parser = benchmark_parser(
+        __doc__, warmup=2, repeat=5, rounds=5, dtypes=("float32", "float64", "bfloat16", "float16")
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--tokens", type=int, default=196)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--heap", default="kept", choices=["kept", "default"],
-                        help="kept: glibc keeps freed memory in the process (see above); default: glibc's settings")
+    parser.add_argument(
+        "--heap",
+        default="kept",
+        choices=["kept", "default"],
+        help="kept: glibc keeps freed memory in the process (see above); default: glibc's settings",
+    )
     parser.add_argument("--memory-probes", type=int, default=3, help="fresh processes per peak-memory reading")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     return parser
@@ -156,36 +178,46 @@ def main(argv=None):
         activations = {ptr: size for ptr, size in saved.items() if ptr not in input_storages}
         clear()
         allocated = allocated_peak_bytes(steps[implementation], device)
-        rows.append({"implementation": implementation, "median_ms": seconds[implementation] * 1e3,
-                     "page_faults_per_step": faults[implementation],
-                     "allocated_peak_mb": allocated / 2**20,
-                     **resident_columns(args, implementation, baseline),
-                     "saved_mb": sum(saved.values()) / 2**20,
-                     "saved_activations_mb": sum(activations.values()) / 2**20})
+        rows.append(
+            {
+                "implementation": implementation,
+                "median_ms": seconds[implementation] * 1e3,
+                "page_faults_per_step": faults[implementation],
+                "allocated_peak_mb": allocated / 2**20,
+                **resident_columns(args, implementation, baseline),
+                "saved_mb": sum(saved.values()) / 2**20,
+                "saved_activations_mb": sum(activations.values()) / 2**20,
+            }
+        )
     fused, eager = rows
     for row in rows:
         row["time_vs_eager"] = row["median_ms"] / eager["median_ms"]
         row["allocated_vs_eager"] = row["allocated_peak_mb"] / eager["allocated_peak_mb"]
-        row["resident_vs_eager"] = (None if baseline is None
-                                    else row["resident_peak_mb"] / eager["resident_peak_mb"])
+        row["resident_vs_eager"] = None if baseline is None else row["resident_peak_mb"] / eager["resident_peak_mb"]
         row["saved_vs_eager"] = row["saved_mb"] / eager["saved_mb"]
         row["saved_activations_vs_eager"] = row["saved_activations_mb"] / eager["saved_activations_mb"]
-    print(f"What-where attention forward + backward: B={args.batch} H={args.heads} N={args.tokens} S={args.slots} "
-          f"dh={args.head_dim} {args.dtype} on {device}, {torch.get_num_threads()} threads")
+    print(
+        f"What-where attention forward + backward: B={args.batch} H={args.heads} N={args.tokens} S={args.slots} "
+        f"dh={args.head_dim} {args.dtype} on {device}, {torch.get_num_threads()} threads"
+    )
     print(format_table(rows))
     print(f"speed-up of the fused operator: {eager['median_ms'] / fused['median_ms']:.2f}x")
     ratio = fused["saved_activations_vs_eager"]
-    target = (f"saved for backward beyond the inputs: {ratio:.2f}x eager's (target <= {SAVED_TARGET}x: "
-              f"{'met' if ratio <= SAVED_TARGET else 'NOT met'}); step peak {fused['allocated_vs_eager']:.2f}x "
-              "allocated (reported, not a target)")
+    target = (
+        f"saved for backward beyond the inputs: {ratio:.2f}x eager's (target <= {SAVED_TARGET}x: "
+        f"{'met' if ratio <= SAVED_TARGET else 'NOT met'}); step peak {fused['allocated_vs_eager']:.2f}x "
+        "allocated (reported, not a target)"
+    )
     print(target)
-    meta = {"benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
-            **settings(args),
-            "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; resident: peak "
-                      "resident memory above a baseline process holding the same inputs and output gradients; "
-                      "saved: storages autograd keeps for the backward",
-            "heap_kept": heap_kept,
-            "memory_target": target}
+    meta = {
+        "benchmark": "what-where attention forward + backward, fused operator against eager einsum/softmax",
+        **settings(args),
+        "memory": "allocated: peak bytes allocated through PyTorch's allocator during a step; resident: peak "
+        "resident memory above a baseline process holding the same inputs and output gradients; "
+        "saved: storages autograd keeps for the backward",
+        "heap_kept": heap_kept,
+        "memory_target": target,
+    }
     tag = args.tag if args.heap == "kept" else "_".join(filter(None, [args.tag, "default-heap"]))
     paths = write_results("whatwhere", rows, meta, device=device, tag=tag, directory=args.output)
     print("wrote", *paths)

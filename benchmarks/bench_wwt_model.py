@@ -28,8 +28,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
-                    parse_benchmark_args, saved_storages, settings, timeit_rounds, write_results)
+from common import (  # noqa: E402
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    saved_storages,
+    settings,
+    timeit_rounds,
+    write_results,
+)
 
 import visionmoe  # noqa: E402
 from visionmoe import ops, reference  # noqa: E402
@@ -88,19 +97,31 @@ def main(argv=None) -> None:
     for attention in ATTENTION:
         saved = saved_storages(lambda: forward(attention))
         clear()
-        rows.append({"attention": attention, "median_ms": seconds[attention] * 1e3,
-                     "allocated_peak_mb": allocated_peak_bytes(steps[attention], device) / 2**20,
-                     "saved_mb": sum(saved.values()) / 2**20})
+        rows.append(
+            {
+                "attention": attention,
+                "median_ms": seconds[attention] * 1e3,
+                "allocated_peak_mb": allocated_peak_bytes(steps[attention], device) / 2**20,
+                "saved_mb": sum(saved.values()) / 2**20,
+            }
+        )
     eager = rows[-1]
     for row in rows:
         row["time_vs_eager"] = row["median_ms"] / eager["median_ms"]
         row["allocated_vs_eager"] = row["allocated_peak_mb"] / eager["allocated_peak_mb"]
     blocks = len(model.blocks)
-    print(f"{args.model} training step: B={args.batch}, {blocks} blocks, {model.img_size} px, on {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.model} training step: B={args.batch}, {blocks} blocks, {model.img_size} px, on {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(format_table(rows))
-    meta = {"benchmark": "What-Where Transformer training step, fused what-where attention against eager",
-            **settings(args), "blocks": blocks, "num_slots": model.num_slots, "num_heads": model.num_heads}
+    meta = {
+        "benchmark": "What-Where Transformer training step, fused what-where attention against eager",
+        **settings(args),
+        "blocks": blocks,
+        "num_slots": model.num_slots,
+        "num_heads": model.num_heads,
+    }
     paths = write_results("wwt_model", rows, meta, device=device, tag=args.tag, directory=args.output)
     print("wrote", *paths)
 

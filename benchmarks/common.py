@@ -63,19 +63,30 @@ def benchmark_parser(
     if dtypes is not None:
         group.add_argument("--dtype", choices=dtypes, default=dtype, help=f"(default {dtype})")
     group.add_argument("--threads", type=int, help="CPU threads for torch and visionmoe (default: torch's)")
-    group.add_argument("--warmup", type=int, default=warmup,
-                       help=f"untimed runs per implementation (default {warmup})")
-    group.add_argument("--repeat", type=int, default=repeat,
-                       help=f"timed runs per implementation; the median is reported (default {repeat})")
+    group.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs per implementation (default {warmup})")
+    group.add_argument(
+        "--repeat",
+        type=int,
+        default=repeat,
+        help=f"timed runs per implementation; the median is reported (default {repeat})",
+    )
     if rounds is not None:
-        group.add_argument("--rounds", type=int, default=rounds,
-                           help="the implementations are timed in turn this many times and each one's median over "
-                                "the rounds is reported, so that a burst of load on a shared machine hits all of "
-                                f"them alike (default {rounds})")
+        group.add_argument(
+            "--rounds",
+            type=int,
+            default=rounds,
+            help="the implementations are timed in turn this many times and each one's median over "
+            "the rounds is reported, so that a burst of load on a shared machine hits all of "
+            f"them alike (default {rounds})",
+        )
     group.add_argument("--seed", type=int, default=0, help="(default 0)")
     group.add_argument("--tag", help="appended to the result files' names")
-    group.add_argument("--output", type=Path, default=RESULTS_DIR,
-                       help="folder the result files are written to (default benchmarks/results)")
+    group.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder the result files are written to (default benchmarks/results)",
+    )
     return parser
 
 
@@ -86,8 +97,7 @@ def parse_benchmark_args(parser: argparse.ArgumentParser, argv=None) -> argparse
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     if args.repeat < 1 or getattr(args, "rounds", 1) < 1 or args.warmup < 0:
-        parser.error("--repeat" + (" and --rounds" if hasattr(args, "rounds") else "") + " must be >= 1, "
-                     "--warmup >= 0")
+        parser.error("--repeat" + (" and --rounds" if hasattr(args, "rounds") else "") + " must be >= 1, --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     return args
@@ -155,8 +165,14 @@ def timeit(
     return statistics.median(times)
 
 
-def timeit_rounds(steps: dict, warmup: int, repeat: int, rounds: int, device: torch.device | str,
-                  setup: Optional[Callable[[], None]] = None) -> dict:
+def timeit_rounds(
+    steps: dict,
+    warmup: int,
+    repeat: int,
+    rounds: int,
+    device: torch.device | str,
+    setup: Optional[Callable[[], None]] = None,
+) -> dict:
     """Median seconds of each of ``steps`` (name -> callable), timed in turn ``rounds`` times with :func:`timeit`
     and the median taken over the rounds, so that a burst of load on a shared machine hits every step alike."""
     round_seconds = {name: [] for name in steps}
@@ -221,8 +237,10 @@ def memory_probe_argv(args, implementation: str, skipped: tuple) -> list[str]:
     """The command-line options of a memory probe: ``--memory-probe implementation`` and the options of ``args``,
     leaving out None values, ``NOT_SETTINGS`` and the names in ``skipped``."""
     return ["--memory-probe", implementation] + [
-        f"--{name.replace('_', '-')}={value}" for name, value in vars(args).items()
-        if name not in NOT_SETTINGS + skipped and value is not None]
+        f"--{name.replace('_', '-')}={value}"
+        for name, value in vars(args).items()
+        if name not in NOT_SETTINGS + skipped and value is not None
+    ]
 
 
 def peak_memory_in_fresh_process(script: str, args, implementation: str, skipped: tuple) -> int:
@@ -300,7 +318,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_results(
-    name: str, rows: list[dict], meta: dict, *, device: torch.device | str, tag: Optional[str] = None,
+    name: str,
+    rows: list[dict],
+    meta: dict,
+    *,
+    device: torch.device | str,
+    tag: Optional[str] = None,
     directory: Optional[Path | str] = None,
 ) -> tuple[Path, Path]:
     """Writes ``rows`` and ``meta`` (the benchmark's settings), plus :func:`environment`, to
@@ -313,8 +336,9 @@ def write_results(
     stem = f"{name}_{device_tag(device)}" + (f"_{_slug(tag)}" if tag else "")
     meta = {**environment(device), **meta}
     json_text = json.dumps({"name": name, "meta": meta, "rows": rows}, indent=2) + "\n"
-    meta_lines = [f"- {key}: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`"
-                  for key, value in meta.items()]
+    meta_lines = [
+        f"- {key}: `{json.dumps(value) if isinstance(value, (dict, list)) else value}`" for key, value in meta.items()
+    ]
     markdown_text = f"# {name}\n\n{format_table(rows)}\n\n" + "\n".join(meta_lines) + "\n"
     directory = RESULTS_DIR if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

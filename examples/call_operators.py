@@ -46,16 +46,20 @@ def main():
 
     load = plan.expert_load().tolist()
     wanted = plan.expert_counts().tolist()
-    print(f"assignments: {plan.num_assignments} ({K} per token), dropped by capacity: "
-          f"{plan.dropped_fraction().item():.1%}")
+    print(
+        f"assignments: {plan.num_assignments} ({K} per token), dropped by capacity: "
+        f"{plan.dropped_fraction().item():.1%}"
+    )
     print("expert  wanted  processed  (capacity %d)" % C)
     for e in range(E):
         print(f"{e:6d}  {wanted[e]:6d}  {load[e]:9d}")
     untouched = (ops.combine(torch.ones_like(expert_outputs[..., :1]), plan, T) == 0).sum().item()
     print(f"tokens with no expert (all choices dropped): {untouched} of {T}")
     print(f"dispatch -> experts -> combine, forward and backward: {elapsed * 1e3:.1f} ms")
-    print(f"output {tuple(mixed.shape)}; router gradient norm {router.weight.grad.norm():.4f}; "
-          f"expert gradient norm {experts_in.grad.norm():.4f}")
+    print(
+        f"output {tuple(mixed.shape)}; router gradient norm {router.weight.grad.norm():.4f}; "
+        f"expert gradient norm {experts_in.grad.norm():.4f}"
+    )
 
     with torch.no_grad():
         plan_ref = reference.make_plan(token_index, top_experts.t().reshape(-1), top_probs.t().reshape(-1), E, C)

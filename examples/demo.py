@@ -5,8 +5,8 @@
 Trains ``examples/configs/vmoe_digits.yaml`` (a 6-block ViT of width 96 whose blocks 3 and 5 have MoE MLPs with 8
 experts, top-2 token choice, capacity factor 1.05) for 40 epochs, about a minute on 2 CPU cores (95-97 % test
 accuracy), and then runs ``visionmoe-eval`` on the test split: accuracy, each MoE layer's expert load, dropped
-assignments, which digit each expert serves most, and PNG plots (load histograms, per-class expert usage, experts drawn over image patches) in
-``runs/demo/eval``. The same two steps from the shell:
+assignments, which digit each expert serves most, and PNG plots (load histograms, per-class expert usage, experts
+drawn over image patches) in ``runs/demo/eval``. The same two steps from the shell:
 
     visionmoe-train --config examples/configs/vmoe_digits.yaml --output-dir runs/demo
     visionmoe-eval runs/demo --dataset digits --split test

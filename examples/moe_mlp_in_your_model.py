@@ -69,9 +69,11 @@ def main(argv=None) -> None:
             step += 1
             if step % 100 == 0 or step == args.steps:
                 metrics = model.blocks[-1].mlp.last_metrics
-                print(f"step {step}: task loss {task_loss.item():.3f}, aux losses "
-                      f"{ {name: round(value.item(), 4) for name, value in router_losses.items()} }, last layer's "
-                      f"load {metrics.load.tolist()}, dropped {metrics.dropped_fraction.item():.1%}")
+                print(
+                    f"step {step}: task loss {task_loss.item():.3f}, aux losses "
+                    f"{ {name: round(value.item(), 4) for name, value in router_losses.items()} }, last layer's "
+                    f"load {metrics.load.tolist()}, dropped {metrics.dropped_fraction.item():.1%}"
+                )
             if step == args.steps:
                 break
 

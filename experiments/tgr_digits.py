@@ -49,10 +49,28 @@ METHODS = {
 }
 
 SETTINGS = {
-    "full": dict(experts=(8, 16, 32), seeds=(0, 1, 2), teacher_epochs=30, student_epochs=15, probe=128,
-                 train_images=None, test_images=None, batch_size=64, methods=("V-MoE", "TGR")),
-    "small": dict(experts=(4,), seeds=(0, 1), teacher_epochs=1, student_epochs=2, probe=8, train_images=64,
-                  test_images=32, batch_size=32, methods=("V-MoE", "TGR")),
+    "full": dict(
+        experts=(8, 16, 32),
+        seeds=(0, 1, 2),
+        teacher_epochs=30,
+        student_epochs=15,
+        probe=128,
+        train_images=None,
+        test_images=None,
+        batch_size=64,
+        methods=("V-MoE", "TGR"),
+    ),
+    "small": dict(
+        experts=(4,),
+        seeds=(0, 1),
+        teacher_epochs=1,
+        student_epochs=2,
+        probe=8,
+        train_images=64,
+        test_images=32,
+        batch_size=32,
+        methods=("V-MoE", "TGR"),
+    ),
 }
 # The paper's ablations at E = 16 in the full setting: the distillation only for the first half of the steps,
 # and the teacher router pre-trained (2 epochs) then frozen.
@@ -60,9 +78,20 @@ SETTINGS["ablation"] = dict(SETTINGS["full"], experts=(16,), methods=tuple(METHO
 
 
 def base_config(setting: dict, output_dir: Path, **values):
-    return config_from_dict(dict(dataset="digits", val_split="test", batch_size=setting["batch_size"], lr=3e-3,
-                                 warmup_epochs=1.0, device="cpu", progress=False, tensorboard=False,
-                                 output_dir=str(output_dir), **values))
+    return config_from_dict(
+        dict(
+            dataset="digits",
+            val_split="test",
+            batch_size=setting["batch_size"],
+            lr=3e-3,
+            warmup_epochs=1.0,
+            device="cpu",
+            progress=False,
+            tensorboard=False,
+            output_dir=str(output_dir),
+            **values,
+        )
+    )
 
 
 def datasets(setting: dict):
@@ -75,22 +104,42 @@ def datasets(setting: dict):
 
 def run_student(setting, data, work_dir: Path, num_experts: int, seed: int, method: str, teacher_dir: Path):
     config = base_config(
-        setting, work_dir / f"E{num_experts}_{method.replace(', ', '_').replace(' ', '-')}_seed{seed}",
-        model="vmoe_tiny_32", seed=seed,
-        epochs=setting["student_epochs"], consistency_probe=setting["probe"],
+        setting,
+        work_dir / f"E{num_experts}_{method.replace(', ', '_').replace(' ', '-')}_seed{seed}",
+        model="vmoe_tiny_32",
+        seed=seed,
+        epochs=setting["student_epochs"],
+        consistency_probe=setting["probe"],
         model_options=dict(ARCHITECTURE, moe_blocks=MOE_BLOCKS, moe=dict(num_experts=num_experts, k=1)),
-        **({} if METHODS[method] is None else dict(METHODS[method], teacher=str(teacher_dir))))
+        **({} if METHODS[method] is None else dict(METHODS[method], teacher=str(teacher_dir))),
+    )
     started = time.perf_counter()
     trainer = Trainer(config, *data)
     result = trainer.fit()
     summary = trainer.consistency.summary()
-    row = dict(experts=num_experts, method=method, seed=seed, test_accuracy=result.history[-1]["val_accuracy"],
-               adjacent_consistency=summary["adjacent"], last_adjacent_consistency=summary["last_adjacent"],
-               final_consistency=summary["final"], seconds=round(time.perf_counter() - started, 1))
-    curves = [dict(experts=num_experts, method=method, seed=seed, epoch=snapshot.epoch,
-                   adjacent="" if adjacent is None else adjacent["mean"], final=final["mean"])
-              for snapshot, adjacent, final in zip(trainer.consistency.snapshots, trainer.consistency.adjacent(),
-                                                   trainer.consistency.against_final())]
+    row = dict(
+        experts=num_experts,
+        method=method,
+        seed=seed,
+        test_accuracy=result.history[-1]["val_accuracy"],
+        adjacent_consistency=summary["adjacent"],
+        last_adjacent_consistency=summary["last_adjacent"],
+        final_consistency=summary["final"],
+        seconds=round(time.perf_counter() - started, 1),
+    )
+    curves = [
+        dict(
+            experts=num_experts,
+            method=method,
+            seed=seed,
+            epoch=snapshot.epoch,
+            adjacent="" if adjacent is None else adjacent["mean"],
+            final=final["mean"],
+        )
+        for snapshot, adjacent, final in zip(
+            trainer.consistency.snapshots, trainer.consistency.adjacent(), trainer.consistency.against_final()
+        )
+    ]
     return row, curves
 
 
@@ -117,21 +166,26 @@ def write_csv(path: Path, rows) -> None:
         writer.writerows(rows)
 
 
-def write_table(path: Path, summary, teacher_accuracy: float, setting_name: str, setting: dict, command: str,
-                seconds: float) -> None:
+def write_table(
+    path: Path, summary, teacher_accuracy: float, setting_name: str, setting: dict, command: str, seconds: float
+) -> None:
     lines = [
         f"# TGR-MoE vs V-MoE on digits ({setting_name} setting)",
         "",
         f"Command: `{command}`",
         "",
-        f"Teacher (dense ViT, {setting['teacher_epochs']} epochs): test accuracy {100 * teacher_accuracy:.2f} %. "
-        f"Students: {setting['student_epochs']} epochs, top-1 routing, seeds {list(setting['seeds'])}; "
-        f"consistency on {setting['probe']} probe test images x 17 tokens, mean over the MoE layers. "
-        f"Mean +- sample standard deviation over seeds. Total {seconds / 60:.1f} min.",
+        (
+            f"Teacher (dense ViT, {setting['teacher_epochs']} epochs): test accuracy {100 * teacher_accuracy:.2f} %. "
+            f"Students: {setting['student_epochs']} epochs, top-1 routing, seeds {list(setting['seeds'])}; "
+            f"consistency on {setting['probe']} probe test images x 17 tokens, mean over the MoE layers. "
+            f"Mean +- sample standard deviation over seeds. Total {seconds / 60:.1f} min."
+        ),
         "",
-        "Adjacent: the fraction of probe tokens whose top-1 expert is the same after consecutive epochs, averaged "
-        "over the pairs (1, 2) ... (T-1, T). Last adjacent: the pair (T-1, T). Vs final: the agreement of epochs "
-        "1 ... T-1 with epoch T, averaged.",
+        (
+            "Adjacent: the fraction of probe tokens whose top-1 expert is the same after consecutive epochs, averaged "
+            "over the pairs (1, 2) ... (T-1, T). Last adjacent: the pair (T-1, T). Vs final: the agreement of epochs "
+            "1 ... T-1 with epoch T, averaged."
+        ),
         "",
         "| E | method | test accuracy (%) | adjacent consistency | last adjacent | vs final |",
         "|---|---|---|---|---|---|",
@@ -142,20 +196,31 @@ def write_table(path: Path, summary, teacher_accuracy: float, setting_name: str,
             f"| {100 * entry['test_accuracy_mean']:.2f} +- {100 * entry['test_accuracy_std']:.2f} "
             f"| {entry['adjacent_consistency_mean']:.3f} +- {entry['adjacent_consistency_std']:.3f} "
             f"| {entry['last_adjacent_consistency_mean']:.3f} +- {entry['last_adjacent_consistency_std']:.3f} "
-            f"| {entry['final_consistency_mean']:.3f} +- {entry['final_consistency_std']:.3f} |")
+            f"| {entry['final_consistency_mean']:.3f} +- {entry['final_consistency_std']:.3f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="a seconds-long smoke run (for CI)")
-    parser.add_argument("--ablation", action="store_true",
-                        help="E = 16 only, with the first-half schedule and the pre-trained router as well")
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="E = 16 only, with the first-half schedule and the pre-trained router as well",
+    )
     parser.add_argument("--output-dir", default="results/tgr", help="where the tables go")
-    parser.add_argument("--work-dir", default=None, help="training runs' directories (default: runs/tgr_digits "
-                                                         "or, with --small, <output-dir>/runs)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 is fastest on shared cores (oversubscribed threads spin)")
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="training runs' directories (default: runs/tgr_digits or, with --small, <output-dir>/runs)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 1 is fastest on shared cores (oversubscribed threads spin)",
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.threads < 1:
@@ -173,8 +238,12 @@ def main(argv=None) -> int:
     data = datasets(setting)
 
     teacher_dir = work_dir / "teacher"
-    teacher = Trainer(base_config(setting, teacher_dir, model="vit_tiny_32", model_options=ARCHITECTURE,
-                                  epochs=setting["teacher_epochs"]), *data)
+    teacher = Trainer(
+        base_config(
+            setting, teacher_dir, model="vit_tiny_32", model_options=ARCHITECTURE, epochs=setting["teacher_epochs"]
+        ),
+        *data,
+    )
     teacher_accuracy = teacher.fit().history[-1]["val_accuracy"]
     print(f"teacher: test accuracy {teacher_accuracy:.4f}", flush=True)
 
@@ -185,14 +254,24 @@ def main(argv=None) -> int:
                 row, run_curves = run_student(setting, data, work_dir, num_experts, seed, method, teacher_dir)
                 rows.append(row)
                 curves += run_curves
-                print(f"E={num_experts} seed={seed} {method}: accuracy {row['test_accuracy']:.4f}, adjacent "
-                      f"consistency {row['adjacent_consistency']:.3f} ({row['seconds']} s)", flush=True)
+                print(
+                    f"E={num_experts} seed={seed} {method}: accuracy {row['test_accuracy']:.4f}, adjacent "
+                    f"consistency {row['adjacent_consistency']:.3f} ({row['seconds']} s)",
+                    flush=True,
+                )
     summary = summarise(rows, setting["methods"])
     write_csv(output_dir / "runs.csv", rows)
     write_csv(output_dir / "curves.csv", curves)
     write_csv(output_dir / "summary.csv", summary)
-    write_table(output_dir / "table.md", summary, teacher_accuracy, setting_name, setting, command,
-                time.perf_counter() - started)
+    write_table(
+        output_dir / "table.md",
+        summary,
+        teacher_accuracy,
+        setting_name,
+        setting,
+        command,
+        time.perf_counter() - started,
+    )
     print((output_dir / "table.md").read_text())
     return 0
 

@@ -55,9 +55,22 @@ import torch
 import torch.nn.functional as F
 
 from visionmoe.data import create_dataset, digit_count_groups
-from visionmoe.metrics import (best_overlaps, component_boxes, connected_components, corloc, foreground_ari,
-                               mass_masks, masks_to_boxes, mean_iou, normalise_maps, object_precision, object_recall,
-                               positional_collapse, segmentation_confusion, semantic_target)
+from visionmoe.metrics import (
+    best_overlaps,
+    component_boxes,
+    connected_components,
+    corloc,
+    foreground_ari,
+    masks_to_boxes,
+    mass_masks,
+    mean_iou,
+    normalise_maps,
+    object_precision,
+    object_recall,
+    positional_collapse,
+    segmentation_confusion,
+    semantic_target,
+)
 from visionmoe.models import create_model
 
 NUM_CLASSES = 10
@@ -82,10 +95,18 @@ class Setting:
 
 _MODEL = dict(embed_dim=64, depth=4, num_heads=2, patch_size=4, num_classes=NUM_CLASSES)
 SETTINGS = {
-    "full": Setting(train_scenes=4000, val_scenes=200, test_scenes=500, steps=500, batch_size=64, lr=2e-3,
-                    model=_MODEL),
-    "tiny": Setting(train_scenes=32, val_scenes=8, test_scenes=12, steps=2, batch_size=8, lr=2e-3,
-                    model=dict(_MODEL, embed_dim=16, depth=2)),
+    "full": Setting(
+        train_scenes=4000, val_scenes=200, test_scenes=500, steps=500, batch_size=64, lr=2e-3, model=_MODEL
+    ),
+    "tiny": Setting(
+        train_scenes=32,
+        val_scenes=8,
+        test_scenes=12,
+        steps=2,
+        batch_size=8,
+        lr=2e-3,
+        model=dict(_MODEL, embed_dim=16, depth=2),
+    ),
 }
 SCENES = dict(canvas_size=32, digit_size=(10, 14), min_digits=1, max_digits=3)
 TASKS = {"A": dict(classes="same", label="primary"), "B": dict(classes="mixed", label="multi_hot")}
@@ -112,8 +133,9 @@ def build(method: str, task: str, setting: Setting):
         return create_model("slot_attention_32", **options)
     variant = method.split("_", 1)[1]
     uses_maps = variant in ("w1", "w12")
-    return create_model("wwt_tiny_32", slot_update="mean", variant=variant, **setting.model,
-                        **(pool if uses_maps else {}))
+    return create_model(
+        "wwt_tiny_32", slot_update="mean", variant=variant, **setting.model, **(pool if uses_maps else {})
+    )
 
 
 def train(model, images, labels, task: str, setting: Setting, seed: int) -> float:
@@ -214,7 +236,7 @@ def single_maps(grid_maps: torch.Tensor, logits, targets, max_segments: int, thr
         single.append(boxes[-1][:1])
         if logits is not None:
             best = int(present_best(logits[b][None], targets[b]["multi_hot"] > 0)[0])
-            classes.append({s: best for s in range(1, max_segments + 1)})
+            classes.append(dict.fromkeys(range(1, max_segments + 1), best))
     return Maps(logits, torch.stack(segments), boxes, single, None, classes if logits is not None else None, 0)
 
 
@@ -244,8 +266,9 @@ def vit_maps(model, images, targets, val_images, val_targets, which: str, max_se
             found = single_maps(val_heads[:, head], None, val_targets, max_segments, "rescaled")
             scores.append(corloc(found.single, [t["boxes"] for t in val_targets]))
         head = max(range(len(scores)), key=scores.__getitem__)
-        return single_maps(model.class_token_attention(images, heads="all")[:, head], logits, targets, max_segments,
-                           "rescaled")
+        return single_maps(
+            model.class_token_attention(images, heads="all")[:, head], logits, targets, max_segments, "rescaled"
+        )
 
 
 def ink_maps(images, targets, side: int, max_segments: int) -> Maps:
@@ -291,7 +314,8 @@ def score_maps(maps: Maps, images, labels, targets, task: str) -> Dict[str, Dict
                     table[maps.background_segment] = 0
                 predicted = torch.where(ink[i], table[maps.segments[i]], 0)
                 confusion = confusion + segmentation_confusion(
-                    predicted, semantic_target(targets[i]["masks"], targets[i]["labels"]), NUM_CLASSES + 1)
+                    predicted, semantic_target(targets[i]["masks"], targets[i]["labels"]), NUM_CLASSES + 1
+                )
             row["miou"] = mean_iou(confusion)[0]
         if maps.grid is not None:
             row["collapse"] = positional_collapse(maps.grid[index])
@@ -310,25 +334,53 @@ def run_study(args, setting: Setting, save) -> List[Dict]:
     def record(task, method, seed, trained, seconds, maps, images, labels, targets):
         results = score_maps(maps, images, labels, targets, task)
         for group, values in results.items():
-            rows.append(dict(task=task, method=method, seed=seed, trained=trained, seconds=round(seconds, 1),
-                             group=group, **values))
+            rows.append(
+                dict(
+                    task=task,
+                    method=method,
+                    seed=seed,
+                    trained=trained,
+                    seconds=round(seconds, 1),
+                    group=group,
+                    **values,
+                )
+            )
         save(rows)
         shown = results[">=2"] if ">=2" in results else results["all"]
-        print(f"[{task}] {method} seed {seed} {'trained' if trained else 'untrained'} ({seconds:.0f} s), >=2 digits: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if not math.isnan(v)), flush=True)
+        print(
+            f"[{task}] {method} seed {seed} {'trained' if trained else 'untrained'} ({seconds:.0f} s), >=2 digits: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in shown.items() if not math.isnan(v)),
+            flush=True,
+        )
 
     def evaluate(task, method, model, seed, trained, seconds, data):
         images, labels, targets, val_images, val_targets = data
         if method == "vit":
             for which in ("mean", "best head", "mass"):
-                maps = vit_maps(model, images, targets, val_images, val_targets,
-                                {"mean": "mean", "best head": "best", "mass": "mass"}[which], slots)
+                maps = vit_maps(
+                    model,
+                    images,
+                    targets,
+                    val_images,
+                    val_targets,
+                    {"mean": "mean", "best head": "best", "mass": "mass"}[which],
+                    slots,
+                )
                 record(task, f"vit ({which})", seed, trained, seconds, maps, images, labels, targets)
             return
         record(task, method, seed, trained, seconds, slot_maps(model, images, targets), images, labels, targets)
         if method == "wwt_w0":
-            record(task, "wwt_w0 (token softmax)", seed, trained, seconds,
-                   slot_maps(model, images, targets, "token_softmax"), images, labels, targets)
+            record(
+                task,
+                "wwt_w0 (token softmax)",
+                seed,
+                trained,
+                seconds,
+                slot_maps(model, images, targets, "token_softmax"),
+                images,
+                labels,
+                targets,
+            )
 
     def val_fg_ari(model, val_images, val_targets, val_labels, task):
         """Selection score of a WWT variant on validation scenes: FG-ARI on >= 2 digits, if the run reaches the
@@ -363,11 +415,12 @@ def run_study(args, setting: Setting, save) -> List[Dict]:
                 variants = {}
                 for variant in args.variants:
                     method = f"wwt_{variant}"
-                    variants[method] = val_fg_ari(fit(method, args.seeds[0]), val_images, val_targets, val_labels,
-                                                  task)
+                    variants[method] = val_fg_ari(fit(method, args.seeds[0]), val_images, val_targets, val_labels, task)
                 args.best_variant = max(variants, key=variants.get)
-                print(f"best WWT variant on validation scenes (FG-ARI, >= 2 digits): {args.best_variant} {variants}",
-                      flush=True)
+                print(
+                    f"best WWT variant on validation scenes (FG-ARI, >= 2 digits): {args.best_variant} {variants}",
+                    flush=True,
+                )
             for method in ("vit", "slot_attention"):
                 for seed in args.seeds:
                     fit(method, seed)
@@ -382,31 +435,45 @@ def run_study(args, setting: Setting, save) -> List[Dict]:
 # ------------------------------------------------------------------------------------------------ output
 
 
-def write_results(rows: List[Dict], output_dir: Path, command: str, setting_name: str, setting: Setting,
-                  seconds: float, best: str) -> None:
+def write_results(
+    rows: List[Dict], output_dir: Path, command: str, setting_name: str, setting: Setting, seconds: float, best: str
+) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "runs.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["task", "method", "seed", "trained", "seconds", "group", *METRICS])
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) and k in METRICS else v) for k, v in row.items()})
-    lines = [f"# What-where discovery, a fair test ({setting_name} setting)", "",
-             f"Command: `{command}`", "",
-             f"Setting: {dataclasses.asdict(setting)}; scenes {SCENES}; {seconds / 60:.1f} min on "
-             f"{torch.get_num_threads()} CPU threads. Best WWT variant (by validation FG-ARI on >= 2 digits among runs "
-             f"reaching {ACCURACY_BAR:.0%}, or named by --best-variant): {best or 'not chosen yet'}.", "",
-             "Mean ± standard deviation over seeds (per-seed rows in runs.csv); score: accuracy (A) or mAP (B); "
-             "'below bar': a trained run under 90 %. Slot models' maps are the assignment (argmax slot per patch) "
-             "unless marked 'token softmax'. Definitions in experiments/whatwhere_discovery.py."]
+    lines = [
+        f"# What-where discovery, a fair test ({setting_name} setting)",
+        "",
+        f"Command: `{command}`",
+        "",
+        (
+            f"Setting: {dataclasses.asdict(setting)}; scenes {SCENES}; {seconds / 60:.1f} min on "
+            f"{torch.get_num_threads()} CPU threads. Best WWT variant (by validation FG-ARI on >= 2 digits among runs "
+            f"reaching {ACCURACY_BAR:.0%}, or named by --best-variant): {best or 'not chosen yet'}."
+        ),
+        "",
+        (
+            "Mean ± standard deviation over seeds (per-seed rows in runs.csv); score: accuracy (A) or mAP (B); "
+            "'below bar': a trained run under 90 %. Slot models' maps are the assignment (argmax slot per patch) "
+            "unless marked 'token softmax'. Definitions in experiments/whatwhere_discovery.py."
+        ),
+    ]
     for task in ("A", "B"):
         task_rows = [row for row in rows if row["task"] == task]
         if not task_rows:
             continue
         title = {"A": "(A) same-class scenes, single label", "B": "(B) mixed scenes, multi-hot labels"}[task]
         for group in GROUPS:
-            lines += ["", f"## {title}: {'all scenes' if group == 'all' else group + ' digits'}", "",
-                      "| method | trained | seeds | " + " | ".join(METRICS) + " |",
-                      "|---|---|---|" + "---|" * len(METRICS)]
+            lines += [
+                "",
+                f"## {title}: {'all scenes' if group == 'all' else group + ' digits'}",
+                "",
+                "| method | trained | seeds | " + " | ".join(METRICS) + " |",
+                "|---|---|---|" + "---|" * len(METRICS),
+            ]
             keys = []
             for row in task_rows:
                 key = (row["method"], row["trained"])
@@ -434,11 +501,19 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
     parser.add_argument("--steps", type=int, help="override the setting's training steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=WWT_VARIANT_NAMES, default=list(WWT_VARIANT_NAMES),
-                        help="WWT variants trained at the first seed; the best is trained at every seed")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=WWT_VARIANT_NAMES,
+        default=list(WWT_VARIANT_NAMES),
+        help="WWT variants trained at the first seed; the best is trained at every seed",
+    )
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
-    parser.add_argument("--best-variant", choices=WWT_VARIANT_NAMES,
-                        help="skip the variant runs and use this WWT variant as the best (e.g. to run task B alone)")
+    parser.add_argument(
+        "--best-variant",
+        choices=WWT_VARIANT_NAMES,
+        help="skip the variant runs and use this WWT variant as the best (e.g. to run task B alone)",
+    )
     parser.add_argument("--output-dir", default="results/whatwhere")
     args = parser.parse_args(argv)
     if "B" in args.tasks and "A" not in args.tasks and args.best_variant is None:
@@ -452,12 +527,20 @@ def main(argv=None) -> int:
         setting = dataclasses.replace(setting, steps=args.steps)
     started = time.perf_counter()
     arguments = sys.argv[1:] if argv is None else argv
-    command = "PYTHONPATH=python python " + " ".join(shlex.quote(a) for a in ["experiments/whatwhere_discovery.py",
-                                                                               *arguments])
+    command = "PYTHONPATH=python python " + " ".join(
+        shlex.quote(a) for a in ["experiments/whatwhere_discovery.py", *arguments]
+    )
 
     def save(rows):
-        write_results(rows, Path(args.output_dir), command, args.setting, setting, time.perf_counter() - started,
-                      args.best_variant)
+        write_results(
+            rows,
+            Path(args.output_dir),
+            command,
+            args.setting,
+            setting,
+            time.perf_counter() - started,
+            args.best_variant,
+        )
 
     save(run_study(args, setting, save))
     return 0

@@ -143,8 +143,7 @@ class OpTester:
             for got, want in zip(actual, expected):
                 torch.testing.assert_close(got, want, **tolerance)
         if dtype in self.accuracy:
-            exact = [arg.detach().double().requires_grad_(arg.requires_grad) if _floating(arg) else arg
-                     for arg in args]
+            exact = [arg.detach().double().requires_grad_(arg.requires_grad) if _floating(arg) else arg for arg in args]
             truth = self._run(self.reference, exact, backward=gradients, cotangent_dtype=dtype)[part]
             assert len(actual) == len(truth)
             for got, want in zip(actual, truth):
@@ -171,8 +170,12 @@ class OpTester:
             grads = torch.autograd.grad(total, inputs)
         else:
             generator = torch.Generator().manual_seed(1)
-            cotangents = [torch.randn(out.shape, generator=generator, dtype=torch.float64)
-                          .to(cotangent_dtype or out.dtype).to(out) for out in differentiable]
+            cotangents = [
+                torch.randn(out.shape, generator=generator, dtype=torch.float64)
+                .to(cotangent_dtype or out.dtype)
+                .to(out)
+                for out in differentiable
+            ]
             grads = torch.autograd.grad(differentiable, inputs, cotangents)
         return [out.detach() for out in outputs], list(grads)
 

@@ -94,8 +94,9 @@ def test_shared_defaults(name):
         assert getattr(args, option, None) == default, option
 
 
-@pytest.mark.parametrize("name, options", recorded_commands(), ids=lambda value: " ".join(value)
-                         if isinstance(value, list) else value)
+@pytest.mark.parametrize(
+    "name, options", recorded_commands(), ids=lambda value: " ".join(value) if isinstance(value, list) else value
+)
 def test_recorded_commands_parse(name, options):
     # build_parser alone: a --device cuda command parses on a machine without CUDA.
     script(name).build_parser().parse_args(options)
@@ -105,9 +106,16 @@ def test_recorded_commands_cover_every_script():
     assert {name for name, _ in recorded_commands()} == set(SCRIPTS)
 
 
-@pytest.mark.parametrize("options, message", [
-    ("--repeat 0", "--repeat"), ("--warmup -1", "--warmup"), ("--threads 0", "--threads"),
-    ("--rounds 0", "--rounds"), ("--dtype float64", "invalid choice")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("--repeat 0", "--repeat"),
+        ("--warmup -1", "--warmup"),
+        ("--threads 0", "--threads"),
+        ("--rounds 0", "--rounds"),
+        ("--dtype float64", "invalid choice"),
+    ],
+)
 def test_shared_checks(options, message, capsys):
     parser = script("bench_expert_mlp").build_parser()
     with pytest.raises(SystemExit):
@@ -145,13 +153,18 @@ def test_runs_at_tiny_sizes(name, tmp_path, monkeypatch):
     keep_this_process_heap(module, monkeypatch)
     if hasattr(module, "peak_memory_in_fresh_process"):
         # A fresh process per implementation takes seconds; test_memory_probe_runs runs the probe itself.
-        monkeypatch.setattr(module, "peak_memory_in_fresh_process",
-                            lambda script, args, implementation, skipped: 2**20 * (1 + len(implementation)))
+        monkeypatch.setattr(
+            module,
+            "peak_memory_in_fresh_process",
+            lambda script, args, implementation, skipped: 2**20 * (1 + len(implementation)),
+        )
     threads = common.torch.get_num_threads()
     try:
-        module.main(shlex.split(TINY[name]) + ["--warmup", "0", "--repeat", "1", "--threads", "1",
-                                               "--output", str(tmp_path), "--tag", "smoke"]
-                    + (["--rounds", "1"] if SHARED_DEFAULTS[name]["rounds"] else []))
+        module.main(
+            shlex.split(TINY[name])
+            + ["--warmup", "0", "--repeat", "1", "--threads", "1", "--output", str(tmp_path), "--tag", "smoke"]
+            + (["--rounds", "1"] if SHARED_DEFAULTS[name]["rounds"] else [])
+        )
     finally:
         common.torch.set_num_threads(threads)
     written = sorted(path.name for path in tmp_path.iterdir())

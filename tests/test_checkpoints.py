@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import TINY_MODEL, datasets, read_csv, tiny_config, without_timing  # noqa: F401 (a fixture)
 from torch import nn
 
-from test_train import TINY_MODEL, datasets, read_csv, tiny_config, without_timing  # noqa: F401 (a fixture)
 from visionmoe.models import create_model
-from visionmoe.train import Trainer, load_model, load_model_weights
-from visionmoe.train import checkpoint
-from visionmoe.train.checkpoint import (MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError,
-                                        load_matching_weights, load_trainer_state, save_checkpoint)
+from visionmoe.train import Trainer, checkpoint, load_model, load_model_weights
+from visionmoe.train.checkpoint import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    load_matching_weights,
+    load_trainer_state,
+    save_checkpoint,
+)
 
 TESTS = Path(__file__).resolve().parent
 
@@ -79,9 +85,17 @@ class Interrupter:
     hashing, flushing, renaming, deleting), as labels such as "after rename", and raises KeyboardInterrupt, as a
     second Ctrl-C would, at point number ``at`` (or at the first point with the label ``at``)."""
 
-    OPERATIONS = [(checkpoint, "save_safetensors_model"), (checkpoint, "save_config"), (checkpoint.torch, "save"),
-                  (checkpoint, "_sha256"), (checkpoint, "_fsync"), (checkpoint.os, "rename"),
-                  (checkpoint.shutil, "rmtree"), (Path, "write_text"), (Path, "mkdir")]
+    OPERATIONS = [
+        (checkpoint, "save_safetensors_model"),
+        (checkpoint, "save_config"),
+        (checkpoint.torch, "save"),
+        (checkpoint, "_sha256"),
+        (checkpoint, "_fsync"),
+        (checkpoint.os, "rename"),
+        (checkpoint.shutil, "rmtree"),
+        (Path, "write_text"),
+        (Path, "mkdir"),
+    ]
 
     def __init__(self, monkeypatch):
         self.at = None
@@ -95,6 +109,7 @@ class Interrupter:
             result = function(*args, **kwargs)
             self._point(f"after {name}")
             return result
+
         return wrapped
 
     def _point(self, label: str) -> None:
@@ -105,6 +120,7 @@ class Interrupter:
 
 
 # --- saving and loading -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("previous", [True, False], ids=["replacing", "first save"])
 def test_a_save_interrupted_at_any_point_leaves_a_whole_checkpoint(tmp_path, monkeypatch, previous):
@@ -153,8 +169,11 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 def test_a_save_replaces_only_a_checkpoint(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match=r"'.*run' holds files that are not part of a checkpoint \(notes.txt\); "
-                                              "a save replaces the whole directory"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'.*run' holds files that are not part of a checkpoint \(notes.txt\); "
+        "a save replaces the whole directory",
+    ):
         save_step(tmp_path / "run", 1)
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
     # A checkpoint of an older version (no manifest, perhaps a temporary file of its one-by-one save) is replaced.
@@ -211,8 +230,10 @@ def test_a_checkpoint_without_manifest_loads_weights_but_does_not_resume(tmp_pat
     saved = save_step(directory, 3)
     (directory / MANIFEST_FILE).unlink()
     assert_same_weights(load_model(directory), saved)
-    with pytest.raises(CheckpointError, match="has no manifest.json .* cannot be resumed; start a new run from its "
-                                              "weights with --init-from"):
+    with pytest.raises(
+        CheckpointError,
+        match="has no manifest.json .* cannot be resumed; start a new run from its weights with --init-from",
+    ):
         Trainer(tiny_config(tmp_path), *datasets, resume=tmp_path)
     (directory / MODEL_FILE).write_bytes((directory / MODEL_FILE).read_bytes()[:-10])
     with pytest.raises(CheckpointError, match="cannot read model weights .*model.safetensors'"):
@@ -241,12 +262,16 @@ def test_weights_of_another_dtype_are_refused(tmp_path):
 
 # --- a second Ctrl-C during the save -------------------------------------------------------------------------------
 
+
 # Where the second Ctrl-C stops the save, and the step resumed from: the previous checkpoint's (3) until the new
 # one is complete; between the renames the new one (4) from beside the missing checkpoint directory.
-@pytest.mark.parametrize("point, resumed_step", [("before save_safetensors_model", 3), ("after _fsync", 3),
-                                                 ("after rename", 4), ("before rmtree", 4)])
-def test_a_second_ctrl_c_during_the_save_resumes_into_the_same_run(tmp_path, datasets, reference, monkeypatch,
-                                                                   point, resumed_step):
+@pytest.mark.parametrize(
+    "point, resumed_step",
+    [("before save_safetensors_model", 3), ("after _fsync", 3), ("after rename", 4), ("before rmtree", 4)],
+)
+def test_a_second_ctrl_c_during_the_save_resumes_into_the_same_run(
+    tmp_path, datasets, reference, monkeypatch, point, resumed_step
+):
     interrupter = Interrupter(monkeypatch)
 
     def first_ctrl_c(trainer, step):
@@ -265,8 +290,7 @@ def test_a_second_ctrl_c_during_the_save_resumes_into_the_same_run(tmp_path, dat
     assert_same_run(tmp_path, reference, resumed.model)
 
 
-def test_a_second_ctrl_c_inside_a_step_resumes_from_the_last_checkpoint(tmp_path, datasets, reference,
-                                                                        monkeypatch):
+def test_a_second_ctrl_c_inside_a_step_resumes_from_the_last_checkpoint(tmp_path, datasets, reference, monkeypatch):
     def interrupted(optimizer):
         raise KeyboardInterrupt
 
@@ -315,8 +339,9 @@ def test_two_real_ctrl_c_in_a_training_process(tmp_path, datasets, reference):
         Trainer(tiny_config({str(tmp_path)!r}), colour_rule_dataset(96, seed=1), colour_rule_dataset(64, seed=2),
                 step_callback=wait_for_ctrl_c).fit()
     """)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = []
     for marker in ("step 4", "between the renames"):
         for line in child.stdout:

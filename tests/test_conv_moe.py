@@ -159,8 +159,7 @@ def test_switch_loss_counts_the_admitted_experts_under_the_hard_constraint():
     torch.testing.assert_close(metrics.aux_losses["switch"], expected)
 
 
-@pytest.mark.parametrize("gating, constraint", [("image", None), ("location", None),
-                                                 ("image", "relative_importance")])
+@pytest.mark.parametrize("gating, constraint", [("image", None), ("location", None), ("image", "relative_importance")])
 def test_compiles_without_graph_breaks(gating, constraint):
     layer = _layer(gating, constraint=constraint).train()
     reference = copy.deepcopy(layer)
@@ -211,8 +210,7 @@ def test_model_options():
 def test_diversity_loss_hand_cases():
     assert diversity_loss(torch.tensor([[1.0, 0.0], [0.0, 1.0]])).item() == 0.0  # a partition
     torch.testing.assert_close(diversity_loss(torch.tensor([[0.5, 0.5], [0.5, 0.5]])), torch.tensor(1.0))
-    torch.testing.assert_close(diversity_loss(torch.tensor([[1.0, 0.0], [1.0, 1.0]])),
-                               torch.tensor(1 / math.sqrt(2)))
+    torch.testing.assert_close(diversity_loss(torch.tensor([[1.0, 0.0], [1.0, 1.0]])), torch.tensor(1 / math.sqrt(2)))
     # Columns (1, 1), (0, 1), (0, 0): cos = 1/sqrt(2), 0, 0 over 3 pairs, each counted twice, / (E (E - 1)) = 6.
     three = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]], requires_grad=True)
     loss = diversity_loss(three)
@@ -257,14 +255,17 @@ def test_expert_class_usage_rejects_bad_input():
         expert_class_usage(torch.rand(2, 3), torch.tensor([0, 1]), 2, 3)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(gating="pixel"), "gating must be one of"),
-    (dict(expert="dense"), "expert must be one of"),
-    (dict(constraint="soft"), "constraint must be None or one of"),
-    (dict(constraint="relative_importance", constraint_threshold=-1.0), "constraint_threshold"),
-    (dict(gating="location", capacity_factor=1.0), "capacity_factor applies to image gating only"),
-    (dict(expert_width=0), "expert_width"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(gating="pixel"), "gating must be one of"),
+        (dict(expert="dense"), "expert must be one of"),
+        (dict(constraint="soft"), "constraint must be None or one of"),
+        (dict(constraint="relative_importance", constraint_threshold=-1.0), "constraint_threshold"),
+        (dict(gating="location", capacity_factor=1.0), "capacity_factor applies to image gating only"),
+        (dict(expert_width=0), "expert_width"),
+    ],
+)
 def test_bad_layer_options_are_rejected(options, message):
     with pytest.raises(ValueError, match=message):
         _layer(**options)

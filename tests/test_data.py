@@ -150,8 +150,16 @@ def test_digit_scenes_bad_options():
 
 
 def test_digit_scenes_same_class_scenes_hold_instances_of_one_class():
-    scenes = create_dataset("digit_scenes", "train", length=30, canvas_size=32, digit_size=(10, 14), min_digits=1,
-                            max_digits=3, classes="same")
+    scenes = create_dataset(
+        "digit_scenes",
+        "train",
+        length=30,
+        canvas_size=32,
+        digit_size=(10, 14),
+        min_digits=1,
+        max_digits=3,
+        classes="same",
+    )
     counts = set()
     for index in range(len(scenes)):
         image, primary = scenes[index]
@@ -165,8 +173,16 @@ def test_digit_scenes_same_class_scenes_hold_instances_of_one_class():
 
 
 def test_digit_scenes_multi_hot_labels_and_digit_count_groups():
-    scenes = create_dataset("digit_scenes", "test", length=20, canvas_size=32, digit_size=(10, 14), min_digits=1,
-                            max_digits=3, label="multi_hot")
+    scenes = create_dataset(
+        "digit_scenes",
+        "test",
+        length=20,
+        canvas_size=32,
+        digit_size=(10, 14),
+        min_digits=1,
+        max_digits=3,
+        label="multi_hot",
+    )
     targets = [scenes.targets(i) for i in range(len(scenes))]
     for index, target in enumerate(targets):
         _, label = scenes[index]
@@ -204,8 +220,15 @@ def _fake_cifar10(root, images_per_batch=3):
     for number, name in enumerate(names):
         data = rng.randint(0, 256, size=(images_per_batch, 3072)).astype(np.uint8)
         labels = [(number + i) % 10 for i in range(images_per_batch)]
-        _pickle(folder / name, {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                                b"filenames": [b"x.png"] * images_per_batch})
+        _pickle(
+            folder / name,
+            {
+                b"batch_label": name.encode(),
+                b"labels": labels,
+                b"data": data,
+                b"filenames": [b"x.png"] * images_per_batch,
+            },
+        )
     class_names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
     _pickle(folder / "batches.meta", {b"label_names": class_names, b"num_vis": 3072})
     return folder
@@ -242,8 +265,10 @@ def test_cifar100_fine_labels(tmp_path):
     data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
     for name, fine in (("train", [41, 99]), ("test", [0, 7])):
         _pickle(folder / name, {b"data": data, b"fine_labels": fine, b"coarse_labels": [1, 2]})
-    _pickle(folder / "meta", {b"fine_label_names": [f"class{i}".encode() for i in range(100)],
-                              b"coarse_label_names": [b"c"] * 20})
+    _pickle(
+        folder / "meta",
+        {b"fine_label_names": [f"class{i}".encode() for i in range(100)], b"coarse_label_names": [b"c"] * 20},
+    )
     archive = _tar(folder, tmp_path / "cifar-100-python.tar.gz")
     for root in (tmp_path, archive):
         train = create_dataset("cifar100", "train", root=root)
@@ -370,7 +395,7 @@ def test_augmentation_semantics():
     assert torch.equal(RandomCrop(padding=0)(image), image)
     shifted = RandomCrop(padding=1)(image, generator=torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(image, (1, 1, 1, 1))
-    windows = [padded[:, t : t + 5, l : l + 5] for t in range(3) for l in range(3)]
+    windows = [padded[:, top : top + 5, left : left + 5] for top in range(3) for left in range(3)]
     assert any(torch.equal(shifted, window) for window in windows)
     torch.testing.assert_close(Normalize([0.5], [0.25])(image), (image - 0.5) / 0.25)
     with pytest.raises(ValueError, match="image must be a tensor"):

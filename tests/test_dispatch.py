@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from op_contract import OpTester
 
 import visionmoe
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 TOLERANCES = {
     torch.float64: dict(atol=1e-12, rtol=1e-12),
@@ -42,17 +41,20 @@ def route_and_mix_of(module):
     """``module``'s make_plan, dispatch and combine around an expert function, as the contract calls an op: its
     plan, the dispatched rows and the combined output. ``expert_bias`` makes combine's own input differentiable
     and gives the empty slots' rows values that combine must ignore."""
+
     def route_and_mix(x, weight, expert_bias, token_index, expert_index, num_experts, capacity, layout):
         T = x.shape[0]
         plan = module.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=T)
         hidden = module.dispatch(x, plan, layout)
         return plan, hidden, module.combine((hidden * 2 + 1).tanh() + expert_bias, plan, T)
+
     return route_and_mix
 
 
 def route_and_mix(x, token_index, expert_index, weight, num_experts, capacity):
-    plan = ops.make_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=x.shape[0],
-                         validate=False)
+    plan = ops.make_plan(
+        token_index, expert_index, weight, num_experts, capacity, num_tokens=x.shape[0], validate=False
+    )
     layout = "packed" if capacity is None else "padded"
     hidden = ops.dispatch(x, plan, layout)
     return ops.combine(torch.relu(hidden) * 2, plan, x.shape[0])
@@ -83,6 +85,7 @@ OP_NAMES = ("make_plan", "token_major", "dispatch", "dispatch_backward", "combin
 
 class DispatchTester(OpTester):
     """make_plan, dispatch and combine together, in one layout; cases are (T, D, E, K, capacity)."""
+
     op = staticmethod(route_and_mix_of(ops))
     reference = staticmethod(route_and_mix_of(ref))
     dtypes = list(TOLERANCES)
@@ -105,8 +108,16 @@ class DispatchTester(OpTester):
         x = torch.randn(T, D, device=device, dtype=dtype)
         plan = ref.make_plan(token_index, expert_index, weight, E, capacity, num_tokens=T)
         expert_bias = torch.randn_like(ref.dispatch(x, plan, self.layout))
-        return (x.requires_grad_(), weight.requires_grad_(), expert_bias.requires_grad_(), token_index, expert_index,
-                E, capacity, self.layout)
+        return (
+            x.requires_grad_(),
+            weight.requires_grad_(),
+            expert_bias.requires_grad_(),
+            token_index,
+            expert_index,
+            E,
+            capacity,
+            self.layout,
+        )
 
     def sample_inputs(self, device, dtype, case):
         return self.inputs(*case, device, dtype)
@@ -243,11 +254,14 @@ def test_compile_inductor_smoke(device):
     compiled = torch.compile(route_and_mix, fullgraph=True)
     token_index, expert_index, weight = top_k_assignments(32, 4, 2, device)
     x = torch.randn(32, 16, device=device)
-    torch.testing.assert_close(compiled(x, token_index, expert_index, weight, 4, 10),
-                               route_and_mix(x, token_index, expert_index, weight, 4, 10))
+    torch.testing.assert_close(
+        compiled(x, token_index, expert_index, weight, 4, 10),
+        route_and_mix(x, token_index, expert_index, weight, 4, 10),
+    )
 
 
 # ---- bad input: clear errors naming the argument ----
+
 
 def small_plan(device="cpu", capacity=4, num_tokens=6):
     token_index, expert_index, weight = top_k_assignments(6, 3, 2, device)
@@ -259,8 +273,15 @@ def test_negative_capacity_is_rejected():
     with pytest.raises(ValueError, match="capacity must be >= 0"):
         ops.make_plan(token_index, expert_index, weight, 3, capacity=-1)
     plan = small_plan()
-    args = (torch.randn(6, 4), plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets,
-            plan.token_rows)
+    args = (
+        torch.randn(6, 4),
+        plan.sorted_token,
+        plan.sorted_expert,
+        plan.slot,
+        plan.offsets,
+        plan.token_offsets,
+        plan.token_rows,
+    )
     with pytest.raises(ValueError, match="capacity must be >= 0"):
         torch.ops.visionmoe.dispatch(*args, -2, True)
 
@@ -371,8 +392,8 @@ def test_build_info():
         assert info["cuda"], "a GPU is present but this build has no CUDA kernels"
 
 
-
 # ---- index tensors of any stride ----
+
 
 def strided(t):
     """t's values in a view with stride 2 (a column of a wider tensor), as slicing with a step gives."""
@@ -402,24 +423,35 @@ def test_strided_plan_tensors_give_the_same_result(device, capacity, layout):
     x = torch.randn(T, 8, device=device)
     for expected, actual in zip(mix_with_grads(x, plan, layout, T), mix_with_grads(x, views, layout, T)):
         assert torch.equal(actual, expected)
-    expert_out = torch.randn(plan.num_assignments, 8, device=device) if layout == "packed" else \
-        torch.randn(E, capacity, 8, device=device)
+    expert_out = (
+        torch.randn(plan.num_assignments, 8, device=device)
+        if layout == "packed"
+        else torch.randn(E, capacity, 8, device=device)
+    )
     args = (plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets)
     strided_args = tuple(strided(t) for t in args)
     grad_y = torch.randn(T, 8, device=device)
     transposed_grad_y = grad_y.t().contiguous().t()
     for expected, actual in zip(
-            torch.ops.visionmoe.combine_backward(grad_y, expert_out, plan.weight, *args, capacity),
-            torch.ops.visionmoe.combine_backward(transposed_grad_y, expert_out, strided(plan.weight), *strided_args,
-                                                 capacity)):
+        torch.ops.visionmoe.combine_backward(grad_y, expert_out, plan.weight, *args, capacity),
+        torch.ops.visionmoe.combine_backward(
+            transposed_grad_y, expert_out, strided(plan.weight), *strided_args, capacity
+        ),
+    ):
         assert torch.equal(actual, expected)
 
 
 def test_expanded_plan_tensors(device):
     # Every assignment of one token to one expert: stride-0 views of one value are valid index tensors.
     A, capacity = 5, 3
-    plan = ops.make_plan(torch.zeros(A, dtype=torch.long, device=device), torch.zeros(A, dtype=torch.long,
-                         device=device), torch.rand(A, device=device), 1, capacity, num_tokens=1)
+    plan = ops.make_plan(
+        torch.zeros(A, dtype=torch.long, device=device),
+        torch.zeros(A, dtype=torch.long, device=device),
+        torch.rand(A, device=device),
+        1,
+        capacity,
+        num_tokens=1,
+    )
     zeros = torch.zeros(1, dtype=torch.long, device=device).expand(A)
     expanded = visionmoe.RoutingPlan(**{**plan.__dict__, "sorted_token": zeros, "sorted_expert": zeros})
     x = torch.randn(1, 6, device=device)
@@ -430,8 +462,10 @@ def test_expanded_plan_tensors(device):
 
 # ---- hand-made plans: checked with validate=True (the default), never out of bounds without ----
 
+
 def inconsistent_plans(plan, T):
     """(what is wrong, expected message, plan) for variations of a consistent plan over T tokens."""
+
     def changed(**fields):
         return visionmoe.RoutingPlan(**{**plan.__dict__, **fields})
 
@@ -446,28 +480,61 @@ def inconsistent_plans(plan, T):
     swapped_rows[[0, 1]] = token_rows[[1, 0]]
     return [
         ("offsets start above 0", r"offsets\[0\] must be 0, got 1", changed(offsets=with_value(offsets, 0, 1))),
-        ("offsets decrease", r"offsets must be non-decreasing, got offsets\[2\] = 0 < offsets\[1\]",
-         changed(offsets=with_value(offsets, 2, 0))),
-        ("offsets end before M", rf"offsets\[E\] must be M = {M} \(the number of assignments\), got {M - 1}",
-         changed(offsets=with_value(offsets, -1, M - 1))),
-        ("sorted_expert disagrees with offsets", r"sorted_expert\[0\] = 2 but offsets place assignment 0 in expert 0",
-         changed(sorted_expert=with_value(plan.sorted_expert, 0, 2))),
-        ("slots are not ranks", r"slot\[1\] = 0 but assignment 1 is number 1 of its expert",
-         changed(slot=with_value(slot, 1, 0))),
-        ("token out of range", rf"sorted_token\[3\] = {T} is not a token index in \[0, {T}\)",
-         changed(sorted_token=with_value(plan.sorted_token, 3, T))),
-        ("negative token", r"sorted_token\[0\] = -1 is not a token index",
-         changed(sorted_token=with_value(plan.sorted_token, 0, -1))),
-        ("token_offsets start above 0", r"token_offsets\[0\] must be 0, got 1",
-         changed(token_offsets=with_value(plan.token_offsets, 0, 1))),
-        ("token_offsets end before M", rf"token_offsets\[T\] must be M = {M}",
-         changed(token_offsets=with_value(plan.token_offsets, -1, M - 1))),
-        ("token_rows out of order", r"token_rows must list each token's assignments in increasing order",
-         changed(token_rows=swapped_rows)),
-        ("token_rows out of range", r"token_rows must list .* token_rows\[2\] = 99 is not the next assignment",
-         changed(token_rows=with_value(token_rows, 2, 99))),
-        ("token_rows of another token", r"token_rows must list each token's assignments",
-         changed(token_rows=with_value(token_rows, 0, token_rows[-1].item()))),
+        (
+            "offsets decrease",
+            r"offsets must be non-decreasing, got offsets\[2\] = 0 < offsets\[1\]",
+            changed(offsets=with_value(offsets, 2, 0)),
+        ),
+        (
+            "offsets end before M",
+            rf"offsets\[E\] must be M = {M} \(the number of assignments\), got {M - 1}",
+            changed(offsets=with_value(offsets, -1, M - 1)),
+        ),
+        (
+            "sorted_expert disagrees with offsets",
+            r"sorted_expert\[0\] = 2 but offsets place assignment 0 in expert 0",
+            changed(sorted_expert=with_value(plan.sorted_expert, 0, 2)),
+        ),
+        (
+            "slots are not ranks",
+            r"slot\[1\] = 0 but assignment 1 is number 1 of its expert",
+            changed(slot=with_value(slot, 1, 0)),
+        ),
+        (
+            "token out of range",
+            rf"sorted_token\[3\] = {T} is not a token index in \[0, {T}\)",
+            changed(sorted_token=with_value(plan.sorted_token, 3, T)),
+        ),
+        (
+            "negative token",
+            r"sorted_token\[0\] = -1 is not a token index",
+            changed(sorted_token=with_value(plan.sorted_token, 0, -1)),
+        ),
+        (
+            "token_offsets start above 0",
+            r"token_offsets\[0\] must be 0, got 1",
+            changed(token_offsets=with_value(plan.token_offsets, 0, 1)),
+        ),
+        (
+            "token_offsets end before M",
+            rf"token_offsets\[T\] must be M = {M}",
+            changed(token_offsets=with_value(plan.token_offsets, -1, M - 1)),
+        ),
+        (
+            "token_rows out of order",
+            r"token_rows must list each token's assignments in increasing order",
+            changed(token_rows=swapped_rows),
+        ),
+        (
+            "token_rows out of range",
+            r"token_rows must list .* token_rows\[2\] = 99 is not the next assignment",
+            changed(token_rows=with_value(token_rows, 2, 99)),
+        ),
+        (
+            "token_rows of another token",
+            r"token_rows must list each token's assignments",
+            changed(token_rows=with_value(token_rows, 0, token_rows[-1].item())),
+        ),
     ]
 
 
@@ -485,8 +552,10 @@ def test_inconsistent_plans_are_rejected_when_validating(device, layout):
             ops.combine(expert_out, bad, T)
         # Without validation the result is unspecified, but the kernels stay within the tensors (on CPU they
         # raise on an index that points outside them).
-        for call in (lambda: ops.dispatch(x, bad, layout, validate=False),
-                     lambda: ops.combine(expert_out, bad, T, validate=False)):
+        for call in (
+            lambda: ops.dispatch(x, bad, layout, validate=False),
+            lambda: ops.combine(expert_out, bad, T, validate=False),
+        ):
             try:
                 call()
             except ValueError as error:
@@ -496,8 +565,11 @@ def test_inconsistent_plans_are_rejected_when_validating(device, layout):
 def test_router_plans_pass_validation(device):
     probs = torch.softmax(torch.randn(2, 10, 4, device=device), -1)
     x = torch.randn(20, 6, device=device)
-    for plan in (ops.topk_route(probs, 2, 3, batch_priority=True), ops.topk_route(probs, 2),
-                 ops.expert_choice_route(probs, 4)):
+    for plan in (
+        ops.topk_route(probs, 2, 3, batch_priority=True),
+        ops.topk_route(probs, 2),
+        ops.expert_choice_route(probs, 4),
+    ):
         layout = "packed" if plan.capacity is None else "padded"
         hidden = ops.dispatch(x, plan, layout)
         assert torch.equal(hidden, ops.dispatch(x, plan, layout, validate=False))

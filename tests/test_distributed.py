@@ -100,20 +100,20 @@ def _check_case(name, options, mesh, rank, world_size, seed):
     for parameter_name, parameter in model.named_parameters():
         expected = reference_parameters[parameter_name].grad
         if parameter_name.startswith("moe.experts."):
-            expected = expected[first:first + count]
+            expected = expected[first : first + count]
         _close(parameter.grad, expected, f"{name}: gradient of {parameter_name}")
 
     norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
     norm = clip_grad_norm_(ddp, 0.05, mesh)
     _close(norm, norm_ref, f"{name}: gradient norm")
     assert norm_ref > 0.05, "the clipping should act in this test"
-    for module, parameters in ((reference, reference.parameters()), (model, ddp.parameters())):
+    for parameters in (reference.parameters(), ddp.parameters()):
         optimizer = torch.optim.SGD(parameters, lr=0.5) if name != "soft" else torch.optim.AdamW(parameters, lr=0.1)
         optimizer.step()
     for parameter_name, parameter in model.named_parameters():
         expected = reference_parameters[parameter_name]
         if parameter_name.startswith("moe.experts."):
-            expected = expected[first:first + count]
+            expected = expected[first : first + count]
         _close(parameter, expected, f"{name}: parameter {parameter_name} after a step")
 
     if name == "dropless_topk":
@@ -138,8 +138,7 @@ def _layer_cases(rank, world_size, expert_parallel, names):
 ALL = tuple(name for name, _ in CASES)
 
 
-@pytest.mark.parametrize("world_size, expert_parallel", [(2, 2), (4, 4), (4, 2)],
-                         ids=["ep2-dp1", "ep4-dp1", "ep2-dp2"])
+@pytest.mark.parametrize("world_size, expert_parallel", [(2, 2), (4, 4), (4, 2)], ids=["ep2-dp1", "ep4-dp1", "ep2-dp2"])
 def test_expert_parallel_layers_match_one_process(world_size, expert_parallel):
     results = run_processes(_layer_cases, world_size, expert_parallel, ALL, timeout=TIMEOUT)
     assert all(set(result) == set(ALL) for result in results)

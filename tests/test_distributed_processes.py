@@ -91,8 +91,8 @@ def test_sharded_experts_hold_the_one_process_slice():
     for rank, (first, local, sharded, reset) in enumerate(run_processes(_sharded_experts, 2, 4, timeout=60)):
         assert (first, local) == (2 * rank, 2)
         for name, parameter in whole.named_parameters():
-            torch.testing.assert_close(sharded[name], parameter.detach()[first:first + local], rtol=0, atol=0)
-            torch.testing.assert_close(reset[name], parameter.detach()[first:first + local], rtol=0, atol=0)
+            torch.testing.assert_close(sharded[name], parameter.detach()[first : first + local], rtol=0, atol=0)
+            torch.testing.assert_close(reset[name], parameter.detach()[first : first + local], rtol=0, atol=0)
 
 
 def _shard_error(rank, world_size):

@@ -20,11 +20,16 @@ from safetensors import safe_open
 from torch.utils.data import TensorDataset
 
 import visionmoe
-from visionmoe.distributed import mesh_from_process_groups, run_processes
-from visionmoe.distributed.checkpoint import (expert_layout, load_sharded_weights, reshard_optimizer_state,
-                                              send_expert_optimizer_shards, write_full_safetensors)
-from visionmoe.distributed.data import local_batch_size, rank_evaluation_batches, rank_training_indices
 from visionmoe.data import create_dataset
+from visionmoe.distributed import mesh_from_process_groups, run_processes
+from visionmoe.distributed.checkpoint import (
+    expert_layout,
+    load_sharded_weights,
+    reshard_optimizer_state,
+    send_expert_optimizer_shards,
+    write_full_safetensors,
+)
+from visionmoe.distributed.data import local_batch_size, rank_evaluation_batches, rank_training_indices
 from visionmoe.evaluate import evaluate
 from visionmoe.evaluate.cli import main as evaluate_main
 from visionmoe.layers.moe_mlp import ExpertMLPs
@@ -37,9 +42,22 @@ TIMEOUT = 240  # seconds, for each multi-process run
 # process routes it), with the default router noise (each rank draws the global batch's and keeps its slice).
 MODEL = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, moe=dict(num_experts=4, group_size=1))
 # digits has 1258 training images: two global batches of 628 (the last 2 dropped), each split over 1, 2 or 4 ranks.
-RUN = dict(model="vmoe_tiny_32", model_options=MODEL, dataset="digits", epochs=1, batch_size=628, lr=3e-3,
-           warmup_epochs=0.5, seed=7, device="cpu", progress=False, tensorboard=False, log_steps=True,
-           drop_last=True, aux_loss_weights={"importance": 0.01})
+RUN = dict(
+    model="vmoe_tiny_32",
+    model_options=MODEL,
+    dataset="digits",
+    epochs=1,
+    batch_size=628,
+    lr=3e-3,
+    warmup_epochs=0.5,
+    seed=7,
+    device="cpu",
+    progress=False,
+    tensorboard=False,
+    log_steps=True,
+    drop_last=True,
+    aux_loss_weights={"importance": 0.01},
+)
 
 
 def _environment():
@@ -51,8 +69,16 @@ def _environment():
 
 def torchrun(processes: int, *arguments: str) -> None:
     """``torchrun --standalone --nproc_per_node=processes -m visionmoe.train arguments``, under a timeout."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "visionmoe.train", *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "visionmoe.train",
+        *arguments,
+    ]
     result = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
 
@@ -87,17 +113,32 @@ def runs(tmp_path_factory):
 def test_two_processes_train_as_one_process_on_the_global_batch(runs, expert_parallel):
     output = runs["root"] / f"w2_ep{expert_parallel}"
     # drop_last null: dropped automatically on several processes (the reference drops it explicitly).
-    torchrun(2, "--config", str(runs["config"]), "--output-dir", str(output), "--set",
-             f"expert_parallel={expert_parallel}", "--set", "drop_last=null")
-    assert_same_rows(read_csv(output / "steps.csv"), read_csv(runs["one"] / "steps.csv"),
-                     ["loss", "accuracy", "aux_loss", "lr"])
-    assert_same_rows(read_csv(output / "metrics.csv"), read_csv(runs["one"] / "metrics.csv"),
-                     ["train_loss", "train_accuracy", "val_loss", "val_accuracy"])
+    torchrun(
+        2,
+        "--config",
+        str(runs["config"]),
+        "--output-dir",
+        str(output),
+        "--set",
+        f"expert_parallel={expert_parallel}",
+        "--set",
+        "drop_last=null",
+    )
+    assert_same_rows(
+        read_csv(output / "steps.csv"), read_csv(runs["one"] / "steps.csv"), ["loss", "accuracy", "aux_loss", "lr"]
+    )
+    assert_same_rows(
+        read_csv(output / "metrics.csv"),
+        read_csv(runs["one"] / "metrics.csv"),
+        ["train_loss", "train_accuracy", "val_loss", "val_accuracy"],
+    )
     # Rank 0 alone logged: one row per step.
     assert [row["step"] for row in read_csv(output / "steps.csv")] == ["1", "2"]
     # The checkpoint is the one one process saves: same keys, full shapes, (float-close) values.
-    with safe_open(str(output / "checkpoint" / "model.safetensors"), "pt") as file, \
-            safe_open(str(runs["one"] / "checkpoint" / "model.safetensors"), "pt") as reference:
+    with (
+        safe_open(str(output / "checkpoint" / "model.safetensors"), "pt") as file,
+        safe_open(str(runs["one"] / "checkpoint" / "model.safetensors"), "pt") as reference,
+    ):
         assert sorted(file.keys()) == sorted(reference.keys())
         for name in reference.keys():
             torch.testing.assert_close(file.get_tensor(name), reference.get_tensor(name), rtol=1e-4, atol=1e-5)
@@ -117,21 +158,21 @@ def test_a_checkpoint_of_two_processes_resumes_on_four_and_on_one(runs):
     shutil.copytree(start, four)
     torchrun(4, "--resume", str(four / "checkpoint"), "--set", "epochs=2", "--set", "expert_parallel=4")
     assert_same_rows(read_csv(four / "steps.csv"), read_csv(reference / "steps.csv"), ["loss", "accuracy", "lr"])
-    assert_same_rows(read_csv(four / "metrics.csv"), read_csv(reference / "metrics.csv"),
-                     ["train_loss", "val_loss", "val_accuracy"])
+    assert_same_rows(
+        read_csv(four / "metrics.csv"), read_csv(reference / "metrics.csv"), ["train_loss", "val_loss", "val_accuracy"]
+    )
     assert len(list((four / "checkpoint").glob("optimizer_shard*.pt"))) == 3
     # W=2 -> W=1: one process resumes the expert-parallel checkpoint (its optimiser shards reassembled), keeping
     # the run's automatic drop_last so that its epochs have the same steps.
     one = runs["root"] / "w2_to_w1"
     shutil.copytree(start, one)
-    Trainer(config_from_dict(dict(RUN, output_dir=str(one), epochs=2, drop_last=None)),
-            resume=one / "checkpoint").fit()
+    Trainer(config_from_dict(dict(RUN, output_dir=str(one), epochs=2, drop_last=None)), resume=one / "checkpoint").fit()
     assert_same_rows(read_csv(one / "steps.csv"), read_csv(reference / "steps.csv"), ["loss", "accuracy", "lr"])
-    assert_same_rows(read_csv(one / "metrics.csv"), read_csv(reference / "metrics.csv"),
-                     ["train_loss", "val_loss", "val_accuracy"])
+    assert_same_rows(
+        read_csv(one / "metrics.csv"), read_csv(reference / "metrics.csv"), ["train_loss", "val_loss", "val_accuracy"]
+    )
     # W=4 -> W=1: visionmoe-eval, load_model and --init-from read it unchanged, with one process's results.
-    assert evaluate_main([str(four), "--dataset", "digits", "--split", "test",
-                          "--output-dir", str(four / "eval")]) == 0
+    assert evaluate_main([str(four), "--dataset", "digits", "--split", "test", "--output-dir", str(four / "eval")]) == 0
     report = json.loads((four / "eval" / "report.json").read_text())
     test_set = create_dataset("digits", "test")
     expected = evaluate(load_model(reference), test_set, test_set.num_classes, batch_size=128)
@@ -145,8 +186,15 @@ def test_a_checkpoint_of_two_processes_resumes_on_four_and_on_one(runs):
 
 # --- checkpoint gather, slice and resharding, in 4 processes: 2 data-parallel replicas of 2 expert shards ---------
 
-OPTIONS = dict(embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, num_classes=3,
-               moe=dict(num_experts=4, group_size=1, noise_std=0.0))
+OPTIONS = dict(
+    embed_dim=16,
+    depth=2,
+    num_heads=2,
+    mlp_ratio=2.0,
+    patch_size=8,
+    num_classes=3,
+    moe=dict(num_experts=4, group_size=1, noise_std=0.0),
+)
 
 
 def _stepped(model: torch.nn.Module, seed: int) -> torch.optim.AdamW:
@@ -164,7 +212,7 @@ def _stepped(model: torch.nn.Module, seed: int) -> torch.optim.AdamW:
             parameter.grad = torch.randn(parameter.shape, generator=generator)
         else:
             full = torch.randn((module.num_experts,) + parameter.shape[1:], generator=generator)
-            parameter.grad = full[module.first_expert:module.first_expert + module.num_local_experts].clone()
+            parameter.grad = full[module.first_expert : module.first_expert + module.num_local_experts].clone()
     optimizer.step()
     return optimizer
 
@@ -193,8 +241,9 @@ def _checkpoint_pieces(rank, world_size, directory):
     dist.barrier()
     other = _sharded_model(group, seed=1)
     load_sharded_weights(other, path)
-    checks["weights round trip"] = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
-                                                                           other.state_dict().values()))
+    checks["weights round trip"] = all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values())
+    )
     # A model of another E is refused.
     fewer = dict(OPTIONS, moe=dict(OPTIONS["moe"], num_experts=2))
     try:
@@ -209,8 +258,9 @@ def _checkpoint_pieces(rank, world_size, directory):
     optimizer = _stepped(model, seed=5)
     local = reshard_optimizer_state(full_state, None, model, torch.optim.AdamW(model.parameters()), lambda j: {})
     own = optimizer.state_dict()["state"]
-    checks["full state sliced"] = all(torch.allclose(local["state"][i][key], own[i][key], rtol=1e-6, atol=1e-7)
-                                      for i in own for key in own[i])
+    checks["full state sliced"] = all(
+        torch.allclose(local["state"][i][key], own[i][key], rtol=1e-6, atol=1e-7) for i in own for key in own[i]
+    )
     # ... and the shards saved from rank 0's expert group reassemble it for one process.
     shards = {}
     count = send_expert_optimizer_shards(model, optimizer, lambda index, shard: shards.__setitem__(index, shard))
@@ -219,15 +269,19 @@ def _checkpoint_pieces(rank, world_size, directory):
         layout = expert_layout(model, optimizer)
         torch.manual_seed(0)
         one = create_model("vmoe_tiny_32", **OPTIONS)
-        rebuilt = reshard_optimizer_state(optimizer.state_dict(), layout, one, torch.optim.AdamW(one.parameters()),
-                                          shards.__getitem__)
+        rebuilt = reshard_optimizer_state(
+            optimizer.state_dict(), layout, one, torch.optim.AdamW(one.parameters()), shards.__getitem__
+        )
         checks["shards reassembled"] = all(
             torch.allclose(rebuilt["state"][i][key], full_state["state"][i][key], rtol=1e-6, atol=1e-7)
-            for i in full_state["state"] for key in full_state["state"][i])
+            for i in full_state["state"]
+            for key in full_state["state"][i]
+        )
         smaller = create_model("vmoe_tiny_32", **fewer)
         try:
-            reshard_optimizer_state(optimizer.state_dict(), layout, smaller,
-                                    torch.optim.AdamW(smaller.parameters()), shards.__getitem__)
+            reshard_optimizer_state(
+                optimizer.state_dict(), layout, smaller, torch.optim.AdamW(smaller.parameters()), shards.__getitem__
+            )
             checks["optimiser E mismatch refused"] = False
         except ValueError as error:
             checks["optimiser E mismatch refused"] = "cannot change the number of experts" in str(error)
@@ -248,25 +302,51 @@ def _checkpoint_pieces(rank, world_size, directory):
 
 def _evaluation(rank, world_size, images, labels):
     """Trainer.evaluate on 4 ranks (2 EP shards x 2 replicas) of a validation set of 37 images, batches of 8."""
-    config = config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS, epochs=1,
-                                   batch_size=8, seed=3, device="cpu", progress=False, tensorboard=False,
-                                   expert_parallel=2, output_dir=os.devnull))
+    config = config_from_dict(
+        dict(
+            model="vmoe_tiny_32",
+            model_options=OPTIONS,
+            epochs=1,
+            batch_size=8,
+            seed=3,
+            device="cpu",
+            progress=False,
+            tensorboard=False,
+            expert_parallel=2,
+            output_dir=os.devnull,
+        )
+    )
     dataset = TensorDataset(images, labels)
     trainer = Trainer(config, train_set=dataset, val_set=dataset)
     return trainer.evaluate()
 
 
 def _interruption_config(output_dir, **overrides):
-    return config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS, epochs=1, batch_size=8, lr=1e-2,
-                                 warmup_epochs=0.5, seed=3, device="cpu", progress=False, tensorboard=False,
-                                 log_steps=True, aux_loss_weights={"importance": 0.01}, output_dir=str(output_dir),
-                                 **overrides))
+    return config_from_dict(
+        dict(
+            model="vmoe_tiny_32",
+            model_options=OPTIONS,
+            epochs=1,
+            batch_size=8,
+            lr=1e-2,
+            warmup_epochs=0.5,
+            seed=3,
+            device="cpu",
+            progress=False,
+            tensorboard=False,
+            log_steps=True,
+            aux_loss_weights={"importance": 0.01},
+            output_dir=str(output_dir),
+            **overrides,
+        )
+    )
 
 
 def _stop_at_step(step):
     def callback(trainer, global_step):
         if global_step == step:
             raise KeyboardInterrupt
+
     return callback
 
 
@@ -276,17 +356,28 @@ def _interrupted_and_resumed(rank, world_size, directory, images, labels):
     dataset = TensorDataset(images, labels)
     whole, stopped = os.path.join(directory, "whole"), os.path.join(directory, "stopped")
     Trainer(_interruption_config(whole, expert_parallel=2), train_set=dataset, val_set=dataset).fit()
-    result = Trainer(_interruption_config(stopped, expert_parallel=2), train_set=dataset, val_set=dataset,
-                     step_callback=_stop_at_step(2)).fit()
+    result = Trainer(
+        _interruption_config(stopped, expert_parallel=2),
+        train_set=dataset,
+        val_set=dataset,
+        step_callback=_stop_at_step(2),
+    ).fit()
     assert result.interrupted
-    Trainer(_interruption_config(stopped, expert_parallel=2), train_set=dataset, val_set=dataset,
-            resume=os.path.join(stopped, "checkpoint")).fit()
+    Trainer(
+        _interruption_config(stopped, expert_parallel=2),
+        train_set=dataset,
+        val_set=dataset,
+        resume=os.path.join(stopped, "checkpoint"),
+    ).fit()
     return whole, stopped
 
 
 def _four_ranks(rank, world_size, directory, images, labels):
-    return (_checkpoint_pieces(rank, world_size, directory), _evaluation(rank, world_size, images, labels),
-            _interrupted_and_resumed(rank, world_size, directory, images, labels))
+    return (
+        _checkpoint_pieces(rank, world_size, directory),
+        _evaluation(rank, world_size, images, labels),
+        _interrupted_and_resumed(rank, world_size, directory, images, labels),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +410,19 @@ def test_checkpoint_gather_slice_and_optimiser_resharding(four_ranks):
 def test_evaluation_on_four_ranks_is_exact_for_a_set_they_do_not_divide(four_ranks, validation_set):
     images, labels = validation_set
     results = [evaluation for _, evaluation, _ in four_ranks[1]]
-    config = config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS, epochs=1,
-                                   batch_size=8, seed=3, device="cpu", progress=False, tensorboard=False,
-                                   output_dir=os.devnull))
+    config = config_from_dict(
+        dict(
+            model="vmoe_tiny_32",
+            model_options=OPTIONS,
+            epochs=1,
+            batch_size=8,
+            seed=3,
+            device="cpu",
+            progress=False,
+            tensorboard=False,
+            output_dir=os.devnull,
+        )
+    )
     dataset = TensorDataset(images, labels)
     expected = Trainer(config, train_set=dataset, val_set=dataset).evaluate()
     for result in results:
@@ -336,26 +437,36 @@ def test_a_run_on_four_ranks_stopped_mid_epoch_resumes_exactly(four_ranks):
     # Not bit for bit on 4 ranks: the resumed DistributedDataParallel lays out its gradient bucket afresh, and the
     # ring all-reduce then sums some elements over the 4 ranks in another order (float rounding).
     assert_same_rows(read_csv(stopped / "steps.csv"), steps, ["loss", "accuracy", "aux_loss", "lr"], rel=1e-5)
-    assert_same_rows(read_csv(stopped / "metrics.csv"), read_csv(whole / "metrics.csv"),
-                     ["train_loss", "train_accuracy", "val_loss", "val_accuracy"], rel=1e-5)
-    with safe_open(str(whole / "checkpoint" / "model.safetensors"), "pt") as a, \
-            safe_open(str(stopped / "checkpoint" / "model.safetensors"), "pt") as b:
+    assert_same_rows(
+        read_csv(stopped / "metrics.csv"),
+        read_csv(whole / "metrics.csv"),
+        ["train_loss", "train_accuracy", "val_loss", "val_accuracy"],
+        rel=1e-5,
+    )
+    with (
+        safe_open(str(whole / "checkpoint" / "model.safetensors"), "pt") as a,
+        safe_open(str(stopped / "checkpoint" / "model.safetensors"), "pt") as b,
+    ):
         for name in a.keys():
             torch.testing.assert_close(a.get_tensor(name), b.get_tensor(name), rtol=1e-4, atol=1e-5)
-
 
 
 def test_one_process_refuses_a_checkpoint_of_another_number_of_experts(tmp_path):
     torch.manual_seed(0)
     model = create_model("vmoe_tiny_32", **OPTIONS)
-    save_checkpoint(tmp_path, model, config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS,
-                                                           output_dir=str(tmp_path))), {"global_step": 0})
+    save_checkpoint(
+        tmp_path,
+        model,
+        config_from_dict(dict(model="vmoe_tiny_32", model_options=OPTIONS, output_dir=str(tmp_path))),
+        {"global_step": 0},
+    )
     fewer = create_model("vmoe_tiny_32", **dict(OPTIONS, moe=dict(OPTIONS["moe"], num_experts=2)))
     with pytest.raises(CheckpointError, match=r"holds 4 experts in '[\w.]+experts\.\w+'.*E=2"):
         load_model_weights(fewer, tmp_path)
 
 
 # --- the data split ------------------------------------------------------------------------------------------------
+
 
 def test_each_rank_takes_its_share_of_every_global_batch():
     order = list(range(100, 111))  # 11 images, global batches of 4: two whole ones, the last 3 dropped
@@ -380,8 +491,9 @@ def test_the_global_batch_must_split_into_whole_groups_per_rank():
     assert local_batch_size(64, 4, [8]) == 16
     with pytest.raises(ValueError, match="divisible by the world size 3"):
         local_batch_size(64, 3)
-    with pytest.raises(ValueError, match="not a multiple of an MoE layer's group_size=8; choose batch_size "
-                                         "divisible by 32"):
+    with pytest.raises(
+        ValueError, match="not a multiple of an MoE layer's group_size=8; choose batch_size divisible by 32"
+    ):
         local_batch_size(48, 4, [8])
     with pytest.raises(ValueError, match="config key 'expert_parallel' must be >= 1"):
         config_from_dict({"expert_parallel": 0})

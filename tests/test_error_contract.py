@@ -17,8 +17,13 @@ def _expert_mlp(x=None, w1=None, b1=None, w2=None, b2=None, offsets=None, activa
     x = _randn(E * C, D) if packed and x is None else (_randn(E, C, D) if x is None else x)
     if packed and offsets is None:
         offsets = torch.tensor([0, 4, 8, 12])
-    args = (x, _randn(E, D, F) if w1 is None else w1, _randn(E, F) if b1 is None else b1,
-            _randn(E, F, D) if w2 is None else w2, _randn(E, D) if b2 is None else b2)
+    args = (
+        x,
+        _randn(E, D, F) if w1 is None else w1,
+        _randn(E, F) if b1 is None else b1,
+        _randn(E, F, D) if w2 is None else w2,
+        _randn(E, D) if b2 is None else b2,
+    )
     return args, {"activation": activation, "expert_offsets": offsets}
 
 
@@ -29,8 +34,13 @@ def _teacher(student=None, teacher=None, reduction="mean", teacher_format="proba
 
 
 def _whatwhere(**bad):
-    args = dict(q=_randn(1, 2, 5, 4), k=_randn(1, 2, 3, 4), v_tokens=_randn(1, 2, 5, 6), v_slots=_randn(1, 2, 3, 6),
-                where=_randn(1, 2, 5, 3))
+    args = dict(
+        q=_randn(1, 2, 5, 4),
+        k=_randn(1, 2, 3, 4),
+        v_tokens=_randn(1, 2, 5, 6),
+        v_slots=_randn(1, 2, 3, 6),
+        where=_randn(1, 2, 5, 3),
+    )
     args.update(bad)
     return tuple(args.values()), {}
 
@@ -61,14 +71,23 @@ CASES = [
     ("expert_choice_route", "no experts", lambda: ((_randn(2, 3, 0), 2), {}), ValueError, True),
     # dispatch
     ("make_plan", "index dtype", lambda: _make_plan(token_index=torch.arange(6, dtype=torch.int32)), TypeError, True),
-    ("make_plan", "index rank", lambda: _make_plan(expert_index=torch.zeros(2, 3, dtype=torch.long)), ValueError,
-     True),
+    ("make_plan", "index rank", lambda: _make_plan(expert_index=torch.zeros(2, 3, dtype=torch.long)), ValueError, True),
     ("make_plan", "lengths", lambda: _make_plan(expert_index=torch.tensor([0, 1, 2])), ValueError, True),
     ("make_plan", "no experts", lambda: _make_plan(num_experts=0), ValueError, True),
-    ("make_plan", "expert out of range", lambda: _make_plan(expert_index=torch.tensor([0, 1, 2, 0, 1, 3])),
-     ValueError, False),
-    ("make_plan", "token out of range", lambda: _make_plan(token_index=torch.tensor([0, 1, 2, 3, 4, 6])),
-     ValueError, False),
+    (
+        "make_plan",
+        "expert out of range",
+        lambda: _make_plan(expert_index=torch.tensor([0, 1, 2, 0, 1, 3])),
+        ValueError,
+        False,
+    ),
+    (
+        "make_plan",
+        "token out of range",
+        lambda: _make_plan(token_index=torch.tensor([0, 1, 2, 3, 4, 6])),
+        ValueError,
+        False,
+    ),
     # expert MLP
     ("expert_mlp", "x rank", lambda: _expert_mlp(x=_randn(3, 4, 5, 1)), ValueError, True),
     ("expert_mlp", "x dtype", lambda: _expert_mlp(x=torch.ones(3, 4, 5, dtype=torch.int64)), TypeError, True),
@@ -77,46 +96,103 @@ CASES = [
     ("expert_mlp", "w2 shape", lambda: _expert_mlp(w2=_randn(3, 6, 4)), ValueError, True),
     ("expert_mlp", "b1 shape", lambda: _expert_mlp(b1=_randn(3, 5)), ValueError, True),
     ("expert_mlp", "activation", lambda: _expert_mlp(activation="relu"), ValueError, True),
-    ("expert_mlp", "odd gated width", lambda: _expert_mlp(activation="silu_gated", w1=_randn(3, 5, 5), b1=_randn(3, 5),
-                                                          w2=_randn(3, 2, 5)), ValueError, True),
-    ("expert_mlp", "offsets dtype", lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 4, 8, 12],
-                                                                                         dtype=torch.int32)),
-     TypeError, True),
-    ("expert_mlp", "offsets shape", lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 12])), ValueError,
-     True),
-    ("expert_mlp", "offsets values", lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 8, 4, 12])),
-     ValueError, False),
-    ("expert_mlp", "offsets end", lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 4, 8, 11])),
-     ValueError, False),
+    (
+        "expert_mlp",
+        "odd gated width",
+        lambda: _expert_mlp(activation="silu_gated", w1=_randn(3, 5, 5), b1=_randn(3, 5), w2=_randn(3, 2, 5)),
+        ValueError,
+        True,
+    ),
+    (
+        "expert_mlp",
+        "offsets dtype",
+        lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 4, 8, 12], dtype=torch.int32)),
+        TypeError,
+        True,
+    ),
+    ("expert_mlp", "offsets shape", lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 12])), ValueError, True),
+    (
+        "expert_mlp",
+        "offsets values",
+        lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 8, 4, 12])),
+        ValueError,
+        False,
+    ),
+    (
+        "expert_mlp",
+        "offsets end",
+        lambda: _expert_mlp(packed=True, offsets=torch.tensor([0, 4, 8, 11])),
+        ValueError,
+        False,
+    ),
     # Soft MoE
     ("soft_dispatch", "x rank", lambda: ((_randn(2, 5), _randn(2, 5, 3)), {}), ValueError, True),
-    ("soft_dispatch", "x dtype", lambda: ((torch.ones(2, 5, 4, dtype=torch.int64), _randn(2, 5, 3)), {}),
-     TypeError, True),
-    ("soft_dispatch", "logits dtype", lambda: ((_randn(2, 5, 4), _randn(2, 5, 3, dtype=torch.float64)), {}),
-     TypeError, True),
+    (
+        "soft_dispatch",
+        "x dtype",
+        lambda: ((torch.ones(2, 5, 4, dtype=torch.int64), _randn(2, 5, 3)), {}),
+        TypeError,
+        True,
+    ),
+    (
+        "soft_dispatch",
+        "logits dtype",
+        lambda: ((_randn(2, 5, 4), _randn(2, 5, 3, dtype=torch.float64)), {}),
+        TypeError,
+        True,
+    ),
     ("soft_dispatch", "tokens", lambda: ((_randn(2, 5, 4), _randn(2, 6, 3)), {}), ValueError, True),
     ("soft_combine", "slots", lambda: ((_randn(2, 3, 4), _randn(2, 5, 4)), {}), ValueError, True),
     ("soft_combine", "groups", lambda: ((_randn(2, 3, 4), _randn(1, 5, 3)), {}), ValueError, True),
     # teacher-routing loss
-    ("teacher_routing_loss", "rank", lambda: _teacher(student=_randn(6), teacher=torch.full((6,), 0.25)),
-     ValueError, True),
-    ("teacher_routing_loss", "dtype", lambda: _teacher(student=torch.ones(6, 4, dtype=torch.int64),
-                                                       teacher=torch.ones(6, 4, dtype=torch.int64)), TypeError, True),
-    ("teacher_routing_loss", "teacher dtype", lambda: _teacher(teacher=torch.full((6, 4), 0.25, dtype=torch.float64)),
-     TypeError, True),
+    (
+        "teacher_routing_loss",
+        "rank",
+        lambda: _teacher(student=_randn(6), teacher=torch.full((6,), 0.25)),
+        ValueError,
+        True,
+    ),
+    (
+        "teacher_routing_loss",
+        "dtype",
+        lambda: _teacher(student=torch.ones(6, 4, dtype=torch.int64), teacher=torch.ones(6, 4, dtype=torch.int64)),
+        TypeError,
+        True,
+    ),
+    (
+        "teacher_routing_loss",
+        "teacher dtype",
+        lambda: _teacher(teacher=torch.full((6, 4), 0.25, dtype=torch.float64)),
+        TypeError,
+        True,
+    ),
     ("teacher_routing_loss", "teacher shape", lambda: _teacher(teacher=torch.full((6, 3), 0.25)), ValueError, True),
     ("teacher_routing_loss", "reduction", lambda: _teacher(reduction="max"), ValueError, True),
     ("teacher_routing_loss", "format", lambda: _teacher(teacher_format="log"), ValueError, True),
-    ("teacher_routing_loss", "nan student", lambda: _teacher(student=torch.full((6, 4), float("nan"))), ValueError,
-     False),
-    ("teacher_routing_loss", "negative teacher", lambda: _teacher(teacher=torch.full((6, 4), -0.25)), ValueError,
-     False),
+    (
+        "teacher_routing_loss",
+        "nan student",
+        lambda: _teacher(student=torch.full((6, 4), float("nan"))),
+        ValueError,
+        False,
+    ),
+    (
+        "teacher_routing_loss",
+        "negative teacher",
+        lambda: _teacher(teacher=torch.full((6, 4), -0.25)),
+        ValueError,
+        False,
+    ),
     # what-where attention
     ("whatwhere_attention", "q rank", lambda: _whatwhere(q=_randn(2, 5, 4)), ValueError, True),
-    ("whatwhere_attention", "q dtype", lambda: _whatwhere(q=torch.ones(1, 2, 5, 4, dtype=torch.int64)), TypeError,
-     True),
-    ("whatwhere_attention", "k dtype", lambda: _whatwhere(k=_randn(1, 2, 3, 4, dtype=torch.float64)), TypeError,
-     True),
+    (
+        "whatwhere_attention",
+        "q dtype",
+        lambda: _whatwhere(q=torch.ones(1, 2, 5, 4, dtype=torch.int64)),
+        TypeError,
+        True,
+    ),
+    ("whatwhere_attention", "k dtype", lambda: _whatwhere(k=_randn(1, 2, 3, 4, dtype=torch.float64)), TypeError, True),
     ("whatwhere_attention", "k width", lambda: _whatwhere(k=_randn(1, 2, 3, 5)), ValueError, True),
     ("whatwhere_attention", "where shape", lambda: _whatwhere(where=_randn(1, 2, 5, 4)), ValueError, True),
     ("whatwhere_attention", "v_slots slots", lambda: _whatwhere(v_slots=_randn(1, 2, 4, 6)), ValueError, True),
@@ -151,15 +227,37 @@ def test_operator_fake_and_reference_raise_the_same_type(name, defect, build, ex
 
 # Mixed devices: one tensor on meta beside CPU ones is a bad device, a ValueError, whichever kernel runs.
 DEVICE_CASES = [
-    ("sinkhorn_backward", lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4, device=META),
-                                   torch.randn(2, 1, 3), torch.randn(2, 1, 4))),
-    ("expert_mlp", lambda: (torch.randn(3, 4, 5), torch.randn(3, 5, 6), torch.randn(3, 6, device=META),
-                            torch.randn(3, 6, 5), torch.randn(3, 5), None, "gelu")),
+    (
+        "sinkhorn_backward",
+        lambda: (torch.randn(2, 3, 4), torch.randn(2, 3, 4, device=META), torch.randn(2, 1, 3), torch.randn(2, 1, 4)),
+    ),
+    (
+        "expert_mlp",
+        lambda: (
+            torch.randn(3, 4, 5),
+            torch.randn(3, 5, 6),
+            torch.randn(3, 6, device=META),
+            torch.randn(3, 6, 5),
+            torch.randn(3, 5),
+            None,
+            "gelu",
+        ),
+    ),
     ("soft_dispatch", lambda: (torch.randn(2, 5, 4), torch.randn(2, 5, 3, device=META))),
-    ("teacher_routing_loss", lambda: (torch.randn(6, 4), torch.full((6, 4), 0.25, device=META), "mean",
-                                      "probabilities")),
-    ("whatwhere_attention", lambda: (torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 6),
-                                     torch.randn(1, 2, 3, 6), torch.randn(1, 2, 5, 3, device=META))),
+    (
+        "teacher_routing_loss",
+        lambda: (torch.randn(6, 4), torch.full((6, 4), 0.25, device=META), "mean", "probabilities"),
+    ),
+    (
+        "whatwhere_attention",
+        lambda: (
+            torch.randn(1, 2, 5, 4),
+            torch.randn(1, 2, 3, 4),
+            torch.randn(1, 2, 5, 6),
+            torch.randn(1, 2, 3, 6),
+            torch.randn(1, 2, 5, 3, device=META),
+        ),
+    ),
     ("make_plan", lambda: (torch.arange(6), torch.zeros(6, dtype=torch.long, device=META), 3, 6, True)),
 ]
 

@@ -12,16 +12,18 @@ from visionmoe.models import create_model
 from visionmoe.train import config_from_dict
 from visionmoe.train.checkpoint import save_checkpoint
 
-MODEL_OPTIONS = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, moe_blocks=[1],
-                     moe=dict(num_experts=4, k=1, capacity_factor=1.0))
+MODEL_OPTIONS = dict(
+    depth=2, embed_dim=32, num_heads=2, patch_size=8, moe_blocks=[1], moe=dict(num_experts=4, k=1, capacity_factor=1.0)
+)
 
 
 @pytest.fixture
 def checkpoint(tmp_path):
     torch.manual_seed(0)
     model = create_model("vmoe_tiny_32", **MODEL_OPTIONS)
-    config = config_from_dict({"model": "vmoe_tiny_32", "model_options": MODEL_OPTIONS, "dataset": "digits",
-                               "output_dir": str(tmp_path)})
+    config = config_from_dict(
+        {"model": "vmoe_tiny_32", "model_options": MODEL_OPTIONS, "dataset": "digits", "output_dir": str(tmp_path)}
+    )
     save_checkpoint(tmp_path / "checkpoint", model, config, {})
     return tmp_path
 
@@ -46,7 +48,11 @@ def test_eval_of_a_checkpoint_directory_writes_beside_it(checkpoint):
     assert main([str(checkpoint / "checkpoint"), "--dataset", "digits", "--split", "val"]) == 0
     assert (checkpoint / "eval" / "report.json").is_file()
     assert sorted(path.name for path in (checkpoint / "checkpoint").iterdir()) == [
-        "config.yaml", "manifest.json", "model.safetensors", "trainer_state.pt"]
+        "config.yaml",
+        "manifest.json",
+        "model.safetensors",
+        "trainer_state.pt",
+    ]
 
 
 def test_class_usage_counts_each_class_tokens():
@@ -82,14 +88,18 @@ def test_errors_are_clear(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     model = create_model("vmoe_tiny_32", **MODEL_OPTIONS)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
-        evaluate(model, torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1).long()), 10,
-                 batch_size=0)
+        evaluate(
+            model, torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1).long()), 10, batch_size=0
+        )
 
 
-@pytest.mark.parametrize("device, message", [
-    ("cuda:99", "visionmoe-eval: error: --device is 'cuda:99' but "),  # no CUDA, or not that many devices
-    ("gpu", "visionmoe-eval: error: --device is 'gpu', which is not a device name"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("cuda:99", "visionmoe-eval: error: --device is 'cuda:99' but "),  # no CUDA, or not that many devices
+        ("gpu", "visionmoe-eval: error: --device is 'gpu', which is not a device name"),
+    ],
+)
 def test_an_unusable_device_is_a_one_line_error(checkpoint, capsys, device, message):
     assert main([str(checkpoint), "--dataset", "digits", "--device", device]) == 2
     error = capsys.readouterr().err

@@ -3,11 +3,10 @@ rows), gradcheck, opcheck, torch.compile, and bad input."""
 
 import pytest
 import torch
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 ACTIVATIONS = ["gelu", "silu_gated"]
 # ops against the float64 reference. float16/bfloat16 results are sums of rounded products (GEMMs accumulate in
@@ -28,16 +27,20 @@ def tolerance(dtype, truth):
     eps = torch.finfo(dtype).eps
     largest = truth.abs().max().item() if truth.numel() else 0.0
     return dict(atol=2 * eps * max(largest, 1.0), rtol=eps)
+
+
 QUANTITIES = ("y", "grad_x", "grad_w1", "grad_b1", "grad_w2", "grad_b2")
 
 
 def make_weights(E, D, F, activation, device, dtype, generator):
     pre_width = 2 * F if activation == "silu_gated" else F
-    scale1, scale2 = D ** -0.5, F ** -0.5
-    weights = (scale1 * torch.randn(E, D, pre_width, generator=generator, dtype=torch.float64),
-               0.1 * torch.randn(E, pre_width, generator=generator, dtype=torch.float64),
-               scale2 * torch.randn(E, F, D, generator=generator, dtype=torch.float64),
-               0.1 * torch.randn(E, D, generator=generator, dtype=torch.float64))
+    scale1, scale2 = D**-0.5, F**-0.5
+    weights = (
+        scale1 * torch.randn(E, D, pre_width, generator=generator, dtype=torch.float64),
+        0.1 * torch.randn(E, pre_width, generator=generator, dtype=torch.float64),
+        scale2 * torch.randn(E, F, D, generator=generator, dtype=torch.float64),
+        0.1 * torch.randn(E, D, generator=generator, dtype=torch.float64),
+    )
     return tuple(t.to(device=device, dtype=dtype) for t in weights)
 
 
@@ -70,16 +73,18 @@ def run_with_grads(fn, x, weights, offsets, grad, activation):
 PACKED_COUNTS = [
     [5, 3, 8, 1],
     [0, 7, 0, 4, 0],  # experts without rows: zero weight gradients
-    [9],              # one expert
-    [0, 0, 0],        # no rows at all (M = 0)
+    [9],  # one expert
+    [0, 0, 0],  # no rows at all (M = 0)
     [40, 33, 27],
 ]
 
 
 def expert_mlp_of(module):
     """``module.expert_mlp`` with its keyword arguments taken by position, as the contract calls ``op(*args)``."""
+
     def mlp(x, w1, b1, w2, b2, offsets, activation):
         return module.expert_mlp(x, w1, b1, w2, b2, activation=activation, expert_offsets=offsets)
+
     return mlp
 
 
@@ -90,6 +95,7 @@ def mlp_then_tanh(x, w1, b1, w2, b2, offsets):
 class ExpertMLPTester(OpTester):
     """One layout: ``make(size, D, F, activation, device, dtype)`` draws x, weights, offsets and an output
     gradient, ``size`` being per-expert row counts (packed) or (E, C) (padded). Cases are (size, activation)."""
+
     op = staticmethod(expert_mlp_of(ops))
     reference = staticmethod(expert_mlp_of(ref))
     dtypes = list(TOLERANCES)
@@ -237,8 +243,15 @@ def test_silu_gated_takes_the_gate_first(device):
     x = torch.linspace(-4, 4, 30, device=device).view(5, D)
     eye = torch.eye(D, device=device)
     w1 = torch.cat([eye, 2 * eye], dim=1).unsqueeze(0)
-    y = ops.expert_mlp(x, w1, torch.zeros(1, 2 * D, device=device), eye.unsqueeze(0), torch.zeros(1, D, device=device),
-                       activation="silu_gated", expert_offsets=torch.tensor([0, 5], device=device))
+    y = ops.expert_mlp(
+        x,
+        w1,
+        torch.zeros(1, 2 * D, device=device),
+        eye.unsqueeze(0),
+        torch.zeros(1, D, device=device),
+        activation="silu_gated",
+        expert_offsets=torch.tensor([0, 5], device=device),
+    )
     torch.testing.assert_close(y, torch.nn.functional.silu(x) * 2 * x)
 
 
@@ -264,6 +277,7 @@ def test_autograd_saves_the_pre_activation_not_the_hidden_activation(device):
 
 # ---- bad input: clear errors naming the argument ----
 
+
 def good_packed():
     x, weights, offsets, _ = make_packed([2, 3], 4, 6, "gelu", "cpu", torch.float32)
     return x, *weights, offsets
@@ -275,8 +289,11 @@ def call(x, w1, b1, w2, b2, offsets, activation="gelu"):
 
 def test_wrong_rank_is_rejected():
     x, w1, b1, w2, b2, offsets = good_packed()
-    with pytest.raises(ValueError, match=r"x must have shape \[E, C, D\] \(padded\) or \[M, D\] \(packed\), got "
-                                           r"\[5\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"x must have shape \[E, C, D\] \(padded\) or \[M, D\] \(packed\), got "
+        r"\[5\]",
+    ):
         call(x[:, 0], w1, b1, w2, b2, offsets)
     with pytest.raises(ValueError, match=r"w1 must have shape \[E, D, F'\], got \[4, 6\]"):
         call(x, w1[0], b1, w2, b2, offsets)
@@ -314,8 +331,11 @@ def test_bad_offsets_are_rejected():
         call(x, w1, b1, w2, b2, offsets.to("meta"))
     with pytest.raises(ValueError, match=r"expert_offsets\[E\] must be M = 5 \(the rows of x\), got 4"):
         call(x, w1, b1, w2, b2, torch.tensor([0, 2, 4]))
-    with pytest.raises(ValueError, match=r"expert_offsets must be non-decreasing, got expert_offsets\[2\] = 1 < "
-                                           r"expert_offsets\[1\] = 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"expert_offsets must be non-decreasing, got expert_offsets\[2\] = 1 < "
+        r"expert_offsets\[1\] = 3",
+    ):
         call(x, w1, b1, w2, b2, torch.tensor([0, 3, 1]))
     with pytest.raises(ValueError, match=r"expert_offsets\[0\] must be 0, got 1"):
         call(x, w1, b1, w2, b2, torch.tensor([1, 3, 5]))
@@ -339,6 +359,9 @@ def test_bad_dtype_device_and_activation_are_rejected():
         call(x, w1, b1, w2, b2.to("meta"), offsets)
     with pytest.raises(ValueError, match=r"expert_mlp_backward: grad_y must have shape x's shape = \[5, 4\]"):
         torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 3), x, w1, w2, torch.randn(5, 6), offsets, "gelu")
-    with pytest.raises(ValueError, match=r"expert_mlp_backward: pre_activation must have shape \[M, F'\] = "
-                                           r"\[5, 6\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"expert_mlp_backward: pre_activation must have shape \[M, F'\] = "
+        r"\[5, 6\]",
+    ):
         torch.ops.visionmoe.expert_mlp_backward(torch.randn(5, 4), x, w1, w2, torch.randn(5, 7), offsets, "gelu")

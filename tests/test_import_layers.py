@@ -52,7 +52,7 @@ def imported_modules(node: ast.AST, module: str, is_package: bool):
         return [alias.name for alias in node.names]
     package = module.split(".") if is_package else module.split(".")[:-1]
     if node.level:
-        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+        base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
     else:
         base = node.module
     if base != PACKAGE:

@@ -282,8 +282,11 @@ def test_load_loss_bad_input(device):
 
 def test_switch_bad_expert_index(device):
     probs = torch.full((2, 4, 3), 1.0 / 3, device=device)
-    with pytest.raises(ValueError, match=r"expert_index must have the shape of probs without its last axis, "
-                                         r"\(2, 4\), got \(8,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"expert_index must have the shape of probs without its last axis, "
+        r"\(2, 4\), got \(8,\)",
+    ):
         switch_load_balancing_loss(probs, torch.zeros(8, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="expert_index must be an integer tensor"):
         switch_load_balancing_loss(probs, torch.zeros(2, 4, device=device))

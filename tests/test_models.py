@@ -17,8 +17,11 @@ from visionmoe.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 EXPECTED_MODELS = sorted(
     f"{family}_{size}{resolution}"
-    for family, sizes in (("vit", ("tiny", "small", "base")), ("vmoe", ("tiny", "small", "base")),
-                          ("softmoe_vit", ("tiny", "small")))
+    for family, sizes in (
+        ("vit", ("tiny", "small", "base")),
+        ("vmoe", ("tiny", "small", "base")),
+        ("softmoe_vit", ("tiny", "small")),
+    )
     for size in sizes
     for resolution in ("", "_32")
 )
@@ -120,8 +123,9 @@ def test_entrypoint_keyword_overrides():
     layer = model.blocks[3].mlp
     assert layer.num_experts == 4 and layer.router.k == 2  # the other V-MoE options stay
 
-    model = create_model("vmoe_tiny_32", depth=2, moe_blocks=[0, 1],
-                         moe=dict(router="expert_choice", capacity_factor=1.0))
+    model = create_model(
+        "vmoe_tiny_32", depth=2, moe_blocks=[0, 1], moe=dict(router="expert_choice", capacity_factor=1.0)
+    )
     assert model.moe_blocks == [0, 1]
     assert isinstance(model.blocks[0].mlp.router, ExpertChoiceRouter)
     assert model.blocks[0].mlp.num_experts == 8
@@ -169,8 +173,9 @@ def test_vision_transformer_rejects_bad_arguments():
     with pytest.raises(ValueError, match="moe must give num_experts"):
         VisionTransformer(img_size=32, patch_size=4, depth=2, moe_blocks=[1])
     with pytest.raises(ValueError, match="moe_layer must be one of"):
-        VisionTransformer(img_size=32, patch_size=4, depth=2, moe_blocks=[1], moe=dict(num_experts=2),
-                          moe_layer="dense")
+        VisionTransformer(
+            img_size=32, patch_size=4, depth=2, moe_blocks=[1], moe=dict(num_experts=2), moe_layer="dense"
+        )
     model = create_model("vit_tiny_32", depth=1)
     with pytest.raises(ValueError, match=r"x must have shape \[B, 3, 32, 32\], got \(2, 3, 16, 16\)"):
         model(torch.randn(2, 3, 16, 16))
@@ -264,8 +269,9 @@ class TimmLikeViT(nn.Module):
 
     def __init__(self, dim=16, depth=4, num_classes=3, mlps=None):
         super().__init__()
-        self.blocks = nn.Sequential(*(TimmLikeBlock(dim, mlps[i] if mlps and i in mlps else TimmLikeMlp(dim, 2 * dim))
-                                      for i in range(depth)))
+        self.blocks = nn.Sequential(
+            *(TimmLikeBlock(dim, mlps[i] if mlps and i in mlps else TimmLikeMlp(dim, 2 * dim)) for i in range(depth))
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 

@@ -40,9 +40,15 @@ def test_notebook_runs(path, monkeypatch):
     # settings' tiny tensors down several times.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = with_overrides(nbformat.read(path, as_version=4), SMALL_SETTINGS[path.name])
-    client = nbclient.NotebookClient(notebook, timeout=CELL_TIMEOUT, startup_timeout=CELL_TIMEOUT,
-                                     kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT,
+        startup_timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     client.execute()
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", [])
-              if output.get("output_type") == "error"]
+    errors = [
+        output for cell in notebook.cells for output in cell.get("outputs", []) if output.get("output_type") == "error"
+    ]
     assert not errors

@@ -41,8 +41,13 @@ def samples():
     _, student_lse, teacher_lse = _ops.teacher_routing_loss(student, teacher, "mean", "probabilities")
 
     G, S = 2, 3
-    q, k, v_tokens, v_slots, where = randn(1, 2, 5, 4), randn(1, 2, S, 4), randn(1, 2, 5, 6), randn(1, 2, S, 6), \
-        randn(1, 2, 5, S)
+    q, k, v_tokens, v_slots, where = (
+        randn(1, 2, 5, 4),
+        randn(1, 2, S, 4),
+        randn(1, 2, 5, 6),
+        randn(1, 2, S, 6),
+        randn(1, 2, 5, S),
+    )
     _, _, attention_logits, token_lse, slot_lse = _ops.whatwhere_attention(q, k, v_tokens, v_slots, where)
 
     return {
@@ -64,11 +69,28 @@ def samples():
         "soft_combine": (randn(G, S, D), randn(G, T, S)),
         "soft_combine_backward": (randn(G, T, D), randn(G, S, D), randn(G, T, S)),
         "teacher_routing_loss": (student, teacher, "mean", "probabilities"),
-        "teacher_routing_loss_backward": (torch.tensor(1.0), student, teacher, student_lse, teacher_lse, "mean",
-                                          "probabilities"),
+        "teacher_routing_loss_backward": (
+            torch.tensor(1.0),
+            student,
+            teacher,
+            student_lse,
+            teacher_lse,
+            "mean",
+            "probabilities",
+        ),
         "whatwhere_attention": (q, k, v_tokens, v_slots, where),
-        "whatwhere_attention_backward": (randn(1, 2, 5, 6), randn(1, 2, S, 6), randn(1, 2, 5, S), q, k, v_tokens,
-                                         v_slots, attention_logits, token_lse, slot_lse),
+        "whatwhere_attention_backward": (
+            randn(1, 2, 5, 6),
+            randn(1, 2, S, 6),
+            randn(1, 2, 5, S),
+            q,
+            k,
+            v_tokens,
+            v_slots,
+            attention_logits,
+            token_lse,
+            slot_lse,
+        ),
     }
 
 
@@ -88,8 +110,11 @@ OPERATORS = sorted(samples())
 
 
 def test_every_operator_has_samples():
-    registered = {name.split("::")[1] for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
-                  if name.startswith("visionmoe::")}
+    registered = {
+        name.split("::")[1]
+        for name in torch._C._dispatch_get_registrations_for_dispatch_key("CPU")
+        if name.startswith("visionmoe::")
+    }
     assert registered == set(OPERATORS)
 
 
@@ -144,10 +169,13 @@ def test_non_contiguous_inputs_give_the_same_result(name, position):
 # ---- bad-input sweep: each case either raises a clear error (ValueError or TypeError naming the operator) or
 # returns; none may crash ----
 
+
 def tensor_variants(t):
     """(label, replacement) pairs of bad versions of one tensor argument."""
-    variants = [("an extra dimension", t.unsqueeze(0)), ("one dimension less", t[0] if t.dim() and t.shape[0] else
-                                                         t.reshape(-1))]
+    variants = [
+        ("an extra dimension", t.unsqueeze(0)),
+        ("one dimension less", t[0] if t.dim() and t.shape[0] else t.reshape(-1)),
+    ]
     if t.is_floating_point():
         variants += [("int32", t.to(torch.int32)), ("float64", t.double()), ("float16", t.half())]
         if t.numel():
@@ -158,20 +186,31 @@ def tensor_variants(t):
     else:
         variants += [("float32", t.float()), ("int32", t.int())]
         if t.numel():
-            variants += [("values + 1000", t + 1000), ("values - 1000", t - 1000), ("reversed", t.flip(0)),
-                         ("all 2**62", torch.full_like(t, 2**62)), ("doubled", t * 2)]
+            variants += [
+                ("values + 1000", t + 1000),
+                ("values - 1000", t - 1000),
+                ("reversed", t.flip(0)),
+                ("all 2**62", torch.full_like(t, 2**62)),
+                ("doubled", t * 2),
+            ]
     if t.dim() and t.numel():
         variants.append(("one value expanded (stride 0)", t.flatten()[:1].view([1] * t.dim()).expand(t.shape)))
     if t.dim():
-        variants += [("empty first dimension", t[:0]), ("one row more", torch.cat([t, t[:1]])),
-                     ("one column less", t.narrow(-1, 0, max(t.shape[-1] - 1, 0)))]
+        variants += [
+            ("empty first dimension", t[:0]),
+            ("one row more", torch.cat([t, t[:1]])),
+            ("one column less", t.narrow(-1, 0, max(t.shape[-1] - 1, 0))),
+        ]
         if t.shape[0] > 1:
             variants.append(("one row less", t[:-1]))
     return variants
 
 
-SCALAR_VARIANTS = {int: lambda value: (-1, 0, 2**40), bool: lambda value: (not value,),
-                   str: lambda value: ("", "nonsense")}
+SCALAR_VARIANTS = {
+    int: lambda value: (-1, 0, 2**40),
+    bool: lambda value: (not value,),
+    str: lambda value: ("", "nonsense"),
+}
 
 
 def sweep_cases():
@@ -216,11 +255,14 @@ def test_bad_input_sweep_never_crashes():
     lines = result.stdout.splitlines()
     cases = [line[5:] for line in lines if line.startswith("CASE ")]
     if result.returncode != 0:
-        pytest.fail(f"the sweep crashed (exit code {result.returncode}) on case {cases[-1] if cases else None!r}:\n"
-                    f"{result.stderr[-2000:]}")
+        pytest.fail(
+            f"the sweep crashed (exit code {result.returncode}) on case {cases[-1] if cases else None!r}:\n"
+            f"{result.stderr[-2000:]}"
+        )
     verdicts = [line[5:] for line in lines if line.startswith("DONE ")]
-    findings = [f"{case}: {verdict}" for case, verdict in zip(cases, verdicts)
-                if verdict.startswith(("UNCLEAR", "UNEXPECTED"))]
+    findings = [
+        f"{case}: {verdict}" for case, verdict in zip(cases, verdicts) if verdict.startswith(("UNCLEAR", "UNEXPECTED"))
+    ]
     assert len(cases) > 500 and not findings, "\n".join(findings)
 
 
@@ -228,12 +270,16 @@ if __name__ == "__main__" and sys.argv[1:] == ["--sweep"]:
     run_sweep()
 
 
-@pytest.mark.parametrize("call", [
-    lambda device: ops.sinkhorn(torch.zeros(2, 0, 3, device=device)),
-    lambda device: ops.soft_dispatch(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 0, 3, device=device)),
-    lambda device: ops.soft_combine(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 4, 0, device=device)),
-    lambda device: ops.teacher_routing_loss(torch.zeros(3, 0, device=device), torch.zeros(3, 0, device=device)),
-], ids=["sinkhorn_no_tokens", "soft_dispatch_no_tokens", "soft_combine_no_slots", "teacher_routing_no_experts"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda device: ops.sinkhorn(torch.zeros(2, 0, 3, device=device)),
+        lambda device: ops.soft_dispatch(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 0, 3, device=device)),
+        lambda device: ops.soft_combine(torch.zeros(1, 0, 2, device=device), torch.zeros(1, 4, 0, device=device)),
+        lambda device: ops.teacher_routing_loss(torch.zeros(3, 0, device=device), torch.zeros(3, 0, device=device)),
+    ],
+    ids=["sinkhorn_no_tokens", "soft_dispatch_no_tokens", "soft_combine_no_slots", "teacher_routing_no_experts"],
+)
 def test_fake_kernels_reject_the_empty_sizes_the_kernels_reject(call):
     # torch.compile traces with the fake kernels: an input the CPU rejects must not trace into a graph.
     with pytest.raises(ValueError) as on_cpu:

@@ -41,8 +41,11 @@ BAD_ROUTER_OPTIONS = [
     ("sparse_topk", dict(iterations="100"), "iterations must be an integer >= 1"),
     ("sparse_topk", dict(combine=None), "combine must be one of"),
     ("soft", dict(slots_per_expert=2.0), "slots_per_expert must be an integer >= 1"),
-    ("soft", dict(slots_per_expert=None, num_tokens=16, capacity_factor=NAN),
-     "capacity_factor must be a finite number > 0"),
+    (
+        "soft",
+        dict(slots_per_expert=None, num_tokens=16, capacity_factor=NAN),
+        "capacity_factor must be a finite number > 0",
+    ),
     ("soft", dict(noise_std=NAN), "noise_std must be a finite number >= 0"),
     ("hindsight", dict(tau=INF), "tau must be a finite number > 0"),
     ("hindsight", dict(output_dim=8.0), "output_dim must be an integer >= 1"),
@@ -68,10 +71,14 @@ def test_bad_router_options_are_rejected_at_construction(name, options, message)
 
 
 @pytest.mark.parametrize("name", list_routers())
-@pytest.mark.parametrize("dim, num_experts, message", [
-    (8.0, 4, "dim must be an integer >= 1"), (8, "4", "num_experts must be an integer >= 1"),
-    (True, 4, "dim must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "dim, num_experts, message",
+    [
+        (8.0, 4, "dim must be an integer >= 1"),
+        (8, "4", "num_experts must be an integer >= 1"),
+        (True, 4, "dim must be an integer >= 1"),
+    ],
+)
 def test_bad_router_sizes_are_rejected(name, dim, num_experts, message):
     with raises_option_error(message):
         create_router(name, dim, num_experts, **({"slots_per_expert": 1} if name == "soft" else {}))
@@ -82,18 +89,23 @@ def test_wrong_option_types_are_type_errors():
         create_router("topk", 8, 4, k=2.0)
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: MoEMLP(8, 16, 4, group_size=2.0), "group_size must be an integer >= 1"),
-    (lambda: MoEMLP(8, 16.0, 4), "hidden_dim must be an integer >= 1"),
-    (lambda: MoEMLP(8, 16, 4, capacity_factor=INF), "capacity_factor must be a finite number > 0"),
-    (lambda: SoftMoEMLP(8, 16, 4, slots_per_expert=NAN), "slots_per_expert must be an integer >= 1"),
-    (lambda: ConvMoE(3, 4, 4, k=1.0), r"k must be an integer in \[1, 4\]"),
-    (lambda: ConvMoE(3, 4, 4, stride=2.0), "stride must be an integer >= 1"),
-    (lambda: ConvMoE(3, 4, 4, capacity_factor=NAN), "capacity_factor must be a finite number > 0"),
-    (lambda: ConvMoE(3, 4, 4, constraint="relative_importance", constraint_threshold=NAN),
-     "constraint_threshold must be a finite number >= 0"),
-    (lambda: ConvMoE(3, 4, 4, renormalize=0), "renormalize must be True or False"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: MoEMLP(8, 16, 4, group_size=2.0), "group_size must be an integer >= 1"),
+        (lambda: MoEMLP(8, 16.0, 4), "hidden_dim must be an integer >= 1"),
+        (lambda: MoEMLP(8, 16, 4, capacity_factor=INF), "capacity_factor must be a finite number > 0"),
+        (lambda: SoftMoEMLP(8, 16, 4, slots_per_expert=NAN), "slots_per_expert must be an integer >= 1"),
+        (lambda: ConvMoE(3, 4, 4, k=1.0), r"k must be an integer in \[1, 4\]"),
+        (lambda: ConvMoE(3, 4, 4, stride=2.0), "stride must be an integer >= 1"),
+        (lambda: ConvMoE(3, 4, 4, capacity_factor=NAN), "capacity_factor must be a finite number > 0"),
+        (
+            lambda: ConvMoE(3, 4, 4, constraint="relative_importance", constraint_threshold=NAN),
+            "constraint_threshold must be a finite number >= 0",
+        ),
+        (lambda: ConvMoE(3, 4, 4, renormalize=0), "renormalize must be True or False"),
+    ],
+)
 def test_bad_layer_options_are_rejected_at_construction(build, message):
     with raises_option_error(message):
         build()
@@ -115,8 +127,9 @@ def test_routers_name_a_wrong_width_or_dtype_of_x(name):
     if name in ("soft", "hindsight"):  # they cast their weights to x's dtype, or have none that x meets
         assert router(torch.randn(2, 5, 8, dtype=torch.float64))[0] is not None
     else:
-        with pytest.raises(ValueError, match="x must have the dtype of the layer's weights, torch.float32, got "
-                                             "torch.float64"):
+        with pytest.raises(
+            ValueError, match="x must have the dtype of the layer's weights, torch.float32, got torch.float64"
+        ):
             router(torch.randn(2, 5, 8, dtype=torch.float64))
 
 
@@ -127,19 +140,37 @@ def test_under_autocast_any_floating_dtype_of_x_is_accepted():
     assert metrics.probs.shape == (2, 5, 4)
 
 
-@pytest.mark.parametrize("layer, x, message", [
-    (lambda: MoEMLP(8, 16, 4), torch.randn(2, 5, 8, dtype=torch.float64), "x must have the dtype of the layer's "
-     "weights, torch.float32, got torch.float64"),
-    (lambda: MoEMLP(8, 16, 4, "expert_choice"), torch.ones(2, 5, 8, dtype=torch.long),
-     "x must be a floating-point tensor"),
-    (lambda: SoftMoEMLP(8, 16, 4), torch.randn(2, 5, 8, dtype=torch.bfloat16), "x must have the dtype of the "
-     "layer's weights, torch.float32, got torch.bfloat16"),
-    (lambda: SoftMoEMLP(8, 16, 4), torch.randn(2, 5, 6), r"x must have shape \[B, N, D\] with D = 8"),
-    (lambda: ConvMoE(3, 4, 4), torch.randn(2, 3, 8, 8, dtype=torch.float64), "x must have the dtype of the layer's "
-     "weights, torch.float32, got torch.float64"),
-    (lambda: ConvMoE(3, 4, 4, gating="location"), torch.ones(2, 3, 8, 8, dtype=torch.uint8),
-     "x must be a floating-point tensor"),
-])
+@pytest.mark.parametrize(
+    "layer, x, message",
+    [
+        (
+            lambda: MoEMLP(8, 16, 4),
+            torch.randn(2, 5, 8, dtype=torch.float64),
+            ("x must have the dtype of the layer's weights, torch.float32, got torch.float64"),
+        ),
+        (
+            lambda: MoEMLP(8, 16, 4, "expert_choice"),
+            torch.ones(2, 5, 8, dtype=torch.long),
+            "x must be a floating-point tensor",
+        ),
+        (
+            lambda: SoftMoEMLP(8, 16, 4),
+            torch.randn(2, 5, 8, dtype=torch.bfloat16),
+            ("x must have the dtype of the layer's weights, torch.float32, got torch.bfloat16"),
+        ),
+        (lambda: SoftMoEMLP(8, 16, 4), torch.randn(2, 5, 6), r"x must have shape \[B, N, D\] with D = 8"),
+        (
+            lambda: ConvMoE(3, 4, 4),
+            torch.randn(2, 3, 8, 8, dtype=torch.float64),
+            ("x must have the dtype of the layer's weights, torch.float32, got torch.float64"),
+        ),
+        (
+            lambda: ConvMoE(3, 4, 4, gating="location"),
+            torch.ones(2, 3, 8, 8, dtype=torch.uint8),
+            "x must be a floating-point tensor",
+        ),
+    ],
+)
 def test_layers_name_a_wrong_dtype_or_width_of_x(layer, x, message):
     with pytest.raises(ValueError, match=message):
         layer()(x)

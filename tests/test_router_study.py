@@ -6,13 +6,29 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "router_study.py"
-MODELS = ["dense ViT", "top-1", "top-2", "top-1 + BPR", "dropless top-1", "expert choice", "Sinkhorn top-1",
-          "Sinkhorn expert choice", "sparse expert choice", "Soft MoE", "hindsight"]
+MODELS = [
+    "dense ViT",
+    "top-1",
+    "top-2",
+    "top-1 + BPR",
+    "dropless top-1",
+    "expert choice",
+    "Sinkhorn top-1",
+    "Sinkhorn expert choice",
+    "sparse expert choice",
+    "Soft MoE",
+    "hindsight",
+]
 
 
 def test_tiny_run_writes_the_table_and_the_plot(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--output-dir", str(tmp_path)], check=True,
-                   capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--output-dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     with (tmp_path / "runs.csv").open() as file:
         runs = list(csv.DictReader(file))
     assert [row["model"] for row in runs] == MODELS

@@ -39,8 +39,13 @@ def test_forward_metrics_and_training_step(name):
     assert 0 <= metrics.dropped_fraction.item() <= 1 and 0 <= metrics.unrouted_fraction.item() <= 1
     if name in SPARSE:
         assert plan.num_groups == 3 and plan.num_experts == 12 and plan.token_offsets.shape == (31,)
-        loss = ops.combine(ops.dispatch(x.reshape(30, 16), plan, "padded" if plan.capacity is not None
-                                        else "packed"), plan, 30).square().mean()
+        loss = (
+            ops.combine(
+                ops.dispatch(x.reshape(30, 16), plan, "padded" if plan.capacity is not None else "packed"), plan, 30
+            )
+            .square()
+            .mean()
+        )
     else:
         loss = plan.combine(plan.dispatch(x)).square().mean()
     loss = loss + sum(metrics.aux_losses.values(), torch.zeros(()))
@@ -170,7 +175,7 @@ def test_groups_of_unequal_content():
     assert counts[0, 0].item() == 20  # all of group 0 wants expert 0 ...
     assert plan.expert_load().sum().item() <= 20 + 20
     kept = plan.kept()
-    group0_expert0 = (plan.sorted_expert == 0)
+    group0_expert0 = plan.sorted_expert == 0
     assert kept[group0_expert0].sum().item() == router.capacity(20)  # ... and only C = 5 of them fit
     assert metrics.dropped_fraction.item() > 0
 
@@ -206,8 +211,9 @@ def test_importance_loss_is_of_the_probabilities_without_noise(name):
     _, second = router(x)
     assert not torch.equal(first.logits, second.logits)
     assert torch.equal(first.aux_losses["importance"], second.aux_losses["importance"])
-    torch.testing.assert_close(first.aux_losses["importance"],
-                               visionmoe.losses.importance_loss(router.proj(x).softmax(dim=-1)))
+    torch.testing.assert_close(
+        first.aux_losses["importance"], visionmoe.losses.importance_loss(router.proj(x).softmax(dim=-1))
+    )
 
 
 def test_sinkhorn_switch_loss_counts_the_experts_tokens_were_sent_to():

@@ -27,14 +27,17 @@ def router_probs(G, T, E, seed, scale=1.0, dtype=torch.float64):
 # ---- the k-sparse simplex projection ----
 
 
-@pytest.mark.parametrize("values,k,expected", [
-    ([0.5, 0.2, 0.9, 0.1], 2, [0.3, 0.0, 0.7, 0.0]),  # top two 0.9, 0.5: theta = (1.4 - 1) / 2 = 0.2
-    ([3.0, 0.0, 1.0], 2, [1.0, 0.0, 0.0]),  # top two 3, 1: 1 - (4 - 1) / 2 < 0, so only 3 stays: theta = 2
-    ([0.5, 0.5, 0.5], 5, [1 / 3, 1 / 3, 1 / 3]),  # k beyond the length: the plain simplex projection
-    ([-1.0, -2.0], 2, [1.0, 0.0]),  # 2 * (-2) > (-3 - 1) fails: one non-zero
-    ([0.2, 0.4, 0.1, 0.3], 4, [0.2, 0.4, 0.1, 0.3]),  # already on the simplex: its own projection
-    ([0.2, 0.4, 0.1, 0.3], 3, [0.2 + 1 / 30, 0.4 + 1 / 30, 0.0, 0.3 + 1 / 30]),  # theta = (0.9 - 1) / 3
-])
+@pytest.mark.parametrize(
+    "values,k,expected",
+    [
+        ([0.5, 0.2, 0.9, 0.1], 2, [0.3, 0.0, 0.7, 0.0]),  # top two 0.9, 0.5: theta = (1.4 - 1) / 2 = 0.2
+        ([3.0, 0.0, 1.0], 2, [1.0, 0.0, 0.0]),  # top two 3, 1: 1 - (4 - 1) / 2 < 0, so only 3 stays: theta = 2
+        ([0.5, 0.5, 0.5], 5, [1 / 3, 1 / 3, 1 / 3]),  # k beyond the length: the plain simplex projection
+        ([-1.0, -2.0], 2, [1.0, 0.0]),  # 2 * (-2) > (-3 - 1) fails: one non-zero
+        ([0.2, 0.4, 0.1, 0.3], 4, [0.2, 0.4, 0.1, 0.3]),  # already on the simplex: its own projection
+        ([0.2, 0.4, 0.1, 0.3], 3, [0.2 + 1 / 30, 0.4 + 1 / 30, 0.0, 0.3 + 1 / 30]),  # theta = (0.9 - 1) / 3
+    ],
+)
 def test_projection_hand_cases(values, k, expected):
     projected = sparse_simplex_projection(torch.tensor(values, dtype=torch.float64), k)
     torch.testing.assert_close(projected, torch.tensor(expected, dtype=torch.float64))
@@ -195,19 +198,22 @@ def test_sparse_expert_choice_routes_on_the_plan(combine):
     g, t, e = plan.sorted_token // T, plan.sorted_token % T, plan.sorted_expert // G
     expected = transport[g, t, e] if combine == "plan" else metrics.probs[g, t, e] * (transport[g, t, e] > 0)
     torch.testing.assert_close(plan.weight, expected)
-    assert ((transport > 0).sum() == (plan.weight > 0).sum())
+    assert (transport > 0).sum() == (plan.weight > 0).sum()
     assert metrics.load.tolist() == [G * C] * E and metrics.dropped_fraction.item() == 0
     unreached = (transport.sum(-1) == 0).float().mean()
     torch.testing.assert_close(metrics.unrouted_fraction, unreached)
     assert set(metrics.aux_losses) == {"importance", "z_loss"}
 
 
-@pytest.mark.parametrize("name,options", [
-    ("sparse_expert_choice", {}),
-    ("sparse_expert_choice", {"combine": "softmax"}),
-    ("sparse_topk", {"k": 2}),
-    ("sparse_topk", {"k": 2, "combine": "plan", "capacity_factor": None}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("sparse_expert_choice", {}),
+        ("sparse_expert_choice", {"combine": "softmax"}),
+        ("sparse_topk", {"k": 2}),
+        ("sparse_topk", {"k": 2, "combine": "plan", "capacity_factor": None}),
+    ],
+)
 def test_gradients_reach_the_router(name, options):
     torch.manual_seed(1)
     router = create_router(name, 8, 4, **options)
@@ -231,18 +237,22 @@ def test_sparse_topk_routes_each_token_on_its_row():
     router = SparseTokenChoiceRouter(8, 4, k=2, capacity_factor=None)
     plan, metrics = router(torch.randn(20, 8))  # [T, D]: one group
     assert plan.dropless and plan.num_assignments == 20 * 2
-    transport = sparsity_constrained_transport(metrics.probs, 2, constrain="tokens", gamma=router.gamma,
-                                               iterations=router.iterations)
+    transport = sparsity_constrained_transport(
+        metrics.probs, 2, constrain="tokens", gamma=router.gamma, iterations=router.iterations
+    )
     expected = metrics.probs[0, plan.sorted_token, plan.sorted_expert]
     expected = expected * (transport[0, plan.sorted_token, plan.sorted_expert] > 0)
     torch.testing.assert_close(plan.weight, expected)
     torch.testing.assert_close(metrics.load.sum(), torch.tensor(40.0))
 
 
-@pytest.mark.parametrize("name,options", [
-    ("sparse_expert_choice", {"iterations": 3}),  # the solver's loop is unrolled: few steps compile faster
-    ("sparse_topk", {"k": 2, "iterations": 3}),
-])
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("sparse_expert_choice", {"iterations": 3}),  # the solver's loop is unrolled: few steps compile faster
+        ("sparse_topk", {"k": 2, "iterations": 3}),
+    ],
+)
 def test_sparse_routers_compile_fullgraph(name, options):
     torch._dynamo.reset()
     torch.manual_seed(3)

@@ -4,11 +4,10 @@ opcheck, torch.compile, edge cases and bad input."""
 import numpy as np
 import pytest
 import torch
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 PLAN_FIELDS = ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows")
 
@@ -42,16 +41,21 @@ TOPK_CASES = [
 
 def topk_route_of(module):
     """``module.topk_route`` with its keyword arguments taken by position, as the contract calls ``op(*args)``."""
+
     def route(scores, k, capacity, batch_priority, renormalize, weights=None):
-        return module.topk_route(scores, k, capacity, batch_priority=batch_priority, renormalize=renormalize,
-                                 weights=weights)
+        return module.topk_route(
+            scores, k, capacity, batch_priority=batch_priority, renormalize=renormalize, weights=weights
+        )
+
     return route
 
 
 def expert_choice_route_of(module):
     """``module.expert_choice_route`` with ``weights`` taken by position."""
+
     def route(scores, capacity, weights=None):
         return module.expert_choice_route(scores, capacity, weights=weights)
+
     return route
 
 
@@ -67,8 +71,13 @@ class RoutingPlanTester(OpTester):
         return [getattr(result, field) for field in PLAN_FIELDS] + [sizes, result.weight]
 
     def compile_inputs(self, device):
-        return [(torch.randn(T, 8, device=device, requires_grad=True),
-                 torch.randn(1, T, 4, device=device, requires_grad=True)) for T in (16, 23)]
+        return [
+            (
+                torch.randn(T, 8, device=device, requires_grad=True),
+                torch.randn(1, T, 4, device=device, requires_grad=True),
+            )
+            for T in (16, 23)
+        ]
 
     def determinism_inputs(self, device):
         return (random_probs(4, 3000, 8, device),) + self.determinism_arguments
@@ -159,10 +168,10 @@ def test_first_choices_fill_before_second_choices(device):
     # order although token 0 comes first.
     probs = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.7, 0.1]]], device=device)
     plan = ops.topk_route(probs, 2, 2)
-    expert1 = plan.sorted_token[plan.offsets[1]:plan.offsets[2]].tolist()
+    expert1 = plan.sorted_token[plan.offsets[1] : plan.offsets[2]].tolist()
     assert expert1 == [1, 2, 0]  # first choices of tokens 1 and 2, then token 0's second choice
-    assert plan.kept()[plan.offsets[1]:plan.offsets[2]].tolist() == [True, True, False]
-    assert plan.order[plan.offsets[1]:plan.offsets[2]].tolist() == [1, 2, 3 + 0]  # choice * T + token
+    assert plan.kept()[plan.offsets[1] : plan.offsets[2]].tolist() == [True, True, False]
+    assert plan.order[plan.offsets[1] : plan.offsets[2]].tolist() == [1, 2, 3 + 0]  # choice * T + token
 
 
 def test_ties_go_to_the_lower_expert(device):

@@ -6,17 +6,15 @@ import json
 
 import pytest
 import torch
+from test_evaluate import MODEL_OPTIONS
+from test_train import colour_rule_dataset, tiny_config
 
 from visionmoe.evaluate.cli import main as evaluate_main
 from visionmoe.evaluate.plots import write_routing_consistency_plot
 from visionmoe.metrics import routing_consistency
 from visionmoe.models import create_model
 from visionmoe.train import RoutingConsistencyTracker, RoutingSnapshot, Trainer, load_model_weights
-
 from visionmoe.train.checkpoint import save_checkpoint
-
-from test_evaluate import MODEL_OPTIONS
-from test_train import colour_rule_dataset, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +36,17 @@ def test_routing_consistency_counts_equal_top1_assignments():
     assert routing_consistency(torch.tensor([0, 0]), torch.tensor([1, 1], dtype=torch.int32)) == 0.0
 
 
-@pytest.mark.parametrize("a, b, message", [
-    (torch.tensor([0, 1, 2]), torch.tensor([0, 1]), "same tokens, got shapes (3,) and (2,)"),
-    (torch.tensor([[0, 1]]), torch.tensor([0, 1]), "same tokens, got shapes (1, 2) and (2,)"),
-    (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "assign_a must be an integer tensor"),
-    (torch.tensor([0, 1]), torch.tensor([True, False]), "assign_b must be an integer tensor"),
-    (torch.tensor([0, 1]), [0, 1], "assign_b must be an integer tensor"),
-    (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), "no tokens to compare"),
-])
+@pytest.mark.parametrize(
+    "a, b, message",
+    [
+        (torch.tensor([0, 1, 2]), torch.tensor([0, 1]), "same tokens, got shapes (3,) and (2,)"),
+        (torch.tensor([[0, 1]]), torch.tensor([0, 1]), "same tokens, got shapes (1, 2) and (2,)"),
+        (torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), "assign_a must be an integer tensor"),
+        (torch.tensor([0, 1]), torch.tensor([True, False]), "assign_b must be an integer tensor"),
+        (torch.tensor([0, 1]), [0, 1], "assign_b must be an integer tensor"),
+        (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), "no tokens to compare"),
+    ],
+)
 def test_routing_consistency_errors(a, b, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         routing_consistency(a, b)
@@ -54,9 +55,18 @@ def test_routing_consistency_errors(a, b, message):
 def tracker_with(snapshots):
     """A tracker holding hand-made snapshots: (epoch, phase, {layer: assignments})."""
     tracker = RoutingConsistencyTracker(torch.zeros(1, 3, 8, 8))
-    tracker.load_state_dict({"snapshots": [
-        {"epoch": epoch, "phase": phase, "assignments": {name: torch.tensor(values) for name, values in layers.items()}}
-        for epoch, phase, layers in snapshots]})
+    tracker.load_state_dict(
+        {
+            "snapshots": [
+                {
+                    "epoch": epoch,
+                    "phase": phase,
+                    "assignments": {name: torch.tensor(values) for name, values in layers.items()},
+                }
+                for epoch, phase, layers in snapshots
+            ]
+        }
+    )
     return tracker
 
 
@@ -87,23 +97,27 @@ def test_tracker_curves_on_hand_made_snapshots():
 
 
 def test_phase_agreement_compares_the_end_of_pretraining_with_each_finetuning_epoch():
-    tracker = tracker_with([
-        (1, "pretrain", {"a": [0, 0, 0, 0]}),
-        (2, "pretrain", {"a": [0, 1, 2, 3]}),
-        (1, "finetune", {"a": [0, 1, 0, 0]}),
-        (2, "finetune", {"a": [0, 1, 2, 0]}),
-    ])
+    tracker = tracker_with(
+        [
+            (1, "pretrain", {"a": [0, 0, 0, 0]}),
+            (2, "pretrain", {"a": [0, 1, 2, 3]}),
+            (1, "finetune", {"a": [0, 1, 0, 0]}),
+            (2, "finetune", {"a": [0, 1, 2, 0]}),
+        ]
+    )
     assert [row["a"] for row in tracker.phase_agreement("pretrain", "finetune")] == [0.5, 0.75]
     with pytest.raises(ValueError, match="phases 'pretrain' and 'other'"):
         tracker.phase_agreement("pretrain", "other")
 
 
 def test_fine_tuning_reports_agreement_with_the_pretrained_routing(tmp_path):
-    tracker = tracker_with([
-        (0, "pretrain", {"a": [0, 1, 2, 3]}),
-        (1, "finetune", {"a": [0, 1, 0, 0]}),  # 2 of 4 tokens as pre-trained
-        (2, "finetune", {"a": [0, 1, 2, 0]}),  # 3 of 4
-    ])
+    tracker = tracker_with(
+        [
+            (0, "pretrain", {"a": [0, 1, 2, 3]}),
+            (1, "finetune", {"a": [0, 1, 0, 0]}),  # 2 of 4 tokens as pre-trained
+            (2, "finetune", {"a": [0, 1, 2, 0]}),  # 3 of 4
+        ]
+    )
     data = tracker.to_dict()
     assert data["pretrain"] == [None, {"a": 0.5, "mean": 0.5}, {"a": 0.75, "mean": 0.75}]
     # The summary covers the fine-tuning epochs only: one adjacent pair agreeing on 3 of 4 tokens.
@@ -129,8 +143,15 @@ def test_tracker_writes_json_and_csv(tmp_path):
 
 
 def test_tracker_records_the_top1_expert_of_every_probe_token():
-    model = create_model("vmoe_tiny_32", depth=2, embed_dim=32, num_heads=2, patch_size=8, moe_blocks=[0, 1],
-                         moe=dict(num_experts=4, k=1, capacity_factor=1.0))
+    model = create_model(
+        "vmoe_tiny_32",
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        patch_size=8,
+        moe_blocks=[0, 1],
+        moe=dict(num_experts=4, k=1, capacity_factor=1.0),
+    )
     probe = torch.randn(6, 3, 32, 32)
     model.train()
     tracker = RoutingConsistencyTracker(probe, batch_size=4)
@@ -172,15 +193,24 @@ def test_trainer_records_consistency_and_resumes_it(tmp_path, datasets):
     assert isinstance(resumed.consistency.snapshots[0], RoutingSnapshot)
 
 
-
 def test_fine_tuning_from_a_checkpoint_records_pretrain_and_finetune(tmp_path, datasets, capsys):
     Trainer(tiny_config(tmp_path / "pretrained", epochs=1), *datasets).fit()
     # Fine-tune on a two-class version of the task: the head changes shape and starts fresh, the rest is loaded.
-    two_class = [torch.utils.data.TensorDataset(images, labels % 2) for images, labels in
-                 (dataset.tensors for dataset in datasets)]
+    two_class = [
+        torch.utils.data.TensorDataset(images, labels % 2)
+        for images, labels in (dataset.tensors for dataset in datasets)
+    ]
     options = dict(tiny_config(tmp_path).model_options, num_classes=2)
-    trainer = Trainer(tiny_config(tmp_path / "finetuned", epochs=2, consistency_probe=8, model_options=options,
-                                  init_from=str(tmp_path / "pretrained")), *two_class)
+    trainer = Trainer(
+        tiny_config(
+            tmp_path / "finetuned",
+            epochs=2,
+            consistency_probe=8,
+            model_options=options,
+            init_from=str(tmp_path / "pretrained"),
+        ),
+        *two_class,
+    )
     assert "fresh weights for head.bias, head.weight (shape differs)" in capsys.readouterr().out
     pretrained = create_model("vmoe_tiny_32", **tiny_config(tmp_path).model_options)
     load_model_weights(pretrained, tmp_path / "pretrained")
@@ -190,15 +220,17 @@ def test_fine_tuning_from_a_checkpoint_records_pretrain_and_finetune(tmp_path, d
     assert data["phases"] == ["pretrain", "finetune", "finetune"]
     assert data["pretrain"][0] is None and 0.0 <= data["pretrain"][2]["mean"] <= 1.0
     assert data["pretrain"][1]["mean"] == pytest.approx(
-        trainer.consistency.phase_agreement("pretrain", "finetune")[0]["mean"])
+        trainer.consistency.phase_agreement("pretrain", "finetune")[0]["mean"]
+    )
 
 
 def test_init_from_a_different_model_is_an_error(tmp_path, datasets):
     Trainer(tiny_config(tmp_path / "pretrained", epochs=1), *datasets).fit()
     deeper = dict(tiny_config(tmp_path).model_options, depth=3)
     with pytest.raises(ValueError, match="holds a different model: missing \\['blocks.2"):
-        Trainer(tiny_config(tmp_path / "other", model_options=deeper, init_from=str(tmp_path / "pretrained")),
-                *datasets)
+        Trainer(
+            tiny_config(tmp_path / "other", model_options=deeper, init_from=str(tmp_path / "pretrained")), *datasets
+        )
 
 
 def test_eval_plots_the_recorded_curves(checkpoint):
@@ -206,8 +238,20 @@ def test_eval_plots_the_recorded_curves(checkpoint):
     assert evaluate_main([str(checkpoint), "--dataset", "digits", "--split", "val"]) == 0
     assert not plot.exists()  # nothing recorded, nothing drawn
     tracker_with(HAND_MADE).write(checkpoint)  # the run's output directory, beside checkpoint/
-    assert evaluate_main([str(checkpoint / "checkpoint"), "--dataset", "digits", "--split", "val",
-                          "--output-dir", str(checkpoint / "eval")]) == 0
+    assert (
+        evaluate_main(
+            [
+                str(checkpoint / "checkpoint"),
+                "--dataset",
+                "digits",
+                "--split",
+                "val",
+                "--output-dir",
+                str(checkpoint / "eval"),
+            ]
+        )
+        == 0
+    )
     assert plot.stat().st_size > 0
 
 
@@ -215,6 +259,12 @@ def test_trainer_consistency_probe_errors(tmp_path, datasets):
     with pytest.raises(ValueError, match="'consistency_probe' asks for 100 probe images but the validation set has 64"):
         Trainer(tiny_config(tmp_path, consistency_probe=100), *datasets)
     with pytest.raises(ValueError, match="'consistency_probe' needs a model with sparse MoE layers"):
-        Trainer(tiny_config(tmp_path, model="vit_tiny_32", consistency_probe=4,
-                            model_options=dict(embed_dim=32, depth=1, num_heads=2, patch_size=8, num_classes=4)),
-                *datasets)
+        Trainer(
+            tiny_config(
+                tmp_path,
+                model="vit_tiny_32",
+                consistency_probe=4,
+                model_options=dict(embed_dim=32, depth=1, num_heads=2, patch_size=8, num_classes=4),
+            ),
+            *datasets,
+        )

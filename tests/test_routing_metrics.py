@@ -32,13 +32,16 @@ def test_four_classes_over_two_experts_give_at_most_one_bit():
     assert expert_class_information(usage) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("usage, message", [
-    (torch.zeros(2, 2), "all zero"),
-    (torch.tensor([[1.0, -1.0]]), "non-negative"),
-    (torch.tensor([[1.0, float("nan")]]), "finite"),
-    (torch.ones(2, 2, dtype=torch.int64), r"floating-point \[E, L\]"),
-    (torch.ones(4), r"floating-point \[E, L\]"),
-])
+@pytest.mark.parametrize(
+    "usage, message",
+    [
+        (torch.zeros(2, 2), "all zero"),
+        (torch.tensor([[1.0, -1.0]]), "non-negative"),
+        (torch.tensor([[1.0, float("nan")]]), "finite"),
+        (torch.ones(2, 2, dtype=torch.int64), r"floating-point \[E, L\]"),
+        (torch.ones(4), r"floating-point \[E, L\]"),
+    ],
+)
 def test_bad_tables_are_rejected(usage, message):
     with pytest.raises(ValueError, match=message):
         expert_class_information(usage)

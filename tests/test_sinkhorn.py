@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 # float16 and bfloat16 logits are computed in float32 by both the operator and the reference, so they differ by
 # the final rounding to the logits' dtype (and, for gradients, by float32 summation order) only.
@@ -41,12 +40,18 @@ class TestSinkhorn(OpTester):
     reference = staticmethod(ref.sinkhorn)
     dtypes = list(TOLERANCES)
     tolerances = TOLERANCES
-    cases = [(shape, num_iterations) for shape in SHAPES
-             for num_iterations in (0, 1, 3, ops.DEFAULT_SINKHORN_ITERATIONS)]
-    gradcheck_cases = [(shape, num_iterations) for shape in ((2, 5, 3), (1, 4, 6), (3, 1, 2))
-                       for num_iterations in (0, 1, 3)] + [((6, 3), 2)]  # and one group given as [T, E]
-    opcheck_cases = [(name, dtype, num_iterations) for name in ("sinkhorn", "sinkhorn_backward")
-                     for dtype in (torch.float32, torch.float64, torch.bfloat16) for num_iterations in (0, 2)]
+    cases = [
+        (shape, num_iterations) for shape in SHAPES for num_iterations in (0, 1, 3, ops.DEFAULT_SINKHORN_ITERATIONS)
+    ]
+    gradcheck_cases = [
+        (shape, num_iterations) for shape in ((2, 5, 3), (1, 4, 6), (3, 1, 2)) for num_iterations in (0, 1, 3)
+    ] + [((6, 3), 2)]  # and one group given as [T, E]
+    opcheck_cases = [
+        (name, dtype, num_iterations)
+        for name in ("sinkhorn", "sinkhorn_backward")
+        for dtype in (torch.float32, torch.float64, torch.bfloat16)
+        for num_iterations in (0, 2)
+    ]
 
     def sample_inputs(self, device, dtype, case):
         shape, num_iterations = case
@@ -59,8 +64,7 @@ class TestSinkhorn(OpTester):
             return torch.ops.visionmoe.sinkhorn.default, (logits.requires_grad_(), num_iterations, True)
         _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, num_iterations)
         grad_log_plan = random_logits((2, 9, 5), dtype, device, seed=1)
-        return torch.ops.visionmoe.sinkhorn_backward.default, (grad_log_plan, logits, row_potentials,
-                                                                column_potentials)
+        return torch.ops.visionmoe.sinkhorn_backward.default, (grad_log_plan, logits, row_potentials, column_potentials)
 
     def compile_fn(self, logits):
         # Sinkhorn inside the code of a balanced top-1 router, as a model compiles it.
@@ -102,8 +106,7 @@ def test_marginals_of_the_first_iterations_by_hand():
     torch.testing.assert_close(log_plan, torch.full((1, 1, 2), math.log(0.5), dtype=torch.float64))
     # The operator's potentials are those of the logits less their row maximum (log 3): u' = u + log 3.
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 1)
-    torch.testing.assert_close(row_potentials,
-                               torch.tensor([[[math.log(3.0) - math.log(4.0)]]], dtype=torch.float64))
+    torch.testing.assert_close(row_potentials, torch.tensor([[[math.log(3.0) - math.log(4.0)]]], dtype=torch.float64))
     expected_v = math.log(0.5) + math.log(4.0) - logits[0]
     torch.testing.assert_close(column_potentials, expected_v.unsqueeze(0))
 
@@ -119,10 +122,10 @@ def test_large_common_offset(device, offset, per_row):
     logits = logits64.float().to(device).requires_grad_()
     log_plan = ops.sinkhorn(logits)
     plan = log_plan.double().exp()
-    torch.testing.assert_close(plan.sum(-1), torch.ones(2, 16, dtype=torch.float64, device=device), atol=1e-4,
-                               rtol=0)
-    torch.testing.assert_close(plan.sum(-2), torch.full((2, 4), 4.0, dtype=torch.float64, device=device), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(plan.sum(-1), torch.ones(2, 16, dtype=torch.float64, device=device), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        plan.sum(-2), torch.full((2, 4), 4.0, dtype=torch.float64, device=device), atol=1e-5, rtol=0
+    )
     # Against the reference in float64 on the same (float32-rounded) logits, values and gradients.
     exact = logits.detach().double().requires_grad_()
     expected = ref.sinkhorn(exact)
@@ -214,6 +217,7 @@ def test_deterministic_and_independent_of_the_thread_count():
 
 # ---- bad input: clear errors naming the argument ----
 
+
 def test_wrong_rank_is_rejected():
     for shape in ((5,), (1, 2, 3, 4)):
         with pytest.raises(ValueError, match=r"logits must have shape \[T, E\] or \[G, T, E\]"):
@@ -292,5 +296,6 @@ def test_backward_rejects_a_meta_tensor_beside_cpu_ones():
     logits = torch.randn(1, 5, 3)
     _, row_potentials, column_potentials = torch.ops.visionmoe.sinkhorn(logits, 2)
     with pytest.raises(ValueError, match="sinkhorn_backward: column_potentials must be on cpu like logits, got meta"):
-        torch.ops.visionmoe.sinkhorn_backward(torch.randn(1, 5, 3), logits, row_potentials,
-                                              column_potentials.to("meta"))
+        torch.ops.visionmoe.sinkhorn_backward(
+            torch.randn(1, 5, 3), logits, row_potentials, column_potentials.to("meta")
+        )

@@ -3,12 +3,11 @@ torch.compile, bad input, and router behaviour."""
 
 import pytest
 import torch
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
 from visionmoe.routers import RouterMetrics, SoftRouter, SoftRoutingPlan, create_router, list_routers
-
-from op_contract import OpTester
 
 # ops against the reference run in the same dtype.
 TOLERANCES = {
@@ -79,6 +78,7 @@ def op_samples(device, contiguous):
 
 class SoftMoETester(OpTester):
     """Both operators take (features, logits); ``name`` picks which features make_inputs draws."""
+
     name = None
     dtypes = list(TOLERANCES)
     tolerances = TOLERANCES
@@ -104,8 +104,9 @@ class TestSoftDispatch(SoftMoETester):
     name = "dispatch"
     op = staticmethod(ops.soft_dispatch)
     reference = staticmethod(ref.soft_dispatch)
-    opcheck_cases = [(name, contiguous) for name in ("soft_dispatch", "soft_dispatch_backward")
-                     for contiguous in (True, False)]
+    opcheck_cases = [
+        (name, contiguous) for name in ("soft_dispatch", "soft_dispatch_backward") for contiguous in (True, False)
+    ]
 
     def compile_fn(self, x, logits):
         return torch.relu(ops.soft_dispatch(x, logits)) * 2
@@ -115,8 +116,9 @@ class TestSoftCombine(SoftMoETester):
     name = "combine"
     op = staticmethod(ops.soft_combine)
     reference = staticmethod(ref.soft_combine)
-    opcheck_cases = [(name, contiguous) for name in ("soft_combine", "soft_combine_backward")
-                     for contiguous in (True, False)]
+    opcheck_cases = [
+        (name, contiguous) for name in ("soft_combine", "soft_combine_backward") for contiguous in (True, False)
+    ]
 
     def compile_fn(self, y, logits):
         return ops.soft_combine(torch.relu(y) * 2, logits)
@@ -126,10 +128,12 @@ def test_mixing_weights_are_normalised(device):
     G, T, S, D = 3, 11, 8, 5
     logits = 3 * torch.randn(G, T, S, device=device)
     # Every slot is a convex combination of its group's tokens, and every output one of its group's slots.
-    torch.testing.assert_close(ops.soft_dispatch(torch.ones(G, T, D, device=device), logits),
-                               torch.ones(G, S, D, device=device))
-    torch.testing.assert_close(ops.soft_combine(torch.ones(G, S, D, device=device), logits),
-                               torch.ones(G, T, D, device=device))
+    torch.testing.assert_close(
+        ops.soft_dispatch(torch.ones(G, T, D, device=device), logits), torch.ones(G, S, D, device=device)
+    )
+    torch.testing.assert_close(
+        ops.soft_combine(torch.ones(G, S, D, device=device), logits), torch.ones(G, T, D, device=device)
+    )
     # Uniform logits: each slot is its group's mean token, each output its group's mean slot.
     x, y = torch.randn(G, T, D, device=device), torch.randn(G, S, D, device=device)
     uniform = torch.zeros(G, T, S, device=device)
@@ -147,8 +151,7 @@ def test_logit_gradients_sum_to_zero_along_the_softmax(device):
     for name, axis in (("dispatch", 1), ("combine", 2)):
         operator = OPS[name][0]
         _, _, grad_logits = run_with_grads(operator, *make_inputs(name, 2, 13, 6, 4, device, torch.float64))
-        torch.testing.assert_close(grad_logits.sum(axis), torch.zeros_like(grad_logits.sum(axis)), atol=1e-12,
-                                   rtol=0)
+        torch.testing.assert_close(grad_logits.sum(axis), torch.zeros_like(grad_logits.sum(axis)), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -206,11 +209,14 @@ def test_backward_holds_one_gts_temporary_besides_its_results(device, name, allo
 
 # ---- gradcheck in float64 on tiny shapes ----
 
+
 def test_gradcheck_dispatch_then_combine(device):
     # The router's case: one set of logits feeds both operators, and its gradient is the sum of both.
     x = torch.randn(2, 5, 3, device=device, dtype=torch.float64, requires_grad=True)
     logits = torch.randn(2, 5, 4, device=device, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, l: ops.soft_combine(ops.soft_dispatch(x, l).sin(), l), (x, logits))
+    assert torch.autograd.gradcheck(
+        lambda x, logits: ops.soft_combine(ops.soft_dispatch(x, logits).sin(), logits), (x, logits)
+    )
 
 
 def soft_moe_layer(router, expert_weight, x):
@@ -241,6 +247,7 @@ def test_router_compiles_fullgraph_dynamic(device):
 
 # ---- bad input: clear errors naming the argument ----
 
+
 def test_wrong_rank_is_rejected():
     with pytest.raises(ValueError, match=r"soft_dispatch: x must have shape \[G, T, D\], got \[5, 4\]"):
         ops.soft_dispatch(torch.randn(5, 4), torch.randn(1, 5, 3))
@@ -258,8 +265,9 @@ def test_wrong_dtype_is_rejected():
     with pytest.raises(TypeError, match="soft_dispatch: x must be float32, float64, float16 or bfloat16, got Long"):
         ops.soft_dispatch(torch.ones(1, 5, 4, dtype=torch.long), torch.ones(1, 5, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="grad_slots must have the dtype of x"):
-        torch.ops.visionmoe.soft_dispatch_backward(torch.randn(1, 3, 4).double(), torch.randn(1, 5, 4),
-                                                   torch.randn(1, 5, 3))
+        torch.ops.visionmoe.soft_dispatch_backward(
+            torch.randn(1, 3, 4).double(), torch.randn(1, 5, 4), torch.randn(1, 5, 3)
+        )
 
 
 def test_shape_mismatch_names_the_argument():
@@ -299,6 +307,7 @@ def test_undefined_softmax_is_rejected(device):
 
 # ---- the router ----
 
+
 def test_router_is_registered():
     assert "soft" in list_routers()
     router = create_router("soft", 16, 4, slots_per_expert=3, noise_std=0.5)
@@ -320,7 +329,7 @@ def test_router_shapes_and_plan_layout(device, groups):
     # Expert-major slots: expert e's p-th slot is slot e * P + p of the operator's [G, S, D] output.
     flat = ops.soft_dispatch(x.view(G, T, D), plan.logits)
     for e in range(E):
-        assert torch.equal(slots[:, e], flat[:, e * P:(e + 1) * P])
+        assert torch.equal(slots[:, e], flat[:, e * P : (e + 1) * P])
     expert_out = slots * torch.arange(1.0, E + 1, device=device).view(1, E, 1, 1)
     torch.testing.assert_close(plan.combine(expert_out), ops.soft_combine(expert_out.flatten(1, 2), plan.logits))
     assert plan.combine(expert_out).shape == (G, T, D)
@@ -370,15 +379,18 @@ def test_slots_per_expert_from_num_tokens():
     assert SoftRouter(8, 4, num_tokens=3).slots_per_expert == 1  # round(0.75)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(), "needs slots_per_expert, or num_tokens"),
-    (dict(slots_per_expert=2, num_tokens=10), "not both"),
-    (dict(slots_per_expert=2, capacity_factor=2.0), "capacity_factor only applies with num_tokens"),
-    (dict(slots_per_expert=0), "slots_per_expert must be >= 1"),
-    (dict(num_tokens=1), r"= 0 slots per expert"),
-    (dict(num_tokens=10, capacity_factor=0.0), "capacity_factor must be > 0"),
-    (dict(slots_per_expert=1, noise_std=-1.0), "noise_std must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(), "needs slots_per_expert, or num_tokens"),
+        (dict(slots_per_expert=2, num_tokens=10), "not both"),
+        (dict(slots_per_expert=2, capacity_factor=2.0), "capacity_factor only applies with num_tokens"),
+        (dict(slots_per_expert=0), "slots_per_expert must be >= 1"),
+        (dict(num_tokens=1), r"= 0 slots per expert"),
+        (dict(num_tokens=10, capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(slots_per_expert=1, noise_std=-1.0), "noise_std must be >= 0"),
+    ],
+)
 def test_router_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SoftRouter(8, 4, **kwargs)

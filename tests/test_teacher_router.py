@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from test_train import TINY_MODEL, colour_rule_dataset, read_csv, tiny_config, without_timing
 from torch import nn
 
 from visionmoe import ops, reference
@@ -15,8 +16,6 @@ from visionmoe.losses import entropy_loss, importance_loss, routing_distillation
 from visionmoe.models import create_model
 from visionmoe.train import Trainer, config_from_dict, load_model
 from visionmoe.train.config import tgr_fraction
-
-from test_train import TINY_MODEL, colour_rule_dataset, read_csv, tiny_config, without_timing
 
 # The teacher of TINY_MODEL students: the same dense architecture.
 TEACHER_MODEL = {key: value for key, value in TINY_MODEL.items() if key != "moe"}
@@ -28,8 +27,9 @@ def dense_teacher(depth=4):
 
 
 def student(depth=4, moe_blocks=(1, 3), num_experts=4):
-    return create_model("vmoe_tiny_32", depth=depth, moe_blocks=list(moe_blocks),
-                        moe=dict(num_experts=num_experts, k=1), **ARCH)
+    return create_model(
+        "vmoe_tiny_32", depth=depth, moe_blocks=list(moe_blocks), moe=dict(num_experts=num_experts, k=1), **ARCH
+    )
 
 
 def block_outputs(teacher, images):
@@ -44,6 +44,7 @@ def block_outputs(teacher, images):
 
 
 # --- the teacher router ------------------------------------------------------------------------------------------
+
 
 def test_hooks_tap_the_aligned_blocks_and_stop_after_the_deepest():
     teacher, images = dense_teacher(depth=5), torch.randn(3, 3, 32, 32)
@@ -109,8 +110,9 @@ def test_router_losses_are_the_weighted_importance_and_entropy():
     losses = router.losses(probs)
     assert set(losses) == {"teacher_importance", "teacher_entropy"}
     flat = [p.reshape(-1, 4) for p in probs]  # the whole batch is one group, as the student routes it
-    torch.testing.assert_close(losses["teacher_importance"],
-                               0.005 * (importance_loss(flat[0]) + importance_loss(flat[1])))
+    torch.testing.assert_close(
+        losses["teacher_importance"], 0.005 * (importance_loss(flat[0]) + importance_loss(flat[1]))
+    )
     torch.testing.assert_close(losses["teacher_entropy"], 0.005 * (entropy_loss(flat[0]) + entropy_loss(flat[1])))
 
 
@@ -147,13 +149,19 @@ def test_the_distillation_loss_trains_the_student_only_and_reaches_unselected_ex
 def test_distillation_loss_is_the_mean_over_layers_of_the_operator():
     student_logits = [torch.randn(1, 6, 4), torch.randn(2, 3, 4)]
     teacher_probs = [torch.randn(2, 3, 4).softmax(-1), torch.randn(3, 2, 4).softmax(-1)]
-    expected = sum(reference.teacher_routing_loss(s.reshape(6, 4), t.reshape(6, 4))
-                   for s, t in zip(student_logits, teacher_probs)) / 2
+    expected = (
+        sum(
+            reference.teacher_routing_loss(s.reshape(6, 4), t.reshape(6, 4))
+            for s, t in zip(student_logits, teacher_probs)
+        )
+        / 2
+    )
     torch.testing.assert_close(routing_distillation_loss(student_logits, teacher_probs), expected)
     # The KL of the temporary alias is the textbook one: sum_e p_t (log p_t - log p_s).
     s, t = student_logits[0].reshape(6, 4), teacher_probs[0].reshape(6, 4)
-    torch.testing.assert_close(ops.teacher_routing_loss(s, t, reduction="none"),
-                               (t * (t.log() - s.log_softmax(-1))).sum(-1))
+    torch.testing.assert_close(
+        ops.teacher_routing_loss(s, t, reduction="none"), (t * (t.log() - s.log_softmax(-1))).sum(-1)
+    )
 
 
 def test_teacher_router_errors():
@@ -178,8 +186,10 @@ def test_teacher_router_errors():
     images = torch.randn(2, 3, 32, 32)
     with pytest.raises(ValueError, match=r"teacher block 1 must return \[B, N, D\] features with D = 12"):
         TeacherRouter(teacher, [1], 4, dim=12)(images)
-    with pytest.raises(ValueError, match="teacher block 1's features must have the dtype of the layer's weights, "
-                                         "torch.float32, got torch.float64"):
+    with pytest.raises(
+        ValueError,
+        match="teacher block 1's features must have the dtype of the layer's weights, torch.float32, got torch.float64",
+    ):
         TeacherRouter(copy.deepcopy(teacher).double(), [1], 4)(images.double())
     with pytest.raises(ValueError, match="the student has no sparse MoE layers"):
         aligned_blocks(dense_teacher())
@@ -207,6 +217,7 @@ def test_pretrain_trains_the_routers_on_their_losses_then_freezes_them():
 
 # --- training ----------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def datasets():
     return colour_rule_dataset(96, seed=1), colour_rule_dataset(64, seed=2)
@@ -224,18 +235,21 @@ def test_schedule_fractions():
     assert tgr_fraction(0.25) == 0.25 and tgr_fraction("0.75") == 0.75 and tgr_fraction(1) == 1.0
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"tgr_schedule": "half"}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 'half'"),
-    ({"tgr_schedule": 0}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 0"),
-    ({"tgr_schedule": 1.5}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 1.5"),
-    ({"tgr_schedule": True}, "'tgr_schedule' must be str or float, got bool True"),
-    ({"tgr_weight": -1.0}, "'tgr_weight' must be >= 0, got -1.0"),
-    ({"tgr_weight": "high"}, "'tgr_weight' must be float, got str 'high'"),
-    ({"teacher": ""}, "'teacher' must be a checkpoint directory or null"),
-    ({"teacher": 3}, "'teacher' must be null or str, got int 3"),
-    ({"tgr_pretrain_epochs": -1}, "'tgr_pretrain_epochs' must be >= 0, got -1"),
-    ({"consistency_probe": -2}, "'consistency_probe' must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"tgr_schedule": "half"}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 'half'"),
+        ({"tgr_schedule": 0}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 0"),
+        ({"tgr_schedule": 1.5}, "'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got 1.5"),
+        ({"tgr_schedule": True}, "'tgr_schedule' must be str or float, got bool True"),
+        ({"tgr_weight": -1.0}, "'tgr_weight' must be >= 0, got -1.0"),
+        ({"tgr_weight": "high"}, "'tgr_weight' must be float, got str 'high'"),
+        ({"teacher": ""}, "'teacher' must be a checkpoint directory or null"),
+        ({"teacher": 3}, "'teacher' must be null or str, got int 3"),
+        ({"tgr_pretrain_epochs": -1}, "'tgr_pretrain_epochs' must be >= 0, got -1"),
+        ({"consistency_probe": -2}, "'consistency_probe' must be >= 0"),
+    ],
+)
 def test_config_errors_name_the_key(values, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         config_from_dict(values)
@@ -245,8 +259,9 @@ def test_trainer_errors_with_a_teacher(tmp_path, datasets, teacher_dir):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Trainer(tiny_config(tmp_path, teacher=str(tmp_path / "nowhere")), *datasets)
     with pytest.raises(ValueError, match="'teacher' needs a student with sparse MoE layers"):
-        Trainer(tiny_config(tmp_path, model="vit_tiny_32", model_options=TEACHER_MODEL, teacher=str(teacher_dir)),
-                *datasets)
+        Trainer(
+            tiny_config(tmp_path, model="vit_tiny_32", model_options=TEACHER_MODEL, teacher=str(teacher_dir)), *datasets
+        )
     mismatched = dict(TINY_MODEL, patch_size=4)  # 65 tokens per image where the teacher has 17
     with pytest.raises(ValueError, match="teacher and student must see the same tokens"):
         Trainer(tiny_config(tmp_path, model_options=mismatched, teacher=str(teacher_dir)), *datasets).fit()
@@ -297,8 +312,9 @@ def test_pretrained_then_frozen_router(tmp_path, datasets, teacher_dir, capsys):
     assert all(not torch.equal(a, b) for a, b in zip(initial_router, pretrained))
     steps = read_csv(tmp_path / "steps.csv")
     assert all(row["distillation_loss"] != "" and row["teacher_router_loss"] == "" for row in steps)
-    resumed = Trainer(tiny_config(tmp_path, teacher=str(teacher_dir), tgr_pretrain_epochs=1, epochs=3), *datasets,
-                      resume=tmp_path)
+    resumed = Trainer(
+        tiny_config(tmp_path, teacher=str(teacher_dir), tgr_pretrain_epochs=1, epochs=3), *datasets, resume=tmp_path
+    )
     assert not resumed.teacher_router.trainable
     assert all(torch.equal(a, b) for a, b in zip(pretrained, resumed.teacher_router.routers.parameters()))
 
@@ -318,15 +334,17 @@ def test_resume_with_a_teacher_reproduces_the_uninterrupted_run(tmp_path, datase
     assert Trainer(config("resumed"), *datasets, step_callback=interrupt).fit().interrupted
     resumed = Trainer(config("resumed"), *datasets, resume=tmp_path / "resumed")
     resumed.fit()
-    assert without_timing(read_csv(tmp_path / "resumed" / "metrics.csv")) == \
-        without_timing(read_csv(tmp_path / "reference" / "metrics.csv"))
+    assert without_timing(read_csv(tmp_path / "resumed" / "metrics.csv")) == without_timing(
+        read_csv(tmp_path / "reference" / "metrics.csv")
+    )
     assert read_csv(tmp_path / "resumed" / "steps.csv") == read_csv(tmp_path / "reference" / "steps.csv")
     for module in ("model", "teacher_router"):
         expected, actual = getattr(reference_run, module).state_dict(), getattr(resumed, module).state_dict()
         for name, value in expected.items():
             assert torch.equal(value, actual[name]), f"{module}.{name}"
-    assert (tmp_path / "resumed" / "routing_consistency.json").read_text() == \
-        (tmp_path / "reference" / "routing_consistency.json").read_text()
+    assert (tmp_path / "resumed" / "routing_consistency.json").read_text() == (
+        tmp_path / "reference" / "routing_consistency.json"
+    ).read_text()
 
 
 def test_resume_needs_the_same_teacher_setting(tmp_path, datasets, teacher_dir):
@@ -335,23 +353,78 @@ def test_resume_needs_the_same_teacher_setting(tmp_path, datasets, teacher_dir):
         Trainer(tiny_config(tmp_path / "guided", epochs=2), *datasets, resume=tmp_path / "guided")
     Trainer(tiny_config(tmp_path / "plain", epochs=1), *datasets).fit()
     with pytest.raises(ValueError, match="trained without a teacher router; config key 'teacher' must be null"):
-        Trainer(tiny_config(tmp_path / "plain", epochs=2, teacher=str(teacher_dir)), *datasets,
-                resume=tmp_path / "plain")
+        Trainer(
+            tiny_config(tmp_path / "plain", epochs=2, teacher=str(teacher_dir)), *datasets, resume=tmp_path / "plain"
+        )
 
 
 def test_cli_trains_with_a_teacher_in_a_fresh_process(tmp_path):
     """visionmoe-train --teacher: the teacher checkpoint is loaded by the checkpoint loader in a new process."""
-    options = ["--set", "model_options.depth=2", "--set", "model_options.embed_dim=32", "--set",
-               "model_options.num_heads=2", "--set", "model_options.patch_size=8", "--set", "progress=false",
-               "--set", "tensorboard=false", "--set", "dataset_options.image_size=32", "--dataset", "digits",
-               "--epochs", "1", "--batch-size", "128", "--device", "cpu"]
-    subprocess.run([sys.executable, "-m", "visionmoe.train", "--model", "vit_tiny_32", "--output-dir",
-                    str(tmp_path / "teacher"), *options], check=True, capture_output=True)
+    options = [
+        "--set",
+        "model_options.depth=2",
+        "--set",
+        "model_options.embed_dim=32",
+        "--set",
+        "model_options.num_heads=2",
+        "--set",
+        "model_options.patch_size=8",
+        "--set",
+        "progress=false",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        "dataset_options.image_size=32",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--device",
+        "cpu",
+    ]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "visionmoe.train",
+            "--model",
+            "vit_tiny_32",
+            "--output-dir",
+            str(tmp_path / "teacher"),
+            *options,
+        ],
+        check=True,
+        capture_output=True,
+    )
     student_run = subprocess.run(
-        [sys.executable, "-m", "visionmoe.train", "--model", "vmoe_tiny_32", "--set", "model_options.moe_blocks=[1]",
-         "--set", "model_options.moe.num_experts=4", "--set", "model_options.moe.k=1", "--teacher",
-         str(tmp_path / "teacher"), "--tgr-weight", "2.5", "--tgr-schedule", "first_half", "--output-dir",
-         str(tmp_path / "student"), *options], check=True, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "visionmoe.train",
+            "--model",
+            "vmoe_tiny_32",
+            "--set",
+            "model_options.moe_blocks=[1]",
+            "--set",
+            "model_options.moe.num_experts=4",
+            "--set",
+            "model_options.moe.k=1",
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--tgr-weight",
+            "2.5",
+            "--tgr-schedule",
+            "first_half",
+            "--output-dir",
+            str(tmp_path / "student"),
+            *options,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     assert "distillation" in student_run.stdout
     (row,) = read_csv(tmp_path / "student" / "metrics.csv")
     assert float(row["distillation_loss"]) > 0 and float(row["teacher_router_loss"]) > 0
@@ -364,5 +437,7 @@ def test_an_empty_batch_gives_empty_teacher_probabilities_and_zero_losses():
     probs = router(torch.randn(0, 3, 32, 32))
     assert [p.shape for p in probs] == [(0, 17, 4)] * 2
     router_losses = router.losses(probs)
-    assert {name: value.item() for name, value in router_losses.items()} == {"teacher_importance": 0.0,
-                                                                             "teacher_entropy": 0.0}
+    assert {name: value.item() for name, value in router_losses.items()} == {
+        "teacher_importance": 0.0,
+        "teacher_entropy": 0.0,
+    }

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 # float16 and bfloat16 inputs are computed in float32 by both the operator and the reference, so losses agree as
 # in float32 and gradients up to their final rounding to the inputs' dtype.
@@ -70,12 +69,20 @@ def op_samples(device, dtype, reduction, teacher_format):
     student_logits = random_tensor((9, 5), dtype, device).requires_grad_()
     teacher = random_teacher((9, 5), dtype, device, teacher_format)
     loss, student_lse, teacher_lse = torch.ops.visionmoe.teacher_routing_loss(
-        student_logits.detach(), teacher, reduction, teacher_format)
+        student_logits.detach(), teacher, reduction, teacher_format
+    )
     grad_loss = torch.ones_like(loss)
     return {
         "teacher_routing_loss": (student_logits, teacher, reduction, teacher_format),
-        "teacher_routing_loss_backward": (grad_loss, student_logits.detach(), teacher, student_lse, teacher_lse,
-                                          reduction, teacher_format),
+        "teacher_routing_loss_backward": (
+            grad_loss,
+            student_logits.detach(),
+            teacher,
+            student_lse,
+            teacher_lse,
+            reduction,
+            teacher_format,
+        ),
     }
 
 
@@ -83,8 +90,10 @@ def distillation_step(student_logits, teacher_logits):
     # As in TGR-MoE training: the teacher router's probabilities are the target, the student's logits come from
     # some computation whose gradient flows through the loss.
     teacher = teacher_logits.softmax(dim=-1)
-    return (ops.teacher_routing_loss(student_logits * 1.5, teacher)
-            + ops.teacher_routing_loss(student_logits, teacher_logits, "sum", "logits") * 0.01)
+    return (
+        ops.teacher_routing_loss(student_logits * 1.5, teacher)
+        + ops.teacher_routing_loss(student_logits, teacher_logits, "sum", "logits") * 0.01
+    )
 
 
 class TestTeacherRoutingLoss(OpTester):
@@ -93,14 +102,22 @@ class TestTeacherRoutingLoss(OpTester):
     dtypes = list(LOSS_TOLERANCES)
     tolerances = LOSS_TOLERANCES
     grad_tolerances = GRAD_TOLERANCES
-    cases = [(shape, reduction, teacher_format) for shape in SHAPES for reduction in REDUCTIONS
-             for teacher_format in FORMATS]
-    gradcheck_cases = [(shape, reduction, teacher_format) for shape in ((5, 3), (1, 6), (4, 1))
-                       for reduction in REDUCTIONS for teacher_format in FORMATS]
-    opcheck_cases = [(name, dtype, reduction, teacher_format)
-                     for name in ("teacher_routing_loss", "teacher_routing_loss_backward")
-                     for dtype in (torch.float32, torch.float64, torch.bfloat16)
-                     for reduction in REDUCTIONS for teacher_format in FORMATS]
+    cases = [
+        (shape, reduction, teacher_format) for shape in SHAPES for reduction in REDUCTIONS for teacher_format in FORMATS
+    ]
+    gradcheck_cases = [
+        (shape, reduction, teacher_format)
+        for shape in ((5, 3), (1, 6), (4, 1))
+        for reduction in REDUCTIONS
+        for teacher_format in FORMATS
+    ]
+    opcheck_cases = [
+        (name, dtype, reduction, teacher_format)
+        for name in ("teacher_routing_loss", "teacher_routing_loss_backward")
+        for dtype in (torch.float32, torch.float64, torch.bfloat16)
+        for reduction in REDUCTIONS
+        for teacher_format in FORMATS
+    ]
 
     def sample_inputs(self, device, dtype, case):
         shape, reduction, teacher_format = case
@@ -113,8 +130,13 @@ class TestTeacherRoutingLoss(OpTester):
 
     def compile_inputs(self, device):
         # A second size must reuse the dynamic graph, not break it.
-        return [(random_tensor(shape, torch.float32, device).requires_grad_(),
-                 random_tensor(shape, torch.float32, device, seed=1)) for shape in ((24, 4), (41, 8))]
+        return [
+            (
+                random_tensor(shape, torch.float32, device).requires_grad_(),
+                random_tensor(shape, torch.float32, device, seed=1),
+            )
+            for shape in ((24, 4), (41, 8))
+        ]
 
     def determinism_inputs(self, device):
         return self.sample_inputs(device, torch.float32, ((5000, 24), "mean", "logits"))
@@ -126,8 +148,7 @@ def test_loss_is_in_the_opmath_dtype(device, dtype, reduction):
     # The loss keeps float32 for float16 and bfloat16 inputs; the gradient has the inputs' dtype.
     shape = (6, 4)
     student_logits = random_tensor(shape, dtype, device).requires_grad_()
-    loss = ops.teacher_routing_loss(student_logits, random_teacher(shape, dtype, device, "logits"), reduction,
-                                    "logits")
+    loss = ops.teacher_routing_loss(student_logits, random_teacher(shape, dtype, device, "logits"), reduction, "logits")
     assert loss.dtype == torch.promote_types(dtype, torch.float32)
     assert loss.shape == (shape[:1] if reduction == "none" else ())
     (grad,) = torch.autograd.grad(loss.sum(), student_logits)
@@ -149,8 +170,7 @@ def test_hand_computed_values():
     # d(mean)/ds = (q - p) / T: token 0 ([1/4, 3/4] - [1/2, 1/2]) / 2 = [-1/8, 1/8],
     #                           token 1 ([1/2, 1/2] - [1, 0]) / 2 = [-1/4, 1/4].
     loss.backward()
-    torch.testing.assert_close(student_logits.grad, torch.tensor([[-0.125, 0.125], [-0.25, 0.25]],
-                                                                 dtype=torch.float64))
+    torch.testing.assert_close(student_logits.grad, torch.tensor([[-0.125, 0.125], [-0.25, 0.25]], dtype=torch.float64))
     # Teacher logits [log 3, 0] give p = [3/4, 1/4]; against q = [1/2, 1/2]:
     #   KL = 3/4 log((3/4) / (1/2)) + 1/4 log((1/4) / (1/2)) = 3/4 log(3/2) - 1/4 log 2.
     teacher_logits = torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64)
@@ -210,11 +230,15 @@ def test_widely_spread_logits(device, teacher_format):
     # the float64 reference to float32's relative precision of such values. Gradients: the saved log-sum-exp of
     # logits of about 3000 is rounded to float32 (2^-24 * 3000 = 2e-4), and so is q = exp(s - lse) relatively.
     student_logits = random_tensor((64, 16), torch.float32, device, scale=1000.0)
-    teacher = (random_tensor((64, 16), torch.float32, device, scale=1000.0, seed=1) if teacher_format == "logits"
-               else random_teacher((64, 16), torch.float32, device, "probabilities"))
+    teacher = (
+        random_tensor((64, 16), torch.float32, device, scale=1000.0, seed=1)
+        if teacher_format == "logits"
+        else random_teacher((64, 16), torch.float32, device, "probabilities")
+    )
     loss, grad = loss_and_grad(ops.teacher_routing_loss, student_logits, teacher, "none", teacher_format)
-    loss_ref, grad_ref = loss_and_grad(ref.teacher_routing_loss, student_logits.double(), teacher.double(), "none",
-                                       teacher_format)
+    loss_ref, grad_ref = loss_and_grad(
+        ref.teacher_routing_loss, student_logits.double(), teacher.double(), "none", teacher_format
+    )
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), loss_ref, atol=2e-3, rtol=1e-5)
     torch.testing.assert_close(grad.double(), grad_ref, atol=3e-4, rtol=0)
@@ -224,8 +248,10 @@ def test_non_contiguous_inputs(device):
     student_logits = random_tensor((8, 30), torch.float64, device).t()  # [30, 8], strided
     teacher = random_teacher((8, 30), torch.float64, device, "logits").t()
     for reduction in REDUCTIONS:
-        torch.testing.assert_close(ops.teacher_routing_loss(student_logits, teacher, reduction, "logits"),
-                                   ref.teacher_routing_loss(student_logits, teacher, reduction, "logits"))
+        torch.testing.assert_close(
+            ops.teacher_routing_loss(student_logits, teacher, reduction, "logits"),
+            ref.teacher_routing_loss(student_logits, teacher, reduction, "logits"),
+        )
 
 
 @pytest.mark.parametrize("teacher_format", FORMATS)
@@ -328,8 +354,11 @@ def test_non_finite_student_logits_are_rejected(bad_value, teacher_format, exper
     student_logits = torch.randn(1000, experts)  # the bad row is not in the first chunk of rows
     student_logits[700, 2] = bad_value
     teacher = random_teacher((1000, experts), torch.float32, "cpu", teacher_format)
-    with pytest.raises(ValueError, match=rf"student_logits must be finite, got student_logits\[700, 2\] = "
-                                           rf"{bad_value}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"student_logits must be finite, got student_logits\[700, 2\] = "
+        rf"{bad_value}",
+    ):
         ops.teacher_routing_loss(student_logits, teacher, "mean", teacher_format)
 
 
@@ -338,8 +367,11 @@ def test_non_finite_student_logits_are_rejected(bad_value, teacher_format, exper
 def test_non_finite_teacher_logits_are_rejected(bad_value, experts):
     teacher = torch.randn(5, experts)
     teacher[3, 1] = bad_value
-    with pytest.raises(ValueError, match=rf"teacher must be finite logits \(teacher_format=\"logits\"\), got "
-                                           rf"teacher\[3, 1\] = {bad_value}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"teacher must be finite logits \(teacher_format=\"logits\"\), got "
+        rf"teacher\[3, 1\] = {bad_value}",
+    ):
         ops.teacher_routing_loss(torch.randn(5, experts), teacher, "none", "logits")
 
 
@@ -348,9 +380,12 @@ def test_non_finite_teacher_logits_are_rejected(bad_value, experts):
 def test_invalid_teacher_probabilities_are_rejected(bad_value, experts):
     teacher = torch.full((5, experts), 1 / experts)
     teacher[2, 1] = bad_value
-    with pytest.raises(ValueError, match=rf"teacher must hold probabilities, finite and >= 0 "
-                                           rf"\(teacher_format=\"probabilities\"\), got teacher\[2, 1\] = "
-                                           rf"{bad_value}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"teacher must hold probabilities, finite and >= 0 "
+        rf"\(teacher_format=\"probabilities\"\), got teacher\[2, 1\] = "
+        rf"{bad_value}",
+    ):
         ops.teacher_routing_loss(torch.randn(5, experts), teacher)
 
 
@@ -366,8 +401,7 @@ def test_non_finite_input_is_rejected_on_cuda_as_on_cpu():
 
 def test_backward_rejects_inconsistent_inputs():
     student_logits, teacher = torch.randn(5, 3), torch.randn(5, 3)
-    loss, student_lse, teacher_lse = torch.ops.visionmoe.teacher_routing_loss(student_logits, teacher, "none",
-                                                                               "logits")
+    loss, student_lse, teacher_lse = torch.ops.visionmoe.teacher_routing_loss(student_logits, teacher, "none", "logits")
     backward = torch.ops.visionmoe.teacher_routing_loss_backward
     grad = torch.ones_like(loss)
     with pytest.raises(ValueError, match=r"grad_loss must have shape \[5\], got \[\]"):
@@ -384,12 +418,13 @@ def test_backward_rejects_inconsistent_inputs():
 
 def test_meta_tensor_beside_a_cpu_one_is_rejected():
     # The fake (Meta) kernel ran for the mix and returned an uninitialised CPU loss, e.g. -3.39e+38.
-    with pytest.raises(ValueError, match="teacher_routing_loss: teacher must be on cpu like student_logits, got "
-                                           "meta"):
+    with pytest.raises(ValueError, match="teacher_routing_loss: teacher must be on cpu like student_logits, got meta"):
         ops.teacher_routing_loss(torch.randn(4, 3), torch.rand(4, 3, device="meta"))
     student = torch.randn(4, 3)
     _, student_lse, teacher_lse = torch.ops.visionmoe.teacher_routing_loss(student, student, "mean", "logits")
-    with pytest.raises(ValueError, match="teacher_routing_loss_backward: student_lse must be on cpu like "
-                                           "student_logits, got meta"):
-        torch.ops.visionmoe.teacher_routing_loss_backward(torch.tensor(1.0), student, student, student_lse.to("meta"),
-                                                          teacher_lse, "mean", "logits")
+    with pytest.raises(
+        ValueError, match="teacher_routing_loss_backward: student_lse must be on cpu like student_logits, got meta"
+    ):
+        torch.ops.visionmoe.teacher_routing_loss_backward(
+            torch.tensor(1.0), student, student, student_lse.to("meta"), teacher_lse, "mean", "logits"
+        )

@@ -9,12 +9,21 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "tgr_digits.py"
 
 
 def test_small_run_writes_the_tables(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--small", "--output-dir", str(tmp_path)], check=True,
-                   capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--small", "--output-dir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     with (tmp_path / "runs.csv").open() as file:
         runs = list(csv.DictReader(file))
     assert [(row["experts"], row["method"], row["seed"]) for row in runs] == [
-        ("4", "V-MoE", "0"), ("4", "TGR", "0"), ("4", "V-MoE", "1"), ("4", "TGR", "1")]
+        ("4", "V-MoE", "0"),
+        ("4", "TGR", "0"),
+        ("4", "V-MoE", "1"),
+        ("4", "TGR", "1"),
+    ]
     for row in runs:
         assert 0 <= float(row["test_accuracy"]) <= 1 and 0 <= float(row["adjacent_consistency"]) <= 1
     with (tmp_path / "summary.csv").open() as file:

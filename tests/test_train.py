@@ -20,8 +20,9 @@ from visionmoe.train.cli import build_parser, config_from_args, main
 
 NUM_CLASSES = 4
 # A tiny V-MoE (2 blocks, the second an MoE block with 4 noisy top-2 experts, 16 patches of 8 px) keeps runs fast.
-TINY_MODEL = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, num_classes=NUM_CLASSES,
-                  moe=dict(num_experts=4))
+TINY_MODEL = dict(
+    embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, num_classes=NUM_CLASSES, moe=dict(num_experts=4)
+)
 
 
 def colour_rule_dataset(num_images: int, seed: int) -> TensorDataset:
@@ -43,9 +44,21 @@ def datasets():
 
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
-    values = dict(model="vmoe_tiny_32", model_options=TINY_MODEL, epochs=2, batch_size=32, lr=3e-3,
-                  warmup_epochs=0.5, seed=7, output_dir=str(tmp_path), device="cpu", progress=False,
-                  tensorboard=False, log_steps=True, aux_loss_weights={"importance": 0.01, "load": 0.01})
+    values = dict(
+        model="vmoe_tiny_32",
+        model_options=TINY_MODEL,
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        seed=7,
+        output_dir=str(tmp_path),
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        log_steps=True,
+        aux_loss_weights={"importance": 0.01, "load": 0.01},
+    )
     values.update(overrides)
     return config_from_dict(values)
 
@@ -61,44 +74,56 @@ def without_timing(rows):
 
 # --- configuration -----------------------------------------------------------------------------------------------
 
+
 def test_config_file_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: vit_tiny_32\nepochs: 3\nmodel_options:\n  depth: 4\naux_loss_weights:\n  load: 0.1\n")
-    config = load_config(path, ["lr=1e-2", "model_options.embed_dim=64", "aux_loss_weights.importance=0",
-                                "grad_clip=null", "dataset_options.seed=5"])
+    config = load_config(
+        path,
+        [
+            "lr=1e-2",
+            "model_options.embed_dim=64",
+            "aux_loss_weights.importance=0",
+            "grad_clip=null",
+            "dataset_options.seed=5",
+        ],
+    )
     assert config.model == "vit_tiny_32" and config.epochs == 3 and config.lr == 1e-2
     assert config.model_options == {"depth": 4, "embed_dim": 64}
     assert config.aux_loss_weights == {"load": 0.1, "importance": 0}
     assert config.grad_clip is None and config.dataset_options == {"seed": 5}
 
 
-@pytest.mark.parametrize("values, overrides, message", [
-    ({"epoch": 3}, [], "unknown config key(s) ['epoch']"),
-    ({}, ["batchsize=3"], "unknown config key 'batchsize'"),
-    ({"epochs": "ten"}, [], "config key 'epochs' must be int, got str 'ten'"),
-    ({"epochs": 2.5}, [], "config key 'epochs' must be int"),
-    ({"amp": 1}, [], "config key 'amp' must be bool"),
-    ({"seed": True}, [], "config key 'seed' must be int"),
-    ({}, ["epochs=0"], "config key 'epochs' must be >= 1, got 0"),
-    ({"lr": 0}, [], "config key 'lr' must be > 0"),
-    ({"epochs": 2, "warmup_epochs": 3}, [], "config key 'warmup_epochs' must be in [0, epochs]"),
-    ({"aux_loss_weights": {"load": -1}}, [], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
-    # Non-finite numbers pass "> 0" (inf) or would make every loss nan.
-    ({}, ["lr=.inf"], "config key 'lr' must be a finite number, got inf"),
-    ({}, ["weight_decay=.nan"], "config key 'weight_decay' must be a finite number, got nan"),
-    ({}, ["tgr_weight=.inf"], "config key 'tgr_weight' must be a finite number"),
-    ({}, ["aux_loss_weights.load=.inf"], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
-    ({}, ["aux_loss_weights=null"], "config key 'aux_loss_weights' must be dict, got NoneType None"),
-    ({}, ["aux_loss_weights=0.1"], "config key 'aux_loss_weights' must be dict"),
-    ({}, ["seed=99999999999"], "config key 'seed' must be in [0, 2**32)"),
-    ({}, ["batch_size=1e3"], "config key 'batch_size' must be int, got float 1000.0"),
-    ({}, ["output_dir="], "config key 'output_dir' must be a directory, got an empty string"),
-    ({}, ["output_dir=  "], "config key 'output_dir' must be a directory"),
-    ({}, ["lr=[1,"], "the value of override 'lr=[1,' is not valid YAML: expected the node content"),
-    ({}, ["epochs.x=1"], "config key 'epochs' is not a mapping"),
-    ({}, ["lr"], "override must look like key=value"),
-    ({"device": "tpu"}, [], "config key 'device' must be"),
-])
+@pytest.mark.parametrize(
+    "values, overrides, message",
+    [
+        ({"epoch": 3}, [], "unknown config key(s) ['epoch']"),
+        ({}, ["batchsize=3"], "unknown config key 'batchsize'"),
+        ({"epochs": "ten"}, [], "config key 'epochs' must be int, got str 'ten'"),
+        ({"epochs": 2.5}, [], "config key 'epochs' must be int"),
+        ({"amp": 1}, [], "config key 'amp' must be bool"),
+        ({"seed": True}, [], "config key 'seed' must be int"),
+        ({}, ["epochs=0"], "config key 'epochs' must be >= 1, got 0"),
+        ({"lr": 0}, [], "config key 'lr' must be > 0"),
+        ({"epochs": 2, "warmup_epochs": 3}, [], "config key 'warmup_epochs' must be in [0, epochs]"),
+        ({"aux_loss_weights": {"load": -1}}, [], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
+        # Non-finite numbers pass "> 0" (inf) or would make every loss nan.
+        ({}, ["lr=.inf"], "config key 'lr' must be a finite number, got inf"),
+        ({}, ["weight_decay=.nan"], "config key 'weight_decay' must be a finite number, got nan"),
+        ({}, ["tgr_weight=.inf"], "config key 'tgr_weight' must be a finite number"),
+        ({}, ["aux_loss_weights.load=.inf"], "config key 'aux_loss_weights.load' must be a finite number >= 0"),
+        ({}, ["aux_loss_weights=null"], "config key 'aux_loss_weights' must be dict, got NoneType None"),
+        ({}, ["aux_loss_weights=0.1"], "config key 'aux_loss_weights' must be dict"),
+        ({}, ["seed=99999999999"], "config key 'seed' must be in [0, 2**32)"),
+        ({}, ["batch_size=1e3"], "config key 'batch_size' must be int, got float 1000.0"),
+        ({}, ["output_dir="], "config key 'output_dir' must be a directory, got an empty string"),
+        ({}, ["output_dir=  "], "config key 'output_dir' must be a directory"),
+        ({}, ["lr=[1,"], "the value of override 'lr=[1,' is not valid YAML: expected the node content"),
+        ({}, ["epochs.x=1"], "config key 'epochs' is not a mapping"),
+        ({}, ["lr"], "override must look like key=value"),
+        ({"device": "tpu"}, [], "config key 'device' must be"),
+    ],
+)
 def test_config_errors_name_the_key(values, overrides, message):
     with pytest.raises(ValueError) as error:
         config_from_dict(values, overrides)
@@ -107,8 +132,9 @@ def test_config_errors_name_the_key(values, overrides, message):
 
 def test_exponent_notation_is_a_float_at_any_depth(tmp_path):
     # YAML 1.1 (PyYAML) reads 1e30 and 1.5e3 as strings; a nested option would reach the model as text.
-    config = config_from_dict({}, ["model_options.moe.capacity_factor=1e30", "lr=2e-3", "min_lr=1.5e-4",
-                                   "dataset_options.scale=-1E2"])
+    config = config_from_dict(
+        {}, ["model_options.moe.capacity_factor=1e30", "lr=2e-3", "min_lr=1.5e-4", "dataset_options.scale=-1E2"]
+    )
     assert config.model_options == {"moe": {"capacity_factor": 1e30}}
     assert (config.lr, config.min_lr, config.dataset_options["scale"]) == (2e-3, 1.5e-4, -100.0)
     path = tmp_path / "run.yaml"
@@ -135,8 +161,21 @@ def test_config_file_errors(tmp_path):
 def test_cli_precedence(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 3\nlr: 0.1\nbatch_size: 8\n")
-    args = build_parser().parse_args(["--config", str(path), "--epochs", "5", "--batch-size", "16", "--amp",
-                                      "--set", "batch_size=4", "--set", "model_options.depth=2"])
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(path),
+            "--epochs",
+            "5",
+            "--batch-size",
+            "16",
+            "--amp",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "model_options.depth=2",
+        ]
+    )
     config = config_from_args(args)
     assert (config.epochs, config.lr, config.batch_size, config.amp) == (5, 0.1, 4, True)
     assert config.model_options == {"depth": 2}
@@ -177,8 +216,9 @@ def cli_error(capsys, argv, code=2) -> str:
 def test_resume_writes_beside_the_checkpoint_or_where_told(tmp_path, datasets, monkeypatch, capsys):
     monkeypatch.setattr("visionmoe.train.trainer.build_datasets", lambda config: datasets)
     path = tmp_path / "run.yaml"
-    path.write_text(f"model_options: {TINY_MODEL!r}\nprogress: false\ntensorboard: false\ndevice: cpu\n"
-                    f"batch_size: 32\nepochs: 1\n")
+    path.write_text(
+        f"model_options: {TINY_MODEL!r}\nprogress: false\ntensorboard: false\ndevice: cpu\nbatch_size: 32\nepochs: 1\n"
+    )
     original = tmp_path / "original"
     assert main(["--config", str(path), "--output-dir", str(original)]) == 0
     # A copied checkpoint continues beside the copy, not in the run it was copied from (its saved output_dir).
@@ -202,7 +242,8 @@ def test_resume_writes_beside_the_checkpoint_or_where_told(tmp_path, datasets, m
 def test_cli_errors_are_one_line(tmp_path, datasets, monkeypatch, capsys):
     monkeypatch.setattr("visionmoe.train.trainer.build_datasets", lambda config: datasets)
     assert cli_error(capsys, ["--device", "cuda:99"]).startswith(
-        "visionmoe-train: error: config key 'device' is 'cuda:99' but")
+        "visionmoe-train: error: config key 'device' is 'cuda:99' but"
+    )
     assert "'model_options' do not make a model: " in cli_error(capsys, ["--set", "model_options.depthh=2"])
     assert "config key 'output_dir' must be a directory" in cli_error(capsys, ["--set", "output_dir="])
     Trainer(tiny_config(tmp_path, epochs=1), *datasets).fit()
@@ -230,15 +271,36 @@ def test_an_unreadable_image_stops_training_with_one_line(tmp_path, capsys, work
             (tmp_path / split / name).mkdir(parents=True)
             for index in range(2):
                 Image.fromarray(rng.randint(0, 256, (32, 32, 3)).astype(np.uint8)).save(
-                    tmp_path / split / name / f"{index}.png")
+                    tmp_path / split / name / f"{index}.png"
+                )
     broken = tmp_path / "train" / "b" / "broken.png"
     broken.write_bytes(b"not an image")
-    argv = ["--dataset", "image_folder", "--data-root", str(tmp_path), "--epochs", "1", "--batch-size", "8",
-            "--output-dir", str(tmp_path / "run"), "--set", f"model_options={TINY_MODEL!r}", "--set", "progress=false",
-            "--set", "tensorboard=false", "--set", f"num_workers={workers}", "--device", "cpu"]
+    argv = [
+        "--dataset",
+        "image_folder",
+        "--data-root",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"model_options={TINY_MODEL!r}",
+        "--set",
+        "progress=false",
+        "--set",
+        "tensorboard=false",
+        "--set",
+        f"num_workers={workers}",
+        "--device",
+        "cpu",
+    ]
     assert cli_error(capsys, argv, code=1) == (
         f"visionmoe-train: error: cannot read image {str(broken)!r}: cannot identify image file {str(broken)!r} "
-        f"(the data set option bad_images='check' finds every such image up front, 'skip' leaves them out)")
+        f"(the data set option bad_images='check' finds every such image up front, 'skip' leaves them out)"
+    )
     assert str(broken) in cli_error(capsys, argv + ["--set", "dataset_options.bad_images=check"])
 
 
@@ -255,6 +317,7 @@ def test_warmup_cosine_schedule():
 
 
 # --- training ----------------------------------------------------------------------------------------------------
+
 
 def test_training_learns_the_rule_and_writes_logs(tmp_path, datasets):
     train_set = colour_rule_dataset(256, seed=3)
@@ -318,8 +381,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, datasets, interrupt_a
     assert resumed.global_step == interrupt_at_step
     resumed.fit()
 
-    assert without_timing(read_csv(tmp_path / "resumed" / "metrics.csv")) == \
-        without_timing(read_csv(tmp_path / "reference" / "metrics.csv"))
+    assert without_timing(read_csv(tmp_path / "resumed" / "metrics.csv")) == without_timing(
+        read_csv(tmp_path / "reference" / "metrics.csv")
+    )
     assert read_csv(tmp_path / "resumed" / "steps.csv") == read_csv(tmp_path / "reference" / "steps.csv")
     reference_weights, resumed_weights = reference.model.state_dict(), resumed.model.state_dict()
     assert reference_weights.keys() == resumed_weights.keys()
@@ -327,8 +391,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, datasets, interrupt_a
         assert torch.equal(value, resumed_weights[name]), name
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="the test runner replaced Python's SIGINT handler")
+@pytest.mark.skipif(
+    signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+    reason="the test runner replaced Python's SIGINT handler",
+)
 def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, datasets, capsys):
     def press_ctrl_c(trainer, step):
         if step == 2:

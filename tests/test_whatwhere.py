@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from op_contract import OpTester
 
 from visionmoe import ops
 from visionmoe import reference as ref
-
-from op_contract import OpTester
 
 # The operator accumulates in float32 (float64 for float64) and rounds each output once; the oracle is the
 # reference in float64 on the same input values. float16 and bfloat16 logits are rounded to the input dtype
@@ -113,10 +112,13 @@ class TestWhatWhereAttention(OpTester):
     # Against the reference in float32 too, on every shape: both accumulate in float32.
     tolerances = {torch.float32: dict(atol=2e-5, rtol=2e-5)}
     gradcheck_cases = [(1, 2, 3, 4, 5, 3), (2, 1, 1, 3, 2, 2), (1, 1, 4, 1, 3, 2), (1, 1, 5, 3, 2, 4)]
-    opcheck_cases = [(name, dtype, contiguous, with_grads)
-                     for name in ("whatwhere_attention", "whatwhere_attention_backward")
-                     for dtype in (torch.float32, torch.float64, torch.bfloat16)
-                     for contiguous in (True, False) for with_grads in (True, False)]
+    opcheck_cases = [
+        (name, dtype, contiguous, with_grads)
+        for name in ("whatwhere_attention", "whatwhere_attention_backward")
+        for dtype in (torch.float32, torch.float64, torch.bfloat16)
+        for contiguous in (True, False)
+        for with_grads in (True, False)
+    ]
 
     def sample_inputs(self, device, dtype, shape):
         return [x.requires_grad_() for x in make_inputs(*shape, dtype, device)]
@@ -127,15 +129,17 @@ class TestWhatWhereAttention(OpTester):
 
     def compile_inputs(self, device):
         # A second size must reuse the dynamic graph, not break it.
-        return [self.sample_inputs(device, torch.float32, shape)
-                for shape in ((2, 3, 12, 4, 8, 8), (3, 2, 17, 6, 8, 5))]
+        return [
+            self.sample_inputs(device, torch.float32, shape) for shape in ((2, 3, 12, 4, 8, 8), (3, 2, 17, 6, 8, 5))
+        ]
 
     def determinism_inputs(self, device):
         return self.sample_inputs(device, torch.float32, (4, 3, 300, 16, 64, 64))  # several chunks of rows per head
 
 
-@pytest.mark.parametrize("used", [(True, False, False), (False, True, False), (False, False, True),
-                                  (True, False, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "used", [(True, False, False), (False, True, False), (False, False, True), (True, False, True), (False, True, True)]
+)
 def test_gradients_of_a_subset_of_the_outputs(device, used):
     # Outputs nothing depends on bring no gradient; the backward skips their terms.
     shape = (2, 2, 11, 6, 8, 5)
@@ -151,12 +155,14 @@ def test_softmax_axes(device):
     q, k, _, _, where = make_inputs(B, H, N, S, dh, 1, torch.float64, device)
     eye_slots = torch.eye(S, dtype=torch.float64, device=device).expand(B, H, S, S)
     eye_tokens = torch.eye(N, dtype=torch.float64, device=device).expand(B, H, N, N)
-    token_update, _, logits = ops.whatwhere_attention(q, k, torch.zeros(B, H, N, S, dtype=torch.float64,
-                                                                        device=device), eye_slots, where)
+    token_update, _, logits = ops.whatwhere_attention(
+        q, k, torch.zeros(B, H, N, S, dtype=torch.float64, device=device), eye_slots, where
+    )
     torch.testing.assert_close(token_update, torch.softmax(logits, dim=-2))
     torch.testing.assert_close(token_update.sum(dim=-2), torch.ones(B, H, S, dtype=torch.float64, device=device))
-    _, slot_update, _ = ops.whatwhere_attention(q, k, eye_tokens, torch.zeros(B, H, S, N, dtype=torch.float64,
-                                                                               device=device), where)
+    _, slot_update, _ = ops.whatwhere_attention(
+        q, k, eye_tokens, torch.zeros(B, H, S, N, dtype=torch.float64, device=device), where
+    )
     torch.testing.assert_close(slot_update, torch.softmax(logits, dim=-1).transpose(-1, -2))
     torch.testing.assert_close(slot_update.sum(dim=-2), torch.ones(B, H, N, dtype=torch.float64, device=device))
 
@@ -165,7 +171,8 @@ def test_logits_and_logsumexps(device):
     shape = (2, 2, 9, 5, 4, 3)
     q, k, v_tokens, v_slots, where = make_inputs(*shape, torch.float64, device)
     _, _, logits, token_logsumexp, slot_logsumexp = torch.ops.visionmoe.whatwhere_attention(
-        q, k, v_tokens, v_slots, where)
+        q, k, v_tokens, v_slots, where
+    )
     expected_logits = where + q @ k.transpose(-1, -2) / 2.0  # sqrt(dh) = 2
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(token_logsumexp, torch.logsumexp(expected_logits, dim=-1))
@@ -206,11 +213,13 @@ def test_non_contiguous_inputs(device):
     # Any layout is accepted: strided views are copied to contiguous memory by the operator.
     B, H, N, S, dh, dv = 2, 3, 8, 5, 6, 4
     q, k, v_tokens, v_slots, where = make_inputs(B, H, N, S, dh, dv, torch.float64, device)
-    inputs = (q.transpose(1, 2).contiguous().transpose(1, 2),  # [B, H, N, dh] stored as [B, N, H, dh]
-              k.transpose(-1, -2).contiguous().transpose(-1, -2),
-              v_tokens[..., :dv],
-              torch.cat([v_slots, v_slots], dim=-1)[..., ::2],
-              where.transpose(0, 1).contiguous().transpose(0, 1))
+    inputs = (
+        q.transpose(1, 2).contiguous().transpose(1, 2),  # [B, H, N, dh] stored as [B, N, H, dh]
+        k.transpose(-1, -2).contiguous().transpose(-1, -2),
+        v_tokens[..., :dv],
+        torch.cat([v_slots, v_slots], dim=-1)[..., ::2],
+        where.transpose(0, 1).contiguous().transpose(0, 1),
+    )
     assert not any(x.is_contiguous() for x in inputs[:2] + inputs[3:])
     grads = make_output_grads(B, H, N, S, dh, dv, torch.float64, device)
     grads = tuple(g.transpose(-1, -2).contiguous().transpose(-1, -2) for g in grads)
@@ -232,8 +241,15 @@ def test_autograd_saves_no_probability_tensor(device):
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         _, _, logits = ops.whatwhere_attention(*inputs)
-    assert [tuple(t.shape) for t in saved] == [(B, H, N, dh), (B, H, S, dh), (B, H, N, dv), (B, H, S, dv),
-                                               (B, H, N, S), (B, H, N), (B, H, S)]
+    assert [tuple(t.shape) for t in saved] == [
+        (B, H, N, dh),
+        (B, H, S, dh),
+        (B, H, N, dv),
+        (B, H, S, dv),
+        (B, H, N, S),
+        (B, H, N),
+        (B, H, S),
+    ]
     assert all(saved_tensor is given for saved_tensor, given in zip(saved, inputs[:4]))
     assert torch.equal(saved[4], logits)
 
@@ -263,28 +279,37 @@ def test_gradcheck_of_one_output_at_a_time(device):
 
 # ---- bad input: clear errors naming the argument ----
 
+
 def good_inputs(dtype=torch.float32, device="cpu"):
     return list(make_inputs(2, 3, 5, 4, 6, 7, dtype, device))
 
 
 def test_wrong_rank_is_rejected():
-    for index, name, letters in ((0, "q", "B, H, N, dh"), (1, "k", "B, H, S, dh"), (2, "v_tokens", "B, H, N, dv"),
-                                 (3, "v_slots", "B, H, S, dv"), (4, "where", "B, H, N, S")):
+    for index, name, letters in (
+        (0, "q", "B, H, N, dh"),
+        (1, "k", "B, H, S, dh"),
+        (2, "v_tokens", "B, H, N, dv"),
+        (3, "v_slots", "B, H, S, dv"),
+        (4, "where", "B, H, N, S"),
+    ):
         inputs = good_inputs()
         inputs[index] = inputs[index][0]
         with pytest.raises(ValueError, match=rf"whatwhere_attention: {name} must have shape \[{letters}\], got"):
             ops.whatwhere_attention(*inputs)
 
 
-@pytest.mark.parametrize("index,size,message", [
-    (1, (3, 3, 4, 6), r"k must have shape \[B, H, S, dh\] with B, H and dh of q .* \(dimension 0 must be 2\)"),
-    (1, (2, 3, 4, 5), r"k must have shape \[B, H, S, dh\] .* \(dimension 3 must be 6\)"),
-    (2, (2, 3, 6, 7), r"v_tokens must have shape \[B, H, N, dv\] .* \(dimension 2 must be 5\)"),
-    (3, (2, 3, 5, 7), r"v_slots must have shape \[B, H, S, dv\] .*S of k.* \(dimension 2 must be 4\)"),
-    (3, (2, 3, 4, 8), r"v_slots must have shape \[B, H, S, dv\] .*dv of v_tokens.* \(dimension 3 must be 7\)"),
-    (4, (2, 3, 5, 5), r"where must have shape \[B, H, N, S\] .* \(dimension 3 must be 4\)"),
-    (4, (2, 2, 5, 4), r"where must have shape \[B, H, N, S\] .* \(dimension 1 must be 3\)"),
-])
+@pytest.mark.parametrize(
+    "index,size,message",
+    [
+        (1, (3, 3, 4, 6), r"k must have shape \[B, H, S, dh\] with B, H and dh of q .* \(dimension 0 must be 2\)"),
+        (1, (2, 3, 4, 5), r"k must have shape \[B, H, S, dh\] .* \(dimension 3 must be 6\)"),
+        (2, (2, 3, 6, 7), r"v_tokens must have shape \[B, H, N, dv\] .* \(dimension 2 must be 5\)"),
+        (3, (2, 3, 5, 7), r"v_slots must have shape \[B, H, S, dv\] .*S of k.* \(dimension 2 must be 4\)"),
+        (3, (2, 3, 4, 8), r"v_slots must have shape \[B, H, S, dv\] .*dv of v_tokens.* \(dimension 3 must be 7\)"),
+        (4, (2, 3, 5, 5), r"where must have shape \[B, H, N, S\] .* \(dimension 3 must be 4\)"),
+        (4, (2, 2, 5, 4), r"where must have shape \[B, H, N, S\] .* \(dimension 1 must be 3\)"),
+    ],
+)
 def test_shape_mismatch_names_the_argument(index, size, message):
     inputs = good_inputs()
     inputs[index] = torch.randn(size)
@@ -328,7 +353,8 @@ def test_cpu_where_with_cuda_inputs_is_rejected():
 def test_backward_operator_checks_its_arguments():
     q, k, v_tokens, v_slots, where = good_inputs()
     _, _, logits, token_logsumexp, slot_logsumexp = torch.ops.visionmoe.whatwhere_attention(
-        q, k, v_tokens, v_slots, where)
+        q, k, v_tokens, v_slots, where
+    )
     backward = torch.ops.visionmoe.whatwhere_attention_backward
     saved = (q, k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp)
     with pytest.raises(ValueError, match=r"grad_token_update must have shape \[B, H, N, dv\] like token_update"):

@@ -28,8 +28,9 @@ def test_discovery_experiment_tiny_setting_writes_its_tables(tmp_path, monkeypat
         rows = list(csv.DictReader(file))
     methods = {(row["task"], row["method"]) for row in rows}
     for task in ("A", "B"):
-        assert {(task, m) for m in ("ink", "tiles", "vit (mean)", "vit (best head)", "vit (mass)",
-                                    "slot_attention")} <= methods
+        assert {
+            (task, m) for m in ("ink", "tiles", "vit (mean)", "vit (best head)", "vit (mass)", "slot_attention")
+        } <= methods
     assert {("A", "wwt_w0"), ("A", "wwt_w0 (token softmax)"), ("A", "wwt_w12")} <= methods
     # Task A: the ViT, the slot-attention model and the best variant at both seeds, trained.
     best = next(line for line in table.splitlines() if line.startswith("Setting:")).split("): ")[-1].rstrip(".")

@@ -5,9 +5,24 @@ import math
 import pytest
 import torch
 
-from visionmoe.metrics import (best_overlaps, box_iou, component_boxes, connected_components, corloc, foreground_ari,
-                               label_map, mass_masks, masks_to_boxes, mean_iou, normalise_maps, object_precision,
-                               object_recall, positional_collapse, segmentation_confusion, semantic_target)
+from visionmoe.metrics import (
+    best_overlaps,
+    box_iou,
+    component_boxes,
+    connected_components,
+    corloc,
+    foreground_ari,
+    label_map,
+    masks_to_boxes,
+    mass_masks,
+    mean_iou,
+    normalise_maps,
+    object_precision,
+    object_recall,
+    positional_collapse,
+    segmentation_confusion,
+    semantic_target,
+)
 
 
 def test_masks_to_boxes_tight_exclusive_boxes_and_empty_masks():
@@ -54,8 +69,11 @@ def test_box_iou_rejects_bad_shapes():
 
 
 def test_corloc_single_box_and_any_of_several():
-    truth = [torch.tensor([[0.0, 0, 4, 4]]), torch.tensor([[0.0, 0, 4, 4], [8, 8, 12, 12]]),
-             torch.tensor([[0.0, 0, 4, 4]])]
+    truth = [
+        torch.tensor([[0.0, 0, 4, 4]]),
+        torch.tensor([[0.0, 0, 4, 4], [8, 8, 12, 12]]),
+        torch.tensor([[0.0, 0, 4, 4]]),
+    ]
     predicted = [
         torch.tensor([[0.0, 0, 4, 2]]),  # IoU 8 / 16 = 0.5 -> counts (>= 0.5)
         torch.tensor([[8.0, 8, 12, 13]]),  # with the second object: 16 / 20 = 0.8 -> counts
@@ -90,8 +108,7 @@ def test_normalise_maps_rescales_each_map_and_zeroes_constant_ones():
 
 
 def test_label_map_takes_the_largest_map_above_threshold():
-    maps = torch.tensor([[[0.9, 0.2], [0.4, 0.6]],
-                         [[0.1, 0.7], [0.3, 0.8]]])
+    maps = torch.tensor([[[0.9, 0.2], [0.4, 0.6]], [[0.1, 0.7], [0.3, 0.8]]])
     classes = torch.tensor([3, 5])
     # (0,0): map 0 wins with 0.9 -> 3 + 1; (0,1): map 1, 0.7 -> 5 + 1; (1,0): best 0.4 < 0.5 -> background;
     # (1,1): map 1, 0.8 -> 6.
@@ -158,17 +175,11 @@ def test_object_precision_counts_predicted_boxes_that_hit():
 
 
 def test_connected_components_numbered_by_area():
-    mask = torch.tensor([[1, 1, 0, 0, 1],
-                         [0, 1, 0, 0, 1],
-                         [0, 0, 0, 0, 1],
-                         [1, 0, 1, 0, 0]], dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 0, 0, 1], [0, 1, 0, 0, 1], [0, 0, 0, 0, 1], [1, 0, 1, 0, 0]], dtype=torch.bool)
     # Components (4-connected; (3, 0) and (3, 2) touch nothing): the top-left L and the right column, 3 pixels
     # each; the L's first pixel (0, 0) comes before the column's (0, 4), so the L is 1 and the column 2; then the
     # two single pixels in row-major order: (3, 0) -> 3, (3, 2) -> 4.
-    expected = torch.tensor([[1, 1, 0, 0, 2],
-                             [0, 1, 0, 0, 2],
-                             [0, 0, 0, 0, 2],
-                             [3, 0, 4, 0, 0]])
+    expected = torch.tensor([[1, 1, 0, 0, 2], [0, 1, 0, 0, 2], [0, 0, 0, 0, 2], [3, 0, 4, 0, 0]])
     assert torch.equal(connected_components(mask), expected)
     # A diagonal neighbour is not 4-connected.
     diagonal = torch.tensor([[1, 0], [0, 1]], dtype=torch.bool)
@@ -231,21 +242,20 @@ def test_best_overlaps_by_hand():
     # Object 0: segment 0 = pixels {0, 1, 2}: IoU 2 / 3. Object 1: segment 1 = {3, 4}: IoU 2 / 3; segment 2 = {5}:
     # 1 / 3; segment 0: 0. Best: 2/3 each.
     torch.testing.assert_close(best_overlaps(segments, masks), torch.tensor([2 / 3, 2 / 3], dtype=torch.float64))
-    torch.testing.assert_close(best_overlaps(torch.tensor([[0, 0, 1, 2, 2, 2]]), masks),
-                               torch.tensor([1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        best_overlaps(torch.tensor([[0, 0, 1, 2, 2, 2]]), masks), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    )
 
 
 def test_mass_masks_keep_the_top_sixty_percent_of_the_mass():
-    maps = torch.tensor([[[0.4, 0.1], [0.3, 0.2]],
-                         [[0.25, 0.25], [0.25, 0.25]],
-                         [[0.0, 0.0], [0.0, 0.0]]])
+    maps = torch.tensor([[[0.4, 0.1], [0.3, 0.2]], [[0.25, 0.25], [0.25, 0.25]], [[0.0, 0.0], [0.0, 0.0]]])
     # Map 0, sorted 0.4, 0.3, 0.2, 0.1: mass above each 0, 0.4, 0.7, 0.9; kept while < 0.6 -> 0.4 and 0.3
     # (0.4 alone is short of 0.6, 0.4 + 0.3 = 0.7 reaches it).
     # Map 1: above 0, 0.25, 0.5, 0.75 -> three values kept, and the fourth ties at the cut, so all four.
     # Map 2: no mass, nothing kept.
-    expected = torch.tensor([[[True, False], [True, False]],
-                             [[True, True], [True, True]],
-                             [[False, False], [False, False]]])
+    expected = torch.tensor(
+        [[[True, False], [True, False]], [[True, True], [True, True]], [[False, False], [False, False]]]
+    )
     assert torch.equal(mass_masks(maps, 0.6), expected)
     # Unnormalised maps: the same fractions of their own totals.
     assert torch.equal(mass_masks(10 * maps[:1], 0.6), expected[:1])

@@ -7,21 +7,31 @@ import torch
 
 from visionmoe import reference
 from visionmoe.layers import SLOT_UPDATES, WHERE_RESIDUALS, WhatWhereBlock
+from visionmoe.layers.mlp import Mlp
 from visionmoe.metrics import normalise_maps
 from visionmoe.models import ObjectDiscovery, SlotAttentionClassifier, WhatWhereTransformer, create_model, list_models
-from visionmoe.layers.mlp import Mlp
 
 B, N, S, D, H = 2, 6, 3, 8, 2
 
 
 def make_block(last=False, **options):
-    return WhatWhereBlock(D, H, S, slot_mlp=Mlp(D, 16), token_mlp=None if last else Mlp(D, 16),
-                          where_mlp=None if last else Mlp(H * S + D, 12, out_dim=H * S), **options).double()
+    return WhatWhereBlock(
+        D,
+        H,
+        S,
+        slot_mlp=Mlp(D, 16),
+        token_mlp=None if last else Mlp(D, 16),
+        where_mlp=None if last else Mlp(H * S + D, 12, out_dim=H * S),
+        **options,
+    ).double()
 
 
 def block_inputs():
-    return (torch.randn(B, N, D, dtype=torch.float64), torch.randn(B, S, D, dtype=torch.float64),
-            torch.randn(B, H, N, S, dtype=torch.float64))
+    return (
+        torch.randn(B, N, D, dtype=torch.float64),
+        torch.randn(B, S, D, dtype=torch.float64),
+        torch.randn(B, H, N, S, dtype=torch.float64),
+    )
 
 
 def test_reference_whatwhere_attention_by_hand():
@@ -128,8 +138,11 @@ def test_wwt_forward_backward_reaches_every_parameter(options):
     logits = model(images)
     assert logits.shape == (2, 10)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 7])).backward()
-    unreached = [name for name, parameter in model.named_parameters()
-                 if parameter.grad is None or parameter.grad.abs().sum() == 0]
+    unreached = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.grad is None or parameter.grad.abs().sum() == 0
+    ]
     assert unreached == []
 
 
@@ -179,8 +192,12 @@ def test_discover_boxes_surround_the_masks(readout):
     for masks, boxes in zip(found.masks.flatten(0, 1), found.boxes.flatten(0, 1)):
         if masks.any():
             rows, cols = masks.nonzero().unbind(1)
-            assert boxes.tolist() == [cols.min().item(), rows.min().item(), cols.max().item() + 1,
-                                      rows.max().item() + 1]
+            assert boxes.tolist() == [
+                cols.min().item(),
+                rows.min().item(),
+                cols.max().item() + 1,
+                rows.max().item() + 1,
+            ]
         else:
             assert boxes.tolist() == [0, 0, 0, 0]
 
@@ -191,8 +208,17 @@ def test_wwt_variants_train_every_parameter(variant):
     torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 7])).backward()
     unreached = {name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0}
     # A full last block's token FFN comes after its where stream has read the tokens, so it reaches no output.
-    dead = {f"blocks.1.{name}" for name in ("norm_token_mlp.weight", "norm_token_mlp.bias", "token_mlp.fc1.weight",
-                                            "token_mlp.fc1.bias", "token_mlp.fc2.weight", "token_mlp.fc2.bias")}
+    dead = {
+        f"blocks.1.{name}"
+        for name in (
+            "norm_token_mlp.weight",
+            "norm_token_mlp.bias",
+            "token_mlp.fc1.weight",
+            "token_mlp.fc1.bias",
+            "token_mlp.fc2.weight",
+            "token_mlp.fc2.bias",
+        )
+    }
     assert unreached == (dead if variant == "w12" else set())
 
 
@@ -215,8 +241,9 @@ def test_wwt_w1_head_weights_slot_logits_by_mean_assignment():
     weights = found.where_maps.softmax(dim=-1).mean(dim=1).mean(dim=1)  # [B, S], each slot's mean assignment
     torch.testing.assert_close(model(images), (weights[:, :, None] * found.slot_logits).sum(dim=1))
     torch.testing.assert_close(found.logits, model(images))
-    maxed = create_model("wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w1",
-                         head_pool="max").eval()
+    maxed = create_model(
+        "wwt_tiny_32", depth=2, embed_dim=32, num_heads=2, num_slots=4, variant="w1", head_pool="max"
+    ).eval()
     found = maxed.discover(images)
     token_logits = found.where_maps.softmax(dim=-1).mean(dim=1) @ found.slot_logits  # [B, N, C]
     torch.testing.assert_close(maxed(images), token_logits.amax(dim=1))
@@ -267,14 +294,24 @@ def test_vit_class_token_attention_matches_the_last_block():
     torch.testing.assert_close(attention.proj(out), attention(normed))
 
 
-
 def test_wwt_trains_with_visionmoe_train_on_digit_scenes(tmp_path):
     from visionmoe.train.cli import main
 
-    overrides = ["model=wwt_tiny_32", "dataset=digit_scenes", "dataset_options.canvas_size=32",
-                 "dataset_options.digit_size=[10,14]", "dataset_options.length=8", "model_options.depth=2",
-                 "model_options.embed_dim=16", "model_options.num_heads=2", "epochs=1", "batch_size=4",
-                 f"output_dir={tmp_path}", "progress=false", "tensorboard=false"]
+    overrides = [
+        "model=wwt_tiny_32",
+        "dataset=digit_scenes",
+        "dataset_options.canvas_size=32",
+        "dataset_options.digit_size=[10,14]",
+        "dataset_options.length=8",
+        "model_options.depth=2",
+        "model_options.embed_dim=16",
+        "model_options.num_heads=2",
+        "epochs=1",
+        "batch_size=4",
+        f"output_dir={tmp_path}",
+        "progress=false",
+        "tensorboard=false",
+    ]
     assert main([argument for override in overrides for argument in ("--set", override)]) == 0
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 2  # header and the one epoch

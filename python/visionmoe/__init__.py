@@ -8,9 +8,7 @@ MoE layers in :mod:`visionmoe.layers`, models in :mod:`visionmoe.models` (``crea
 
 import torch  # noqa: F401  (the extension links against torch's libraries; load them first)
 
-from . import _C
-from . import ops, reference
-from . import routers, losses, layers, models, convert, metrics, data
+from . import _C, convert, data, layers, losses, metrics, models, ops, reference, routers
 from .plan import RoutingPlan
 
 __version__ = "0.1.0"

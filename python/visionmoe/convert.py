@@ -27,8 +27,9 @@ def _dense_mlp(block: nn.Module, index: int) -> nn.Module:
         raise ValueError(f"blocks[{index}] ({type(block).__name__}) has no .mlp module")
     where = f"blocks[{index}].mlp ({type(mlp).__name__})"
     if not (isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)):
-        raise ValueError(f"{where} must have nn.Linear attributes fc1 and fc2, as timm's Mlp (an MoE layer is not "
-                         "converted again)")
+        raise ValueError(
+            f"{where} must have nn.Linear attributes fc1 and fc2, as timm's Mlp (an MoE layer is not converted again)"
+        )
     activation = getattr(mlp, "act", None)
     if not (isinstance(activation, nn.GELU) and activation.approximate == "none"):
         raise ValueError(f"{where}.act must be nn.GELU() (exact, as the experts compute), got {activation!r}")
@@ -39,8 +40,9 @@ def _dense_mlp(block: nn.Module, index: int) -> nn.Module:
     return mlp
 
 
-def moeify(model: nn.Module, blocks: Optional[Iterable[int]] = None, num_experts: int = 8, router: str = "topk",
-           **options) -> nn.Module:
+def moeify(
+    model: nn.Module, blocks: Optional[Iterable[int]] = None, num_experts: int = 8, router: str = "topk", **options
+) -> nn.Module:
     """Replaces the MLPs of chosen blocks by :class:`~visionmoe.layers.MoEMLP` layers upcycled from them, in place.
 
     Use it for a ViT built elsewhere (timm's, your own with timm's block layout). For visionmoe's own
@@ -72,8 +74,10 @@ def moeify(model: nn.Module, blocks: Optional[Iterable[int]] = None, num_experts
     """
     stack = getattr(model, "blocks", None)
     if stack is None:
-        raise ValueError(f"model ({type(model).__name__}) has no .blocks: moeify converts timm-style Vision "
-                         "Transformers, whose blocks hold an .mlp")
+        raise ValueError(
+            f"model ({type(model).__name__}) has no .blocks: moeify converts timm-style Vision "
+            "Transformers, whose blocks hold an .mlp"
+        )
     depth = len(stack)
     chosen = default_moe_blocks(depth) if blocks is None else check_block_indices(blocks, depth, "blocks")
     dense_mlps = {i: _dense_mlp(stack[i], i) for i in chosen}

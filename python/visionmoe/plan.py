@@ -102,8 +102,9 @@ def _flatten_plan(plan: RoutingPlan):
 
 def _unflatten_plan(tensors, context) -> RoutingPlan:
     num_experts, capacity, num_groups = context
-    return RoutingPlan(**dict(zip(_TENSOR_FIELDS, tensors)), num_experts=num_experts, capacity=capacity,
-                       num_groups=num_groups)
+    return RoutingPlan(
+        **dict(zip(_TENSOR_FIELDS, tensors)), num_experts=num_experts, capacity=capacity, num_groups=num_groups
+    )
 
 
 _TENSOR_FIELDS = ("sorted_token", "sorted_expert", "weight", "slot", "offsets", "order", "token_offsets", "token_rows")

@@ -40,6 +40,7 @@ FAILURES = ("crash", "hang", "wrong", "accepted_bad_input", "false_reject", "unc
 
 # ---- tensors with a chosen memory layout and device ----
 
+
 def relayout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout: ``contiguous``; ``strided`` (every other element of a larger
     buffer, last dimension); ``column`` (a column of a wider buffer, so every stride is larger than its size);
@@ -94,6 +95,7 @@ def _special(values: torch.Tensor, kind: str, generator: torch.Generator) -> tor
 
 # ---- judging ----
 
+
 def is_clear_error(error: BaseException, names: Sequence[str]) -> bool:
     message = str(error).split("\nException raised from")[0]
     return isinstance(error, CLEAR_ERROR_TYPES) and any(name in message for name in names)
@@ -141,8 +143,12 @@ class Call:
     """What a case runs: ``operator(device)`` and ``oracle()`` each return a list of tensors (outputs, then
     gradients); ``names`` are the words a clear error may name."""
 
-    def __init__(self, operator: Callable[[str], List[torch.Tensor]], oracle: Callable[[], List[torch.Tensor]],
-                 names: Sequence[str]):
+    def __init__(
+        self,
+        operator: Callable[[str], List[torch.Tensor]],
+        oracle: Callable[[], List[torch.Tensor]],
+        names: Sequence[str],
+    ):
         self.operator, self.oracle, self.names = operator, oracle, names
 
 
@@ -167,8 +173,10 @@ def judge(spec: dict, call: Call) -> Dict[str, str]:
     try:
         expected = call.oracle()
     except Exception as error:  # noqa: BLE001
-        return {"status": "wrong", "detail": f"the operator accepted an input its reference rejects: "
-                                             f"{_first_line(error)}"}
+        return {
+            "status": "wrong",
+            "detail": f"the operator accepted an input its reference rejects: {_first_line(error)}",
+        }
     difference = compare(results, expected, spec["dtype"])
     if difference is not None:
         return {"status": "wrong", "detail": difference}
@@ -191,26 +199,32 @@ def _meta_outcome(call: Call, meta_results, meta_error) -> Dict[str, str]:
     return {"status": "agree", "detail": ""}
 
 
-def _grads(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], generator_seed: int
-           ) -> List[Optional[torch.Tensor]]:
+def _grads(
+    outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor], generator_seed: int
+) -> List[Optional[torch.Tensor]]:
     """Gradients of a fixed random projection of ``outputs`` with respect to ``inputs`` (None where unused)."""
     differentiable = [o for o in outputs if o is not None and o.requires_grad]
     if not differentiable:
         return [None for _ in inputs]
     generator = torch.Generator().manual_seed(generator_seed)
-    cotangents = [torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device, o.dtype)
-                  for o in differentiable]
+    cotangents = [
+        torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.device, o.dtype) for o in differentiable
+    ]
     return list(torch.autograd.grad(differentiable, inputs, cotangents, allow_unused=True))
 
 
 def _wants_grad(spec: dict) -> bool:
     """Gradients are compared in float32 and float64, and not where an input holds NaN or infinity: there the
     derivative is undefined and the reference's autograd yields NaN even through empty products (dv = 0)."""
-    return (spec["expect"] in ("agree", "either") and spec["dtype"] in ("float32", "float64")
-            and spec["values"] not in ("nan", "inf", "-inf"))
+    return (
+        spec["expect"] in ("agree", "either")
+        and spec["dtype"] in ("float32", "float64")
+        and spec["values"] not in ("nan", "inf", "-inf")
+    )
 
 
 # ---- drawing helpers ----
+
 
 def _common(rng: random.Random, spec: dict, special_values: Sequence[str] = ("nan", "inf", "-inf")) -> None:
     spec["dtype"] = rng.choice(["float32", "float32", "float64", "float16", "bfloat16"])
@@ -219,8 +233,9 @@ def _common(rng: random.Random, spec: dict, special_values: Sequence[str] = ("na
 
 
 def _layouts(rng: random.Random, names: Sequence[str]) -> Dict[str, str]:
-    return {name: rng.choice(["contiguous", "contiguous", "strided", "column", "offset", "transposed"])
-            for name in names}
+    return {
+        name: rng.choice(["contiguous", "contiguous", "strided", "column", "offset", "transposed"]) for name in names
+    }
 
 
 def _expect(spec: dict, sizes: Sequence[int]) -> str:
@@ -233,8 +248,9 @@ def _expect(spec: dict, sizes: Sequence[int]) -> str:
     return "agree"
 
 
-def _defect(rng: random.Random, spec: dict, defects: Sequence[str], inputs: Sequence[str],
-            floats_must_match: bool = True) -> None:
+def _defect(
+    rng: random.Random, spec: dict, defects: Sequence[str], inputs: Sequence[str], floats_must_match: bool = True
+) -> None:
     """Half the cases are valid; of the rest, a fifth move every input to meta and the others inject a defect:
     one of ``defects``, one input on the meta device, or one input of another dtype (int64, or another floating
     dtype when the operator wants its floating inputs of one dtype)."""
@@ -268,8 +284,9 @@ def _place(spec: dict, name: str, values: torch.Tensor, device: str, requires_gr
         values = values.to(_input_dtype(spec, name))
     elif name in spec.get("dtypes", {}):
         values = values.to(_input_dtype(spec, name))
-    tensor = relayout(on_device(values, spec.get("devices", {}).get(name, device)),
-                      spec.get("layouts", {}).get(name, "contiguous"))
+    tensor = relayout(
+        on_device(values, spec.get("devices", {}).get(name, device)), spec.get("layouts", {}).get(name, "contiguous")
+    )
     if requires_grad and tensor.is_floating_point() and tensor.device.type != "meta":
         tensor = tensor.detach().requires_grad_(True)
     return tensor
@@ -283,20 +300,40 @@ def _oracle_input(spec: dict, values: torch.Tensor, requires_grad: bool = True) 
 
 # ---- families ----
 
+
 def draw_dispatch(rng: random.Random) -> dict:
     """Routing plans from explicit assignments, dispatch in both layouts, combine, and their backwards."""
-    spec = {"T": rng.choice([0, 1, 2, 3, 5, 8]), "D": rng.choice([0, 1, 3, 8]), "E": rng.choice([1, 2, 3, 5]),
-            "K": rng.choice([0, 1, 2, 3]), "capacity": rng.choice([None, 0, 1, 2, 4, 7]),
-            "with_num_tokens": rng.random() < 0.7, "constant_indices": rng.random() < 0.1}
+    spec = {
+        "T": rng.choice([0, 1, 2, 3, 5, 8]),
+        "D": rng.choice([0, 1, 3, 8]),
+        "E": rng.choice([1, 2, 3, 5]),
+        "K": rng.choice([0, 1, 2, 3]),
+        "capacity": rng.choice([None, 0, 1, 2, 4, 7]),
+        "with_num_tokens": rng.random() < 0.7,
+        "constant_indices": rng.random() < 0.1,
+    }
     spec["layout"] = "packed" if spec["capacity"] is None else rng.choice(["padded", "packed"])
     _common(rng, spec)
     spec["layouts"] = _layouts(rng, ["x", "token_index", "expert_index", "weight"])
     if spec["constant_indices"]:
         spec["layouts"]["token_index"] = spec["layouts"]["expert_index"] = "expanded"
     spec["plan_layout"] = rng.choice(["contiguous"] * 3 + ["strided", "column", "offset"])
-    _defect(rng, spec, ["token_out_of_range", "expert_out_of_range", "negative_expert", "index_int32",
-                        "x_rank", "weight_shape", "negative_capacity", "expert_out_shape"],
-            ["x", "token_index", "expert_index", "weight"], floats_must_match=False)
+    _defect(
+        rng,
+        spec,
+        [
+            "token_out_of_range",
+            "expert_out_of_range",
+            "negative_expert",
+            "index_int32",
+            "x_rank",
+            "weight_shape",
+            "negative_capacity",
+            "expert_out_shape",
+        ],
+        ["x", "token_index", "expert_index", "weight"],
+        floats_must_match=False,
+    )
     if spec["defect"] == "other_dtype" and list(spec["dtypes"]) in (["token_index"], ["expert_index"]):
         spec["dtypes"] = {next(iter(spec["dtypes"])): "float32"}
     if spec["defect"] != "none":  # a defect needs something to act on
@@ -330,11 +367,14 @@ def _dispatch_values(spec: dict):
 
 
 def _relayout_plan(plan, layout: str):
-    fields = {name: getattr(plan, name) for name in ("sorted_token", "sorted_expert", "slot", "offsets", "order",
-                                                       "token_offsets", "token_rows")}
+    fields = {
+        name: getattr(plan, name)
+        for name in ("sorted_token", "sorted_expert", "slot", "offsets", "order", "token_offsets", "token_rows")
+    }
     fields = {name: None if t is None else relayout(t, layout) for name, t in fields.items()}
-    return type(plan)(weight=plan.weight, num_experts=plan.num_experts, capacity=plan.capacity,
-                      num_groups=plan.num_groups, **fields)
+    return type(plan)(
+        weight=plan.weight, num_experts=plan.num_experts, capacity=plan.capacity, num_groups=plan.num_groups, **fields
+    )
 
 
 def run_dispatch(spec: dict) -> Dict[str, str]:
@@ -364,35 +404,78 @@ def run_dispatch(spec: dict) -> Dict[str, str]:
         index_dtype = {"index_int32": torch.int32}.get(defect)
         token_index = _place(spec, "token_index", tokens if index_dtype is None else tokens.to(index_dtype), device)
         expert_index = _place(spec, "expert_index", experts, device)
-        weight = _place(spec, "weight", weight_values if defect != "weight_shape" else weight_values[:-1],
-                        device, grads)
+        weight = _place(
+            spec, "weight", weight_values if defect != "weight_shape" else weight_values[:-1], device, grads
+        )
         return run_with(ops, x, token_index, expert_index, weight, relayout_plan=True)
 
     def oracle():
-        return run_with(reference, _oracle_input(spec, x_values, grads), tokens, experts,
-                        _oracle_input(spec, weight_values, grads), relayout_plan=False)
+        return run_with(
+            reference,
+            _oracle_input(spec, x_values, grads),
+            tokens,
+            experts,
+            _oracle_input(spec, weight_values, grads),
+            relayout_plan=False,
+        )
 
-    names = ["make_plan", "dispatch", "combine", "token_index", "expert_index", "weight", "x", "capacity",
-             "num_tokens", "expert_out", "token_major", "sorted_token"]
+    names = [
+        "make_plan",
+        "dispatch",
+        "combine",
+        "token_index",
+        "expert_index",
+        "weight",
+        "x",
+        "capacity",
+        "num_tokens",
+        "expert_out",
+        "token_major",
+        "sorted_token",
+    ]
     return judge(spec, Call(operator, oracle, names))
 
 
 def draw_plan_raw(rng: random.Random) -> dict:
     """Internally inconsistent plans handed straight to ``torch.ops.visionmoe`` dispatch, combine and backwards."""
-    spec = {"T": rng.choice([1, 2, 4, 7]), "D": rng.choice([1, 3]), "E": rng.choice([1, 2, 3]),
-            "K": rng.choice([1, 2]), "capacity": rng.choice([None, 1, 2, 3]), "dtype": "float32",
-            "values": "normal", "seed": rng.randrange(2**31), "expect": "no_crash"}
-    spec["defect"] = rng.choice(["offsets_last", "offsets_decreasing", "offsets_negative", "offsets_short",
-                                 "slot_negative", "slot_large", "sorted_token_large", "sorted_token_negative",
-                                 "sorted_expert_large", "sorted_expert_negative", "sorted_expert_unsorted",
-                                 "token_rows_large", "token_offsets_last", "token_offsets_decreasing"])
+    spec = {
+        "T": rng.choice([1, 2, 4, 7]),
+        "D": rng.choice([1, 3]),
+        "E": rng.choice([1, 2, 3]),
+        "K": rng.choice([1, 2]),
+        "capacity": rng.choice([None, 1, 2, 3]),
+        "dtype": "float32",
+        "values": "normal",
+        "seed": rng.randrange(2**31),
+        "expect": "no_crash",
+    }
+    spec["defect"] = rng.choice(
+        [
+            "offsets_last",
+            "offsets_decreasing",
+            "offsets_negative",
+            "offsets_short",
+            "slot_negative",
+            "slot_large",
+            "sorted_token_large",
+            "sorted_token_negative",
+            "sorted_expert_large",
+            "sorted_expert_negative",
+            "sorted_expert_unsorted",
+            "token_rows_large",
+            "token_offsets_last",
+            "token_offsets_decreasing",
+        ]
+    )
     spec["layout"] = "packed" if spec["capacity"] is None else rng.choice(["padded", "packed"])
     return spec
 
 
 def _corrupt_plan(spec: dict, plan, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    fields = {name: getattr(plan, name).clone() for name in ("sorted_token", "sorted_expert", "slot", "offsets",
-                                                               "token_offsets", "token_rows")}
+    fields = {
+        name: getattr(plan, name).clone()
+        for name in ("sorted_token", "sorted_expert", "slot", "offsets", "token_offsets", "token_rows")
+    }
     A, T, E = plan.num_assignments, spec["T"], plan.num_experts
     position = int(torch.randint(max(A, 1), (1,), generator=generator))
     big = 1 << 40
@@ -420,8 +503,9 @@ def run_plan_raw(spec: dict) -> Dict[str, str]:
     generator = _generator(spec)
     T, D, E, K, capacity = spec["T"], spec["D"], spec["E"], spec["K"], spec["capacity"]
     tokens = torch.arange(T).repeat(K)
-    plan = ops.make_plan(tokens, torch.randint(E, (T * K,), generator=generator), torch.rand(T * K), E, capacity,
-                         num_tokens=T)
+    plan = ops.make_plan(
+        tokens, torch.randint(E, (T * K,), generator=generator), torch.rand(T * K), E, capacity, num_tokens=T
+    )
     fields = _corrupt_plan(spec, plan, generator)
     padded = spec["layout"] == "padded"
     raw = torch.ops.visionmoe
@@ -440,27 +524,51 @@ def run_plan_raw(spec: dict) -> Dict[str, str]:
             *raw.combine_backward(x, expert_out, weight, *plan_args, capacity),
         ]
 
-    names = ["dispatch", "combine", "offsets", "slot", "sorted_token", "sorted_expert", "token_offsets",
-             "token_rows", "plan"]
+    names = [
+        "dispatch",
+        "combine",
+        "offsets",
+        "slot",
+        "sorted_token",
+        "sorted_expert",
+        "token_offsets",
+        "token_rows",
+        "plan",
+    ]
     return judge(spec, Call(operator, lambda: [], names))
 
 
 def draw_routing(rng: random.Random) -> dict:
     """Top-K token choice (with Batch Priority Routing) and expert choice, as routing plans."""
-    spec = {"op": rng.choice(["topk", "expert_choice"]), "G": rng.choice([0, 1, 2, 3]),
-            "T": rng.choice([0, 1, 2, 5, 9]), "E": rng.choice([1, 2, 3, 4, 7]), "two_dim": rng.random() < 0.3,
-            "batch_priority": rng.random() < 0.5, "renormalize": rng.random() < 0.3,
-            "with_weights": rng.random() < 0.5}
+    spec = {
+        "op": rng.choice(["topk", "expert_choice"]),
+        "G": rng.choice([0, 1, 2, 3]),
+        "T": rng.choice([0, 1, 2, 5, 9]),
+        "E": rng.choice([1, 2, 3, 4, 7]),
+        "two_dim": rng.random() < 0.3,
+        "batch_priority": rng.random() < 0.5,
+        "renormalize": rng.random() < 0.3,
+        "with_weights": rng.random() < 0.5,
+    }
     spec["k"] = rng.randint(1, spec["E"])
     spec["capacity"] = rng.choice(([None] if spec["op"] == "topk" else []) + [0, 1, 2, 5])
     _common(rng, spec, special_values=("nan", "inf", "ties", "signed_zeros", "signed_zeros"))
     if spec["two_dim"]:
         spec["G"] = 1
     spec["layouts"] = _layouts(rng, ["scores", "weights"])
-    _defect(rng, spec, ["k_zero", "k_large", "negative_capacity", "scores_rank", "weights_shape"],
-            ["scores", "weights"] if spec["with_weights"] else ["scores"], floats_must_match=False)
-    if (spec["op"] == "expert_choice" and spec["defect"] in ("k_zero", "k_large")
-            or spec["defect"] == "weights_shape" and not spec["with_weights"]):
+    _defect(
+        rng,
+        spec,
+        ["k_zero", "k_large", "negative_capacity", "scores_rank", "weights_shape"],
+        ["scores", "weights"] if spec["with_weights"] else ["scores"],
+        floats_must_match=False,
+    )
+    if (
+        spec["op"] == "expert_choice"
+        and spec["defect"] in ("k_zero", "k_large")
+        or spec["defect"] == "weights_shape"
+        and not spec["with_weights"]
+    ):
         spec["defect"] = "negative_capacity"
     special = "normal" if spec["values"] in ("ties", "signed_zeros") else spec["values"]
     spec["expect"] = _expect(dict(spec, values=special), [spec["G"], spec["T"]])
@@ -472,8 +580,7 @@ def _scores(spec: dict, shape, generator) -> torch.Tensor:
     if kind == "ties":
         return torch.tensor([0.0, 0.25, 0.5], dtype=torch.float64)[torch.randint(3, shape, generator=generator)]
     if kind == "signed_zeros":
-        return torch.tensor([-0.0, 0.0, 0.5, -0.5], dtype=torch.float64)[torch.randint(4, shape,
-                                                                                       generator=generator)]
+        return torch.tensor([-0.0, 0.0, 0.5, -0.5], dtype=torch.float64)[torch.randint(4, shape, generator=generator)]
     return _special(torch.rand(shape, generator=generator, dtype=torch.float64), kind, generator)
 
 
@@ -493,12 +600,25 @@ def run_routing(spec: dict) -> Dict[str, str]:
         if defect == "weights_shape" and weights is not None:
             weights = weights[..., :-1]
         if spec["op"] == "topk":
-            plan = module.topk_route(scores, k, capacity, batch_priority=spec["batch_priority"], weights=weights,
-                                     renormalize=spec["renormalize"])
+            plan = module.topk_route(
+                scores,
+                k,
+                capacity,
+                batch_priority=spec["batch_priority"],
+                weights=weights,
+                renormalize=spec["renormalize"],
+            )
         else:
             plan = module.expert_choice_route(scores, capacity, weights=weights)
-        outputs = [plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, plan.token_offsets,
-                   plan.token_rows, plan.weight]
+        outputs = [
+            plan.sorted_token,
+            plan.sorted_expert,
+            plan.slot,
+            plan.offsets,
+            plan.token_offsets,
+            plan.token_rows,
+            plan.weight,
+        ]
         leaves = [scores if weights is None else weights]
         return outputs + (_grads(outputs, leaves, spec["seed"]) if grads else [])
 
@@ -518,8 +638,14 @@ def run_routing(spec: dict) -> Dict[str, str]:
 
 def draw_sinkhorn(rng: random.Random) -> dict:
     """Log-domain Sinkhorn normalisation and its backward, with large common offsets among the special values."""
-    spec = {"G": rng.choice([0, 1, 2]), "T": rng.choice([0, 1, 2, 5, 9]), "E": rng.choice([0, 1, 2, 3, 6]),
-            "two_dim": rng.random() < 0.3, "iterations": rng.choice([0, 1, 3, 20]), "validate": rng.random() < 0.8}
+    spec = {
+        "G": rng.choice([0, 1, 2]),
+        "T": rng.choice([0, 1, 2, 5, 9]),
+        "E": rng.choice([0, 1, 2, 3, 6]),
+        "two_dim": rng.random() < 0.3,
+        "iterations": rng.choice([0, 1, 3, 20]),
+        "validate": rng.random() < 0.8,
+    }
     _common(rng, spec, special_values=("nan", "inf", "offset", "offset", "scaled"))
     spec["offset"] = rng.choice([1e3, 1e6, 1e7, 1e8, -1e8])
     if spec["two_dim"]:
@@ -528,8 +654,9 @@ def draw_sinkhorn(rng: random.Random) -> dict:
     # One input, so another dtype can only be a non-floating one.
     _defect(rng, spec, ["negative_iterations", "logits_rank"], ["logits"], floats_must_match=False)
     large = spec["values"] in ("offset", "scaled")
-    spec["expect"] = _expect(dict(spec, values="normal" if large else spec["values"]),
-                             [spec["G"], spec["T"], spec["E"]])
+    spec["expect"] = _expect(
+        dict(spec, values="normal" if large else spec["values"]), [spec["G"], spec["T"], spec["E"]]
+    )
     if spec["values"] in ("nan", "inf") and not spec["validate"] and spec["expect"] == "either":
         spec["expect"] = "no_crash"
     if large and spec["dtype"] in ("float16", "bfloat16"):
@@ -556,15 +683,25 @@ def run_sinkhorn(spec: dict) -> Dict[str, str]:
         log_plan = module.sinkhorn(logits, iterations, validate=spec["validate"])
         return [log_plan] + (_grads([log_plan], [logits], spec["seed"]) if grads else [])
 
-    return judge(spec, Call(lambda device: normalise(ops, _place(spec, "logits", values, device, grads)),
-                            lambda: normalise(reference, _oracle_input(spec, values, grads)),
-                            ["sinkhorn", "logits", "num_iterations"]))
+    return judge(
+        spec,
+        Call(
+            lambda device: normalise(ops, _place(spec, "logits", values, device, grads)),
+            lambda: normalise(reference, _oracle_input(spec, values, grads)),
+            ["sinkhorn", "logits", "num_iterations"],
+        ),
+    )
 
 
 def draw_soft_moe(rng: random.Random) -> dict:
     """Soft MoE's dispatch of tokens into slots and combine of slots into tokens, with their backwards."""
-    spec = {"op": rng.choice(["soft_dispatch", "soft_combine"]), "G": rng.choice([0, 1, 2]),
-            "T": rng.choice([0, 1, 3, 6]), "S": rng.choice([0, 1, 2, 4]), "D": rng.choice([0, 1, 4])}
+    spec = {
+        "op": rng.choice(["soft_dispatch", "soft_combine"]),
+        "G": rng.choice([0, 1, 2]),
+        "T": rng.choice([0, 1, 3, 6]),
+        "S": rng.choice([0, 1, 2, 4]),
+        "D": rng.choice([0, 1, 4]),
+    }
     _common(rng, spec)
     spec["layouts"] = _layouts(rng, ["features", "logits"])
     # Only the size both inputs share can differ: T for the dispatch, S for the combine.
@@ -595,23 +732,49 @@ def run_soft_moe(spec: dict) -> Dict[str, str]:
         return [out] + (_grads([out], [x, z], spec["seed"]) if grads else [])
 
     def operator(device):
-        return mix(ops, _place(spec, "features", features, device, grads),
-                   _place(spec, "logits", logits, device, grads))
+        return mix(
+            ops, _place(spec, "features", features, device, grads), _place(spec, "logits", logits, device, grads)
+        )
 
-    return judge(spec, Call(operator, lambda: mix(reference, _oracle_input(spec, features, grads),
-                                                  _oracle_input(spec, logits, grads)),
-                            ["soft_dispatch", "soft_combine", "x", "y", "logits"]))
+    return judge(
+        spec,
+        Call(
+            operator,
+            lambda: mix(reference, _oracle_input(spec, features, grads), _oracle_input(spec, logits, grads)),
+            ["soft_dispatch", "soft_combine", "x", "y", "logits"],
+        ),
+    )
 
 
 def draw_expert_mlp(rng: random.Random) -> dict:
     """Every expert's MLP on padded [E, C, D] or packed [M, D] rows with expert offsets, and its backward."""
-    spec = {"layout": rng.choice(["padded", "packed"]), "E": rng.choice([0, 1, 2, 3]), "C": rng.choice([0, 1, 3]),
-            "D": rng.choice([0, 1, 4]), "F": rng.choice([0, 1, 5]), "activation": rng.choice(["gelu", "silu_gated"])}
+    spec = {
+        "layout": rng.choice(["padded", "packed"]),
+        "E": rng.choice([0, 1, 2, 3]),
+        "C": rng.choice([0, 1, 3]),
+        "D": rng.choice([0, 1, 4]),
+        "F": rng.choice([0, 1, 5]),
+        "activation": rng.choice(["gelu", "silu_gated"]),
+    }
     _common(rng, spec)
     spec["layouts"] = _layouts(rng, ["x", "w1", "b1", "w2", "b2", "expert_offsets"])
-    _defect(rng, spec, ["offsets_end", "offsets_decreasing", "offsets_negative", "offsets_length", "offsets_int32",
-                        "offsets_for_padded", "offsets_missing", "w1_shape", "b2_shape", "activation_name"],
-            ["x", "w1", "b1", "w2", "b2"])
+    _defect(
+        rng,
+        spec,
+        [
+            "offsets_end",
+            "offsets_decreasing",
+            "offsets_negative",
+            "offsets_length",
+            "offsets_int32",
+            "offsets_for_padded",
+            "offsets_missing",
+            "w1_shape",
+            "b2_shape",
+            "activation_name",
+        ],
+        ["x", "w1", "b1", "w2", "b2"],
+    )
     if spec["layout"] == "padded" and spec["defect"].startswith("offsets_"):
         spec["defect"] = "offsets_for_padded"
     elif spec["layout"] == "packed" and spec["defect"] == "offsets_for_padded":
@@ -632,8 +795,12 @@ def run_expert_mlp(spec: dict) -> Dict[str, str]:
         offsets = None
         x = _floats(spec, (E, C, D), generator)
     x = _special(x, spec["values"], generator)
-    weights = {"w1": _floats(spec, (E, D, hidden), generator, 0.5), "b1": _floats(spec, (E, hidden), generator),
-               "w2": _floats(spec, (E, F, D), generator, 0.5), "b2": _floats(spec, (E, D), generator)}
+    weights = {
+        "w1": _floats(spec, (E, D, hidden), generator, 0.5),
+        "b1": _floats(spec, (E, hidden), generator),
+        "w2": _floats(spec, (E, F, D), generator, 0.5),
+        "b2": _floats(spec, (E, D), generator),
+    }
     if defect == "w1_shape":
         weights["w1"] = weights["w1"][:, :, :-1] if hidden else _floats(spec, (E, D, 1), generator)
     elif defect == "b2_shape":
@@ -678,9 +845,14 @@ def run_expert_mlp(spec: dict) -> Dict[str, str]:
 
 def draw_teacher_routing(rng: random.Random) -> dict:
     """TGR-MoE's routing-distillation loss and its backward."""
-    spec = {"T": rng.choice([0, 1, 3, 7]), "E": rng.choice([0, 1, 2, 5]),
-            "reduction": rng.choice(["none", "mean", "sum"]), "format": rng.choice(["probabilities", "logits"]),
-            "one_hot": rng.random() < 0.2, "special_in": rng.choice(["student_logits", "teacher"])}
+    spec = {
+        "T": rng.choice([0, 1, 3, 7]),
+        "E": rng.choice([0, 1, 2, 5]),
+        "reduction": rng.choice(["none", "mean", "sum"]),
+        "format": rng.choice(["probabilities", "logits"]),
+        "one_hot": rng.random() < 0.2,
+        "special_in": rng.choice(["student_logits", "teacher"]),
+    }
     _common(rng, spec, special_values=("nan", "inf", "-inf", "negative"))
     spec["layouts"] = _layouts(rng, ["student_logits", "teacher"])
     _defect(rng, spec, ["shapes_differ", "rank", "reduction_name", "format_name"], ["student_logits", "teacher"])
@@ -720,18 +892,30 @@ def run_teacher_routing(spec: dict) -> Dict[str, str]:
         return [value] + (_grads([value], [s], spec["seed"]) if grads else [])
 
     def operator(device):
-        return loss(ops, _place(spec, "student_logits", student, device, grads), _place(spec, "teacher", teacher,
-                                                                                     device))
+        return loss(
+            ops, _place(spec, "student_logits", student, device, grads), _place(spec, "teacher", teacher, device)
+        )
 
-    return judge(spec, Call(operator, lambda: loss(reference, _oracle_input(spec, student, grads),
-                                                   _oracle_input(spec, teacher, False)),
-                            ["teacher_routing_loss", "student_logits", "teacher", "reduction", "teacher_format"]))
+    return judge(
+        spec,
+        Call(
+            operator,
+            lambda: loss(reference, _oracle_input(spec, student, grads), _oracle_input(spec, teacher, False)),
+            ["teacher_routing_loss", "student_logits", "teacher", "reduction", "teacher_format"],
+        ),
+    )
 
 
 def draw_whatwhere(rng: random.Random) -> dict:
     """The What-Where Transformer's shared-logit attention between tokens and slots, and its backward."""
-    spec = {"B": rng.choice([0, 1, 2]), "H": rng.choice([0, 1, 2]), "N": rng.choice([0, 1, 3, 5]),
-            "S": rng.choice([0, 1, 2, 4]), "dh": rng.choice([1, 2, 8]), "dv": rng.choice([0, 1, 3])}
+    spec = {
+        "B": rng.choice([0, 1, 2]),
+        "H": rng.choice([0, 1, 2]),
+        "N": rng.choice([0, 1, 3, 5]),
+        "S": rng.choice([0, 1, 2, 4]),
+        "dh": rng.choice([1, 2, 8]),
+        "dv": rng.choice([0, 1, 3]),
+    }
     _common(rng, spec)
     inputs = ["q", "k", "v_tokens", "v_slots", "where"]
     spec["layouts"] = _layouts(rng, inputs)
@@ -745,8 +929,13 @@ def run_whatwhere(spec: dict) -> Dict[str, str]:
     B, H, N, S, dh, dv, defect = (spec[key] for key in ("B", "H", "N", "S", "dh", "dv", "defect"))
     if defect == "zero_head_dim":
         dh = 0
-    shapes = {"q": (B, H, N, dh), "k": (B, H, S, dh + (defect == "head_dims_differ")), "v_tokens": (B, H, N, dv),
-              "v_slots": (B, H, S, dv), "where": (B, H, N, S + (defect == "where_shape"))}
+    shapes = {
+        "q": (B, H, N, dh),
+        "k": (B, H, S, dh + (defect == "head_dims_differ")),
+        "v_tokens": (B, H, N, dv),
+        "v_slots": (B, H, S, dv),
+        "where": (B, H, N, S + (defect == "where_shape")),
+    }
     values = {name: _floats(spec, shape, generator) for name, shape in shapes.items()}
     values["where"] = _special(values["where"], spec["values"], generator)
     names = list(shapes)
@@ -761,9 +950,14 @@ def run_whatwhere(spec: dict) -> Dict[str, str]:
     def operator(device):
         return attend(ops, {n: _place(spec, n, v, device, grads) for n, v in values.items()})
 
-    return judge(spec, Call(operator, lambda: attend(reference, {n: _oracle_input(spec, v, grads)
-                                                                 for n, v in values.items()}),
-                            ["whatwhere_attention"] + names))
+    return judge(
+        spec,
+        Call(
+            operator,
+            lambda: attend(reference, {n: _oracle_input(spec, v, grads) for n, v in values.items()}),
+            ["whatwhere_attention"] + names,
+        ),
+    )
 
 
 FAMILIES = {

@@ -25,9 +25,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-import visionmoe
 # This script's folder: on sys.path when it runs as a script, and when pytest imports it beside test_fuzz.py.
 from fuzz_cases import FAILURES, FAMILIES, draw, run
+
+import visionmoe
 
 STARTED, FINISHED = "fuzz-case-started", "fuzz-case-finished"
 
@@ -40,8 +41,14 @@ def case_keys(families: Sequence[str], seed: int, num_cases: int) -> List[tuple]
 def _start_worker(keys: Sequence[tuple], command: Sequence[str]) -> subprocess.Popen:
     """A worker process running ``keys``, sent on its standard input (a long run's keys exceed argv limits) from a
     thread, so that a worker writing to its other pipes before it reads them cannot block the runner."""
-    process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    process = subprocess.Popen(
+        list(command),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
     def send_keys():
         try:
@@ -60,8 +67,12 @@ def _read_lines(stream, lines: "queue.Queue[str | None]") -> None:
     lines.put(None)
 
 
-def run_keys(keys: Sequence[tuple], device: str = "cpu", case_timeout: float = 120.0,
-             worker_command: Optional[Sequence[str]] = None) -> List[Dict]:
+def run_keys(
+    keys: Sequence[tuple],
+    device: str = "cpu",
+    case_timeout: float = 120.0,
+    worker_command: Optional[Sequence[str]] = None,
+) -> List[Dict]:
     """Outcomes of the cases ``keys``, in order: each the case's spec with ``status`` and ``detail``.
     ``worker_command`` replaces this script's own worker (the tests of the crash guard use it)."""
     outcomes: List[Dict] = []
@@ -81,16 +92,24 @@ def run_keys(keys: Sequence[tuple], device: str = "cpu", case_timeout: float = 1
             except queue.Empty:
                 process.kill()
                 process.wait()
-                outcomes.append(dict(draw(*pending[0], device=device), status="hang",
-                                     detail=f"no outcome after {case_timeout:.0f} s"))
+                outcomes.append(
+                    dict(
+                        draw(*pending[0], device=device), status="hang", detail=f"no outcome after {case_timeout:.0f} s"
+                    )
+                )
                 pending = pending[1:]
                 break
             if line is None:
                 process.wait()
                 if current is not None:
                     tail = "".join(errors)[-400:].strip().replace("\n", " | ")
-                    outcomes.append(dict(draw(*pending[0], device=device), status="crash",
-                                         detail=f"worker exited with {process.returncode}: {tail}"))
+                    outcomes.append(
+                        dict(
+                            draw(*pending[0], device=device),
+                            status="crash",
+                            detail=f"worker exited with {process.returncode}: {tail}",
+                        )
+                    )
                     pending = pending[1:]
                 elif pending:
                     raise RuntimeError(f"fuzz worker failed before its first case: {''.join(errors)[-2000:]}")
@@ -108,8 +127,9 @@ def run_parallel(keys: Sequence[tuple], workers: int, device: str = "cpu") -> Li
     """:func:`run_keys` over ``workers`` interleaved shares of ``keys``, outcomes in the order of ``keys``."""
     shares = [list(keys[w::workers]) for w in range(workers)]
     results: List[List[Dict]] = [[] for _ in shares]
-    threads = [threading.Thread(target=lambda w=w: results[w].extend(run_keys(shares[w], device)))
-               for w in range(workers)]
+    threads = [
+        threading.Thread(target=lambda w=w: results[w].extend(run_keys(shares[w], device))) for w in range(workers)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

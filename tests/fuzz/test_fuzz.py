@@ -11,7 +11,6 @@ import os
 import sys
 
 import pytest
-
 from fuzz_cases import FAMILIES
 from fuzz_runner import FINISHED, STARTED, run_keys, summarise
 
@@ -23,8 +22,10 @@ SEED = int(os.environ.get("VISIONMOE_FUZZ_SEED", "0"))
 def test_family_gives_a_clear_error_or_the_reference_result(family):
     summary = summarise(run_keys([(family, SEED, index) for index in range(CASES_PER_FAMILY)]))
     failures = summary["failures"]
-    report = "\n".join(f"{f['status']}: {f['detail']}\n  python tests/fuzz/fuzz_runner.py --replay '{json.dumps(f)}'"
-                       for f in failures[:10])
+    report = "\n".join(
+        f"{f['status']}: {f['detail']}\n  python tests/fuzz/fuzz_runner.py --replay '{json.dumps(f)}'"
+        for f in failures[:10]
+    )
     assert not failures, f"{len(failures)} of {summary['cases']} cases failed ({summary['statuses']}):\n{report}"
     assert summary["cases"] == CASES_PER_FAMILY
 
@@ -40,7 +41,8 @@ def test_a_crashing_case_is_reported_with_its_input(tmp_path):
         "    if index == 1:\n"
         "        os.kill(os.getpid(), signal.SIGSEGV)\n"
         "    outcome = dict(family=family, index=index, status='agree', detail='')\n"
-        f"    print({FINISHED!r}, json.dumps(outcome), flush=True)\n")
+        f"    print({FINISHED!r}, json.dumps(outcome), flush=True)\n"
+    )
     outcomes = run_keys([("sinkhorn", 0, index) for index in range(3)], worker_command=[sys.executable, str(script)])
     assert [(o["index"], o["status"]) for o in outcomes] == [(0, "agree"), (1, "crash"), (2, "agree")]
     assert "-11" in outcomes[1]["detail"] and outcomes[1]["family"] == "sinkhorn" and "T" in outcomes[1]

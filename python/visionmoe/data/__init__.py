@@ -13,8 +13,14 @@ Items are ``(image [C, H, W] float32, label int)``; data sets carry ``num_classe
 
 from . import cifar, digit_scenes, digits, image_folder, transforms
 from .cifar import CifarDataset
-from .digit_scenes import (COUNT_GROUPS, SCENE_CLASSES, SCENE_LABELS, DigitScenesDataset, collate_scenes,
-                           digit_count_groups)
+from .digit_scenes import (
+    COUNT_GROUPS,
+    SCENE_CLASSES,
+    SCENE_LABELS,
+    DigitScenesDataset,
+    collate_scenes,
+    digit_count_groups,
+)
 from .digits import DigitsDataset
 from .factory import DATASETS, DataFileError, create_dataset, list_datasets
 from .image_folder import ImageFolderDataset

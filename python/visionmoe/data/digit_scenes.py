@@ -193,8 +193,11 @@ def digit_count_groups(targets: list[dict]) -> dict[str, torch.Tensor]:
     """Indices [n] int64 of the scenes in each digit-count group of :data:`COUNT_GROUPS` ("1": one digit, ">=2":
     several), and of all scenes under "all", for reporting every metric separately by digit count."""
     counts = torch.tensor([int(t["labels"].shape[0]) for t in targets], dtype=torch.int64)
-    return {"all": torch.arange(len(counts)), "1": (counts == 1).nonzero().flatten(),
-            ">=2": (counts >= 2).nonzero().flatten()}
+    return {
+        "all": torch.arange(len(counts)),
+        "1": (counts == 1).nonzero().flatten(),
+        ">=2": (counts >= 2).nonzero().flatten(),
+    }
 
 
 def collate_scenes(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:

@@ -99,8 +99,10 @@ class ImageFolderDataset(Dataset):
                 return picture.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
         # Pillow reports damaged files as OSError mostly, but some decoders raise SyntaxError or ValueError.
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DataFileError(f"cannot read image {path!r}: {error} (the data set option bad_images='check' "
-                                f"finds every such image up front, 'skip' leaves them out)") from error
+            raise DataFileError(
+                f"cannot read image {path!r}: {error} (the data set option bad_images='check' "
+                f"finds every such image up front, 'skip' leaves them out)"
+            ) from error
 
     def _readable(self, samples: List[Tuple[str, int]], directory: str, policy: str) -> List[Tuple[str, int]]:
         """``samples`` without the images that cannot be read: an error naming them for ``policy`` "check", a
@@ -118,8 +120,9 @@ class ImageFolderDataset(Dataset):
         named = "; ".join(f"{path!r} ({error})" for path, error in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if policy == "check" or not readable:
             raise DataFileError(f"{len(bad)} of {len(samples)} images in {directory!r} cannot be read: {named}")
-        warnings.warn(f"skipping {len(bad)} of {len(samples)} images in {directory!r} that cannot be read: {named}",
-                      stacklevel=3)
+        warnings.warn(
+            f"skipping {len(bad)} of {len(samples)} images in {directory!r} that cannot be read: {named}", stacklevel=3
+        )
         return readable
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -31,8 +31,15 @@ from ..layers.moe_mlp import ExpertMLPs
 EXPERT_PARAMETERS = ("w1", "b1", "w2", "b2")
 
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -89,8 +96,9 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def write_full_safetensors(model: nn.Module, file: Optional[BinaryIO], metadata: Optional[Dict[str, str]] = None
-                           ) -> None:
+def write_full_safetensors(
+    model: nn.Module, file: Optional[BinaryIO], metadata: Optional[Dict[str, str]] = None
+) -> None:
     """Writes ``model``'s state dict, with every sharded expert tensor gathered to its full [E, ...] shape, as a
     safetensors file into ``file`` on rank 0 (every rank calls this; ``file`` is ignored elsewhere). The keys are
     the unwrapped model's, so the file is the one a one-process model would save. One tensor is gathered at a
@@ -109,8 +117,11 @@ def write_full_safetensors(model: nn.Module, file: Optional[BinaryIO], metadata:
         size = tensor.element_size()
         for extent in shape:
             size *= extent
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     writing = _rank() == 0
     if writing:
@@ -142,14 +153,18 @@ def load_sharded_weights(model: nn.Module, path: str, allow_reshaped: bool = Fal
         keys = set(file.keys())
         missing, unexpected = sorted(own.keys() - keys), sorted(keys - own.keys())
         if missing or unexpected:
-            raise ValueError(f"the checkpoint {path!r} holds a different model: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]} (of {len(missing)} and {len(unexpected)})")
+            raise ValueError(
+                f"the checkpoint {path!r} holds a different model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]} (of {len(missing)} and {len(unexpected)})"
+            )
         for name, layer in experts.items():  # the number of experts first: other tensors (the router) follow E
             shape = tuple(file.get_slice(name).get_shape())
             if not shape or shape[0] != layer.num_experts:
-                raise ValueError(f"the checkpoint {path!r} holds {shape[0] if shape else 'no'} experts in {name!r}, "
-                                 f"but the model's layer has E={layer.num_experts}: a checkpoint cannot change the "
-                                 f"number of experts")
+                raise ValueError(
+                    f"the checkpoint {path!r} holds {shape[0] if shape else 'no'} experts in {name!r}, "
+                    f"but the model's layer has E={layer.num_experts}: a checkpoint cannot change the "
+                    f"number of experts"
+                )
         for name, target in own.items():
             stored = file.get_slice(name)
             shape = tuple(stored.get_shape())
@@ -159,10 +174,11 @@ def load_sharded_weights(model: nn.Module, path: str, allow_reshaped: bool = Fal
                 if allow_reshaped and layer is None:
                     reshaped.append(name)
                     continue
-                raise ValueError(f"tensor {name!r} of the checkpoint {path!r} has shape {shape}, the model's "
-                                 f"{expected}")
+                raise ValueError(
+                    f"tensor {name!r} of the checkpoint {path!r} has shape {shape}, the model's {expected}"
+                )
             if layer is not None:
-                tensor = stored[layer.first_expert:layer.first_expert + layer.num_local_experts]
+                tensor = stored[layer.first_expert : layer.first_expert + layer.num_local_experts]
             else:
                 tensor = file.get_tensor(name)
             if tensor.dtype != target.dtype:
@@ -199,13 +215,15 @@ def expert_layout(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[st
     """What a checkpoint records about its expert sharding: the number of shards S of rank 0's expert group (1
     without sharding) and, per sharded parameter's optimiser index, its key and E."""
     params = expert_parameter_indices(model, optimizer)
-    shards = {1 if layer.expert_group is None else dist.get_world_size(layer.expert_group)
-              for _, layer in params.values()}
+    shards = {
+        1 if layer.expert_group is None else dist.get_world_size(layer.expert_group) for _, layer in params.values()
+    }
     if len(shards) > 1:
         raise ValueError(f"the model's expert layers are sharded over groups of different sizes {sorted(shards)}")
-    return {"shards": shards.pop() if shards else 1,
-            "params": {index: {"name": name, "num_experts": layer.num_experts}
-                       for index, (name, layer) in params.items()}}
+    return {
+        "shards": shards.pop() if shards else 1,
+        "params": {index: {"name": name, "num_experts": layer.num_experts} for index, (name, layer) in params.items()},
+    }
 
 
 def expert_optimizer_shard(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[int, Dict[str, Any]]:
@@ -214,8 +232,9 @@ def expert_optimizer_shard(model: nn.Module, optimizer: torch.optim.Optimizer) -
     return {index: state[index] for index in expert_parameter_indices(model, optimizer) if index in state}
 
 
-def send_expert_optimizer_shards(model: nn.Module, optimizer: torch.optim.Optimizer,
-                                 write: Callable[[int, Dict[int, Dict[str, Any]]], None]) -> int:
+def send_expert_optimizer_shards(
+    model: nn.Module, optimizer: torch.optim.Optimizer, write: Callable[[int, Dict[int, Dict[str, Any]]], None]
+) -> int:
     """Hands the expert optimiser shards of ranks 1 .. S - 1 of rank 0's expert group, one at a time, to
     ``write(shard_index, shard)`` on rank 0 (every rank calls this; only that group communicates). Returns S."""
     params = expert_parameter_indices(model, optimizer)
@@ -237,9 +256,13 @@ def send_expert_optimizer_shards(model: nn.Module, optimizer: torch.optim.Optimi
     return len(members)
 
 
-def reshard_optimizer_state(state_dict: Dict[str, Any], layout: Optional[Dict[str, Any]], model: nn.Module,
-                            optimizer: torch.optim.Optimizer, load_shard: Callable[[int], Dict[int, Dict[str, Any]]]
-                            ) -> Dict[str, Any]:
+def reshard_optimizer_state(
+    state_dict: Dict[str, Any],
+    layout: Optional[Dict[str, Any]],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    load_shard: Callable[[int], Dict[int, Dict[str, Any]]],
+) -> Dict[str, Any]:
     """The optimiser state dict for this rank from a checkpoint's: ``state_dict`` is rank 0's at save time (its
     expert entries are shard 0 of ``layout['shards']``; None or 1 shard means full tensors) and ``load_shard(j)``
     returns shard j's expert entries. Each local expert parameter's state tensors are its rows
@@ -261,9 +284,11 @@ def reshard_optimizer_state(state_dict: Dict[str, Any], layout: Optional[Dict[st
     for index, (name, layer) in params.items():
         saved = saved_params.get(index)
         if saved is not None and (saved["name"] != name or saved["num_experts"] != layer.num_experts):
-            raise ValueError(f"the checkpoint's optimiser state of parameter {index} is for {saved['name']!r} with "
-                             f"E={saved['num_experts']}, this model's is {name!r} with E={layer.num_experts}: a "
-                             f"checkpoint cannot change the number of experts")
+            raise ValueError(
+                f"the checkpoint's optimiser state of parameter {index} is for {saved['name']!r} with "
+                f"E={saved['num_experts']}, this model's is {name!r} with E={layer.num_experts}: a "
+                f"checkpoint cannot change the number of experts"
+            )
         if index not in state:
             continue
         first, count = layer.first_expert, layer.num_local_experts
@@ -274,11 +299,13 @@ def reshard_optimizer_state(state_dict: Dict[str, Any], layout: Optional[Dict[st
                 continue
             rows = value.shape[0]
             if rows * saved_shards != layer.num_experts:
-                raise ValueError(f"the checkpoint's optimiser state {key!r} of {name!r} covers "
-                                 f"{rows * saved_shards} experts, but the model's layer has E={layer.num_experts}: "
-                                 f"a checkpoint cannot change the number of experts")
+                raise ValueError(
+                    f"the checkpoint's optimiser state {key!r} of {name!r} covers "
+                    f"{rows * saved_shards} experts, but the model's layer has E={layer.num_experts}: "
+                    f"a checkpoint cannot change the number of experts"
+                )
             pieces = [shard(j)[index][key] for j in range(first // rows, (first + count - 1) // rows + 1)]
             offset = first - (first // rows) * rows
-            entry[key] = torch.cat(pieces)[offset:offset + count].clone()
+            entry[key] = torch.cat(pieces)[offset : offset + count].clone()
         state[index] = entry
     return {"state": state, "param_groups": state_dict["param_groups"]}

@@ -34,20 +34,25 @@ def routing_group_sizes(model: nn.Module) -> List[int]:
     return sizes
 
 
-def local_batch_size(global_batch_size: int, world_size: int, group_sizes: Iterable[int] = (),
-                     key: str = "batch_size") -> int:
+def local_batch_size(
+    global_batch_size: int, world_size: int, group_sizes: Iterable[int] = (), key: str = "batch_size"
+) -> int:
     """Each rank's share B / W of the global batch B, after checking that W divides B and that every MoE layer's
     ``group_size`` divides B / W (a rank routes whole groups of its own images). ``key`` names the setting in
     errors."""
     if global_batch_size % world_size:
-        raise ValueError(f"config key {key!r} ({global_batch_size}) is the global batch, split over {world_size} "
-                         f"ranks: it must be divisible by the world size {world_size}")
+        raise ValueError(
+            f"config key {key!r} ({global_batch_size}) is the global batch, split over {world_size} "
+            f"ranks: it must be divisible by the world size {world_size}"
+        )
     local = global_batch_size // world_size
     for size in sorted(set(group_sizes)):
         if local % size:
-            raise ValueError(f"config key {key!r} ({global_batch_size}) gives each of the {world_size} ranks "
-                             f"{local} images, which is not a multiple of an MoE layer's group_size={size}; "
-                             f"choose {key} divisible by {world_size * size}")
+            raise ValueError(
+                f"config key {key!r} ({global_batch_size}) gives each of the {world_size} ranks "
+                f"{local} images, which is not a multiple of an MoE layer's group_size={size}; "
+                f"choose {key} divisible by {world_size * size}"
+            )
     return local
 
 
@@ -56,25 +61,29 @@ def steps_per_epoch(num_samples: int, global_batch_size: int, drop_last: bool) -
     return num_samples // global_batch_size if drop_last else math.ceil(num_samples / global_batch_size)
 
 
-def rank_training_indices(order: Sequence[int], global_batch_size: int, rank: int, world_size: int,
-                          drop_last: bool, skip_batches: int = 0) -> List[int]:
+def rank_training_indices(
+    order: Sequence[int], global_batch_size: int, rank: int, world_size: int, drop_last: bool, skip_batches: int = 0
+) -> List[int]:
     """This rank's dataset indices, batch after batch, for one epoch of the data order ``order``: of global batch
     k, ``order[k * B + r * B / W:k * B + (r + 1) * B / W]``; the first ``skip_batches`` global batches (already
     trained on before a resumption) are left out. With ``drop_last`` a last batch of fewer than B images is left
     out; without it, W must be 1."""
     if world_size > 1 and not drop_last and len(order) % global_batch_size:
-        raise ValueError(f"{len(order)} training images do not make whole global batches of {global_batch_size}, "
-                         f"so {world_size} ranks cannot share the last one: training on several ranks drops it")
+        raise ValueError(
+            f"{len(order)} training images do not make whole global batches of {global_batch_size}, "
+            f"so {world_size} ranks cannot share the last one: training on several ranks drops it"
+        )
     local = global_batch_size // world_size
     indices: List[int] = []
     for step in range(skip_batches, steps_per_epoch(len(order), global_batch_size, drop_last)):
         start = step * global_batch_size + rank * local
-        indices.extend(order[start:min(start + local, (step + 1) * global_batch_size, len(order))])
+        indices.extend(order[start : min(start + local, (step + 1) * global_batch_size, len(order))])
     return indices
 
 
-def rank_evaluation_batches(num_samples: int, global_batch_size: int, rank: int, world_size: int,
-                            multiple: int = 1) -> List[Tuple[List[int], List[bool]]]:
+def rank_evaluation_batches(
+    num_samples: int, global_batch_size: int, rank: int, world_size: int, multiple: int = 1
+) -> List[Tuple[List[int], List[bool]]]:
     """This rank's share of an evaluation over ``num_samples`` images in order: a list of (indices, valid) per
     batch. Global batches of B images are split as in training; the last, of L < B images, is padded to the
     smallest multiple of W * ``multiple`` (``multiple``: the routing groups' size) with copies of image 0, which
@@ -89,8 +98,12 @@ def rank_evaluation_batches(num_samples: int, global_batch_size: int, rank: int,
         padded = global_batch_size if count == global_batch_size else math.ceil(count / unit) * unit
         share = padded // world_size
         positions = range(rank * share, (rank + 1) * share)
-        batches.append(([start + position if position < count else 0 for position in positions],
-                        [position < count for position in positions]))
+        batches.append(
+            (
+                [start + position if position < count else 0 for position in positions],
+                [position < count for position in positions],
+            )
+        )
     return batches
 
 
@@ -101,7 +114,7 @@ class IndexBatchSampler(torch.utils.data.Sampler):
     def __init__(self, indices: Sequence[int], batch_sizes: Sequence[int]):
         self.batches, start = [], 0
         for size in batch_sizes:
-            self.batches.append(list(indices[start:start + size]))
+            self.batches.append(list(indices[start : start + size]))
             start += size
 
     def __iter__(self):

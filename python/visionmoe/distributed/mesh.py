@@ -44,8 +44,9 @@ def init_mesh(expert_parallel: int = 1, device_type: Optional[str] = None, backe
 def mesh_from_process_groups(expert_parallel: int, device_type: str = "cpu") -> DeviceMesh:
     """The mesh of :func:`init_mesh` over an already initialised default process group (tests, notebooks)."""
     if not dist.is_initialized():
-        raise RuntimeError("mesh_from_process_groups needs an initialised default process group "
-                           "(torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "mesh_from_process_groups needs an initialised default process group (torch.distributed.init_process_group)"
+        )
     return _mesh(dist.get_world_size(), expert_parallel, device_type)
 
 

@@ -28,8 +28,9 @@ from ..routers import Router
 _EXPERT_GRADIENT_HOOKS = "_visionmoe_expert_gradient_hooks"
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = None,
-                **ddp_options) -> DistributedDataParallel:
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = None, **ddp_options
+) -> DistributedDataParallel:
     """Expert parallelism over ``mesh["ep"]`` and data parallelism over the whole world, in place on ``model``.
 
     Every :class:`~visionmoe.layers.MoEMLP` and :class:`~visionmoe.layers.SoftMoEMLP` of ``model`` keeps only its
@@ -74,13 +75,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
         raise ValueError(f"parallelize needs a mesh with dimensions ('dp', 'ep'), got {mesh.mesh_dim_names}")
     expert_parallel = mesh["ep"].size()
     world_size = dist.get_world_size()
-    ungrouped = [name for name, module in model.named_modules()
-                 if isinstance(module, MoEMLP) and module.group_size is None]
+    ungrouped = [
+        name for name, module in model.named_modules() if isinstance(module, MoEMLP) and module.group_size is None
+    ]
     if world_size > 1 and ungrouped:
-        warnings.warn(f"the MoE layers {ungrouped} route the whole batch as one group (group_size=None): on {world_size} "
-                      "ranks each rank routes its local batch as one group, which is not the one-process routing of "
-                      "the global batch (capacity and expert choice span the group); set group_size to make the "
-                      "result independent of the world size", stacklevel=2)
+        warnings.warn(
+            f"the MoE layers {ungrouped} route the whole batch as one group (group_size=None): on {world_size} "
+            "ranks each rank routes its local batch as one group, which is not the one-process routing of "
+            "the global batch (capacity and expert choice span the group); set group_size to make the "
+            "result independent of the world size",
+            stacklevel=2,
+        )
     if world_size > 1:
         for module in model.modules():
             if isinstance(module, Router):
@@ -90,12 +95,16 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, debug: Optional[bool] = N
         owned = {id(layer.experts) for _, layer in layers}
         for name, module in model.named_modules():
             if isinstance(module, ConvMoE):
-                raise ValueError(f"ConvMoE ({name!r}) does not support expert parallelism: its image-gated capacity "
-                                 "spans the whole local batch and its expert bodies are convolutions, not "
-                                 "ExpertMLPs; use expert_parallel=1 (plain data parallelism) for CNN MoE models")
+                raise ValueError(
+                    f"ConvMoE ({name!r}) does not support expert parallelism: its image-gated capacity "
+                    "spans the whole local batch and its expert bodies are convolutions, not "
+                    "ExpertMLPs; use expert_parallel=1 (plain data parallelism) for CNN MoE models"
+                )
             if isinstance(module, ExpertMLPs) and id(module) not in owned:
-                raise ValueError(f"the experts {name!r} are not the experts of an MoEMLP or SoftMoEMLP, and only those "
-                                 "layers route across an expert-parallel group")
+                raise ValueError(
+                    f"the experts {name!r} are not the experts of an MoEMLP or SoftMoEMLP, and only those "
+                    "layers route across an expert-parallel group"
+                )
         ep_group, dp_group = mesh.get_group("ep"), mesh.get_group("dp")
         for name, layer in layers:
             if layer.experts.expert_group is None:
@@ -180,8 +189,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: Optional[DeviceMesh
 
 
 def _expert_group(model: nn.Module) -> dist.ProcessGroup:
-    groups = {id(m.expert_group): m.expert_group for m in model.modules()
-              if isinstance(m, ExpertMLPs) and m.expert_group is not None}
+    groups = {
+        id(m.expert_group): m.expert_group
+        for m in model.modules()
+        if isinstance(m, ExpertMLPs) and m.expert_group is not None
+    }
     if len(groups) != 1:
         raise ValueError("the model's experts are sharded over several process groups; pass the mesh")
     return next(iter(groups.values()))

@@ -30,11 +30,17 @@ def _serialised(value: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _worker(rank: int, world_size: int, backend: str, init_file: str, timeout: float,
-            fn: Callable, args: tuple, results) -> None:
+def _worker(
+    rank: int, world_size: int, backend: str, init_file: str, timeout: float, fn: Callable, args: tuple, results
+) -> None:
     try:
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
         try:
             results.put((rank, "ok", _serialised(fn(rank, world_size, *args))))
         finally:
@@ -43,7 +49,9 @@ def _worker(rank: int, world_size: int, backend: str, init_file: str, timeout: f
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_processes(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", timeout: float = 120.0) -> List[Any]:
+def run_processes(
+    fn: Callable, world_size: int, *args: Any, backend: str = "gloo", timeout: float = 120.0
+) -> List[Any]:
     """Calls ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes that share a default process group,
     and returns their results in rank order.
 
@@ -58,9 +66,12 @@ def run_processes(fn: Callable, world_size: int, *args: Any, backend: str = "glo
     results = context.Queue()
     with tempfile.TemporaryDirectory(prefix="visionmoe-rendezvous-") as directory:
         init_file = os.path.join(directory, "rendezvous")
-        processes = [context.Process(target=_worker, daemon=True,
-                                     args=(rank, world_size, backend, init_file, timeout, fn, args, results))
-                     for rank in range(world_size)]
+        processes = [
+            context.Process(
+                target=_worker, daemon=True, args=(rank, world_size, backend, init_file, timeout, fn, args, results)
+            )
+            for rank in range(world_size)
+        ]
         for process in processes:
             process.start()
         outcomes = {}
@@ -75,10 +86,13 @@ def run_processes(fn: Callable, world_size: int, *args: Any, backend: str = "glo
                     missing = [rank for rank in range(world_size) if rank not in outcomes]
                     dead = {rank: processes[rank].exitcode for rank in missing if not processes[rank].is_alive()}
                     if dead:
-                        raise RuntimeError(f"ranks {sorted(dead)} of {world_size} exited without a result "
-                                           f"(exit codes {dead})")
+                        raise RuntimeError(
+                            f"ranks {sorted(dead)} of {world_size} exited without a result (exit codes {dead})"
+                        ) from None
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout} s")
+                        raise TimeoutError(
+                            f"ranks {missing} of {world_size} did not finish within {timeout} s"
+                        ) from None
                     continue
                 if status == "error":
                     raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")

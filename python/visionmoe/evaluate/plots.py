@@ -63,12 +63,12 @@ def patch_assignments(layer, batch_size: int, grid: int) -> torch.Tensor:
     kept = plan.kept()
     weight = torch.where(kept, plan.weight.detach().float(), torch.full_like(plan.weight.detach().float(), -1.0))
     best_weight = torch.full((batch_size * tokens_per_image,), -1.0).scatter_reduce(
-        0, plan.sorted_token, weight, reduce="amax", include_self=True)
+        0, plan.sorted_token, weight, reduce="amax", include_self=True
+    )
     is_best = kept & (weight == best_weight[plan.sorted_token])
     expert = torch.full((batch_size * tokens_per_image,), -1, dtype=torch.long)
-    expert[plan.sorted_token[is_best]] = torch.div(plan.sorted_expert[is_best], plan.num_groups,
-                                                   rounding_mode="floor")
-    patches = expert.view(batch_size, tokens_per_image)[:, tokens_per_image - grid * grid:]
+    expert[plan.sorted_token[is_best]] = torch.div(plan.sorted_expert[is_best], plan.num_groups, rounding_mode="floor")
+    patches = expert.view(batch_size, tokens_per_image)[:, tokens_per_image - grid * grid :]
     return patches.reshape(batch_size, grid, grid)
 
 
@@ -81,8 +81,9 @@ def draw_patch_assignments(axis, image, assignments, num_experts: int) -> None:
     shown = image.float().mean(0)
     axis.imshow(((shown - shown.min()) / (shown.max() - shown.min()).clamp(min=1e-6)).numpy(), cmap="gray")
     overlay = [[colours(int(e) % colours.N) if e >= 0 else (0, 0, 0, 0) for e in row] for row in assignments.tolist()]
-    axis.imshow(overlay, alpha=0.45, extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5),
-                interpolation="nearest")
+    axis.imshow(
+        overlay, alpha=0.45, extent=(-0.5, shown.shape[1] - 0.5, shown.shape[0] - 0.5, -0.5), interpolation="nearest"
+    )
     axis.set_axis_off()
 
 
@@ -121,8 +122,10 @@ def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
         points = [(epoch, values[layer]) for epoch, values in zip(epochs, consistency["adjacent"]) if values]
         adjacent_axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=layer, **style)
         final_axis.plot(epochs, [values[layer] for values in consistency["final"]], marker=".", label=layer, **style)
-    for axis, title in ((adjacent_axis, "agreement with the previous epoch"),
-                        (final_axis, "agreement with the final epoch")):
+    for axis, title in (
+        (adjacent_axis, "agreement with the previous epoch"),
+        (final_axis, "agreement with the final epoch"),
+    ):
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("epoch")
         axis.set_ylabel("fraction of probe tokens, same top-1 expert")
@@ -130,8 +133,14 @@ def write_routing_consistency_plot(consistency: dict, path: str | Path) -> Path:
     if any(consistency.get("pretrain") or []):
         for layer in consistency["layers"] + ["mean"]:
             points = [(epoch, values[layer]) for epoch, values in zip(epochs, consistency["pretrain"]) if values]
-            final_axis.plot([p[0] for p in points], [p[1] for p in points], linestyle="--", marker="x",
-                            color="black" if layer == "mean" else None, label=f"{layer} vs pre-trained")
+            final_axis.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                linestyle="--",
+                marker="x",
+                color="black" if layer == "mean" else None,
+                label=f"{layer} vs pre-trained",
+            )
     final_axis.legend(fontsize=7)
     figure.tight_layout()
     path = Path(path)

@@ -49,11 +49,19 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return {
-            "accuracy": self.accuracy, "loss": self.loss, "num_images": self.num_images,
-            "layers": [{"name": layer.name, "load": layer.load.tolist(), "dropped_fraction": layer.dropped_fraction,
-                        "unrouted_fraction": layer.unrouted_fraction,
-                        "class_usage": None if layer.class_usage is None else layer.class_usage.tolist()}
-                       for layer in self.layers],
+            "accuracy": self.accuracy,
+            "loss": self.loss,
+            "num_images": self.num_images,
+            "layers": [
+                {
+                    "name": layer.name,
+                    "load": layer.load.tolist(),
+                    "dropped_fraction": layer.dropped_fraction,
+                    "unrouted_fraction": layer.unrouted_fraction,
+                    "class_usage": None if layer.class_usage is None else layer.class_usage.tolist(),
+                }
+                for layer in self.layers
+            ],
         }
 
 
@@ -74,8 +82,9 @@ def _gate_weights_per_image(layer: ConvMoE) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, *, batch_size: int = 128,
-             device: str | torch.device = "cpu") -> EvalReport:
+def evaluate(
+    model: nn.Module, dataset: Dataset, num_classes: int, *, batch_size: int = 128, device: str | torch.device = "cpu"
+) -> EvalReport:
     """Accuracy, mean cross-entropy and per-MoE-layer routing statistics of ``model`` on ``dataset`` (items
     (image, label)), in eval mode, in the dataset's order."""
     if batch_size < 1:
@@ -107,8 +116,14 @@ def evaluate(model: nn.Module, dataset: Dataset, num_classes: int, *, batch_size
             total["usage"] = usage if total["usage"] is None else total["usage"] + usage
     if seen == 0:
         raise ValueError("the evaluation data set is empty")
-    reports = [LayerReport(name, totals[name]["load"].cpu(), totals[name]["dropped"] / batches,
-                           totals[name]["unrouted"] / batches,
-                           None if totals[name]["usage"] is None else totals[name]["usage"].cpu())
-               for name, _ in layers]
+    reports = [
+        LayerReport(
+            name,
+            totals[name]["load"].cpu(),
+            totals[name]["dropped"] / batches,
+            totals[name]["unrouted"] / batches,
+            None if totals[name]["usage"] is None else totals[name]["usage"].cpu(),
+        )
+        for name, _ in layers
+    ]
     return EvalReport(accuracy=correct / seen, loss=loss_sum / seen, num_images=seen, layers=reports)

@@ -4,8 +4,15 @@ and the dense ViT parts (patch embedding, attention, MLP) the models and the Wha
 timm.layers."""
 
 from .attention import Attention
-from .conv_moe import (GATINGS, HARD_CONSTRAINTS, ConstrainedTokenChoiceRouter, ConvMoE, ResidualBody, SlotBatchNorm2d,
-                       residual_shortcut)
+from .conv_moe import (
+    GATINGS,
+    HARD_CONSTRAINTS,
+    ConstrainedTokenChoiceRouter,
+    ConvMoE,
+    ResidualBody,
+    SlotBatchNorm2d,
+    residual_shortcut,
+)
 from .mlp import Mlp
 from .moe_mlp import ACTIVATIONS, ExpertMLPs, MoEMLP, SoftMoEMLP, aux_losses
 from .patch_embed import PatchEmbed

@@ -62,8 +62,11 @@ class SlotBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
-        super().__init__(check_int("num_features", num_features, 1), eps=check_real("eps", eps, greater_than=0),
-                         momentum=check_real("momentum", momentum, at_least=0, at_most=1))
+        super().__init__(
+            check_int("num_features", num_features, 1),
+            eps=check_real("eps", eps, greater_than=0),
+            momentum=check_real("momentum", momentum, at_least=0, at_most=1),
+        )
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         if valid is None or not self.training:
@@ -81,10 +84,12 @@ class SlotBatchNorm2d(nn.BatchNorm2d):
             # Branch-free, so a compiled graph needs no data-dependent guard on the number of valid slots.
             seen = count > 0
             unbiased_var = var * count / (count - 1).clamp_min(1)
-            self.running_mean.copy_(torch.where(seen, torch.lerp(self.running_mean, mean, self.momentum),
-                                                self.running_mean))
-            self.running_var.copy_(torch.where(seen, torch.lerp(self.running_var, unbiased_var, self.momentum),
-                                               self.running_var))
+            self.running_mean.copy_(
+                torch.where(seen, torch.lerp(self.running_mean, mean, self.momentum), self.running_mean)
+            )
+            self.running_var.copy_(
+                torch.where(seen, torch.lerp(self.running_var, unbiased_var, self.momentum), self.running_var)
+            )
             self.num_batches_tracked.add_(1)
         return centered * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
@@ -100,14 +105,22 @@ class ResidualBody(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, width: int, stride: int = 1, kind: str = "basic"):
         super().__init__()
         check_choice("expert", kind, EXPERT_BODIES)
-        in_channels, out_channels, width, stride = (check_int(name, value, 1) for name, value in (
-            ("in_channels", in_channels), ("out_channels", out_channels), ("expert_width", width), ("stride", stride)))
+        in_channels, out_channels, width, stride = (
+            check_int(name, value, 1)
+            for name, value in (
+                ("in_channels", in_channels),
+                ("out_channels", out_channels),
+                ("expert_width", width),
+                ("stride", stride),
+            )
+        )
         if kind == "basic":
             shapes = [(in_channels, width, 3, stride), (width, out_channels, 3, 1)]
         else:
             shapes = [(in_channels, width, 1, 1), (width, width, 3, stride), (width, out_channels, 1, 1)]
-        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, size, stride=s, padding=size // 2, bias=False)
-                                   for cin, cout, size, s in shapes)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(cin, cout, size, stride=s, padding=size // 2, bias=False) for cin, cout, size, s in shapes
+        )
         self.norms = nn.ModuleList(SlotBatchNorm2d(cout) for _, cout, _, _ in shapes)
 
     def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -124,8 +137,9 @@ def residual_shortcut(in_channels: int, out_channels: int, stride: int = 1) -> n
     changes."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                         nn.BatchNorm2d(out_channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+    )
 
 
 class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
@@ -146,8 +160,7 @@ class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
     The statistics are buffers (``importance_statistic`` [E], ``constraint_steps``), saved with the model.
     """
 
-    def __init__(self, dim: int, num_experts: int, constraint: Optional[str] = None, threshold: float = 0.1,
-                 **options):
+    def __init__(self, dim: int, num_experts: int, constraint: Optional[str] = None, threshold: float = 0.1, **options):
         super().__init__(dim, num_experts, **options)
         self.constraint = check_choice("constraint", constraint, HARD_CONSTRAINTS, allow_none=True)
         self.threshold = check_real("constraint_threshold", threshold, at_least=0)
@@ -158,8 +171,11 @@ class ConstrainedTokenChoiceRouter(TokenChoiceRouter):
         """[E] bool, the experts the hard constraint currently removes from the selection."""
         over = self.importance_statistic > self.threshold
         rank = torch.empty(self.num_experts, dtype=torch.long, device=over.device)
-        rank.scatter_(0, self.importance_statistic.argsort(descending=True, stable=True),
-                      torch.arange(self.num_experts, device=rank.device))
+        rank.scatter_(
+            0,
+            self.importance_statistic.argsort(descending=True, stable=True),
+            torch.arange(self.num_experts, device=rank.device),
+        )
         return over & (rank < self.num_experts - self.k)
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -215,31 +231,54 @@ class ConvMoE(nn.Module):
     [B, E, H', W'] for location gating; :func:`visionmoe.metrics.expert_class_usage` turns them into a report.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_experts: int, k: int = 1, *, stride: int = 1,
-                 expert: str = "basic", expert_width: Optional[int] = None, gating: str = "image",
-                 capacity_factor: Optional[float] = None, constraint: Optional[str] = None,
-                 constraint_threshold: float = 0.1, renormalize: bool = True, **router_options):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        stride: int = 1,
+        expert: str = "basic",
+        expert_width: Optional[int] = None,
+        gating: str = "image",
+        capacity_factor: Optional[float] = None,
+        constraint: Optional[str] = None,
+        constraint_threshold: float = 0.1,
+        renormalize: bool = True,
+        **router_options,
+    ):
         super().__init__()
         check_choice("gating", gating, GATINGS)
         check_choice("expert", expert, EXPERT_BODIES)
         # Checked here, not only by the router and the bodies, so that errors name this layer's options.
-        in_channels, out_channels, stride = (check_int(name, value, 1) for name, value in (
-            ("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride)))
+        in_channels, out_channels, stride = (
+            check_int(name, value, 1)
+            for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("stride", stride))
+        )
         if gating == "image" and capacity_factor is None:
             capacity_factor = DEFAULT_IMAGE_CAPACITY_FACTOR
         if gating == "location" and capacity_factor is not None:
-            raise ValueError("capacity_factor applies to image gating only; location gating computes every expert "
-                             "on every image")
+            raise ValueError(
+                "capacity_factor applies to image gating only; location gating computes every expert on every image"
+            )
         if expert_width is None:
             expert_width = out_channels if expert == "basic" else max(out_channels // 4, 1)
         self.router = ConstrainedTokenChoiceRouter(
-            in_channels, num_experts, constraint, constraint_threshold, k=k,
-            capacity_factor=capacity_factor if gating == "image" else None, renormalize=renormalize,
-            **router_options)
+            in_channels,
+            num_experts,
+            constraint,
+            constraint_threshold,
+            k=k,
+            capacity_factor=capacity_factor if gating == "image" else None,
+            renormalize=renormalize,
+            **router_options,
+        )
         self.in_channels, self.out_channels, self.num_experts = in_channels, out_channels, self.router.num_experts
         self.stride, self.gating = stride, gating
-        self.experts = nn.ModuleList(ResidualBody(in_channels, out_channels, expert_width, stride, expert)
-                                     for _ in range(self.num_experts))
+        self.experts = nn.ModuleList(
+            ResidualBody(in_channels, out_channels, expert_width, stride, expert) for _ in range(self.num_experts)
+        )
         self.shortcut = residual_shortcut(in_channels, out_channels, stride)
         self.last_metrics: Optional[RouterMetrics] = None
         self.last_gate_weights: Optional[torch.Tensor] = None
@@ -250,8 +289,10 @@ class ConvMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_dtype("x", x, self.router.proj.weight.dtype)
         if x.dim() != 4 or x.shape[1] != self.in_channels or x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels} and H, W >= 1 (an image "
-                             f"of no pixels has nothing to gate on), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape [B, Ci, H, W] with Ci = {self.in_channels} and H, W >= 1 (an image "
+                f"of no pixels has nothing to gate on), got {tuple(x.shape)}"
+            )
         mixed = self._image_moe(x) if self.gating == "image" else self._location_moe(x)
         return F.relu(self.shortcut(x) + mixed)
 
@@ -264,8 +305,9 @@ class ConvMoE(nn.Module):
         # The router's plan is consistent by construction: no validation pass (a synchronisation on CUDA).
         rows = ops.dispatch(x.reshape(B, Ci * H * W), plan, "padded", validate=False).view(E, C, Ci, H, W)
         valid = torch.arange(C, device=x.device) < plan.expert_load().unsqueeze(1)  # [E, C]
-        expert_out = torch.stack([body(rows[e], valid[e]).reshape(C, self.out_channels * Ho * Wo)
-                                  for e, body in enumerate(self.experts)])
+        expert_out = torch.stack(
+            [body(rows[e], valid[e]).reshape(C, self.out_channels * Ho * Wo) for e, body in enumerate(self.experts)]
+        )
         self.last_gate_weights = self._dense_weights(plan, B)
         return ops.combine(expert_out, plan, B, validate=False).view(B, self.out_channels, Ho, Wo)
 
@@ -291,5 +333,7 @@ class ConvMoE(nn.Module):
         return dense.index_put((plan.sorted_token, plan.sorted_expert // plan.num_groups), kept_weight)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, " \
-               f"num_experts={self.num_experts}, stride={self.stride}, gating={self.gating!r}"
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"num_experts={self.num_experts}, stride={self.stride}, gating={self.gating!r}"
+        )

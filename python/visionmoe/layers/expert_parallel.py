@@ -58,15 +58,23 @@ def check_ranks_agree(group: dist.ProcessGroup, layer: str, **sizes: int) -> Non
     dist.all_gather_object(everyone, mine, group=group)
     if any(other != mine for other in everyone):
         ranks = dist.get_process_group_ranks(group)
-        described = "; ".join(f"rank {rank}: layer {name!r}, " + ", ".join(f"{key}={value}" for key, value in values)
-                              for rank, (name, values) in zip(ranks, everyone))
-        raise ValueError("expert-parallel ranks disagree on an MoE layer's inputs (every rank of an EP group must "
-                         "run the same MoE layers in the same order on the same number of groups of the same number "
-                         f"of tokens): {described}")
+        described = "; ".join(
+            f"rank {rank}: layer {name!r}, " + ", ".join(f"{key}={value}" for key, value in values)
+            for rank, (name, values) in zip(ranks, everyone)
+        )
+        raise ValueError(
+            "expert-parallel ranks disagree on an MoE layer's inputs (every rank of an EP group must "
+            "run the same MoE layers in the same order on the same number of groups of the same number "
+            f"of tokens): {described}"
+        )
 
 
-def _exchange(rows: torch.Tensor, output_splits: Optional[Sequence[int]], input_splits: Optional[Sequence[int]],
-              group: dist.ProcessGroup) -> torch.Tensor:
+def _exchange(
+    rows: torch.Tensor,
+    output_splits: Optional[Sequence[int]],
+    input_splits: Optional[Sequence[int]],
+    group: dist.ProcessGroup,
+) -> torch.Tensor:
     return all_to_all_single_autograd(rows.contiguous(), output_splits, input_splits, group)
 
 
@@ -87,8 +95,9 @@ def run_experts_equal_splits(experts, rows: torch.Tensor, group: dist.ProcessGro
     return _exchange(send_back, None, None, group).view(E, R, D)
 
 
-def run_experts_variable_splits(experts, rows: torch.Tensor, expert_counts: torch.Tensor,
-                                group: dist.ProcessGroup) -> torch.Tensor:
+def run_experts_variable_splits(
+    experts, rows: torch.Tensor, expert_counts: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
     """Packed expert-major rows [M, D] (expert e's ``expert_counts[e]`` rows contiguous, all E experts) through the
     experts held across ``group``: [M, D] -> [M, D], each row back on its rank in its place.
 
@@ -103,12 +112,14 @@ def run_experts_variable_splits(experts, rows: torch.Tensor, expert_counts: torc
     dist.all_to_all_single(received_counts, counts, group=group)
     host = torch.cat([counts, received_counts]).tolist()  # the one device-to-host copy
     send_counts, receive_counts = host[:E], host[E:]
-    input_splits = [sum(send_counts[j * local:(j + 1) * local]) for j in range(W)]
-    output_splits = [sum(receive_counts[s * local:(s + 1) * local]) for s in range(W)]
+    input_splits = [sum(send_counts[j * local : (j + 1) * local]) for j in range(W)]
+    output_splits = [sum(receive_counts[s * local : (s + 1) * local]) for s in range(W)]
     received = _exchange(rows, output_splits, input_splits, group)  # [M, D], source-major
     received_rows = received.shape[0]
     # Reorder (source, expert) chunks into (expert, source) order so that each local expert's rows are contiguous.
-    chunk = torch.repeat_interleave(torch.arange(W * local, device=rows.device), received_counts, output_size=received_rows)
+    chunk = torch.repeat_interleave(
+        torch.arange(W * local, device=rows.device), received_counts, output_size=received_rows
+    )
     perm = torch.argsort((chunk % local) * W + chunk // local, stable=True)
     per_expert = received_counts.view(W, local).sum(0)
     offsets = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])

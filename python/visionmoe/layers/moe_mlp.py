@@ -37,8 +37,10 @@ class ExpertMLPs(nn.Module):
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
-        self.num_experts, self.dim, self.hidden_dim = (check_int(name, value, 1) for name, value in (
-            ("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim)))
+        self.num_experts, self.dim, self.hidden_dim = (
+            check_int(name, value, 1)
+            for name, value in (("num_experts", num_experts), ("dim", dim), ("hidden_dim", hidden_dim))
+        )
         self.activation = check_choice("activation", activation, ACTIVATIONS)
         first = 2 * self.hidden_dim if activation == "silu_gated" else self.hidden_dim
         self.w1 = nn.Parameter(torch.empty(self.num_experts, self.dim, first))
@@ -57,8 +59,9 @@ class ExpertMLPs(nn.Module):
         for weight, bias, fan_in in ((self.w1, self.b1, self.dim), (self.w2, self.b2, self.hidden_dim)):
             bound = 1.0 / math.sqrt(fan_in)
             for parameter in (weight, bias):
-                full = torch.empty((self.num_experts,) + parameter.shape[1:], dtype=parameter.dtype,
-                                   device=parameter.device)
+                full = torch.empty(
+                    (self.num_experts,) + parameter.shape[1:], dtype=parameter.dtype, device=parameter.device
+                )
                 parameter.copy_(nn.init.uniform_(full, -bound, bound)[local])
 
     @torch.no_grad()
@@ -69,8 +72,9 @@ class ExpertMLPs(nn.Module):
             raise ValueError("these experts are already sharded over an expert-parallel group")
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if self.num_experts % size:
-            raise ValueError(f"expert parallelism over {size} ranks needs E divisible by {size}, got "
-                             f"E={self.num_experts}")
+            raise ValueError(
+                f"expert parallelism over {size} ranks needs E divisible by {size}, got E={self.num_experts}"
+            )
         self.num_local_experts = self.num_experts // size
         self.first_expert = rank * self.num_local_experts
         local = slice(self.first_expert, self.first_expert + self.num_local_experts)
@@ -86,11 +90,14 @@ class ExpertMLPs(nn.Module):
         The building block of the upcycling entry points; users call :meth:`MoEMLP.from_dense` (one layer),
         :func:`visionmoe.models.upcycle` or :func:`visionmoe.convert.moeify` (whole models) instead."""
         if self.activation != "gelu":
-            raise ValueError("load_dense_ copies a Linear-GELU-Linear MLP; this layer's activation is "
-                             f"{self.activation!r}")
+            raise ValueError(
+                f"load_dense_ copies a Linear-GELU-Linear MLP; this layer's activation is {self.activation!r}"
+            )
         if fc1.weight.shape != (self.hidden_dim, self.dim) or fc2.weight.shape != (self.dim, self.hidden_dim):
-            raise ValueError(f"dense MLP shapes fc1 {tuple(fc1.weight.shape)}, fc2 {tuple(fc2.weight.shape)} do not "
-                             f"match D={self.dim}, F={self.hidden_dim}")
+            raise ValueError(
+                f"dense MLP shapes fc1 {tuple(fc1.weight.shape)}, fc2 {tuple(fc2.weight.shape)} do not "
+                f"match D={self.dim}, F={self.hidden_dim}"
+            )
         self.w1.copy_(fc1.weight.t().expand_as(self.w1))
         self.w2.copy_(fc2.weight.t().expand_as(self.w2))
         self.b1.copy_(fc1.bias.expand_as(self.b1) if fc1.bias is not None else torch.zeros_like(self.b1))
@@ -99,14 +106,20 @@ class ExpertMLPs(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [E, R, D] (capacity-padded), or packed rows [M, D] with ``expert_offsets`` [E + 1]."""
-        return ops.expert_mlp(x, self.w1, self.b1, self.w2, self.b2, activation=self.activation,
-                              expert_offsets=expert_offsets)
+        return ops.expert_mlp(
+            x, self.w1, self.b1, self.w2, self.b2, activation=self.activation, expert_offsets=expert_offsets
+        )
 
     def extra_repr(self) -> str:
-        shard = "" if self.expert_group is None else \
-            f", local experts [{self.first_expert}, {self.first_expert + self.num_local_experts})"
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, " \
-               f"activation={self.activation!r}{shard}"
+        shard = (
+            ""
+            if self.expert_group is None
+            else f", local experts [{self.first_expert}, {self.first_expert + self.num_local_experts})"
+        )
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+            f"activation={self.activation!r}{shard}"
+        )
 
 
 def check_tokens(x: torch.Tensor, experts: ExpertMLPs) -> None:
@@ -121,8 +134,7 @@ class _ExpertParallel:
 
     experts: ExpertMLPs
 
-    def expert_parallel_(self, group: dist.ProcessGroup, *, name: Optional[str] = None,
-                         debug: Optional[bool] = None):
+    def expert_parallel_(self, group: dist.ProcessGroup, *, name: Optional[str] = None, debug: Optional[bool] = None):
         """Shards this layer's experts over the expert-parallel process ``group`` (rank j of S keeps experts
         [j * E / S, (j + 1) * E / S), sliced from the current full weights; E must be divisible by S) and routes
         through them: each rank routes its own tokens and exchanges expert rows with its EP peers (see
@@ -142,8 +154,9 @@ class _ExpertParallel:
     def _check_expert_parallel_inputs(self, **sizes: int) -> None:
         group = self.experts.expert_group
         if group is not None and expert_parallel.debug_enabled(getattr(self, "expert_parallel_debug", None)):
-            expert_parallel.check_ranks_agree(group, getattr(self, "expert_parallel_name", type(self).__name__),
-                                              **sizes)
+            expert_parallel.check_ranks_agree(
+                group, getattr(self, "expert_parallel_name", type(self).__name__), **sizes
+            )
 
     def _padded_experts(self, rows: torch.Tensor) -> torch.Tensor:
         """The experts on expert-major rows [E, R, D], locally or across the EP group."""
@@ -185,9 +198,18 @@ class MoEMLP(_ExpertParallel, nn.Module):
     :func:`aux_losses` sums the auxiliary losses of every MoE layer in a model.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, router: str = "topk", *,
-                 activation: str = "gelu", group_size: Optional[int] = None,
-                 expert_group: Optional[dist.ProcessGroup] = None, **router_options):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        router: str = "topk",
+        *,
+        activation: str = "gelu",
+        group_size: Optional[int] = None,
+        expert_group: Optional[dist.ProcessGroup] = None,
+        **router_options,
+    ):
         super().__init__()
         if router == "soft":
             raise ValueError("the soft router mixes tokens into slots; use SoftMoEMLP for it")
@@ -263,8 +285,17 @@ class SoftMoEMLP(_ExpertParallel, nn.Module):
             e (fixed sizes: every rank of the group must see the same B and N).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, slots_per_expert: int = 1, *,
-                 activation: str = "gelu", expert_group: Optional[dist.ProcessGroup] = None, **router_options):
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        *,
+        activation: str = "gelu",
+        expert_group: Optional[dist.ProcessGroup] = None,
+        **router_options,
+    ):
         super().__init__()
         self.router = create_router("soft", dim, num_experts, slots_per_expert=slots_per_expert, **router_options)
         self.experts = ExpertMLPs(num_experts, dim, hidden_dim, activation)

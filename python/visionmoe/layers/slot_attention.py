@@ -67,7 +67,7 @@ class SlotAttention(nn.Module):
         keys, values = self.key(x), self.value(x)  # [B, N, D]
         slots = self.initial_slots(B, x)
         for _ in range(self.iterations):
-            logits = keys @ self.query(self.norm_slots(slots)).transpose(1, 2) * D ** -0.5  # [B, N, S]
+            logits = keys @ self.query(self.norm_slots(slots)).transpose(1, 2) * D**-0.5  # [B, N, S]
             attention = logits.softmax(dim=-1) + SLOT_ATTENTION_EPS
             updates = (attention / attention.sum(dim=1, keepdim=True)).transpose(1, 2) @ values  # [B, S, D]
             slots = self.gru(updates.reshape(-1, D), slots.reshape(-1, D)).view(B, self.num_slots, D)

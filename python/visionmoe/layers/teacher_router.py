@@ -62,24 +62,35 @@ class TeacherRouter(nn.Module):
     ``forward(images) -> list of [B, N, E]`` teacher routing probabilities, one per layer.
     """
 
-    def __init__(self, teacher: nn.Module, layers: Sequence[int], num_experts: int | Sequence[int], *,
-                 dim: Optional[int] = None, importance_weight: float = TEACHER_IMPORTANCE_WEIGHT,
-                 entropy_weight: float = TEACHER_ENTROPY_WEIGHT, normalize_features: bool = True):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        layers: Sequence[int],
+        num_experts: int | Sequence[int],
+        *,
+        dim: Optional[int] = None,
+        importance_weight: float = TEACHER_IMPORTANCE_WEIGHT,
+        entropy_weight: float = TEACHER_ENTROPY_WEIGHT,
+        normalize_features: bool = True,
+    ):
         super().__init__()
         blocks = getattr(teacher, "blocks", None)
         if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-            raise TypeError(f"teacher must have a 'blocks' nn.Sequential or nn.ModuleList (a ViT), got "
-                            f"{type(teacher).__name__}")
+            raise TypeError(
+                f"teacher must have a 'blocks' nn.Sequential or nn.ModuleList (a ViT), got {type(teacher).__name__}"
+            )
         layers = list(layers)
         if not layers:
             raise ValueError("layers must name at least one teacher block")
         if check_block_indices(layers, len(blocks), "layers") != layers:
-            raise ValueError(f"layers must be increasing block indices (the student's MoE layers in order), "
-                             f"got {layers}")
+            raise ValueError(
+                f"layers must be increasing block indices (the student's MoE layers in order), got {layers}"
+            )
         if isinstance(num_experts, collections.abc.Sequence):
             if len(num_experts) != len(layers):
-                raise ValueError(f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), "
-                                 f"got {num_experts!r}")
+                raise ValueError(
+                    f"num_experts must be an integer >= 1 or one per layer ({len(layers)}), got {num_experts!r}"
+                )
             experts_per_layer = [check_int(f"num_experts[{i}]", e, 1) for i, e in enumerate(num_experts)]
         else:
             experts_per_layer = [check_int("num_experts", num_experts, 1)] * len(layers)
@@ -110,8 +121,10 @@ class TeacherRouter(nn.Module):
             if not self._capturing:
                 return
             if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[-1] != self.dim:
-                raise ValueError(f"teacher block {index} must return [B, N, D] features with D = {self.dim} (the "
-                                 f"teacher router's dim), got {tuple(getattr(output, 'shape', ()))}")
+                raise ValueError(
+                    f"teacher block {index} must return [B, N, D] features with D = {self.dim} (the "
+                    f"teacher router's dim), got {tuple(getattr(output, 'shape', ()))}"
+                )
             self._features[index] = output
             if index == self.layers[-1]:
                 raise _FeaturesCaptured
@@ -202,8 +215,10 @@ def aligned_blocks(student: nn.Module) -> List[int]:
         if isinstance(module, MoEMLP):
             match = _BLOCK_NAME.match(name)
             if match is None:
-                raise ValueError(f"the student's MoE layer {name!r} is not inside 'blocks.<i>'; pass the teacher "
-                                 "block of each MoE layer to TeacherRouter as layers")
+                raise ValueError(
+                    f"the student's MoE layer {name!r} is not inside 'blocks.<i>'; pass the teacher "
+                    "block of each MoE layer to TeacherRouter as layers"
+                )
             indices.append(int(match.group(1)))
     if not indices:
         raise ValueError("the student has no sparse MoE layers (MoEMLP) to guide")

@@ -59,16 +59,29 @@ class WhatWhereBlock(nn.Module):
         slot_update: one of :data:`SLOT_UPDATES`. where_residual: one of :data:`WHERE_RESIDUALS`.
     """
 
-    def __init__(self, dim: int, num_heads: int, num_slots: int, slot_mlp: nn.Module, token_mlp: Optional[nn.Module],
-                 where_mlp: Optional[nn.Module], slot_update: str = "softmax", where_residual: str = "replace"):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_slots: int,
+        slot_mlp: nn.Module,
+        token_mlp: Optional[nn.Module],
+        where_mlp: Optional[nn.Module],
+        slot_update: str = "softmax",
+        where_residual: str = "replace",
+    ):
         super().__init__()
-        dim, num_heads, num_slots = (check_int(name, value, 1) for name, value in
-                                     (("dim", dim), ("num_heads", num_heads), ("num_slots", num_slots)))
+        dim, num_heads, num_slots = (
+            check_int(name, value, 1)
+            for name, value in (("dim", dim), ("num_heads", num_heads), ("num_slots", num_slots))
+        )
         if dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
         if (token_mlp is None) != (where_mlp is None):
-            raise ValueError("token_mlp and where_mlp must both be modules, or both None for a slots-only last "
-                             f"block; got token_mlp={type(token_mlp).__name__}, where_mlp={type(where_mlp).__name__}")
+            raise ValueError(
+                "token_mlp and where_mlp must both be modules, or both None for a slots-only last "
+                f"block; got token_mlp={type(token_mlp).__name__}, where_mlp={type(where_mlp).__name__}"
+            )
         check_choice("slot_update", slot_update, SLOT_UPDATES)
         check_choice("where_residual", where_residual, WHERE_RESIDUALS)
         self.dim, self.num_heads, self.num_slots = dim, num_heads, num_slots
@@ -107,8 +120,9 @@ class WhatWhereBlock(nn.Module):
         B, _, M, _ = x.shape
         return x.transpose(1, 2).reshape(B, M, self.dim)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, where: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor, where: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """x [B, N, D], z [B, S, D], where [B, H, N, S] -> (x'' [B, N, D] (x itself in a slots-only block),
         z'' [B, S, D], next where-state [B, H, N, S] (None in a slots-only block), shared logits L [B, H, N, S])."""
         if x.dim() != 3 or x.shape[-1] != self.dim:
@@ -117,13 +131,15 @@ class WhatWhereBlock(nn.Module):
         if tuple(z.shape) != (B, self.num_slots, self.dim):
             raise ValueError(f"z must have shape [{B}, {self.num_slots}, {self.dim}], got {tuple(z.shape)}")
         if tuple(where.shape) != (B, self.num_heads, N, self.num_slots):
-            raise ValueError(f"where must have shape [{B}, {self.num_heads}, {N}, {self.num_slots}], got "
-                             f"{tuple(where.shape)}")
+            raise ValueError(
+                f"where must have shape [{B}, {self.num_heads}, {N}, {self.num_slots}], got {tuple(where.shape)}"
+            )
         tokens, slots = self.norm_tokens(x), self.norm_slots(z)
         keys = self._heads(self.key(slots))
         slot_values = self._heads(self.value_slots(slots)) if self.updates_tokens else torch.zeros_like(keys)
         token_update, slot_update, logits = ops.whatwhere_attention(
-            self._heads(self.query(tokens)), keys, self._heads(self.value_tokens(tokens)), slot_values, where)
+            self._heads(self.query(tokens)), keys, self._heads(self.value_tokens(tokens)), slot_values, where
+        )
         if self.slot_update == "mean":
             slot_mass = logits.softmax(dim=-1).sum(dim=-2)  # [B, H, S]
             slot_update = slot_update / (slot_mass + SLOT_MASS_EPS).unsqueeze(-1)

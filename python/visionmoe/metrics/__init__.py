@@ -6,11 +6,20 @@ segment them (weakly supervised segmentation as mIoU, instances as FG-ARI and me
 :class:`visionmoe.train.RoutingConsistencyTracker`.
 """
 
-from .discovery import (box_iou, component_boxes, connected_components, corloc, mass_masks, masks_to_boxes,
-                        normalise_maps, object_precision, object_recall, positional_collapse)
+from .discovery import (
+    box_iou,
+    component_boxes,
+    connected_components,
+    corloc,
+    masks_to_boxes,
+    mass_masks,
+    normalise_maps,
+    object_precision,
+    object_recall,
+    positional_collapse,
+)
 from .routing import expert_class_information, expert_class_usage, routing_consistency
-from .segmentation import (best_overlaps, foreground_ari, label_map, mean_iou, segmentation_confusion,
-                           semantic_target)
+from .segmentation import best_overlaps, foreground_ari, label_map, mean_iou, segmentation_confusion, semantic_target
 
 __all__ = [
     "best_overlaps",

@@ -17,8 +17,9 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     """Each map [..., H, W] rescaled to [0, 1] by its own minimum and maximum (a constant map becomes all zeros), so
     that one threshold applies to maps of any scale, e.g. an attention distribution over the patches."""
     if maps.dim() < 2 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a floating-point tensor [..., H, W], got {maps.dtype} of shape "
-                         f"{tuple(maps.shape)}")
+        raise ValueError(
+            f"maps must be a floating-point tensor [..., H, W], got {maps.dtype} of shape {tuple(maps.shape)}"
+        )
     flat = maps.flatten(-2)
     low = flat.min(dim=-1, keepdim=True).values
     span = flat.max(dim=-1, keepdim=True).values - low
@@ -31,8 +32,9 @@ def mass_masks(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
     first reaches ``mass`` of the map's total (ties at the cut all kept) -> [..., H, W] bool. A map of zeros keeps
     nothing."""
     if maps.dim() < 2 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a floating-point tensor [..., H, W], got {maps.dtype} of shape "
-                         f"{tuple(maps.shape)}")
+        raise ValueError(
+            f"maps must be a floating-point tensor [..., H, W], got {maps.dtype} of shape {tuple(maps.shape)}"
+        )
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"mass must be in (0, 1], got {mass}")
     if bool((maps < 0).any()):
@@ -64,8 +66,10 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 def _check_boxes(boxes: torch.Tensor, name: str) -> None:
     if boxes.dim() != 2 or boxes.shape[-1] != 4 or not boxes.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor [*, 4] of (x0, y0, x1, y1), got {boxes.dtype} of "
-                         f"shape {tuple(boxes.shape)}")
+        raise ValueError(
+            f"{name} must be a floating-point tensor [*, 4] of (x0, y0, x1, y1), got {boxes.dtype} of "
+            f"shape {tuple(boxes.shape)}"
+        )
 
 
 def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -84,12 +88,15 @@ def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, intersection / union.clamp_min(torch.finfo(union.dtype).tiny), 0.0)
 
 
-def _hits(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
-          iou_threshold: float) -> list[torch.Tensor]:
+def _hits(
+    predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor], iou_threshold: float
+) -> list[torch.Tensor]:
     """Per image, [J, O] bool: whether predicted box j overlaps true box o with IoU >= iou_threshold."""
     if len(predicted_boxes) != len(true_boxes):
-        raise ValueError(f"predicted_boxes and true_boxes must describe the same images, got {len(predicted_boxes)} "
-                         f"and {len(true_boxes)}")
+        raise ValueError(
+            f"predicted_boxes and true_boxes must describe the same images, got {len(predicted_boxes)} "
+            f"and {len(true_boxes)}"
+        )
     if len(true_boxes) == 0:
         raise ValueError("true_boxes is empty: there are no images to score")
     if not 0.0 < iou_threshold <= 1.0:
@@ -97,8 +104,9 @@ def _hits(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Te
     return [box_iou(predicted, true) >= iou_threshold for predicted, true in zip(predicted_boxes, true_boxes)]
 
 
-def corloc(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
-           iou_threshold: float = 0.5) -> float:
+def corloc(
+    predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor], iou_threshold: float = 0.5
+) -> float:
     """Correct localisation: the fraction of images in which a predicted box overlaps some ground-truth box with
     IoU >= ``iou_threshold``.
 
@@ -110,8 +118,9 @@ def corloc(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.T
     return sum(bool(hits.any()) for hits in _hits(predicted_boxes, true_boxes, iou_threshold)) / len(true_boxes)
 
 
-def object_recall(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
-                  iou_threshold: float = 0.5) -> float:
+def object_recall(
+    predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor], iou_threshold: float = 0.5
+) -> float:
     """Multi-object discovery: the fraction of all ground-truth boxes overlapped with IoU >= ``iou_threshold`` by
     some predicted box of their image (per image, predicted [J, 4] and true [O, 4] boxes). More predicted boxes can
     only raise it, so compare it between methods together with their number of boxes."""
@@ -122,8 +131,9 @@ def object_recall(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[
     return sum(int(image_hits.any(dim=0).sum()) for image_hits in hits) / objects
 
 
-def object_precision(predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor],
-                     iou_threshold: float = 0.5) -> float:
+def object_precision(
+    predicted_boxes: Sequence[torch.Tensor], true_boxes: Sequence[torch.Tensor], iou_threshold: float = 0.5
+) -> float:
     """The fraction of all predicted boxes that overlap some ground-truth box of their image with IoU >=
     ``iou_threshold`` (per image, predicted [J, 4] and true [O, 4] boxes): the counterpart of
     :func:`object_recall`, which more boxes can only raise. Several boxes on one object all count as hits."""
@@ -145,8 +155,9 @@ def connected_components(mask: torch.Tensor) -> torch.Tensor:
     ids = torch.where(mask, torch.arange(1, height * width + 1).view(height, width), 0)
     while True:
         padded = torch.nn.functional.pad(ids, (1, 1, 1, 1))
-        neighbours = torch.stack([padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2],
-                                  padded[1:-1, 2:]]).amax(dim=0)
+        neighbours = torch.stack(
+            [padded[1:-1, 1:-1], padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        ).amax(dim=0)
         updated = torch.where(mask, neighbours, 0)
         if torch.equal(updated, ids):
             break
@@ -179,8 +190,9 @@ def positional_collapse(segments: torch.Tensor) -> float:
     slot per patch of B images. Near 1: each position always goes to the same slot, whatever the image shows; a
     model whose slots follow objects placed at random scores near the most common slot's share instead."""
     if segments.dim() != 3 or segments.is_floating_point() or segments.dtype == torch.bool:
-        raise ValueError(f"segments must be an integer tensor [B, h, w], got {segments.dtype} of shape "
-                         f"{tuple(segments.shape)}")
+        raise ValueError(
+            f"segments must be an integer tensor [B, h, w], got {segments.dtype} of shape {tuple(segments.shape)}"
+        )
     if segments.shape[0] == 0:
         raise ValueError("segments holds no images")
     # torch.mode's tie-break is unspecified; count instead and take the smallest most-common slot.

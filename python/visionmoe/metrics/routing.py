@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def expert_class_usage(assignments: torch.Tensor, labels: torch.Tensor, num_experts: int,
-                       num_classes: int) -> torch.Tensor:
+def expert_class_usage(
+    assignments: torch.Tensor, labels: torch.Tensor, num_experts: int, num_classes: int
+) -> torch.Tensor:
     """Which classes each expert serves: the expert-specialisation table of Pavlitska et al. (PAPERS.md
     section 2; the paper's class-wise expert weight allocation).
 
@@ -28,26 +29,36 @@ def expert_class_usage(assignments: torch.Tensor, labels: torch.Tensor, num_expe
     """
     if num_experts < 1 or num_classes < 1:
         raise ValueError(f"num_experts and num_classes must be >= 1, got {num_experts} and {num_classes}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point() \
-            or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} "
-                         f"of shape {tuple(getattr(labels, 'shape', ()))}")
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.dim() != 1
+        or labels.is_floating_point()
+        or labels.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"labels must be a 1-D integer tensor, got {getattr(labels, 'dtype', type(labels))} "
+            f"of shape {tuple(getattr(labels, 'shape', ()))}"
+        )
     if not isinstance(assignments, torch.Tensor):
         raise ValueError(f"assignments must be a tensor, got {type(assignments).__name__}")
     if assignments.shape[0] != labels.shape[0]:
-        raise ValueError(f"assignments and labels must describe the same B images, got {assignments.shape[0]} "
-                         f"and {labels.shape[0]}")
+        raise ValueError(
+            f"assignments and labels must describe the same B images, got {assignments.shape[0]} and {labels.shape[0]}"
+        )
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, num_classes) = [0, {num_classes})")
     if assignments.is_floating_point():
         if assignments.dim() != 2 or assignments.shape[1] != num_experts:
-            raise ValueError(f"floating-point assignments must have shape [B, E] with E = {num_experts}, got "
-                             f"{tuple(assignments.shape)}")
+            raise ValueError(
+                f"floating-point assignments must have shape [B, E] with E = {num_experts}, got "
+                f"{tuple(assignments.shape)}"
+            )
         weights = assignments
     else:
         if assignments.dim() != 1 or assignments.dtype == torch.bool:
-            raise ValueError(f"integer assignments must have shape [B], got {tuple(assignments.shape)} "
-                             f"({assignments.dtype})")
+            raise ValueError(
+                f"integer assignments must have shape [B], got {tuple(assignments.shape)} ({assignments.dtype})"
+            )
         if assignments.numel() and (assignments.min() < 0 or assignments.max() >= num_experts):
             raise ValueError(f"assignments must lie in [0, num_experts) = [0, {num_experts})")
         weights = torch.nn.functional.one_hot(assignments, num_experts).to(torch.float32)
@@ -66,13 +77,21 @@ def routing_consistency(assign_a: torch.Tensor, assign_b: torch.Tensor) -> float
         a float in [0, 1].
     """
     for name, value in (("assign_a", assign_a), ("assign_b", assign_b)):
-        if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex() \
-                or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be an integer tensor of expert indices, got "
-                             f"{getattr(value, 'dtype', type(value).__name__)}")
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.is_floating_point()
+            or value.is_complex()
+            or value.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"{name} must be an integer tensor of expert indices, got "
+                f"{getattr(value, 'dtype', type(value).__name__)}"
+            )
     if assign_a.shape != assign_b.shape:
-        raise ValueError(f"assign_a and assign_b must describe the same tokens, got shapes {tuple(assign_a.shape)} "
-                         f"and {tuple(assign_b.shape)}")
+        raise ValueError(
+            f"assign_a and assign_b must describe the same tokens, got shapes {tuple(assign_a.shape)} "
+            f"and {tuple(assign_b.shape)}"
+        )
     if assign_a.numel() == 0:
         raise ValueError("assign_a and assign_b are empty: there are no tokens to compare")
     return (assign_a == assign_b.to(assign_a.device)).float().mean().item()
@@ -90,8 +109,10 @@ def expert_class_information(usage: torch.Tensor) -> float:
         usage: [E, L] non-negative counts or weights, as returned by :func:`expert_class_usage`.
     """
     if not isinstance(usage, torch.Tensor) or usage.dim() != 2 or not usage.is_floating_point():
-        raise ValueError(f"usage must be a floating-point [E, L] tensor, got {getattr(usage, 'dtype', type(usage))} "
-                         f"of shape {tuple(getattr(usage, 'shape', ()))}")
+        raise ValueError(
+            f"usage must be a floating-point [E, L] tensor, got {getattr(usage, 'dtype', type(usage))} "
+            f"of shape {tuple(getattr(usage, 'shape', ()))}"
+        )
     usage = usage.double()
     if not torch.isfinite(usage).all() or (usage < 0).any():
         raise ValueError("usage must be finite and non-negative")

@@ -24,11 +24,14 @@ def label_map(maps: torch.Tensor, classes: torch.Tensor, threshold: float) -> to
         [H, W] int64: 0 for the background, classes[m] + 1 where map m wins.
     """
     if maps.dim() != 3 or not maps.is_floating_point():
-        raise ValueError(f"maps must be a floating-point tensor [S, H, W], got {maps.dtype} of shape "
-                         f"{tuple(maps.shape)}")
+        raise ValueError(
+            f"maps must be a floating-point tensor [S, H, W], got {maps.dtype} of shape {tuple(maps.shape)}"
+        )
     if classes.shape != maps.shape[:1] or classes.is_floating_point() or classes.dtype == torch.bool:
-        raise ValueError(f"classes must be an integer tensor [S] with S = {maps.shape[0]}, got {classes.dtype} of "
-                         f"shape {tuple(classes.shape)}")
+        raise ValueError(
+            f"classes must be an integer tensor [S] with S = {maps.shape[0]}, got {classes.dtype} of "
+            f"shape {tuple(classes.shape)}"
+        )
     best, winner = maps.max(dim=0)
     return torch.where(best >= threshold, classes.to(torch.int64)[winner] + 1, 0)
 
@@ -39,8 +42,10 @@ def semantic_target(masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if masks.dim() != 3 or masks.dtype != torch.bool:
         raise ValueError(f"masks must be a bool tensor [O, H, W], got {masks.dtype} of shape {tuple(masks.shape)}")
     if labels.shape != masks.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor [O] with O = {masks.shape[0]}, got {labels.dtype} of "
-                         f"shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be an integer tensor [O] with O = {masks.shape[0]}, got {labels.dtype} of "
+            f"shape {tuple(labels.shape)}"
+        )
     if bool((masks.sum(dim=0) > 1).any()):
         raise ValueError("masks overlap, so a pixel would have two classes")
     values = (labels.to(torch.int64) + 1)[:, None, None] * masks
@@ -52,8 +57,9 @@ def segmentation_confusion(predicted: torch.Tensor, target: torch.Tensor, num_la
     ``predicted`` and ``target`` are label maps of one shape with values in [0, num_labels); sum the confusions of
     all images before :func:`mean_iou`."""
     if predicted.shape != target.shape:
-        raise ValueError(f"predicted and target must have one shape, got {tuple(predicted.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"predicted and target must have one shape, got {tuple(predicted.shape)} and {tuple(target.shape)}"
+        )
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     for name, labels in (("predicted", predicted), ("target", target)):
@@ -86,11 +92,14 @@ def mean_iou(confusion: torch.Tensor) -> Tuple[float, torch.Tensor]:
 
 def _check_instances(segments: torch.Tensor, masks: torch.Tensor) -> None:
     if segments.dim() != 2 or segments.is_floating_point() or segments.dtype == torch.bool:
-        raise ValueError(f"segments must be an integer tensor [H, W], got {segments.dtype} of shape "
-                         f"{tuple(segments.shape)}")
+        raise ValueError(
+            f"segments must be an integer tensor [H, W], got {segments.dtype} of shape {tuple(segments.shape)}"
+        )
     if masks.dim() != 3 or masks.dtype != torch.bool or masks.shape[1:] != segments.shape:
-        raise ValueError(f"masks must be a bool tensor [O, H, W] with [H, W] = {tuple(segments.shape)}, got "
-                         f"{masks.dtype} of shape {tuple(masks.shape)}")
+        raise ValueError(
+            f"masks must be a bool tensor [O, H, W] with [H, W] = {tuple(segments.shape)}, got "
+            f"{masks.dtype} of shape {tuple(masks.shape)}"
+        )
     if bool((masks.sum(dim=0) > 1).any()):
         raise ValueError("masks overlap, so a pixel would belong to two objects")
 

@@ -8,6 +8,7 @@ initialised from its MLPs.
 
 from .registry import create_model, list_models, register_model
 from .resnet_moe import ResNetMoE  # importing a model module registers its entrypoints
+from .slot_attention import SlotAttentionClassifier  # noqa: E402 (after whatwhere, whose head it reuses)
 from .vit import (
     MOE_LAYERS,
     SOFT_MOE_OPTIONS,
@@ -18,7 +19,6 @@ from .vit import (
     upcycle,
 )
 from .whatwhere import READOUTS, WWT_VARIANTS, ObjectDiscovery, WhatWhereTransformer, WhatWhereVariant
-from .slot_attention import SlotAttentionClassifier  # noqa: E402 (after whatwhere, whose head it reuses)
 
 __all__ = [
     "MOE_LAYERS",

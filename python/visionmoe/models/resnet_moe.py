@@ -59,9 +59,18 @@ class ResNetMoE(nn.Module):
     The MoE blocks' auxiliary losses are collected by :func:`visionmoe.layers.aux_losses`.
     """
 
-    def __init__(self, block: str, layers: Sequence[int], num_classes: int = 1000, *, stem: str = "imagenet",
-                 moe_blocks: Optional[Iterable[Tuple[int, int]]] = None, num_experts: int = 4, k: int = 2,
-                 **moe_options):
+    def __init__(
+        self,
+        block: str,
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        *,
+        stem: str = "imagenet",
+        moe_blocks: Optional[Iterable[Tuple[int, int]]] = None,
+        num_experts: int = 4,
+        k: int = 2,
+        **moe_options,
+    ):
         super().__init__()
         if block not in EXPERT_BODIES:
             raise ValueError(f"block must be one of {EXPERT_BODIES}, got {block!r}")
@@ -76,11 +85,17 @@ class ResNetMoE(nn.Module):
         moe_blocks = {tuple(position) for position in moe_blocks}
         for stage, index in moe_blocks:
             if not (0 <= stage < len(layers) and 0 <= index < layers[stage]):
-                raise ValueError(f"moe_blocks entry {(stage, index)} names no block; stages have "
-                                 f"{tuple(layers)} blocks (0-based stage and block indices)")
+                raise ValueError(
+                    f"moe_blocks entry {(stage, index)} names no block; stages have "
+                    f"{tuple(layers)} blocks (0-based stage and block indices)"
+                )
         if stem == "imagenet":
-            self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64),
-                                      nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+                nn.BatchNorm2d(64),
+                nn.ReLU(),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
         else:
             self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
         expansion = 1 if block == "basic" else BOTTLENECK_EXPANSION
@@ -92,8 +107,18 @@ class ResNetMoE(nn.Module):
                 stride = 2 if stage > 0 and index == 0 else 1
                 out_channels = planes * expansion
                 if (stage, index) in moe_blocks:
-                    blocks.append(ConvMoE(channels, out_channels, num_experts, k, stride=stride, expert=block,
-                                          expert_width=planes, **moe_options))
+                    blocks.append(
+                        ConvMoE(
+                            channels,
+                            out_channels,
+                            num_experts,
+                            k,
+                            stride=stride,
+                            expert=block,
+                            expert_width=planes,
+                            **moe_options,
+                        )
+                    )
                 else:
                     blocks.append(ResidualBlock(channels, out_channels, planes, stride, block))
                 channels = out_channels

@@ -29,13 +29,34 @@ class SlotAttentionClassifier(nn.Module):
     assignment logits as [B, 1, N, S]).
     """
 
-    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, num_classes: int = 10,
-                 embed_dim: int = 64, depth: int = 3, num_heads: int = 2, num_slots: int = 8, iterations: int = 3,
-                 mlp_ratio: float = 4.0, head_pool: str = "mean"):
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        embed_dim: int = 64,
+        depth: int = 3,
+        num_heads: int = 2,
+        num_slots: int = 8,
+        iterations: int = 3,
+        mlp_ratio: float = 4.0,
+        head_pool: str = "mean",
+    ):
         super().__init__()
-        hidden_dim = check_vit_sizes(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                          num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                                          num_heads=num_heads, num_slots=num_slots), mlp_ratio)
+        hidden_dim = check_vit_sizes(
+            dict(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                num_classes=num_classes,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+                num_slots=num_slots,
+            ),
+            mlp_ratio,
+        )
         if head_pool not in HEAD_POOLS:
             raise ValueError(f"head_pool must be one of {HEAD_POOLS}, got {head_pool!r}")
         self.img_size, self.patch_size, self.num_slots, self.head_pool = img_size, patch_size, num_slots, head_pool
@@ -64,8 +85,13 @@ class SlotAttentionClassifier(nn.Module):
         slots, logits = self.forward_slots(x)
         slot_logits = self.head(slots)
         assignment = logits.softmax(dim=-1)
-        return assignment_discovery(pool_token_logits(assignment, slot_logits, self.head_pool), slot_logits,
-                                    logits.unsqueeze(1), assignment, self.img_size)
+        return assignment_discovery(
+            pool_token_logits(assignment, slot_logits, self.head_pool),
+            slot_logits,
+            logits.unsqueeze(1),
+            assignment,
+            self.img_size,
+        )
 
 
 @register_model("slot_attention_32")

@@ -67,8 +67,9 @@ def check_vit_sizes(sizes: Dict[str, int], mlp_ratio: float) -> int:
     for name, value in sizes.items():
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    img_size, patch_size, embed_dim, num_heads = (sizes[name] for name in ("img_size", "patch_size", "embed_dim",
-                                                                           "num_heads"))
+    img_size, patch_size, embed_dim, num_heads = (
+        sizes[name] for name in ("img_size", "patch_size", "embed_dim", "num_heads")
+    )
     if img_size % patch_size != 0:
         raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
     if embed_dim % num_heads != 0:
@@ -116,30 +117,65 @@ class VisionTransformer(nn.Module):
     auxiliary losses.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 moe_blocks: Iterable[int] = (), moe: Optional[Dict] = None, moe_layer: str = "sparse"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        moe_blocks: Iterable[int] = (),
+        moe: Optional[Dict] = None,
+        moe_layer: str = "sparse",
+    ):
         super().__init__()
-        hidden_dim = check_vit_sizes(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                          num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                                          num_heads=num_heads), mlp_ratio)
+        hidden_dim = check_vit_sizes(
+            dict(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                num_classes=num_classes,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+            ),
+            mlp_ratio,
+        )
         if moe_layer not in MOE_LAYERS:
             raise ValueError(f"moe_layer must be one of {MOE_LAYERS}, got {moe_layer!r}")
         moe_blocks = check_block_indices(moe_blocks, depth, "moe_blocks")
         if moe_blocks and "num_experts" not in (moe or {}):
             raise ValueError("moe must give num_experts for the MoE blocks (e.g. moe=dict(num_experts=8))")
         # The dense architecture, from which upcycle() builds the MoE model.
-        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                           embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.config = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+        )
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_tokens = self.patch_embed.num_patches + 1
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.empty(1, self.num_tokens, embed_dim))
-        self.blocks = nn.Sequential(*(
-            Block(embed_dim, num_heads, self._moe_mlp(embed_dim, hidden_dim, moe, moe_layer) if i in moe_blocks
-                  else Mlp(embed_dim, hidden_dim))
-            for i in range(depth)
-        ))
+        self.blocks = nn.Sequential(
+            *(
+                Block(
+                    embed_dim,
+                    num_heads,
+                    self._moe_mlp(embed_dim, hidden_dim, moe, moe_layer)
+                    if i in moe_blocks
+                    else Mlp(embed_dim, hidden_dim),
+                )
+                for i in range(depth)
+            )
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.head = vit_linear(embed_dim, num_classes)
         # As timm: the class token starts near zero, the position embeddings as the linear layers.
@@ -188,8 +224,9 @@ class VisionTransformer(nn.Module):
         return per_head.mean(dim=1) if heads == "mean" else per_head
 
 
-def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] = None, moe_layer: str = "sparse",
-            **moe) -> VisionTransformer:
+def upcycle(
+    dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] = None, moe_layer: str = "sparse", **moe
+) -> VisionTransformer:
     """Sparse upcycling (Komatsuzaki et al. 2023): an MoE ViT with ``dense_model``'s architecture and weights,
     whose MoE layers' experts all start as copies of the dense MLP they replace; routers start fresh.
 
@@ -206,25 +243,31 @@ def upcycle(dense_model: VisionTransformer, moe_blocks: Optional[Iterable[int]] 
     The result has the dense model's device, dtype and training mode; ``dense_model`` is left unchanged.
     """
     if not isinstance(dense_model, VisionTransformer):
-        raise TypeError(f"dense_model must be a visionmoe VisionTransformer, got {type(dense_model).__name__}; "
-                        "for other timm-style models use visionmoe.convert.moeify")
+        raise TypeError(
+            f"dense_model must be a visionmoe VisionTransformer, got {type(dense_model).__name__}; "
+            "for other timm-style models use visionmoe.convert.moeify"
+        )
     depth = dense_model.config["depth"]
-    moe_blocks = default_moe_blocks(depth) if moe_blocks is None else check_block_indices(moe_blocks, depth,
-                                                                                          "moe_blocks")
+    moe_blocks = (
+        default_moe_blocks(depth) if moe_blocks is None else check_block_indices(moe_blocks, depth, "moe_blocks")
+    )
     if dense_model.moe_blocks:
         raise ValueError(f"dense_model has MoE layers in blocks {dense_model.moe_blocks}; upcycle a dense model")
-    model = VisionTransformer(**dense_model.config, moe_blocks=moe_blocks, moe=default_moe_options(moe_layer, moe),
-                              moe_layer=moe_layer)
+    model = VisionTransformer(
+        **dense_model.config, moe_blocks=moe_blocks, moe=default_moe_options(moe_layer, moe), moe_layer=moe_layer
+    )
     reference = dense_model.pos_embed
     model.to(device=reference.device, dtype=reference.dtype).train(dense_model.training)
     replaced = tuple(f"blocks.{i}.mlp." for i in moe_blocks)
-    loaded = model.load_state_dict({name: value for name, value in dense_model.state_dict().items()
-                                    if not name.startswith(replaced)}, strict=False)
+    loaded = model.load_state_dict(
+        {name: value for name, value in dense_model.state_dict().items() if not name.startswith(replaced)}, strict=False
+    )
     # Only the MoE layers may be left out; anything else (e.g. a subclass's extra parameters) would be lost.
     unmatched = loaded.unexpected_keys + [name for name in loaded.missing_keys if not name.startswith(replaced)]
     if unmatched:
-        raise ValueError(f"dense_model's parameters {unmatched} have no place in the VisionTransformer built from "
-                         "its config")
+        raise ValueError(
+            f"dense_model's parameters {unmatched} have no place in the VisionTransformer built from its config"
+        )
     for i in moe_blocks:
         dense_mlp = dense_model.blocks[i].mlp
         model.blocks[i].mlp.experts.load_dense_(dense_mlp.fc1, dense_mlp.fc2)

@@ -26,7 +26,6 @@ from ..metrics import masks_to_boxes, normalise_maps
 from .registry import register_model
 from .vit import _SIZES, LAYER_NORM_EPS, check_vit_sizes
 
-
 #: How :meth:`WhatWhereTransformer.discover` reads object maps from the final where-maps. "assignment": the model's
 #: own assignment of each patch to the slots, the softmax over S (averaged over heads), and each patch's argmax slot
 #: as the masks (every patch in exactly one mask). "token_softmax": the softmax over the N patches (where each slot
@@ -71,20 +70,28 @@ WWT_VARIANTS = {
 }
 
 
-def assignment_discovery(logits: torch.Tensor, slot_logits: torch.Tensor, where_maps: torch.Tensor,
-                         assignment: torch.Tensor, img_size: int) -> "ObjectDiscovery":
+def assignment_discovery(
+    logits: torch.Tensor, slot_logits: torch.Tensor, where_maps: torch.Tensor, assignment: torch.Tensor, img_size: int
+) -> "ObjectDiscovery":
     """An :class:`ObjectDiscovery` from an assignment of patches to slots, [B, N, S] with each row summing to 1
     over the slots: the masks are each patch's argmax slot, upsampled to the image (nearest)."""
     B, N, S = assignment.shape
-    side = int(round(N ** 0.5))
+    side = int(round(N**0.5))
     segments = assignment.argmax(dim=-1).view(B, side, side)
     scale = img_size // side
     pixels = segments.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     masks = pixels[:, None] == torch.arange(S, device=pixels.device)[None, :, None, None]
-    slot_maps = F.interpolate(assignment.transpose(1, 2).reshape(B, S, side, side), size=img_size,
-                              mode="nearest")
-    return ObjectDiscovery(logits=logits, slot_logits=slot_logits, where_maps=where_maps, slot_maps=slot_maps,
-                           masks=masks, boxes=masks_to_boxes(masks), segments=segments, readout="assignment")
+    slot_maps = F.interpolate(assignment.transpose(1, 2).reshape(B, S, side, side), size=img_size, mode="nearest")
+    return ObjectDiscovery(
+        logits=logits,
+        slot_logits=slot_logits,
+        where_maps=where_maps,
+        slot_maps=slot_maps,
+        masks=masks,
+        boxes=masks_to_boxes(masks),
+        segments=segments,
+        readout="assignment",
+    )
 
 
 @dataclasses.dataclass
@@ -140,10 +147,23 @@ class WhatWhereTransformer(nn.Module):
         head_pool: with the "assignment" head, one of :data:`HEAD_POOLS`.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, num_slots: int = 16,
-                 mlp_ratio: float = 4.0, where_hidden_dim: Optional[int] = None, slot_update: str = "softmax",
-                 where_residual: str = "replace", variant="w0", head_pool: str = "mean"):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        num_slots: int = 16,
+        mlp_ratio: float = 4.0,
+        where_hidden_dim: Optional[int] = None,
+        slot_update: str = "softmax",
+        where_residual: str = "replace",
+        variant="w0",
+        head_pool: str = "mean",
+    ):
         super().__init__()
         if isinstance(variant, str):
             if variant not in WWT_VARIANTS:
@@ -151,16 +171,28 @@ class WhatWhereTransformer(nn.Module):
             variant = WWT_VARIANTS[variant]
         if not isinstance(variant, WhatWhereVariant):
             raise ValueError(f"variant must be one of {tuple(WWT_VARIANTS)} or a WhatWhereVariant, got {variant!r}")
-        for name, value, choices in (("variant.head", variant.head, ("slots", "assignment")),
-                                     ("variant.last_block", variant.last_block, ("slots", "full")),
-                                     ("variant.slot_init", variant.slot_init, ("learned", "sampled")),
-                                     ("head_pool", head_pool, HEAD_POOLS)):
+        for name, value, choices in (
+            ("variant.head", variant.head, ("slots", "assignment")),
+            ("variant.last_block", variant.last_block, ("slots", "full")),
+            ("variant.slot_init", variant.slot_init, ("learned", "sampled")),
+            ("head_pool", head_pool, HEAD_POOLS),
+        ):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         self.variant, self.head_pool = variant, head_pool
-        hidden_dim = check_vit_sizes(dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                          num_classes=num_classes, embed_dim=embed_dim, depth=depth,
-                                          num_heads=num_heads, num_slots=num_slots), mlp_ratio)
+        hidden_dim = check_vit_sizes(
+            dict(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                num_classes=num_classes,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+                num_slots=num_slots,
+            ),
+            mlp_ratio,
+        )
         where_hidden_dim = embed_dim if where_hidden_dim is None else where_hidden_dim
         if where_hidden_dim < 1:
             raise ValueError(f"where_hidden_dim must be >= 1, got {where_hidden_dim}")
@@ -177,10 +209,15 @@ class WhatWhereTransformer(nn.Module):
 
         def block(last: bool) -> WhatWhereBlock:
             return WhatWhereBlock(
-                embed_dim, num_heads, num_slots, slot_mlp=Mlp(embed_dim, hidden_dim),
+                embed_dim,
+                num_heads,
+                num_slots,
+                slot_mlp=Mlp(embed_dim, hidden_dim),
                 token_mlp=None if last else Mlp(embed_dim, hidden_dim),
                 where_mlp=None if last else Mlp(where_width + embed_dim, where_hidden_dim, out_dim=where_width),
-                slot_update=slot_update, where_residual=where_residual)
+                slot_update=slot_update,
+                where_residual=where_residual,
+            )
 
         slots_only_last = variant.last_block == "slots"
         self.blocks = nn.ModuleList(block(last=slots_only_last and i == depth - 1) for i in range(depth))
@@ -243,9 +280,16 @@ class WhatWhereTransformer(nn.Module):
         attention = where_maps.softmax(dim=-2).mean(dim=1).transpose(1, 2).reshape(-1, self.num_slots, side, side)
         slot_maps = F.interpolate(attention, size=self.img_size, mode="bilinear", align_corners=False)
         masks = normalise_maps(slot_maps) >= threshold
-        return ObjectDiscovery(logits=logits, slot_logits=slot_logits, where_maps=where_maps, slot_maps=slot_maps,
-                               masks=masks, boxes=masks_to_boxes(masks),
-                               segments=normalise_maps(attention).argmax(dim=1), readout=readout)
+        return ObjectDiscovery(
+            logits=logits,
+            slot_logits=slot_logits,
+            where_maps=where_maps,
+            slot_maps=slot_maps,
+            masks=masks,
+            boxes=masks_to_boxes(masks),
+            segments=normalise_maps(attention).argmax(dim=1),
+            readout=readout,
+        )
 
 
 def pool_token_logits(assignment: torch.Tensor, slot_logits: torch.Tensor, pool: str) -> torch.Tensor:

@@ -10,9 +10,10 @@ Messages start with the operator's name and name the argument; the Python checks
 ``visionmoe.checks``. Internal invariants that only a bug could break may raise ``RuntimeError``.
 """
 
+from ..checks import ACTIVATIONS
 from ..plan import RoutingPlan
 from .dispatch import LAYOUTS, combine, dispatch, make_plan
-from .expert_mlp import ACTIVATIONS, expert_mlp
+from .expert_mlp import expert_mlp
 from .routing import expert_choice_route, topk_route
 from .sinkhorn import DEFAULT_SINKHORN_ITERATIONS, sinkhorn
 from .soft_moe import soft_combine, soft_dispatch

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ..plan import RoutingPlan
 from ..checks import check_count, check_floating, check_make_plan, check_same_device, shape_of
+from ..plan import RoutingPlan
 
 _ops = torch.ops.visionmoe
 
@@ -119,8 +119,16 @@ def dispatch(x: torch.Tensor, plan: RoutingPlan, layout: str = "padded", *, vali
     _check_device("dispatch", "x", x, plan)
     token_offsets, token_rows = _token_view(plan, x.shape[0])
     return _ops.dispatch(
-        x, plan.sorted_token, plan.sorted_expert, plan.slot, plan.offsets, token_offsets, token_rows,
-        plan.capacity, layout == "padded", validate,
+        x,
+        plan.sorted_token,
+        plan.sorted_expert,
+        plan.slot,
+        plan.offsets,
+        token_offsets,
+        token_rows,
+        plan.capacity,
+        layout == "padded",
+        validate,
     )
 
 
@@ -144,17 +152,36 @@ def combine(expert_out: torch.Tensor, plan: RoutingPlan, num_tokens: int, *, val
         raise ValueError(f"combine: num_tokens={num_tokens} but the plan was made for {plan.num_tokens} tokens")
     token_offsets, token_rows = _token_view(plan, num_tokens)
     return _ops.combine(
-        expert_out, plan.weight.to(expert_out.dtype), plan.sorted_token, plan.sorted_expert, plan.slot,
-        plan.offsets, token_offsets, token_rows, plan.capacity, validate,
+        expert_out,
+        plan.weight.to(expert_out.dtype),
+        plan.sorted_token,
+        plan.sorted_expert,
+        plan.slot,
+        plan.offsets,
+        token_offsets,
+        token_rows,
+        plan.capacity,
+        validate,
     )
 
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
-def _check_plan_devices(op, like_name, like, sorted_token, sorted_expert, slot, offsets, token_offsets=None,
-                        token_rows=None):
-    check_same_device(op, like_name, like, sorted_token=sorted_token, sorted_expert=sorted_expert, slot=slot,
-                      offsets=offsets, token_offsets=token_offsets, token_rows=token_rows)
+
+def _check_plan_devices(
+    op, like_name, like, sorted_token, sorted_expert, slot, offsets, token_offsets=None, token_rows=None
+):
+    check_same_device(
+        op,
+        like_name,
+        like,
+        sorted_token=sorted_token,
+        sorted_expert=sorted_expert,
+        slot=slot,
+        offsets=offsets,
+        token_offsets=token_offsets,
+        token_rows=token_rows,
+    )
 
 
 @torch.library.register_fake("visionmoe::make_plan")
@@ -171,8 +198,9 @@ def _token_major_fake(sorted_token, num_tokens):
 
 
 @torch.library.register_fake("visionmoe::dispatch")
-def _dispatch_fake(x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded,
-                   validate=False):
+def _dispatch_fake(
+    x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded, validate=False
+):
     torch._check_value(x.dim() == 2, lambda: f"dispatch: x must have shape [T, D], got {tuple(x.shape)}")
     check_floating("dispatch", "x", x)
     _check_plan_devices("dispatch", "x", x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows)
@@ -183,19 +211,21 @@ def _dispatch_fake(x, sorted_token, sorted_expert, slot, offsets, token_offsets,
 
 
 @torch.library.register_fake("visionmoe::dispatch_backward")
-def _dispatch_backward_fake(grad_out, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
-                            capacity):
-    _check_plan_devices("dispatch_backward", "grad_out", grad_out, sorted_token, sorted_expert, slot, offsets,
-                        token_offsets, token_rows)
+def _dispatch_backward_fake(grad_out, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity):
+    _check_plan_devices(
+        "dispatch_backward", "grad_out", grad_out, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows
+    )
     return grad_out.new_empty((token_offsets.shape[0] - 1, grad_out.shape[-1]))
 
 
 @torch.library.register_fake("visionmoe::combine")
-def _combine_fake(expert_out, weight, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows,
-                  capacity, validate=False):
+def _combine_fake(
+    expert_out, weight, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, validate=False
+):
     check_same_device("combine", "expert_out", expert_out, weight=weight)
-    _check_plan_devices("combine", "expert_out", expert_out, sorted_token, sorted_expert, slot, offsets,
-                        token_offsets, token_rows)
+    _check_plan_devices(
+        "combine", "expert_out", expert_out, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows
+    )
     return expert_out.new_empty((token_offsets.shape[0] - 1, expert_out.shape[-1]))
 
 
@@ -207,6 +237,7 @@ def _combine_backward_fake(grad_y, expert_out, weight, sorted_token, sorted_expe
 
 
 # ---- autograd: the backward passes are operators too ----
+
 
 def _setup_dispatch(ctx, inputs, output):
     x, sorted_token, sorted_expert, slot, offsets, token_offsets, token_rows, capacity, padded, _ = inputs

@@ -26,10 +26,9 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ..checks import ACTIVATIONS, check_expert_mlp, check_expert_mlp_biases, check_like_x
+from ..checks import check_expert_mlp, check_expert_mlp_biases, check_like_x
 
 _ops = torch.ops.visionmoe
-
 
 
 def expert_mlp(
@@ -60,6 +59,7 @@ def expert_mlp(
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
+
 @torch.library.register_fake("visionmoe::expert_mlp")
 def _expert_mlp_fake(x, w1, b1, w2, b2, expert_offsets, activation):
     pre_width, _ = check_expert_mlp("expert_mlp", x, w1, w2, expert_offsets, activation)
@@ -72,19 +72,30 @@ def _expert_mlp_backward_fake(grad_y, x, w1, w2, pre_activation, expert_offsets,
     pre_width, _ = check_expert_mlp("expert_mlp_backward", x, w1, w2, expert_offsets, activation)
     check_like_x("expert_mlp_backward", "grad_y", grad_y, x)
     check_like_x("expert_mlp_backward", "pre_activation", pre_activation, x)
-    torch._check_value(grad_y.shape == x.shape,
-                       lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got "
-                               f"{list(grad_y.shape)}")
-    torch._check_value(pre_activation.shape == (*x.shape[:-1], pre_width),
-                       lambda: f"expert_mlp_backward: pre_activation must have shape {[*x.shape[:-1], pre_width]}, got "
-                         f"{list(pre_activation.shape)}")
+    torch._check_value(
+        grad_y.shape == x.shape,
+        lambda: f"expert_mlp_backward: grad_y must have x's shape {list(x.shape)}, got {list(grad_y.shape)}",
+    )
+    torch._check_value(
+        pre_activation.shape == (*x.shape[:-1], pre_width),
+        lambda: (
+            f"expert_mlp_backward: pre_activation must have shape {[*x.shape[:-1], pre_width]}, got "
+            f"{list(pre_activation.shape)}"
+        ),
+    )
     E, D, _ = w1.shape
     # contiguous, as the kernels return them
-    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((E, pre_width)), w2.new_empty(w2.shape),
-            w2.new_empty((E, D)))
+    return (
+        x.new_empty(x.shape),
+        w1.new_empty(w1.shape),
+        w1.new_empty((E, pre_width)),
+        w2.new_empty(w2.shape),
+        w2.new_empty((E, D)),
+    )
 
 
 # ---- autograd: saves x, w1, w2, the pre-activation and the offsets; the backward recomputes the activation ----
+
 
 def _setup_context(ctx, inputs, output):
     x, w1, _, w2, _, expert_offsets, activation = inputs

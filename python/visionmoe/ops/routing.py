@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ..plan import RoutingPlan
 from ..checks import check_count, check_scores, shape_of
+from ..plan import RoutingPlan
 
 _ops = torch.ops.visionmoe
 
@@ -29,8 +29,9 @@ def _combine_weights(name: str, scores: torch.Tensor, weights: Optional[torch.Te
         return scores
     weights = weights.unsqueeze(0) if weights.dim() == 2 else weights
     if weights.shape != scores.shape:
-        raise ValueError(f"{name}: weights must have the shape of scores {tuple(scores.shape)}, got "
-                         f"{tuple(weights.shape)}")
+        raise ValueError(
+            f"{name}: weights must have the shape of scores {tuple(scores.shape)}, got {tuple(weights.shape)}"
+        )
     if weights.device != scores.device:
         raise ValueError(f"{name}: weights must be on {scores.device} like scores, got {weights.device}")
     if not weights.is_floating_point():  # they become the plan's combine weights
@@ -96,9 +97,7 @@ def topk_route(
     return _plan(outputs, weights, capacity, renormalize)
 
 
-def expert_choice_route(
-    scores: torch.Tensor, capacity: int, *, weights: Optional[torch.Tensor] = None
-) -> RoutingPlan:
+def expert_choice_route(scores: torch.Tensor, capacity: int, *, weights: Optional[torch.Tensor] = None) -> RoutingPlan:
     """Expert choice (Zhou et al. 2022): each expert picks the C tokens of its group it scores highest.
 
     Args:
@@ -122,14 +121,23 @@ def _fake_plan(scores, num_assignments, num_virtual_experts, num_tokens):
         return scores.new_empty((n,), dtype=torch.long)
 
     M = num_assignments
-    return index(M), index(M), index(M), index(num_virtual_experts + 1), index(M), index(M), index(num_tokens + 1), \
-        index(M)
+    return (
+        index(M),
+        index(M),
+        index(M),
+        index(num_virtual_experts + 1),
+        index(M),
+        index(M),
+        index(num_tokens + 1),
+        index(M),
+    )
 
 
 @torch.library.register_fake("visionmoe::topk_route")
 def _topk_route_fake(scores, k, batch_priority):
-    torch._check_value(scores.dim() == 3,
-                       lambda: f"topk_route: scores must have shape [G, T, E], got {list(scores.shape)}")
+    torch._check_value(
+        scores.dim() == 3, lambda: f"topk_route: scores must have shape [G, T, E], got {list(scores.shape)}"
+    )
     check_scores("topk_route", scores)
     G, T, E = scores.shape
     torch._check_value(1 <= k <= E, lambda: f"topk_route: k must be in [1, E] = [1, {E}], got {k}")
@@ -138,8 +146,9 @@ def _topk_route_fake(scores, k, batch_priority):
 
 @torch.library.register_fake("visionmoe::expert_choice_route")
 def _expert_choice_route_fake(scores, capacity):
-    torch._check_value(scores.dim() == 3,
-                       lambda: f"expert_choice_route: scores must have shape [G, T, E], got {list(scores.shape)}")
+    torch._check_value(
+        scores.dim() == 3, lambda: f"expert_choice_route: scores must have shape [G, T, E], got {list(scores.shape)}"
+    )
     check_scores("expert_choice_route", scores)
     torch._check_value(capacity >= 0, lambda: f"expert_choice_route: capacity must be >= 0, got {capacity}")
     G, T, E = scores.shape

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ..constants import DEFAULT_SINKHORN_ITERATIONS
 from ..checks import check_same_device, check_sinkhorn, shape_of
+from ..constants import DEFAULT_SINKHORN_ITERATIONS
 
 _ops = torch.ops.visionmoe
 
@@ -49,6 +49,7 @@ def sinkhorn(
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
+
 def _potential_dtype(dtype: torch.dtype) -> torch.dtype:
     """The opmath type the kernels compute in and store the potentials in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -56,8 +57,9 @@ def _potential_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.register_fake("visionmoe::sinkhorn")
 def _sinkhorn_fake(logits, num_iterations, validate=True):
-    torch._check_value(logits.dim() == 3,
-                       lambda: f"sinkhorn: logits must have shape [G, T, E], got {list(logits.shape)}")
+    torch._check_value(
+        logits.dim() == 3, lambda: f"sinkhorn: logits must have shape [G, T, E], got {list(logits.shape)}"
+    )
     check_sinkhorn("sinkhorn", logits, num_iterations)
     groups, tokens, experts = logits.shape
     dtype = _potential_dtype(logits.dtype)
@@ -70,12 +72,19 @@ def _sinkhorn_fake(logits, num_iterations, validate=True):
 
 @torch.library.register_fake("visionmoe::sinkhorn_backward")
 def _sinkhorn_backward_fake(grad_log_plan, logits, row_potentials, column_potentials):
-    check_same_device("sinkhorn_backward", "logits", logits, grad_log_plan=grad_log_plan,
-                      row_potentials=row_potentials, column_potentials=column_potentials)
+    check_same_device(
+        "sinkhorn_backward",
+        "logits",
+        logits,
+        grad_log_plan=grad_log_plan,
+        row_potentials=row_potentials,
+        column_potentials=column_potentials,
+    )
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 # ---- autograd: the backward pass is an operator too ----
+
 
 def _setup_sinkhorn(ctx, inputs, output):
     logits, _, _ = inputs

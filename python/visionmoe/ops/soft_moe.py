@@ -47,9 +47,11 @@ def soft_combine(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
+
 def _check_fake_grad(op: str, name: str, grad: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
-    torch._check_value(grad.shape == shape,
-                       lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}")
+    torch._check_value(
+        grad.shape == shape, lambda: f"{op}: {name} must have shape {list(shape)}, got {list(grad.shape)}"
+    )
     check_dtype_like(op, name, grad, "the inputs", like)
     check_same_device(op, "the inputs", like, **{name: grad})
 
@@ -81,6 +83,7 @@ def _soft_combine_backward_fake(grad_out, y, logits):
 
 
 # ---- autograd: only the inputs are saved; the backward operators recompute the softmax ----
+
 
 def _save_inputs(ctx, inputs, output):
     ctx.save_for_backward(*inputs)

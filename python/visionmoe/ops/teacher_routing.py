@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the operators)
-from ..constants import REDUCTIONS, TEACHER_FORMATS
 from ..checks import check_same_device, check_teacher_routing
+from ..constants import REDUCTIONS, TEACHER_FORMATS
 
 _ops = torch.ops.visionmoe
 
@@ -57,11 +57,15 @@ def teacher_routing_loss(
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
+
 def _check_options(op: str, reduction: str, teacher_format: str) -> None:
-    torch._check_value(reduction in REDUCTIONS,
-                       lambda: f'{op}: reduction must be "none", "mean" or "sum", got "{reduction}"')
-    torch._check_value(teacher_format in TEACHER_FORMATS,
-                       lambda: f'{op}: teacher_format must be "probabilities" or "logits", got "{teacher_format}"')
+    torch._check_value(
+        reduction in REDUCTIONS, lambda: f'{op}: reduction must be "none", "mean" or "sum", got "{reduction}"'
+    )
+    torch._check_value(
+        teacher_format in TEACHER_FORMATS,
+        lambda: f'{op}: teacher_format must be "probabilities" or "logits", got "{teacher_format}"',
+    )
 
 
 @torch.library.register_fake("visionmoe::teacher_routing_loss")
@@ -76,16 +80,25 @@ def _teacher_routing_loss_fake(student_logits, teacher, reduction, teacher_forma
 
 
 @torch.library.register_fake("visionmoe::teacher_routing_loss_backward")
-def _teacher_routing_loss_backward_fake(grad_loss, student_logits, teacher, student_lse, teacher_lse, reduction,
-                                        teacher_format):
+def _teacher_routing_loss_backward_fake(
+    grad_loss, student_logits, teacher, student_lse, teacher_lse, reduction, teacher_format
+):
     op = "teacher_routing_loss_backward"
-    check_same_device(op, "student_logits", student_logits, grad_loss=grad_loss, teacher=teacher,
-                      student_lse=student_lse, teacher_lse=teacher_lse)
+    check_same_device(
+        op,
+        "student_logits",
+        student_logits,
+        grad_loss=grad_loss,
+        teacher=teacher,
+        student_lse=student_lse,
+        teacher_lse=teacher_lse,
+    )
     _check_options(op, reduction, teacher_format)
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
 
 
 # ---- autograd: the backward pass is an operator too; the teacher gets no gradient ----
+
 
 def _setup_teacher_routing_loss(ctx, inputs, output):
     student_logits, teacher, reduction, teacher_format = inputs
@@ -101,10 +114,11 @@ def _teacher_routing_loss_backward(ctx, grad_loss, grad_student_lse, grad_teache
     if ctx.needs_input_grad[0]:
         student_logits, teacher, student_lse, teacher_lse = ctx.saved_tensors
         grad_student_logits = _ops.teacher_routing_loss_backward(
-            grad_loss.contiguous(), student_logits, teacher, student_lse, teacher_lse, ctx.reduction,
-            ctx.teacher_format)
+            grad_loss.contiguous(), student_logits, teacher, student_lse, teacher_lse, ctx.reduction, ctx.teacher_format
+        )
     return grad_student_logits, None, None, None
 
 
 torch.library.register_autograd(
-    "visionmoe::teacher_routing_loss", _teacher_routing_loss_backward, setup_context=_setup_teacher_routing_loss)
+    "visionmoe::teacher_routing_loss", _teacher_routing_loss_backward, setup_context=_setup_teacher_routing_loss
+)

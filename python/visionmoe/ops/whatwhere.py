@@ -49,6 +49,7 @@ def whatwhere_attention(
 
 # ---- fake kernels: output shapes and dtypes without running anything ----
 
+
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in and store the log-sum-exps in."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -69,28 +70,41 @@ def _whatwhere_attention_fake(q, k, v_tokens, v_slots, where):
 
 
 @torch.library.register_fake("visionmoe::whatwhere_attention_backward")
-def _whatwhere_attention_backward_fake(grad_token_update, grad_slot_update, grad_logits, q, k, v_tokens, v_slots,
-                                       logits, token_logsumexp, slot_logsumexp):
+def _whatwhere_attention_backward_fake(
+    grad_token_update, grad_slot_update, grad_logits, q, k, v_tokens, v_slots, logits, token_logsumexp, slot_logsumexp
+):
     op = "whatwhere_attention_backward"
     B, H, N, S, dh, dv = check_whatwhere(op, q, k, v_tokens, v_slots)
     check_whatwhere_operand(op, "logits", "[B, H, N, S]", logits, (B, H, N, S), q)
-    for name, grad, letters, shape in (("grad_token_update", grad_token_update, "[B, H, N, dv]", (B, H, N, dv)),
-                                       ("grad_slot_update", grad_slot_update, "[B, H, S, dv]", (B, H, S, dv)),
-                                       ("grad_logits", grad_logits, "[B, H, N, S]", (B, H, N, S))):
+    for name, grad, letters, shape in (
+        ("grad_token_update", grad_token_update, "[B, H, N, dv]", (B, H, N, dv)),
+        ("grad_slot_update", grad_slot_update, "[B, H, S, dv]", (B, H, S, dv)),
+        ("grad_logits", grad_logits, "[B, H, N, S]", (B, H, N, S)),
+    ):
         if grad is not None:
             check_whatwhere_operand(op, name, letters, grad, shape, q)
     opmath = _opmath_dtype(q.dtype)
-    for name, stats, letters, shape in (("token_logsumexp", token_logsumexp, "[B, H, N]", (B, H, N)),
-                                        ("slot_logsumexp", slot_logsumexp, "[B, H, S]", (B, H, S))):
-        torch._check_value(tuple(stats.shape) == shape,
-                           lambda: f"{op}: {name} must have shape {letters} = {list(shape)}, got {list(stats.shape)}")
+    for name, stats, letters, shape in (
+        ("token_logsumexp", token_logsumexp, "[B, H, N]", (B, H, N)),
+        ("slot_logsumexp", slot_logsumexp, "[B, H, S]", (B, H, S)),
+    ):
+        torch._check_value(
+            tuple(stats.shape) == shape,
+            lambda: f"{op}: {name} must have shape {letters} = {list(shape)}, got {list(stats.shape)}",
+        )
         torch._check_type(stats.dtype == opmath, lambda: f"{op}: {name} must have dtype {opmath}, got {stats.dtype}")
         check_same_device(op, "q", q, **{name: stats})
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v_tokens.new_empty(v_tokens.shape),
-            v_slots.new_empty(v_slots.shape), logits.new_empty(logits.shape))
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v_tokens.new_empty(v_tokens.shape),
+        v_slots.new_empty(v_slots.shape),
+        logits.new_empty(logits.shape),
+    )
 
 
 # ---- autograd: inputs, logits and log-sum-exps are saved; the backward operator recomputes both softmaxes ----
+
 
 def _setup_whatwhere_attention(ctx, inputs, output):
     q, k, v_tokens, v_slots, _ = inputs

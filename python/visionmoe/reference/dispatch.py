@@ -27,8 +27,9 @@ def make_plan(
 ) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.make_plan`: a stable sort by expert, then ranks within experts."""
     check_make_plan("make_plan", token_index, expert_index, num_experts, num_tokens)
-    return build_plan(token_index, expert_index, weight, num_experts, capacity, num_tokens=num_tokens,
-                      validate=validate)
+    return build_plan(
+        token_index, expert_index, weight, num_experts, capacity, num_tokens=num_tokens, validate=validate
+    )
 
 
 def build_plan(

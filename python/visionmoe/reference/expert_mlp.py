@@ -44,6 +44,6 @@ def expert_mlp(
     check_expert_offsets_values("expert_mlp", bounds, x.shape[0])
     outputs = []
     for e in range(w1.shape[0]):
-        rows = x[bounds[e]:bounds[e + 1]]
+        rows = x[bounds[e] : bounds[e + 1]]
         outputs.append(F.linear(_activate(F.linear(rows, w1[e].T, b1[e]), activation), w2[e].T, b2[e]))
     return torch.cat(outputs) if outputs else x.new_zeros(x.shape)

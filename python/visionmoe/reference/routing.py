@@ -15,8 +15,9 @@ def _groups(scores: torch.Tensor) -> torch.Tensor:
     return scores.unsqueeze(0) if scores.dim() == 2 else scores
 
 
-def _finish(plan: RoutingPlan, list_source: torch.Tensor, weights: torch.Tensor, capacity, renormalize: bool,
-            num_groups: int) -> RoutingPlan:
+def _finish(
+    plan: RoutingPlan, list_source: torch.Tensor, weights: torch.Tensor, capacity, renormalize: bool, num_groups: int
+) -> RoutingPlan:
     G, T, E = weights.shape
     flat_index = plan.sorted_token * E + torch.div(plan.sorted_expert, num_groups, rounding_mode="floor")
     weight = weights.reshape(-1)[flat_index]
@@ -24,14 +25,23 @@ def _finish(plan: RoutingPlan, list_source: torch.Tensor, weights: torch.Tensor,
         totals = torch.zeros(G * T, dtype=weight.dtype, device=weight.device).index_add(0, plan.sorted_token, weight)
         weight = weight / totals[plan.sorted_token]
     return RoutingPlan(
-        sorted_token=plan.sorted_token, sorted_expert=plan.sorted_expert, weight=weight, slot=plan.slot,
-        offsets=plan.offsets, order=list_source[plan.order], num_experts=E * G, capacity=capacity,
-        num_groups=G, token_offsets=plan.token_offsets, token_rows=plan.token_rows,
+        sorted_token=plan.sorted_token,
+        sorted_expert=plan.sorted_expert,
+        weight=weight,
+        slot=plan.slot,
+        offsets=plan.offsets,
+        order=list_source[plan.order],
+        num_experts=E * G,
+        capacity=capacity,
+        num_groups=G,
+        token_offsets=plan.token_offsets,
+        token_rows=plan.token_rows,
     )
 
 
-def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optional[torch.Tensor] = None,
-               renormalize=False) -> RoutingPlan:
+def topk_route(
+    scores, k, capacity=None, *, batch_priority=False, weights: Optional[torch.Tensor] = None, renormalize=False
+) -> RoutingPlan:
     """Reference of :func:`visionmoe.ops.topk_route`: stable sorts, then :func:`make_plan`."""
     check_scores("topk_route", scores)
     scores = _groups(scores)
@@ -51,8 +61,9 @@ def topk_route(scores, k, capacity=None, *, batch_priority=False, weights: Optio
     group_base = torch.arange(G, device=scores.device).view(1, G, 1)
     tokens = (rank_to_token.unsqueeze(0) + group_base * T).expand(k, G, T)
     virtual_experts = choices_by_rank * G + group_base
-    plan = build_plan(tokens.reshape(-1), virtual_experts.reshape(-1), torch.zeros(tokens.numel()), E * G, capacity,
-                     num_tokens=G * T)
+    plan = build_plan(
+        tokens.reshape(-1), virtual_experts.reshape(-1), torch.zeros(tokens.numel()), E * G, capacity, num_tokens=G * T
+    )
     list_source = (tokens + torch.arange(k, device=scores.device).view(k, 1, 1) * G * T).reshape(-1)
     return _finish(plan, list_source, weights, capacity, renormalize, G)
 

@@ -41,18 +41,28 @@ class RouterMetrics:
     aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of_plan(cls, plan, probs: torch.Tensor, logits: torch.Tensor,
-                aux_losses: Optional[Callable[[], Dict[str, torch.Tensor]]] = None,
-                unrouted: Optional[torch.Tensor] = None) -> "RouterMetrics":
+    def of_plan(
+        cls,
+        plan,
+        probs: torch.Tensor,
+        logits: torch.Tensor,
+        aux_losses: Optional[Callable[[], Dict[str, torch.Tensor]]] = None,
+        unrouted: Optional[torch.Tensor] = None,
+    ) -> "RouterMetrics":
         """The metrics of a sparse routing plan: per-expert load, dropped fraction and (unless ``unrouted`` is
         given) the fraction of tokens with no kept assignment. ``aux_losses`` computes the auxiliary losses; it
         is called only when there are tokens (on none the losses are undefined, and nothing needs balancing)."""
         has_tokens = probs.numel() > 0
         # A plan of no groups has no virtual experts, so it cannot tell how many real ones got nothing.
         load = plan.expert_load() if plan.num_groups > 0 else probs.new_zeros(probs.shape[-1])
-        return cls(probs=probs, logits=logits, load=load.to(probs.dtype), dropped_fraction=plan.dropped_fraction(),
-                   unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
-                   aux_losses=aux_losses() if aux_losses is not None and has_tokens else {})
+        return cls(
+            probs=probs,
+            logits=logits,
+            load=load.to(probs.dtype),
+            dropped_fraction=plan.dropped_fraction(),
+            unrouted_fraction=unrouted_fraction(plan) if unrouted is None else unrouted,
+            aux_losses=aux_losses() if aux_losses is not None and has_tokens else {},
+        )
 
 
 class Router(nn.Module):
@@ -84,8 +94,9 @@ class Router(nn.Module):
         return x
 
 
-def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_factor: float,
-                         multiple: int = 1) -> int:
+def capacity_from_factor(
+    assignments_per_group: int, num_experts: int, capacity_factor: float, multiple: int = 1
+) -> int:
     """C = ceil(assignments_per_group * capacity_factor / E), rounded up to a multiple of ``multiple``.
 
     Token choice passes K * T assignments per group, expert choice T; V-MoE rounds to a multiple of 4.
@@ -94,14 +105,20 @@ def capacity_from_factor(assignments_per_group: int, num_experts: int, capacity_
     return -(-capacity // multiple) * multiple
 
 
-def check_capacity_options(capacity_factor, capacity_multiple: int, allow_dropless: bool,
-                           num_experts: int) -> Tuple[Optional[float], int]:
+def check_capacity_options(
+    capacity_factor, capacity_multiple: int, allow_dropless: bool, num_experts: int
+) -> Tuple[Optional[float], int]:
     """The checked ``(capacity_factor, capacity_multiple)``; None for the factor means dropless routing.
 
     The factor is at most E: at E every expert has room for every token of its group (C >= T), so a larger one
     only adds empty slots, and a huge one (1e30 from a config) would ask for a buffer no machine holds."""
-    capacity_factor = check_real("capacity_factor", capacity_factor, greater_than=0, at_most=num_experts,
-                                 none_means="dropless routing" if allow_dropless else None)
+    capacity_factor = check_real(
+        "capacity_factor",
+        capacity_factor,
+        greater_than=0,
+        at_most=num_experts,
+        none_means="dropless routing" if allow_dropless else None,
+    )
     return capacity_factor, check_int("capacity_multiple", capacity_multiple, 1)
 
 
@@ -116,7 +133,8 @@ def unrouted_fraction(plan, count_zero_weights: bool = True) -> torch.Tensor:
         return torch.zeros((), device=plan.slot.device)
     reaching = plan.kept() if count_zero_weights else plan.kept() & (plan.weight > 0)
     reached_per_token = torch.zeros(num_tokens, device=plan.slot.device).index_add(
-        0, plan.sorted_token, reaching.to(torch.float32))
+        0, plan.sorted_token, reaching.to(torch.float32)
+    )
     return (reached_per_token == 0).to(torch.float32).mean()
 
 
@@ -124,8 +142,9 @@ class SinkhornSelection:
     """Mixin for a router with a ``selection_scores`` step: select on Sinkhorn-balanced scores (rows sum to 1,
     experts' columns to T / E, ``sinkhorn_iterations`` log-domain rounds) instead of the probabilities."""
 
-    def __init__(self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS,
-                 **options):
+    def __init__(
+        self, dim: int, num_experts: int, sinkhorn_iterations: int = ops.DEFAULT_SINKHORN_ITERATIONS, **options
+    ):
         super().__init__(dim, num_experts, **options)
         self.sinkhorn_iterations = check_int("sinkhorn_iterations", sinkhorn_iterations, 0)
 
@@ -172,11 +191,18 @@ def draw_noise(like: torch.Tensor, shard: Optional[Tuple[int, int]] = None, kind
     rank, ranks = shard if shard is not None else (0, 1)
     noise = torch.empty((ranks * rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
     noise = noise.normal_() if kind == "normal" else noise.exponential_()
-    return noise[rank * rows:(rank + 1) * rows].view_as(like)
+    return noise[rank * rows : (rank + 1) * rows].view_as(like)
 
 
-def gate_logits(proj: nn.Module, x: torch.Tensor, *, check_finite: bool, noise_std: float, training: bool,
-                noise_shard: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def gate_logits(
+    proj: nn.Module,
+    x: torch.Tensor,
+    *,
+    check_finite: bool,
+    noise_std: float,
+    training: bool,
+    noise_shard: Optional[Tuple[int, int]] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``proj(x)`` [G, T, E], checked to be finite when asked, and the logits the router selects on:
     in training with ``noise_std`` > 0, the logits plus Gaussian noise of that std (drawn per global group under
     ``noise_shard``, see :func:`draw_noise`); otherwise the logits."""

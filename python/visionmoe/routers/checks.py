@@ -22,8 +22,9 @@ def _or_none(none_means: Optional[str]) -> str:
     return "" if none_means is None else f" (or None for {none_means})"
 
 
-def check_int(name: str, value, minimum: int, maximum: Optional[int] = None, *,
-              none_means: Optional[str] = None) -> Optional[int]:
+def check_int(
+    name: str, value, minimum: int, maximum: Optional[int] = None, *, none_means: Optional[str] = None
+) -> Optional[int]:
     """``value`` as an int in [minimum, maximum] (no upper bound when ``maximum`` is None). A bool is not an
     integer here (``k=True`` is a mistake, not 1). None is accepted only when ``none_means`` says what it
     means; the type error mentions it, the range error does not (None was not the value given)."""
@@ -31,15 +32,23 @@ def check_int(name: str, value, minimum: int, maximum: Optional[int] = None, *,
         return None
     bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer {bounds}{_or_none(none_means)}, got "
-                        f"{type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be an integer {bounds}{_or_none(none_means)}, got {type(value).__name__} {value!r}"
+        )
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return int(value)
 
 
-def check_real(name: str, value, *, greater_than: Optional[float] = None, at_least: Optional[float] = None,
-               at_most: Optional[float] = None, none_means: Optional[str] = None) -> Optional[float]:
+def check_real(
+    name: str,
+    value,
+    *,
+    greater_than: Optional[float] = None,
+    at_least: Optional[float] = None,
+    at_most: Optional[float] = None,
+    none_means: Optional[str] = None,
+) -> Optional[float]:
     """``value`` as a finite float, > ``greater_than``, >= ``at_least`` and <= ``at_most`` where given. None is
     accepted only when ``none_means`` says what it means."""
     if value is None and none_means is not None:
@@ -47,15 +56,19 @@ def check_real(name: str, value, *, greater_than: Optional[float] = None, at_lea
     bounds = ((">", greater_than), (">=", at_least), ("<=", at_most))
     expected = " and ".join(f"{relation} {bound}" for relation, bound in bounds if bound is not None)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number {expected}{_or_none(none_means)}, got "
-                        f"{type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be a number {expected}{_or_none(none_means)}, got {type(value).__name__} {value!r}"
+        )
     value = float(value)
     # Comparisons rather than math.isfinite, which torch.compile cannot trace (functions such as
     # sparsity_constrained_transport check their options on every call, also inside a compiled router).
     if not (value == value and abs(value) != math.inf):
         raise ValueError(f"{name} must be a finite number {expected}, got {value}")
-    if ((greater_than is not None and not value > greater_than) or (at_least is not None and value < at_least)
-            or (at_most is not None and value > at_most)):
+    if (
+        (greater_than is not None and not value > greater_than)
+        or (at_least is not None and value < at_least)
+        or (at_most is not None and value > at_most)
+    ):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value
 
@@ -86,5 +99,7 @@ def check_input_dtype(name: str, x: torch.Tensor, dtype: Optional[torch.dtype]) 
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-        raise ValueError(f"{name} must have the dtype of the layer's weights, {dtype}, got {x.dtype} (convert the "
-                         "input or the layer, or run under torch.autocast)")
+        raise ValueError(
+            f"{name} must have the dtype of the layer's weights, {dtype}, got {x.dtype} (convert the "
+            "input or the layer, or run under torch.autocast)"
+        )

@@ -35,11 +35,19 @@ class ExpertChoiceRouter(Router):
     ``forward(x [G, T, D] or [T, D]) -> (RoutingPlan, RouterMetrics)``.
     """
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
-                 noise_std: float = 0.0, check_finite: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: float = 1.0,
+        capacity_multiple: int = 1,
+        noise_std: float = 0.0,
+        check_finite: bool = True,
+    ):
         super().__init__(dim, num_experts)
         self.capacity_factor, self.capacity_multiple = check_capacity_options(
-            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=num_experts)
+            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=num_experts
+        )
         self.noise_std = check_real("noise_std", noise_std, at_least=0)
         self.check_finite = check_flag("check_finite", check_finite)
         self.proj = nn.Linear(dim, num_experts, bias=False)
@@ -52,16 +60,26 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x: torch.Tensor):
         x = self.grouped_input(x, self.proj.weight.dtype)
-        logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite,
-                                    noise_std=self.noise_std / self.num_experts, training=self.training,
-                                    noise_shard=self.noise_shard)
+        logits, noisy = gate_logits(
+            self.proj,
+            x,
+            check_finite=self.check_finite,
+            noise_std=self.noise_std / self.num_experts,
+            training=self.training,
+            noise_shard=self.noise_shard,
+        )
         probs = noisy.softmax(dim=-1)
         plan = ops.expert_choice_route(self.selection_scores(noisy, probs), self.capacity(x.shape[1]), weights=probs)
-        return plan, RouterMetrics.of_plan(plan, probs, noisy, lambda: {
-            # The importance of the probabilities without noise, as V-MoE's (it does not depend on the noise drawn).
-            "importance": losses.importance_loss(logits.softmax(dim=-1)),
-            "z_loss": losses.router_z_loss(logits),
-        })
+        return plan, RouterMetrics.of_plan(
+            plan,
+            probs,
+            noisy,
+            lambda: {
+                # The importance of the probabilities without noise, as V-MoE's (it does not depend on the noise drawn).
+                "importance": losses.importance_loss(logits.softmax(dim=-1)),
+                "z_loss": losses.router_z_loss(logits),
+            },
+        )
 
 
 @register_router("sinkhorn_expert_choice")

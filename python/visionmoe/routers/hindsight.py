@@ -86,11 +86,15 @@ class HindsightRouter(Router):
         num_experts = self.num_experts
         num_tokens = plan.num_tokens
         if num_tokens is None or plan.num_assignments != num_tokens * num_experts or plan.capacity is not None:
-            raise ValueError("plan must be the plan HindsightRouter.forward returned (every token assigned to every "
-                             f"one of the {num_experts} experts, dropless, with its token-major view)")
+            raise ValueError(
+                "plan must be the plan HindsightRouter.forward returned (every token assigned to every "
+                f"one of the {num_experts} experts, dropless, with its token-major view)"
+            )
         if expert_out.shape != (plan.num_assignments, self.output_dim):
-            raise ValueError(f"expert_out must have shape [M, output_dim] = [{plan.num_assignments}, "
-                             f"{self.output_dim}] (the plan's packed rows), got {tuple(expert_out.shape)}")
+            raise ValueError(
+                f"expert_out must have shape [M, output_dim] = [{plan.num_assignments}, "
+                f"{self.output_dim}] (the plan's packed rows), got {tuple(expert_out.shape)}"
+            )
         scores = self.scorer(expert_out.to(self.scorer.weight.dtype)).squeeze(-1)  # [M]
         # Every token has exactly E assignments, listed in expert order: its scores form a row of [G * T, E].
         token_scores = scores.index_select(0, plan.token_rows).view(num_tokens, num_experts)
@@ -107,7 +111,10 @@ class HindsightRouter(Router):
         logits = token_scores.view(plan.num_groups, tokens_per_group, num_experts)
         probs = logits.softmax(dim=-1)
         metrics = RouterMetrics(
-            probs=probs, logits=logits, load=hard.detach().sum(dim=0), dropped_fraction=chosen.dropped_fraction(),
+            probs=probs,
+            logits=logits,
+            load=hard.detach().sum(dim=0),
+            dropped_fraction=chosen.dropped_fraction(),
             unrouted_fraction=unrouted_fraction(chosen, count_zero_weights=False),
             # The entropy of no tokens is undefined, and there is no choice to make confident.
             aux_losses={"entropy": losses.entropy_loss(probs)} if num_tokens > 0 else {},

@@ -71,8 +71,10 @@ class SoftRoutingPlan:
         expected = (self.num_groups, self.num_experts, self.slots_per_expert)
         if expert_out.dim() != 4 or tuple(expert_out.shape[:3]) != expected:
             groups, experts, slots = expected
-            raise ValueError(f"combine: expert_out must have shape [G, E, P, D] = [{groups}, {experts}, {slots}, D], "
-                             f"got {tuple(expert_out.shape)}")
+            raise ValueError(
+                f"combine: expert_out must have shape [G, E, P, D] = [{groups}, {experts}, {slots}, D], "
+                f"got {tuple(expert_out.shape)}"
+            )
         return ops.soft_combine(expert_out.flatten(1, 2), self.logits.to(expert_out.dtype))
 
     def dispatch_weights(self) -> torch.Tensor:
@@ -128,7 +130,8 @@ class SoftRouter(Router):
         self.slots_per_expert = self._slots_per_expert(
             check_int("slots_per_expert", slots_per_expert, 1, none_means="deriving it from num_tokens"),
             check_real("capacity_factor", capacity_factor, greater_than=0),
-            check_int("num_tokens", num_tokens, 1, none_means="giving slots_per_expert"))
+            check_int("num_tokens", num_tokens, 1, none_means="giving slots_per_expert"),
+        )
         self.phi = nn.Parameter(torch.empty(self.dim, self.num_slots))
         self.scale = nn.Parameter(torch.empty(()))
         self.reset_parameters()
@@ -176,13 +179,16 @@ class SoftRouter(Router):
             metrics = RouterMetrics(
                 probs=plan.combine_weights().unflatten(-1, by_expert).sum(-1),
                 logits=logits.float().unflatten(-1, by_expert).logsumexp(-1),
-                load=torch.full((self.num_experts,), x.shape[0] * self.slots_per_expert, dtype=torch.float32,
-                                device=x.device),
+                load=torch.full(
+                    (self.num_experts,), x.shape[0] * self.slots_per_expert, dtype=torch.float32, device=x.device
+                ),
                 dropped_fraction=torch.zeros((), device=x.device),
                 unrouted_fraction=torch.zeros((), device=x.device),
             )
         return plan, metrics
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-                f"noise_std={self.noise_std}")
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
+            f"noise_std={self.noise_std}"
+        )

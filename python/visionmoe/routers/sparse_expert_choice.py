@@ -164,8 +164,9 @@ def sparsity_constrained_transport(
             first_moment.mul_(_ADAM_BETA1).add_(ascent, alpha=1 - _ADAM_BETA1)
             second_moment.mul_(_ADAM_BETA2).addcmul_(ascent, ascent, value=1 - _ADAM_BETA2)
             corrected_second = second_moment / (1 - _ADAM_BETA2**step)
-            potentials.addcdiv_(first_moment, corrected_second.sqrt_().add_(_ADAM_EPS),
-                                value=lr / (1 - _ADAM_BETA1**step))
+            potentials.addcdiv_(
+                first_moment, corrected_second.sqrt_().add_(_ADAM_EPS), value=lr / (1 - _ADAM_BETA1**step)
+            )
     plan = plan_from(potentials)
     if constrain == "tokens":
         plan = plan.transpose(1, 2)
@@ -174,8 +175,11 @@ def sparsity_constrained_transport(
 
 def check_solver_options(gamma: float, iterations: int, lr: float) -> Tuple[float, int, float]:
     """The checked ``(gamma, iterations, lr)`` of the semi-dual solver."""
-    return (check_real("gamma", gamma, greater_than=0), check_int("iterations", iterations, 1),
-            check_real("lr", lr, greater_than=0))
+    return (
+        check_real("gamma", gamma, greater_than=0),
+        check_int("iterations", iterations, 1),
+        check_real("lr", lr, greater_than=0),
+    )
 
 
 class _SparsityConstrainedRouter(Router):
@@ -185,8 +189,9 @@ class _SparsityConstrainedRouter(Router):
 
     constrain: str
 
-    def __init__(self, dim: int, num_experts: int, gamma: float, iterations: int, lr: float, combine: str,
-                 check_finite: bool):
+    def __init__(
+        self, dim: int, num_experts: int, gamma: float, iterations: int, lr: float, combine: str, check_finite: bool
+    ):
         super().__init__(dim, num_experts)
         self.gamma, self.iterations, self.lr = check_solver_options(gamma, iterations, lr)
         self.combine = check_choice("combine", combine, COMBINE_MODES)
@@ -204,8 +209,13 @@ class _SparsityConstrainedRouter(Router):
         logits, _ = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=0.0, training=self.training)
         probs = logits.softmax(dim=-1)
         transport = sparsity_constrained_transport(
-            probs, self.max_nonzeros(x.shape[1]), constrain=self.constrain, gamma=self.gamma,
-            iterations=self.iterations, lr=self.lr)
+            probs,
+            self.max_nonzeros(x.shape[1]),
+            constrain=self.constrain,
+            gamma=self.gamma,
+            iterations=self.iterations,
+            lr=self.lr,
+        )
         if self.combine == "plan":
             weights = transport
         else:
@@ -214,12 +224,18 @@ class _SparsityConstrainedRouter(Router):
         # Expert choice fills a column with fewer than C non-zeros with zero-weight tokens, which receive nothing.
         unrouted = unrouted_fraction(plan, count_zero_weights=False)
         return plan, RouterMetrics.of_plan(
-            plan, probs, logits, lambda: {"importance": losses.importance_loss(probs),
-                                          "z_loss": losses.router_z_loss(logits)}, unrouted=unrouted)
+            plan,
+            probs,
+            logits,
+            lambda: {"importance": losses.importance_loss(probs), "z_loss": losses.router_z_loss(logits)},
+            unrouted=unrouted,
+        )
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, gamma={self.gamma}, iterations={self.iterations}, "
-                f"lr={self.lr}, combine={self.combine!r}")
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, gamma={self.gamma}, iterations={self.iterations}, "
+            f"lr={self.lr}, combine={self.combine!r}"
+        )
 
 
 @register_router("sparse_expert_choice")
@@ -253,12 +269,22 @@ class SparseExpertChoiceRouter(_SparsityConstrainedRouter):
 
     constrain = "experts"
 
-    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 1.0, capacity_multiple: int = 1,
-                 gamma: float = DEFAULT_GAMMA, iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LEARNING_RATE,
-                 combine: str = "plan", check_finite: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        capacity_factor: float = 1.0,
+        capacity_multiple: int = 1,
+        gamma: float = DEFAULT_GAMMA,
+        iterations: int = DEFAULT_ITERATIONS,
+        lr: float = DEFAULT_LEARNING_RATE,
+        combine: str = "plan",
+        check_finite: bool = True,
+    ):
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
         self.capacity_factor, self.capacity_multiple = check_capacity_options(
-            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=self.num_experts)
+            capacity_factor, capacity_multiple, allow_dropless=False, num_experts=self.num_experts
+        )
 
     def capacity(self, tokens_per_group: int) -> int:
         return capacity_from_factor(tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple)
@@ -287,25 +313,38 @@ class SparseTokenChoiceRouter(_SparsityConstrainedRouter):
 
     constrain = "tokens"
 
-    def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: Optional[float] = 1.0,
-                 capacity_multiple: int = 1, batch_priority: bool = False, gamma: float = DEFAULT_GAMMA,
-                 iterations: int = DEFAULT_ITERATIONS, lr: float = DEFAULT_LEARNING_RATE, combine: str = "softmax",
-                 check_finite: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        capacity_factor: Optional[float] = 1.0,
+        capacity_multiple: int = 1,
+        batch_priority: bool = False,
+        gamma: float = DEFAULT_GAMMA,
+        iterations: int = DEFAULT_ITERATIONS,
+        lr: float = DEFAULT_LEARNING_RATE,
+        combine: str = "softmax",
+        check_finite: bool = True,
+    ):
         super().__init__(dim, num_experts, gamma, iterations, lr, combine, check_finite)
         self.k = check_int("k", k, 1, self.num_experts)
         self.capacity_factor, self.capacity_multiple = check_capacity_options(
-            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=self.num_experts)
+            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=self.num_experts
+        )
         self.batch_priority = check_flag("batch_priority", batch_priority)
 
     def capacity(self, tokens_per_group: int) -> Optional[int]:
         if self.capacity_factor is None:
             return None
-        return capacity_from_factor(self.k * tokens_per_group, self.num_experts, self.capacity_factor,
-                                    self.capacity_multiple)
+        return capacity_from_factor(
+            self.k * tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple
+        )
 
     def max_nonzeros(self, tokens_per_group: int) -> int:
         return self.k
 
     def route(self, transport: torch.Tensor, weights: torch.Tensor) -> RoutingPlan:
-        return ops.topk_route(transport, self.k, self.capacity(transport.shape[1]),
-                              batch_priority=self.batch_priority, weights=weights)
+        return ops.topk_route(
+            transport, self.k, self.capacity(transport.shape[1]), batch_priority=self.batch_priority, weights=weights
+        )

@@ -47,13 +47,23 @@ class TokenChoiceRouter(Router):
     each token's first choice) and ``z_loss``.
     """
 
-    def __init__(self, dim: int, num_experts: int, k: int = 1, capacity_factor: Optional[float] = 1.0,
-                 capacity_multiple: int = 1, batch_priority: bool = False, noise_std: float = 1.0,
-                 renormalize: bool = False, check_finite: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        capacity_factor: Optional[float] = 1.0,
+        capacity_multiple: int = 1,
+        batch_priority: bool = False,
+        noise_std: float = 1.0,
+        renormalize: bool = False,
+        check_finite: bool = True,
+    ):
         super().__init__(dim, num_experts)
         self.k = check_int("k", k, 1, self.num_experts)
         self.capacity_factor, self.capacity_multiple = check_capacity_options(
-            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=num_experts)
+            capacity_factor, capacity_multiple, allow_dropless=True, num_experts=num_experts
+        )
         self.batch_priority = check_flag("batch_priority", batch_priority)
         self.noise_std = check_real("noise_std", noise_std, at_least=0)
         self.renormalize = check_flag("renormalize", renormalize)
@@ -64,8 +74,9 @@ class TokenChoiceRouter(Router):
         """C for groups of T tokens, or None when dropless."""
         if self.capacity_factor is None:
             return None
-        return capacity_from_factor(self.k * tokens_per_group, self.num_experts, self.capacity_factor,
-                                    self.capacity_multiple)
+        return capacity_from_factor(
+            self.k * tokens_per_group, self.num_experts, self.capacity_factor, self.capacity_multiple
+        )
 
     def selection_scores(self, noisy_logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """[G, T, E] scores the top-K is taken on; here the probabilities themselves."""
@@ -74,12 +85,24 @@ class TokenChoiceRouter(Router):
     def forward(self, x: torch.Tensor):
         x = self.grouped_input(x, self.proj.weight.dtype)
         noise_std = self.noise_std / self.num_experts
-        logits, noisy = gate_logits(self.proj, x, check_finite=self.check_finite, noise_std=noise_std,
-                                    training=self.training, noise_shard=self.noise_shard)  # [G, T, E]
+        logits, noisy = gate_logits(
+            self.proj,
+            x,
+            check_finite=self.check_finite,
+            noise_std=noise_std,
+            training=self.training,
+            noise_shard=self.noise_shard,
+        )  # [G, T, E]
         probs = noisy.softmax(dim=-1)
         scores = self.selection_scores(noisy, probs)
-        plan = ops.topk_route(scores, self.k, self.capacity(x.shape[1]), batch_priority=self.batch_priority,
-                              weights=probs, renormalize=self.renormalize)
+        plan = ops.topk_route(
+            scores,
+            self.k,
+            self.capacity(x.shape[1]),
+            batch_priority=self.batch_priority,
+            weights=probs,
+            renormalize=self.renormalize,
+        )
 
         def aux_losses():
             aux = {
@@ -98,8 +121,10 @@ class TokenChoiceRouter(Router):
         return plan, RouterMetrics.of_plan(plan, probs, noisy, aux_losses)
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
-                f"batch_priority={self.batch_priority}, noise_std={self.noise_std}")
+        return (
+            f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "
+            f"batch_priority={self.batch_priority}, noise_std={self.noise_std}"
+        )
 
 
 @register_router("sinkhorn_topk")

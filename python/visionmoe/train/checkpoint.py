@@ -33,8 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save_model as save_safetensors_model
 from torch import nn
 
-from ..distributed.checkpoint import (expert_tensors, load_sharded_weights, send_expert_optimizer_shards,
-                                      sharded_experts, write_full_safetensors)
+from ..distributed.checkpoint import (
+    expert_tensors,
+    load_sharded_weights,
+    send_expert_optimizer_shards,
+    sharded_experts,
+    write_full_safetensors,
+)
 from ..distributed.data import world
 from .config import TrainConfig, load_config, save_config
 
@@ -69,8 +74,13 @@ def capture_rng_states() -> Dict[str, Any]:
     numpy_kind, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": {"kind": numpy_kind, "keys": torch.from_numpy(numpy_keys.astype(np.int64)), "pos": int(numpy_pos),
-                  "has_gauss": int(numpy_has_gauss), "cached_gaussian": float(numpy_gauss)},
+        "numpy": {
+            "kind": numpy_kind,
+            "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+            "pos": int(numpy_pos),
+            "has_gauss": int(numpy_has_gauss),
+            "cached_gaussian": float(numpy_gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -82,8 +92,15 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
     """Sets the generators to the states :func:`capture_rng_states` returned."""
     random.setstate(states["python"])
     numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -115,27 +132,35 @@ def _fsync(path: Path) -> None:
 
 
 def _weights_metadata(config: TrainConfig, trainer_state: Dict[str, Any]) -> Dict[str, str]:
-    return {"model": config.model, "model_options": json.dumps(config.model_options),
-            "global_step": json.dumps(trainer_state.get("global_step"))}
+    return {
+        "model": config.model,
+        "model_options": json.dumps(config.model_options),
+        "global_step": json.dumps(trainer_state.get("global_step")),
+    }
 
 
 def _write_files(directory: Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any]) -> None:
     """Writes the checkpoint's files and, last, its manifest into the new ``directory`` and flushes them."""
     directory.mkdir()
-    save_safetensors_model(model, str(directory / MODEL_FILE), metadata=_weights_metadata(config, trainer_state),
-                           force_contiguous=True)
+    save_safetensors_model(
+        model, str(directory / MODEL_FILE), metadata=_weights_metadata(config, trainer_state), force_contiguous=True
+    )
     _write_state_and_manifest(directory, config, trainer_state, ())
 
 
-def _write_state_and_manifest(directory: Path, config: TrainConfig, trainer_state: Dict[str, Any],
-                              shard_files: Sequence[str]) -> None:
+def _write_state_and_manifest(
+    directory: Path, config: TrainConfig, trainer_state: Dict[str, Any], shard_files: Sequence[str]
+) -> None:
     """Writes the trainer state and config beside the weights (and optimiser shards) already in ``directory``,
     then the manifest of them all, and flushes everything."""
     torch.save(trainer_state, directory / STATE_FILE)
     save_config(config, directory / CONFIG_FILE)
     names = (*CHECKPOINT_FILES, *shard_files)
-    manifest = {"version": MANIFEST_VERSION, "global_step": trainer_state.get("global_step"),
-                "sha256": {name: _sha256(directory / name) for name in names}}
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "global_step": trainer_state.get("global_step"),
+        "sha256": {name: _sha256(directory / name) for name in names},
+    }
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     for name in (*names, MANIFEST_FILE):
         _fsync(directory / name)
@@ -149,9 +174,11 @@ def _prepare_save(directory: Path) -> tuple[Path, Path]:
     if directory.is_dir():
         others = sorted(path.name for path in directory.iterdir() if not _replaceable(path.name))
         if others:
-            raise CheckpointError(f"{str(directory)!r} holds files that are not part of a checkpoint "
-                                  f"({', '.join(others[:5])}); a save replaces the whole directory, so move them "
-                                  f"out or save elsewhere")
+            raise CheckpointError(
+                f"{str(directory)!r} holds files that are not part of a checkpoint "
+                f"({', '.join(others[:5])}); a save replaces the whole directory, so move them "
+                f"out or save elsewhere"
+            )
     elif directory.exists():
         raise CheckpointError(f"cannot save a checkpoint to {str(directory)!r}: it is a file")
     staging, previous = _sibling(directory, NEW_SUFFIX), _sibling(directory, OLD_SUFFIX)
@@ -174,8 +201,13 @@ def _swap_in(directory: Path, staging: Path, previous: Path) -> None:
         shutil.rmtree(previous)
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any],
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    model: nn.Module,
+    config: TrainConfig,
+    trainer_state: Dict[str, Any],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+) -> Path:
     """Atomically replaces the checkpoint in ``directory`` by ``model.safetensors`` (with the model name, options
     and step in its metadata), ``trainer_state.pt``, ``config.yaml`` and their ``manifest.json`` (see the module
     docstring); returns ``directory``. A directory holding anything else is refused, since it is replaced whole.
@@ -224,8 +256,13 @@ def _agree(errors: _FirstError) -> None:
         raise CheckpointError(f"rank 0 failed to save the checkpoint: {message[0]}")
 
 
-def _save_distributed(directory: Path, model: nn.Module, config: TrainConfig, trainer_state: Dict[str, Any],
-                      optimizer: Optional[torch.optim.Optimizer]) -> Path:
+def _save_distributed(
+    directory: Path,
+    model: nn.Module,
+    config: TrainConfig,
+    trainer_state: Dict[str, Any],
+    optimizer: Optional[torch.optim.Optimizer],
+) -> Path:
     rank = world()[0]
     errors = _FirstError()
     paths: Dict[str, Path] = {}
@@ -247,6 +284,7 @@ def _save_distributed(directory: Path, model: nn.Module, config: TrainConfig, tr
             if file is not None:
                 file.close()
         if optimizer is not None:
+
             def write_shard(index: int, shard: Dict[int, Dict[str, Any]]) -> None:
                 name = OPTIMIZER_SHARD_FILE.format(index)
                 errors.run(torch.save, shard, paths["staging"] / name)
@@ -308,12 +346,15 @@ def check_checkpoint_dir(directory: str | Path) -> Path:
         if not candidate.exists():
             recovered = _interrupted_save(candidate)
             if recovered is not None:
-                warnings.warn(f"{str(candidate)!r} is missing because a save was interrupted; using the complete "
-                              f"copy it left in {str(recovered)!r} (the next save puts it back in place)",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{str(candidate)!r} is missing because a save was interrupted; using the complete "
+                    f"copy it left in {str(recovered)!r} (the next save puts it back in place)",
+                    stacklevel=2,
+                )
                 return recovered
-    raise FileNotFoundError(f"no checkpoint ({MODEL_FILE} and {MANIFEST_FILE}) in {str(directory)!r} "
-                            f"or its checkpoint/ sub-directory")
+    raise FileNotFoundError(
+        f"no checkpoint ({MODEL_FILE} and {MANIFEST_FILE}) in {str(directory)!r} or its checkpoint/ sub-directory"
+    )
 
 
 def verify_checkpoint(directory: str | Path, names: Sequence[str] = CHECKPOINT_FILES) -> Optional[Dict[str, Any]]:
@@ -330,17 +371,21 @@ def verify_checkpoint(directory: str | Path, names: Sequence[str] = CHECKPOINT_F
         if not isinstance(hashes, dict) or "global_step" not in manifest:
             raise ValueError("no 'sha256' mapping or 'global_step'")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"checkpoint manifest {str(path)!r} is corrupt ({error}), so the checkpoint cannot be "
-                              f"verified") from error
+        raise CheckpointError(
+            f"checkpoint manifest {str(path)!r} is corrupt ({error}), so the checkpoint cannot be verified"
+        ) from error
     for name in names:
         file = directory / name
         if not file.is_file():
-            raise CheckpointError(f"checkpoint file {str(file)!r} is missing: {str(directory)!r} is a partial "
-                                  f"checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {str(file)!r} is missing: {str(directory)!r} is a partial checkpoint"
+            )
         if _sha256(file) != hashes.get(name):
-            raise CheckpointError(f"checkpoint file {str(file)!r} does not match {str(path)!r}: it is corrupt or "
-                                  f"was written by another save than the rest of the checkpoint "
-                                  f"(step {manifest['global_step']})")
+            raise CheckpointError(
+                f"checkpoint file {str(file)!r} does not match {str(path)!r}: it is corrupt or "
+                f"was written by another save than the rest of the checkpoint "
+                f"(step {manifest['global_step']})"
+            )
     return manifest
 
 
@@ -373,10 +418,12 @@ def load_trainer_state(directory: str | Path) -> Dict[str, Any]:
     if manifest is not None:
         verify_checkpoint(directory, sorted(name for name in manifest["sha256"] if _SHARD_NAME.match(name)))
     if manifest is None:
-        raise CheckpointError(f"checkpoint {str(directory)!r} has no {MANIFEST_FILE} (it was saved by an older "
-                              f"visionmoe), so nothing shows that its weights and trainer state are of the same step "
-                              f"and it cannot be resumed; start a new run from its weights with --init-from (the "
-                              f"optimiser and schedule start afresh)")
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} has no {MANIFEST_FILE} (it was saved by an older "
+            f"visionmoe), so nothing shows that its weights and trainer state are of the same step "
+            f"and it cannot be resumed; start a new run from its weights with --init-from (the "
+            f"optimiser and schedule start afresh)"
+        )
     path = directory / STATE_FILE
     try:
         state = torch.load(path, weights_only=True)
@@ -386,8 +433,9 @@ def load_trainer_state(directory: str | Path) -> Dict[str, Any]:
     step = manifest["global_step"]
     if not isinstance(state, dict) or state.get("global_step") != step or weights_step != step:
         found = state.get("global_step") if isinstance(state, dict) else None
-        raise CheckpointError(f"checkpoint {str(directory)!r} mixes steps: manifest {step}, trainer state {found}, "
-                              f"weights {weights_step}")
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} mixes steps: manifest {step}, trainer state {found}, weights {weights_step}"
+        )
     return state
 
 
@@ -405,12 +453,15 @@ def _checked_weights(model: nn.Module, directory: str | Path) -> Dict[str, torch
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
     if missing or unexpected:
-        raise CheckpointError(f"the checkpoint {str(path)!r} holds a different model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]} (of {len(missing)} and {len(unexpected)})")
+        raise CheckpointError(
+            f"the checkpoint {str(path)!r} holds a different model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (of {len(missing)} and {len(unexpected)})"
+        )
     for name, tensor in weights.items():
         if tensor.dtype != own[name].dtype:
-            raise CheckpointError(f"tensor {name!r} in {str(path)!r} is {tensor.dtype}, but the model's is "
-                                  f"{own[name].dtype}")
+            raise CheckpointError(
+                f"tensor {name!r} in {str(path)!r} is {tensor.dtype}, but the model's is {own[name].dtype}"
+            )
     return weights
 
 
@@ -426,11 +477,15 @@ def load_model_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     for name, tensor in weights.items():
         if tensor.shape != own[name].shape:
             if name in experts and tensor.dim() > 0 and tensor.shape[1:] == own[name].shape[1:]:
-                raise CheckpointError(f"the checkpoint in {str(directory)!r} holds {tensor.shape[0]} experts in "
-                                      f"{name!r}, but the model's layer has E={experts[name].num_experts}: a "
-                                      f"checkpoint cannot change the number of experts")
-            raise CheckpointError(f"tensor {name!r} of the checkpoint in {str(directory)!r} has shape "
-                                  f"{tuple(tensor.shape)}, the model's {tuple(own[name].shape)}")
+                raise CheckpointError(
+                    f"the checkpoint in {str(directory)!r} holds {tensor.shape[0]} experts in "
+                    f"{name!r}, but the model's layer has E={experts[name].num_experts}: a "
+                    f"checkpoint cannot change the number of experts"
+                )
+            raise CheckpointError(
+                f"tensor {name!r} of the checkpoint in {str(directory)!r} has shape "
+                f"{tuple(tensor.shape)}, the model's {tuple(own[name].shape)}"
+            )
     model.load_state_dict(weights, strict=True)
     return model
 

@@ -22,20 +22,45 @@ from .checkpoint import CheckpointError, check_checkpoint_dir, load_checkpoint_c
 from .config import config_from_dict, parse_override, read_config_file
 
 # Flags that set the config key of the same name (--batch-size sets batch_size).
-_CONFIG_FLAGS = ("model", "dataset", "data_root", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-                 "seed", "output_dir", "device", "amp", "teacher", "tgr_weight", "tgr_schedule",
-                 "tgr_pretrain_epochs", "consistency_probe", "init_from")
+_CONFIG_FLAGS = (
+    "model",
+    "dataset",
+    "data_root",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "seed",
+    "output_dir",
+    "device",
+    "amp",
+    "teacher",
+    "tgr_weight",
+    "tgr_schedule",
+    "tgr_pretrain_epochs",
+    "consistency_probe",
+    "init_from",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="visionmoe-train", description=__doc__.split("\n\n")[0],
+        prog="visionmoe-train",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Precedence: defaults < --config file (or the checkpoint's config with --resume) < flags < --set.")
+        epilog="Precedence: defaults < --config file (or the checkpoint's config with --resume) < flags < --set.",
+    )
     parser.add_argument("--config", help="YAML file of config keys (see visionmoe.train.TrainConfig)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key; dotted keys reach into mappings (model_options.depth=6); "
-                             "values are YAML scalars (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; dotted keys reach into mappings (model_options.depth=6); "
+        "values are YAML scalars (repeatable)",
+    )
     parser.add_argument("--model", help="model registry name (visionmoe.models.list_models())")
     parser.add_argument("--dataset", help="data set name for visionmoe.data.create_dataset")
     parser.add_argument("--data-root", help="directory of the data set's local files")
@@ -47,26 +72,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output-dir")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="mixed precision (bfloat16 autocast; float16 with a gradient scaler on CUDA devices "
-                             "without bfloat16)")
-    parser.add_argument("--teacher", metavar="DIR",
-                        help="teacher-guided routing: checkpoint directory of a dense teacher (TGR-MoE)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (bfloat16 autocast; float16 with a gradient scaler on CUDA devices without bfloat16)",
+    )
+    parser.add_argument(
+        "--teacher", metavar="DIR", help="teacher-guided routing: checkpoint directory of a dense teacher (TGR-MoE)"
+    )
     parser.add_argument("--tgr-weight", type=float, help="weight of the routing distillation loss (default 5.0)")
-    parser.add_argument("--tgr-schedule", help="full, first_half or a fraction in (0, 1] of the steps "
-                                               "(default full)")
-    parser.add_argument("--tgr-pretrain-epochs", type=int,
-                        help="pre-train the teacher router alone for this many epochs, then freeze it "
-                             "(default 0: joint training)")
-    parser.add_argument("--consistency-probe", type=int, metavar="N",
-                        help="record routing consistency on the first N validation images every epoch")
-    parser.add_argument("--init-from", metavar="DIR",
-                        help="fine-tune: start from the model weights of this checkpoint (a head of another shape "
-                             "starts fresh); optimiser and schedule start afresh")
-    parser.add_argument("--resume", metavar="DIR",
-                        help="checkpoint directory (or output directory holding checkpoint/) to continue from; "
-                             "the run writes into the directory holding the checkpoint unless an output "
-                             "directory is given")
+    parser.add_argument("--tgr-schedule", help="full, first_half or a fraction in (0, 1] of the steps (default full)")
+    parser.add_argument(
+        "--tgr-pretrain-epochs",
+        type=int,
+        help="pre-train the teacher router alone for this many epochs, then freeze it (default 0: joint training)",
+    )
+    parser.add_argument(
+        "--consistency-probe",
+        type=int,
+        metavar="N",
+        help="record routing consistency on the first N validation images every epoch",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="fine-tune: start from the model weights of this checkpoint (a head of another shape "
+        "starts fresh); optimiser and schedule start afresh",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="checkpoint directory (or output directory holding checkpoint/) to continue from; "
+        "the run writes into the directory holding the checkpoint unless an output "
+        "directory is given",
+    )
     return parser
 
 
@@ -79,8 +119,10 @@ def resume_output_dir(checkpoint: str | Path) -> Path:
     run_dir = checkpoint.parent
     target = run_dir / "checkpoint"
     if checkpoint != target and target.exists():
-        raise ValueError(f"resuming {str(checkpoint)!r} would write its checkpoints over {str(target)!r}; give the "
-                         f"run an output directory with --output-dir")
+        raise ValueError(
+            f"resuming {str(checkpoint)!r} would write its checkpoints over {str(target)!r}; give the "
+            f"run an output directory with --output-dir"
+        )
     return run_dir
 
 
@@ -140,8 +182,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _train(parser: argparse.ArgumentParser, trainer, args: argparse.Namespace) -> int:
     if args.resume is not None and trainer.is_main:
-        print(f"resuming step {trainer.global_step} from {args.resume}; writing logs and "
-              f"checkpoints to {trainer.output_dir}")
+        print(
+            f"resuming step {trainer.global_step} from {args.resume}; writing logs and "
+            f"checkpoints to {trainer.output_dir}"
+        )
     try:
         result = trainer.fit()
     except (DataFileError, CheckpointError, OSError) as error:  # e.g. an unreadable image, a full disk

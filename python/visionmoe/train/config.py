@@ -85,8 +85,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     grad_clip: Optional[float] = 1.0
     label_smoothing: float = 0.0
-    aux_loss_weights: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"importance": 0.005, "load": 0.005})
+    aux_loss_weights: Dict[str, float] = dataclasses.field(default_factory=lambda: {"importance": 0.005, "load": 0.005})
     seed: int = 0
     output_dir: str = "runs/train"
     device: str = "auto"
@@ -114,16 +113,38 @@ class TrainConfig:
 _FIELDS = {field.name: field for field in dataclasses.fields(TrainConfig)}
 # The type each key accepts, and whether null is allowed; ints are accepted where floats are expected.
 _TYPES = {
-    "model": (str, False), "model_options": (dict, False), "dataset": (str, False), "data_root": (str, True),
-    "dataset_options": (dict, False), "train_split": (str, False), "val_split": (str, False),
-    "epochs": (int, False), "batch_size": (int, False), "lr": (float, False), "min_lr": (float, False),
-    "weight_decay": (float, False), "warmup_epochs": (float, False), "grad_clip": (float, True),
-    "label_smoothing": (float, False), "aux_loss_weights": (dict, False), "seed": (int, False),
-    "output_dir": (str, False), "device": (str, False), "amp": (bool, False), "num_workers": (int, False),
-    "progress": (bool, False), "tensorboard": (bool, False), "log_steps": (bool, False),
-    "teacher": (str, True), "tgr_weight": (float, False), "tgr_schedule": ((str, float), False),
-    "tgr_pretrain_epochs": (int, False), "consistency_probe": (int, False),
-    "init_from": (str, True), "expert_parallel": (int, False), "drop_last": (bool, True),
+    "model": (str, False),
+    "model_options": (dict, False),
+    "dataset": (str, False),
+    "data_root": (str, True),
+    "dataset_options": (dict, False),
+    "train_split": (str, False),
+    "val_split": (str, False),
+    "epochs": (int, False),
+    "batch_size": (int, False),
+    "lr": (float, False),
+    "min_lr": (float, False),
+    "weight_decay": (float, False),
+    "warmup_epochs": (float, False),
+    "grad_clip": (float, True),
+    "label_smoothing": (float, False),
+    "aux_loss_weights": (dict, False),
+    "seed": (int, False),
+    "output_dir": (str, False),
+    "device": (str, False),
+    "amp": (bool, False),
+    "num_workers": (int, False),
+    "progress": (bool, False),
+    "tensorboard": (bool, False),
+    "log_steps": (bool, False),
+    "teacher": (str, True),
+    "tgr_weight": (float, False),
+    "tgr_schedule": ((str, float), False),
+    "tgr_pretrain_epochs": (int, False),
+    "consistency_probe": (int, False),
+    "init_from": (str, True),
+    "expert_parallel": (int, False),
+    "drop_last": (bool, True),
 }
 TGR_SCHEDULES = {"full": 1.0, "first_half": 0.5}
 assert set(_TYPES) == set(_FIELDS), "every TrainConfig field needs an entry in _TYPES"
@@ -150,7 +171,8 @@ class _YamlLoader(yaml.SafeLoader):
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
+    list("-+.0123456789"),
+)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -169,8 +191,10 @@ def _check_types(config: TrainConfig) -> None:
         if not _is_type(value, expected):
             options = expected if isinstance(expected, tuple) else (expected,)
             names = " or ".join(option.__name__ for option in options)
-            raise ValueError(f"config key {key!r} must be {'null or ' if nullable else ''}{names}, "
-                             f"got {type(value).__name__} {value!r}")
+            raise ValueError(
+                f"config key {key!r} must be {'null or ' if nullable else ''}{names}, "
+                f"got {type(value).__name__} {value!r}"
+            )
         # inf and nan pass the range checks below (inf > 0) or would turn the run's losses into nan.
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"config key {key!r} must be a finite number, got {value!r}")
@@ -206,8 +230,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {config.device!r}")
     tgr_fraction(config.tgr_schedule)
     if not config.output_dir.strip():
-        raise ValueError("config key 'output_dir' must be a directory, got an empty string (write '.' for the "
-                         "current directory)")
+        raise ValueError(
+            "config key 'output_dir' must be a directory, got an empty string (write '.' for the current directory)"
+        )
     if config.teacher is not None and not config.teacher.strip():
         raise ValueError("config key 'teacher' must be a checkpoint directory or null, got an empty string")
 
@@ -224,8 +249,9 @@ def tgr_fraction(schedule: str | float) -> float:
         except ValueError:
             pass
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"config key 'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], "
-                         f"got {schedule!r}")
+        raise ValueError(
+            f"config key 'tgr_schedule' must be 'full', 'first_half' or a fraction in (0, 1], got {schedule!r}"
+        )
     return float(fraction)
 
 
@@ -258,7 +284,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
             if child is None:
                 child = target[part] = {}
             elif not isinstance(child, dict):
-                raise ValueError(f"{'.'.join(path[:depth + 1])!r} is not a mapping in override {override!r}")
+                raise ValueError(f"{'.'.join(path[: depth + 1])!r} is not a mapping in override {override!r}")
             target = child
         target[path[-1]] = value
     return values
@@ -289,8 +315,7 @@ def read_config_file(path: Optional[str | Path]) -> Dict[str, Any]:
         except yaml.YAMLError as error:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(error)}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"config file {str(path)!r} must be a mapping of keys to values, got "
-                         f"{type(values).__name__}")
+        raise ValueError(f"config file {str(path)!r} must be a mapping of keys to values, got {type(values).__name__}")
     return values
 
 

@@ -11,10 +11,31 @@ from typing import Any, Dict, List, Optional
 
 from tqdm.auto import tqdm
 
-EPOCH_COLUMNS = ["epoch", "step", "lr", "train_loss", "train_accuracy", "aux_loss", "expert_load_ratio",
-                 "distillation_loss", "teacher_router_loss", "val_loss", "val_accuracy", "epoch_seconds"]
-STEP_COLUMNS = ["epoch", "step", "lr", "loss", "accuracy", "aux_loss", "expert_load_ratio", "distillation_loss",
-                "teacher_router_loss"]
+EPOCH_COLUMNS = [
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_accuracy",
+    "aux_loss",
+    "expert_load_ratio",
+    "distillation_loss",
+    "teacher_router_loss",
+    "val_loss",
+    "val_accuracy",
+    "epoch_seconds",
+]
+STEP_COLUMNS = [
+    "epoch",
+    "step",
+    "lr",
+    "loss",
+    "accuracy",
+    "aux_loss",
+    "expert_load_ratio",
+    "distillation_loss",
+    "teacher_router_loss",
+]
 
 
 class CsvLog:
@@ -48,8 +69,10 @@ def tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("visionmoe-train: the tensorboard package is not installed; skipping TensorBoard logs "
-              "(pip install 'visionmoe[tensorboard]')")
+        print(
+            "visionmoe-train: the tensorboard package is not installed; skipping TensorBoard logs "
+            "(pip install 'visionmoe[tensorboard]')"
+        )
         return None
     return SummaryWriter(log_dir=str(log_dir))
 
@@ -64,8 +87,15 @@ def log_step(row: Dict[str, Any], progress: tqdm, step_log: Optional[CsvLog], wr
     if step_log is not None:
         step_log.append(row)
     if writer is not None:
-        for name in ("loss", "accuracy", "aux_loss", "lr", "expert_load_ratio", "distillation_loss",
-                     "teacher_router_loss"):
+        for name in (
+            "loss",
+            "accuracy",
+            "aux_loss",
+            "lr",
+            "expert_load_ratio",
+            "distillation_loss",
+            "teacher_router_loss",
+        ):
             if row[name] is not None:
                 writer.add_scalar(f"step/{name}", row[name], row["step"])
 
@@ -78,6 +108,8 @@ def log_epoch(row: Dict[str, Any], progress: tqdm, epoch_log: CsvLog, writer) ->
             if name not in ("epoch", "step") and value is not None:
                 writer.add_scalar(f"epoch/{name}", value, row["epoch"])
     distillation = "" if row["distillation_loss"] is None else f" distillation {row['distillation_loss']:.4f}"
-    progress.write(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
-                   f"acc {row['train_accuracy']:.4f}{distillation} | val loss {row['val_loss']:.4f} "
-                   f"acc {row['val_accuracy']:.4f}")
+    progress.write(
+        f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
+        f"acc {row['train_accuracy']:.4f}{distillation} | val loss {row['val_loss']:.4f} "
+        f"acc {row['val_accuracy']:.4f}"
+    )

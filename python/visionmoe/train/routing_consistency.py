@@ -50,8 +50,10 @@ class RoutingConsistencyTracker:
 
     def __init__(self, probe_images: torch.Tensor, batch_size: int = 256):
         if not isinstance(probe_images, torch.Tensor) or probe_images.dim() < 2 or probe_images.shape[0] == 0:
-            raise ValueError(f"probe_images must be a non-empty [B, ...] batch of images, got "
-                             f"{tuple(getattr(probe_images, 'shape', ()))}")
+            raise ValueError(
+                f"probe_images must be a non-empty [B, ...] batch of images, got "
+                f"{tuple(getattr(probe_images, 'shape', ()))}"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.probe_images, self.batch_size = probe_images, batch_size
@@ -80,8 +82,10 @@ class RoutingConsistencyTracker:
         """Takes and keeps a snapshot of ``model``'s routing of the probe set."""
         snapshot = RoutingSnapshot(epoch, phase, self.top1_assignments(model))
         if self.snapshots and snapshot.assignments.keys() != self.snapshots[0].assignments.keys():
-            raise ValueError(f"the model's MoE layers {sorted(snapshot.assignments)} differ from those recorded "
-                             f"before {sorted(self.snapshots[0].assignments)}")
+            raise ValueError(
+                f"the model's MoE layers {sorted(snapshot.assignments)} differ from those recorded "
+                f"before {sorted(self.snapshots[0].assignments)}"
+            )
         self.snapshots.append(snapshot)
         return snapshot
 
@@ -98,8 +102,9 @@ class RoutingConsistencyTracker:
     def adjacent(self) -> List[Optional[Dict[str, float]]]:
         """Per snapshot, its agreement with the previous snapshot by layer (and their "mean"); None for the
         first."""
-        return [None] + [self._agreement(previous, current)
-                         for previous, current in zip(self.snapshots, self.snapshots[1:])]
+        return [None] + [
+            self._agreement(previous, current) for previous, current in zip(self.snapshots, self.snapshots[1:])
+        ]
 
     def against_final(self) -> List[Dict[str, float]]:
         """Per snapshot, its agreement with the last snapshot, by layer and "mean"."""
@@ -111,8 +116,10 @@ class RoutingConsistencyTracker:
         reference = [snapshot for snapshot in self.snapshots if snapshot.phase == earlier]
         compared = [snapshot for snapshot in self.snapshots if snapshot.phase == later]
         if not reference or not compared:
-            raise ValueError(f"phase_agreement needs snapshots of both phases {earlier!r} and {later!r}; recorded "
-                             f"phases: {sorted({snapshot.phase for snapshot in self.snapshots})}")
+            raise ValueError(
+                f"phase_agreement needs snapshots of both phases {earlier!r} and {later!r}; recorded "
+                f"phases: {sorted({snapshot.phase for snapshot in self.snapshots})}"
+            )
         return [self._agreement(reference[-1], snapshot) for snapshot in compared]
 
     def summary(self, skip_phases: Sequence[str] = ("init", "pretrain")) -> Dict[str, Optional[float]]:
@@ -123,9 +130,11 @@ class RoutingConsistencyTracker:
         kept = [snapshot for snapshot in self.snapshots if snapshot.phase not in skip_phases]
         adjacent = [self._agreement(a, b)["mean"] for a, b in zip(kept, kept[1:])]
         final = [self._agreement(snapshot, kept[-1])["mean"] for snapshot in kept[:-1]]
-        return {"adjacent": sum(adjacent) / len(adjacent) if adjacent else None,
-                "last_adjacent": adjacent[-1] if adjacent else None,
-                "final": sum(final) / len(final) if final else None}
+        return {
+            "adjacent": sum(adjacent) / len(adjacent) if adjacent else None,
+            "last_adjacent": adjacent[-1] if adjacent else None,
+            "final": sum(final) / len(final) if final else None,
+        }
 
     def to_dict(self) -> Dict:
         """The curves as JSON-ready lists, one entry per snapshot."""
@@ -144,8 +153,10 @@ class RoutingConsistencyTracker:
         """Per snapshot, a "finetune" snapshot's agreement with the pre-trained routing (the last "pretrain"
         snapshot); None for the others and when no pre-training was recorded."""
         reference = [snapshot for snapshot in self.snapshots if snapshot.phase == "pretrain"]
-        return [self._agreement(reference[-1], snapshot) if reference and snapshot.phase == "finetune" else None
-                for snapshot in self.snapshots]
+        return [
+            self._agreement(reference[-1], snapshot) if reference and snapshot.phase == "finetune" else None
+            for snapshot in self.snapshots
+        ]
 
     def write(self, directory: str | Path, stem: str = "routing_consistency") -> List[Path]:
         """Writes ``<stem>.json`` (:meth:`to_dict`) and ``<stem>.csv`` (one row per snapshot and layer: epoch,
@@ -159,17 +170,29 @@ class RoutingConsistencyTracker:
         with csv_path.open("w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["epoch", "phase", "layer", "adjacent", "final", "pretrain"])
-            for epoch, phase, adjacent, final, pretrain in zip(data["epochs"], data["phases"], data["adjacent"],
-                                                               data["final"], data["pretrain"]):
+            for epoch, phase, adjacent, final, pretrain in zip(
+                data["epochs"], data["phases"], data["adjacent"], data["final"], data["pretrain"]
+            ):
                 for layer in data["layers"] + ["mean"]:
-                    writer.writerow([epoch, phase, layer, "" if adjacent is None else adjacent[layer], final[layer],
-                                     "" if pretrain is None else pretrain[layer]])
+                    writer.writerow(
+                        [
+                            epoch,
+                            phase,
+                            layer,
+                            "" if adjacent is None else adjacent[layer],
+                            final[layer],
+                            "" if pretrain is None else pretrain[layer],
+                        ]
+                    )
         return [json_path, csv_path]
 
     def state_dict(self) -> Dict:
         """The snapshots, in types ``torch.load(weights_only=True)`` accepts (for checkpoints)."""
-        return {"snapshots": [{"epoch": s.epoch, "phase": s.phase, "assignments": dict(s.assignments)}
-                              for s in self.snapshots]}
+        return {
+            "snapshots": [
+                {"epoch": s.epoch, "phase": s.phase, "assignments": dict(s.assignments)} for s in self.snapshots
+            ]
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         self.snapshots = [RoutingSnapshot(s["epoch"], s["phase"], dict(s["assignments"])) for s in state["snapshots"]]

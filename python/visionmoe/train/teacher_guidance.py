@@ -18,18 +18,21 @@ from ..losses import routing_distillation_loss
 from .checkpoint import load_model
 
 
-def build_teacher_router(teacher_dir: str | Path, student: nn.Module, student_name: str,
-                         device: torch.device) -> TeacherRouter:
+def build_teacher_router(
+    teacher_dir: str | Path, student: nn.Module, student_name: str, device: torch.device
+) -> TeacherRouter:
     """A teacher router on the dense model saved in ``teacher_dir``, one router per MoE layer of ``student``."""
     if not student_moe_layers(student):
-        raise ValueError(f"config key 'teacher' needs a student with sparse MoE layers to guide; model "
-                         f"{student_name!r} has none")
+        raise ValueError(
+            f"config key 'teacher' needs a student with sparse MoE layers to guide; model {student_name!r} has none"
+        )
     teacher = load_model(teacher_dir, map_location=str(device))
     return TeacherRouter.from_student(teacher, student).to(device)
 
 
-def teacher_guided_routing_losses(teacher_router: Optional[TeacherRouter], student: nn.Module, images: torch.Tensor,
-                                  active: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def teacher_guided_routing_losses(
+    teacher_router: Optional[TeacherRouter], student: nn.Module, images: torch.Tensor, active: bool
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(mean over MoE layers of KL(p_teacher || p_student), the teacher router's weighted losses) of the
     student's last forward, or None for each that is off: both without a teacher router or when not ``active``
     (``tgr_schedule`` has ended); the router's losses also when it is frozen."""
@@ -42,11 +45,13 @@ def teacher_guided_routing_losses(teacher_router: Optional[TeacherRouter], stude
     return distillation_loss, sum(teacher_router.losses(teacher_probs).values()).float()
 
 
-def pretrain_teacher_router(teacher_router: TeacherRouter, image_batches: Iterable[torch.Tensor], lr: float,
-                            epochs: int, progress: tqdm) -> None:
+def pretrain_teacher_router(
+    teacher_router: TeacherRouter, image_batches: Iterable[torch.Tensor], lr: float, epochs: int, progress: tqdm
+) -> None:
     """The pre-train variant: the teacher router alone, on its own losses, over ``image_batches`` (``epochs``
     epochs of [B, C, H, W] training images), then frozen."""
     teacher_router.train()
     history = teacher_router.pretrain(image_batches, lr=lr)
-    progress.write(f"teacher router pre-trained for {epochs} epoch(s): loss {history[0]:.4f} -> {history[-1]:.4f}; "
-                   "frozen")
+    progress.write(
+        f"teacher router pre-trained for {epochs} epoch(s): loss {history[0]:.4f} -> {history[-1]:.4f}; frozen"
+    )

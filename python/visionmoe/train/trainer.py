@@ -48,14 +48,30 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..distributed.checkpoint import expert_layout, reshard_optimizer_state
-from ..distributed.data import (IndexBatchSampler, all_reduce_sum, local_batch_size, rank_evaluation_batches,
-                                rank_training_indices, routing_group_sizes, steps_per_epoch, world)
+from ..distributed.data import (
+    IndexBatchSampler,
+    all_reduce_sum,
+    local_batch_size,
+    rank_evaluation_batches,
+    rank_training_indices,
+    routing_group_sizes,
+    steps_per_epoch,
+    world,
+)
 from ..layers import aux_losses, student_moe_layers
 from ..models import create_model
 from ..routers import RouterMetrics
-from .checkpoint import (CheckpointError, capture_rng_states, check_checkpoint_dir, load_matching_weights,
-                         load_model_weights, load_optimizer_shard, load_trainer_state, restore_rng_states,
-                         save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_states,
+    check_checkpoint_dir,
+    load_matching_weights,
+    load_model_weights,
+    load_optimizer_shard,
+    load_trainer_state,
+    restore_rng_states,
+    save_checkpoint,
+)
 from .config import TrainConfig, tgr_fraction
 from .logs import EPOCH_COLUMNS, STEP_COLUMNS, CsvLog, log_epoch, log_step, tensorboard_writer
 from .routing_consistency import RoutingConsistencyTracker
@@ -63,8 +79,17 @@ from .schedule import warmup_cosine
 from .teacher_guidance import build_teacher_router, pretrain_teacher_router, teacher_guided_routing_losses
 
 # What Trainer.save always writes into the trainer state, and resuming reads.
-_STATE_KEYS = {"model", "optimizer", "scheduler", "scaler", "epoch", "global_step", "steps_per_epoch",
-               "epoch_totals", "rng"}
+_STATE_KEYS = {
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "epoch",
+    "global_step",
+    "steps_per_epoch",
+    "epoch_totals",
+    "rng",
+}
 
 # A (trainer, global step) hook called after every optimiser step; raising KeyboardInterrupt there stops the run
 # exactly as Ctrl-C does.
@@ -83,11 +108,15 @@ def build_datasets(config: TrainConfig) -> tuple[Dataset, Dataset]:
     try:
         from ..data import create_dataset
     except ImportError as error:
-        raise RuntimeError("visionmoe.data is not available in this installation, so data sets cannot be built "
-                           "by name; from Python, pass train_set and val_set to Trainer") from error
+        raise RuntimeError(
+            "visionmoe.data is not available in this installation, so data sets cannot be built "
+            "by name; from Python, pass train_set and val_set to Trainer"
+        ) from error
     options = dict(root=config.data_root, **config.dataset_options)
-    return (create_dataset(config.dataset, config.train_split, **options),
-            create_dataset(config.dataset, config.val_split, **options))
+    return (
+        create_dataset(config.dataset, config.train_split, **options),
+        create_dataset(config.dataset, config.val_split, **options),
+    )
 
 
 def resolve_device(name: str, option: str = "config key 'device'") -> torch.device:
@@ -103,8 +132,7 @@ def resolve_device(name: str, option: str = "config key 'device'") -> torch.devi
         if not torch.cuda.is_available():
             raise ValueError(f"{option} is {name!r} but CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{option} is {name!r} but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s)")
+            raise ValueError(f"{option} is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -160,8 +188,14 @@ class Trainer:
         step_callback: called as ``step_callback(trainer, global_step)`` after every optimiser step.
     """
 
-    def __init__(self, config: TrainConfig, train_set: Optional[Dataset] = None, val_set: Optional[Dataset] = None,
-                 resume: Optional[str | Path] = None, step_callback: Optional[StepCallback] = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_set: Optional[Dataset] = None,
+        val_set: Optional[Dataset] = None,
+        resume: Optional[str | Path] = None,
+        step_callback: Optional[StepCallback] = None,
+    ):
         if (train_set is None) != (val_set is None):
             raise ValueError("pass both train_set and val_set, or neither (to build them from the config)")
         self.device = resolve_device(config.device)  # before the data sets: a wrong device fails at once
@@ -189,16 +223,20 @@ class Trainer:
         try:
             self.model = create_model(config.model, **model_options).to(self.device)
         except (TypeError, ValueError, OverflowError) as error:  # e.g. an unknown or mistyped model option
-            raise ValueError(f"config keys 'model' ({config.model!r}) and 'model_options' do not make a model: "
-                             f"{error}") from error
+            raise ValueError(
+                f"config keys 'model' ({config.model!r}) and 'model_options' do not make a model: {error}"
+            ) from error
         if config.init_from is not None and resume is None:
             reinitialised = load_matching_weights(self.model, config.init_from)
             if reinitialised and self.is_main:
                 print(f"init_from {config.init_from}: fresh weights for {', '.join(reinitialised)} (shape differs)")
         # Before fine-tuning, the routing of the pre-trained model; otherwise that of the initialisation.
         self.consistency_phases = ("pretrain", "finetune") if config.init_from is not None else ("init", "train")
-        self.teacher_router = (build_teacher_router(config.teacher, self.model, config.model, self.device)
-                               if config.teacher is not None else None)
+        self.teacher_router = (
+            build_teacher_router(config.teacher, self.model, config.model, self.device)
+            if config.teacher is not None
+            else None
+        )
         self.local_batch_size = local_batch_size(config.batch_size, self.world_size, routing_group_sizes(self.model))
         self.routing_multiple = math.lcm(1, *routing_group_sizes(self.model))
         # The module the training steps call: DistributedDataParallel around the model on several ranks. The
@@ -210,21 +248,26 @@ class Trainer:
         self.consistency = self._build_consistency_tracker() if config.consistency_probe else None
         self.drop_last = config.drop_last
         if self.drop_last is None:  # a resumed run keeps its choice, so its epochs have the same steps
-            self.drop_last = (resume_state.get("drop_last", False) if resume_state is not None
-                              else self.world_size > 1)
+            self.drop_last = resume_state.get("drop_last", False) if resume_state is not None else self.world_size > 1
         if self.world_size > 1 and not self.drop_last and len(train_set) % config.batch_size:
-            raise ValueError(f"config key 'drop_last' is false (or the run resumed was started without it) but "
-                             f"{len(train_set)} training images do not make whole batches of {config.batch_size}, "
-                             f"so {self.world_size} ranks cannot share the last one; set drop_last=true")
+            raise ValueError(
+                f"config key 'drop_last' is false (or the run resumed was started without it) but "
+                f"{len(train_set)} training images do not make whole batches of {config.batch_size}, "
+                f"so {self.world_size} ranks cannot share the last one; set drop_last=true"
+            )
         self.steps_per_epoch = steps_per_epoch(len(train_set), config.batch_size, self.drop_last)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of "
-                             f"config key 'batch_size' = {config.batch_size}, and the last partial batch is dropped")
+            raise ValueError(
+                f"the training set has {len(train_set)} images, fewer than one batch of "
+                f"config key 'batch_size' = {config.batch_size}, and the last partial batch is dropped"
+            )
         total_steps = self.steps_per_epoch * config.epochs
         self.tgr_steps = round(tgr_fraction(config.tgr_schedule) * total_steps)
         self.optimizer = torch.optim.AdamW(self.trainable_parameters, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(
-            round(config.warmup_epochs * self.steps_per_epoch), total_steps, config.min_lr / config.lr))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            warmup_cosine(round(config.warmup_epochs * self.steps_per_epoch), total_steps, config.min_lr / config.lr),
+        )
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -251,8 +294,10 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         for key in ("teacher", "consistency_probe"):
             if getattr(config, key):
-                raise ValueError(f"config key {key!r} is not supported when training on several processes yet; "
-                                 f"train with it in one process")
+                raise ValueError(
+                    f"config key {key!r} is not supported when training on several processes yet; "
+                    f"train with it in one process"
+                )
         self.owns_process_group = not initialised
         return init_mesh(config.expert_parallel, device_type=self.device.type)
 
@@ -266,11 +311,15 @@ class Trainer:
     def _build_consistency_tracker(self) -> RoutingConsistencyTracker:
         count = self.config.consistency_probe
         if count > len(self.val_set):
-            raise ValueError(f"config key 'consistency_probe' asks for {count} probe images but the validation set "
-                             f"has {len(self.val_set)}")
+            raise ValueError(
+                f"config key 'consistency_probe' asks for {count} probe images but the validation set "
+                f"has {len(self.val_set)}"
+            )
         if not student_moe_layers(self.model):
-            raise ValueError(f"config key 'consistency_probe' needs a model with sparse MoE layers; model "
-                             f"{self.config.model!r} has none")
+            raise ValueError(
+                f"config key 'consistency_probe' needs a model with sparse MoE layers; model "
+                f"{self.config.model!r} has none"
+            )
         probe = torch.stack([self.val_set[index][0] for index in range(count)])
         return RoutingConsistencyTracker(probe, batch_size=self.config.batch_size)
 
@@ -284,19 +333,27 @@ class Trainer:
     def _load(self, directory: Path, state: Dict[str, Any]) -> None:
         missing = sorted(_STATE_KEYS - state.keys())
         if missing:
-            raise CheckpointError(f"the trainer state in {str(directory)!r} lacks {missing}: it was not saved by "
-                                  f"Trainer.save, so it cannot be resumed")
+            raise CheckpointError(
+                f"the trainer state in {str(directory)!r} lacks {missing}: it was not saved by "
+                f"Trainer.save, so it cannot be resumed"
+            )
         if state["model"] != self.config.model:
-            raise ValueError(f"the checkpoint in {str(directory)!r} is of model {state['model']!r}, "
-                             f"not of config key 'model' = {self.config.model!r}")
+            raise ValueError(
+                f"the checkpoint in {str(directory)!r} is of model {state['model']!r}, "
+                f"not of config key 'model' = {self.config.model!r}"
+            )
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"the checkpoint had {state['steps_per_epoch']} steps per epoch, this run has "
-                             f"{self.steps_per_epoch}: batch_size or the training set changed, so it cannot resume")
+            raise ValueError(
+                f"the checkpoint had {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch}: batch_size or the training set changed, so it cannot resume"
+            )
         load_model_weights(self.model, directory)
         if ("teacher_router" in state) != (self.teacher_router is not None):
-            raise ValueError(f"the checkpoint in {str(directory)!r} was trained "
-                             f"{'with' if 'teacher_router' in state else 'without'} a teacher router; config key "
-                             f"'teacher' must be {'set' if 'teacher_router' in state else 'null'} to resume it")
+            raise ValueError(
+                f"the checkpoint in {str(directory)!r} was trained "
+                f"{'with' if 'teacher_router' in state else 'without'} a teacher router; config key "
+                f"'teacher' must be {'set' if 'teacher_router' in state else 'null'} to resume it"
+            )
         if self.teacher_router is not None:
             self.teacher_router.routers.load_state_dict(state["teacher_router"])
             if state["teacher_router_frozen"]:
@@ -304,17 +361,24 @@ class Trainer:
         if self.consistency is not None and "routing_consistency" in state:
             self.consistency.load_state_dict(state["routing_consistency"])
         # Expert parameters' state is resharded for this rank's experts (the checkpoint may be of another world size).
-        self.optimizer.load_state_dict(reshard_optimizer_state(
-            state["optimizer"], state.get("expert_optimizer"), self.model, self.optimizer,
-            lambda index: load_optimizer_shard(directory, index)))
+        self.optimizer.load_state_dict(
+            reshard_optimizer_state(
+                state["optimizer"],
+                state.get("expert_optimizer"),
+                self.model,
+                self.optimizer,
+                lambda index: load_optimizer_shard(directory, index),
+            )
+        )
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.totals = _EpochTotals(**state["epoch_totals"])
         # Each rank's own generators when the world size is the same; otherwise rank 0's (every rank seeds alike).
         per_rank = state.get("rng_ranks")
-        restore_rng_states(per_rank[self.rank] if per_rank is not None and len(per_rank) == self.world_size
-                           else state["rng"])
+        restore_rng_states(
+            per_rank[self.rank] if per_rank is not None and len(per_rank) == self.world_size else state["rng"]
+        )
 
     def save(self, directory: Optional[str | Path] = None) -> Path:
         """Checkpoints the current state (by default into ``output_dir/checkpoint``). On several ranks every rank
@@ -352,15 +416,31 @@ class Trainer:
     def _epoch_order(self, epoch: int) -> List[int]:
         return torch.randperm(len(self.train_set), generator=self._generator(0, epoch)).tolist()
 
-    def _loader(self, dataset: Dataset, order: Optional[List[int]], epoch: int,
-                batch_sampler: Optional[IndexBatchSampler] = None) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        order: Optional[List[int]],
+        epoch: int,
+        batch_sampler: Optional[IndexBatchSampler] = None,
+    ) -> DataLoader:
         generator = self._generator(1, epoch)
         if batch_sampler is not None:
-            return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=self.config.num_workers,
-                              generator=generator, pin_memory=self.device.type == "cuda")
-        return DataLoader(dataset, batch_size=self.local_batch_size, sampler=order, shuffle=False,
-                          num_workers=self.config.num_workers, generator=generator,
-                          pin_memory=self.device.type == "cuda")
+            return DataLoader(
+                dataset,
+                batch_sampler=batch_sampler,
+                num_workers=self.config.num_workers,
+                generator=generator,
+                pin_memory=self.device.type == "cuda",
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.local_batch_size,
+            sampler=order,
+            shuffle=False,
+            num_workers=self.config.num_workers,
+            generator=generator,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -374,7 +454,8 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
             aux_loss = self._weighted_aux_loss()
             distillation_loss, teacher_router_loss = teacher_guided_routing_losses(
-                self.teacher_router, self.model, images, active=self.global_step < self.tgr_steps)
+                self.teacher_router, self.model, images, active=self.global_step < self.tgr_steps
+            )
         total = loss + aux_loss
         if distillation_loss is not None:
             total = total + self.config.tgr_weight * distillation_loss
@@ -394,11 +475,16 @@ class Trainer:
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        step = dict(lr=lr, loss=loss.item(), aux_loss=aux_loss.item(),
-                    correct=(logits.argmax(dim=-1) == labels).sum().item(), samples=labels.numel(),
-                    expert_load_ratio=expert_load_ratio(self.model),
-                    distillation_loss=None if distillation_loss is None else distillation_loss.item(),
-                    teacher_router_loss=None if teacher_router_loss is None else teacher_router_loss.item())
+        step = dict(
+            lr=lr,
+            loss=loss.item(),
+            aux_loss=aux_loss.item(),
+            correct=(logits.argmax(dim=-1) == labels).sum().item(),
+            samples=labels.numel(),
+            expert_load_ratio=expert_load_ratio(self.model),
+            distillation_loss=None if distillation_loss is None else distillation_loss.item(),
+            teacher_router_loss=None if teacher_router_loss is None else teacher_router_loss.item(),
+        )
         return self._reduce_step(step) if self.world_size > 1 else step
 
     def _reduce_step(self, step: Dict[str, Any]) -> Dict[str, Any]:
@@ -407,20 +493,39 @@ class Trainer:
         step, so that they all checkpoint the same one. One all-reduce."""
         ratio = step["expert_load_ratio"]
         loss, aux_loss, correct, samples, ratio_sum, stop = all_reduce_sum(
-            [step["loss"], step["aux_loss"], step["correct"], step["samples"], 0.0 if ratio is None else ratio,
-             float(self._stop_requested)], self.device)
+            [
+                step["loss"],
+                step["aux_loss"],
+                step["correct"],
+                step["samples"],
+                0.0 if ratio is None else ratio,
+                float(self._stop_requested),
+            ],
+            self.device,
+        )
         self._stop_requested = stop > 0
-        return dict(step, loss=loss / self.world_size, aux_loss=aux_loss / self.world_size, correct=int(correct),
-                    samples=int(samples), expert_load_ratio=None if ratio is None else ratio_sum / self.world_size)
+        return dict(
+            step,
+            loss=loss / self.world_size,
+            aux_loss=aux_loss / self.world_size,
+            correct=int(correct),
+            samples=int(samples),
+            expert_load_ratio=None if ratio is None else ratio_sum / self.world_size,
+        )
 
     def _weighted_aux_loss(self) -> torch.Tensor:
         """The routers' auxiliary losses of the last forward, weighted by ``aux_loss_weights`` and summed."""
         router_losses = aux_losses(self.model)
         if not self._checked_aux_names:
             self._check_aux_loss_names(router_losses)
-        return sum((self.config.aux_loss_weights[name] * value.float()
-                    for name, value in router_losses.items() if name in self.config.aux_loss_weights),
-                   torch.zeros((), device=self.device))
+        return sum(
+            (
+                self.config.aux_loss_weights[name] * value.float()
+                for name, value in router_losses.items()
+                if name in self.config.aux_loss_weights
+            ),
+            torch.zeros((), device=self.device),
+        )
 
     def _check_aux_loss_names(self, router_losses: Dict[str, torch.Tensor]) -> None:
         """Warns (once) about weighted auxiliary losses that the model's routers do not report, e.g. a typo or
@@ -428,8 +533,11 @@ class Trainer:
         self._checked_aux_names = True
         missing = sorted(set(self.config.aux_loss_weights) - set(router_losses))
         if router_losses and missing:
-            warnings.warn(f"config key 'aux_loss_weights' names {missing}, which the model's routers do not report "
-                          f"(they report {sorted(router_losses)}); those weights have no effect", stacklevel=2)
+            warnings.warn(
+                f"config key 'aux_loss_weights' names {missing}, which the model's routers do not report "
+                f"(they report {sorted(router_losses)}); those weights have no effect",
+                stacklevel=2,
+            )
 
     @torch.no_grad()
     def evaluate(self, dataset: Optional[Dataset] = None) -> Dict[str, float]:
@@ -453,10 +561,12 @@ class Trainer:
     def _evaluate_distributed(self, dataset: Dataset) -> Dict[str, float]:
         """:meth:`evaluate` on several ranks: each its share of every global batch, the last padded and masked
         (visionmoe.distributed.data.rank_evaluation_batches), the sums all-reduced: one process's metrics."""
-        batches = rank_evaluation_batches(len(dataset), self.config.batch_size, self.rank, self.world_size,
-                                          self.routing_multiple)
-        sampler = IndexBatchSampler([index for indices, _ in batches for index in indices],
-                                    [len(indices) for indices, _ in batches])
+        batches = rank_evaluation_batches(
+            len(dataset), self.config.batch_size, self.rank, self.world_size, self.routing_multiple
+        )
+        sampler = IndexBatchSampler(
+            [index for indices, _ in batches for index in indices], [len(indices) for indices, _ in batches]
+        )
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -479,8 +589,14 @@ class Trainer:
         if self.teacher_router is not None:
             self.teacher_router.train()
         totals = self.totals
-        order = rank_training_indices(self._epoch_order(self.epoch), self.config.batch_size, self.rank,
-                                      self.world_size, self.drop_last, skip_batches=totals.batches)
+        order = rank_training_indices(
+            self._epoch_order(self.epoch),
+            self.config.batch_size,
+            self.rank,
+            self.world_size,
+            self.drop_last,
+            skip_batches=totals.batches,
+        )
         started = time.perf_counter()
         for images, labels in self._loader(self.train_set, order, self.epoch):
             step = self._train_step(images, labels)
@@ -501,10 +617,17 @@ class Trainer:
             self.global_step += 1
             totals.seconds += time.perf_counter() - started
             started = time.perf_counter()
-            row = dict(epoch=self.epoch + 1, step=self.global_step, lr=step["lr"], loss=step["loss"],
-                       accuracy=step["correct"] / step["samples"], aux_loss=step["aux_loss"],
-                       expert_load_ratio=step["expert_load_ratio"], distillation_loss=step["distillation_loss"],
-                       teacher_router_loss=step["teacher_router_loss"])
+            row = dict(
+                epoch=self.epoch + 1,
+                step=self.global_step,
+                lr=step["lr"],
+                loss=step["loss"],
+                accuracy=step["correct"] / step["samples"],
+                aux_loss=step["aux_loss"],
+                expert_load_ratio=step["expert_load_ratio"],
+                distillation_loss=step["distillation_loss"],
+                teacher_router_loss=step["teacher_router_loss"],
+            )
             if self.is_main:
                 log_step(row, progress, step_log, writer)
             # Only now, with the step's row logged, is the state one to checkpoint: a second Ctrl-C before this
@@ -514,17 +637,26 @@ class Trainer:
                 self.step_callback(self, self.global_step)
             self._stop_if_requested()
         validation = self.evaluate()
-        return dict(epoch=self.epoch + 1, step=self.global_step, lr=self.scheduler.get_last_lr()[0],
-                    train_loss=totals.loss_sum / totals.samples, train_accuracy=totals.correct / totals.samples,
-                    aux_loss=totals.aux_loss_sum / totals.samples,
-                    expert_load_ratio=(totals.load_ratio_sum / totals.load_ratio_count
-                                       if totals.load_ratio_count else None),
-                    distillation_loss=(totals.distillation_loss_sum / totals.distillation_samples
-                                       if totals.distillation_samples else None),
-                    teacher_router_loss=(totals.teacher_router_loss_sum / totals.teacher_router_samples
-                                         if totals.teacher_router_samples else None),
-                    val_loss=validation["loss"], val_accuracy=validation["accuracy"],
-                    epoch_seconds=round(totals.seconds, 3))
+        return dict(
+            epoch=self.epoch + 1,
+            step=self.global_step,
+            lr=self.scheduler.get_last_lr()[0],
+            train_loss=totals.loss_sum / totals.samples,
+            train_accuracy=totals.correct / totals.samples,
+            aux_loss=totals.aux_loss_sum / totals.samples,
+            expert_load_ratio=(totals.load_ratio_sum / totals.load_ratio_count if totals.load_ratio_count else None),
+            distillation_loss=(
+                totals.distillation_loss_sum / totals.distillation_samples if totals.distillation_samples else None
+            ),
+            teacher_router_loss=(
+                totals.teacher_router_loss_sum / totals.teacher_router_samples
+                if totals.teacher_router_samples
+                else None
+            ),
+            val_loss=validation["loss"],
+            val_accuracy=validation["accuracy"],
+            epoch_seconds=round(totals.seconds, 3),
+        )
 
     # Ctrl-C: the first one asks the loop to stop after the current step (so the checkpoint holds a consistent
     # state); a second one interrupts at once. When that is during the checkpoint's save, the save is abandoned and
@@ -552,23 +684,41 @@ class Trainer:
         if main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         epoch_log = CsvLog(self.output_dir / "metrics.csv", EPOCH_COLUMNS, "epoch", self.epoch) if main else None
-        step_log = (CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
-                    if self.config.log_steps and main else None)
+        step_log = (
+            CsvLog(self.output_dir / "steps.csv", STEP_COLUMNS, "step", self.global_step)
+            if self.config.log_steps and main
+            else None
+        )
         writer = tensorboard_writer(self.output_dir / "tensorboard") if self.config.tensorboard and main else None
         self._stop_requested = False
         self._between_steps = True
         previous_handler = None
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             previous_handler = signal.signal(signal.SIGINT, self._request_stop)
-        progress = tqdm(total=self.steps_per_epoch * self.config.epochs, initial=self.global_step,
-                        desc="train", unit="step", disable=not (self.config.progress and main), dynamic_ncols=True)
+        progress = tqdm(
+            total=self.steps_per_epoch * self.config.epochs,
+            initial=self.global_step,
+            desc="train",
+            unit="step",
+            disable=not (self.config.progress and main),
+            dynamic_ncols=True,
+        )
         history: List[Dict[str, Any]] = []
         interrupted = False
         try:
-            if self.teacher_router is not None and self.config.tgr_pretrain_epochs and self.global_step == 0 \
-                    and self.teacher_router.trainable:
-                pretrain_teacher_router(self.teacher_router, self._pretraining_images(), self.config.lr,
-                                        self.config.tgr_pretrain_epochs, progress)
+            if (
+                self.teacher_router is not None
+                and self.config.tgr_pretrain_epochs
+                and self.global_step == 0
+                and self.teacher_router.trainable
+            ):
+                pretrain_teacher_router(
+                    self.teacher_router,
+                    self._pretraining_images(),
+                    self.config.lr,
+                    self.config.tgr_pretrain_epochs,
+                    progress,
+                )
             if self.consistency is not None and not self.consistency.snapshots:
                 self.consistency.record(self.model, self.epoch, self.consistency_phases[0])
             while self.epoch < self.config.epochs:
@@ -593,12 +743,16 @@ class Trainer:
                 self.save()
             except KeyboardInterrupt:
                 if main:
-                    progress.write(f"Interrupted again while saving step {self.global_step}: --resume "
-                                   f"{self.checkpoint_dir} continues from the last checkpoint saved completely")
+                    progress.write(
+                        f"Interrupted again while saving step {self.global_step}: --resume "
+                        f"{self.checkpoint_dir} continues from the last checkpoint saved completely"
+                    )
                 raise
             if main:
-                progress.write(f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved "
-                               f"to {self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}")
+                progress.write(
+                    f"Interrupted at epoch {self.epoch + 1}, step {self.global_step}: checkpoint saved "
+                    f"to {self.checkpoint_dir}; continue with --resume {self.checkpoint_dir}"
+                )
         finally:
             progress.close()
             if writer is not None:
