@@ -404,8 +404,15 @@ def run_k(args, k, device, dtype) -> list[dict]:
         for column, ratio in (("min_ms", "min_vs_dense"), ("median_ms", "median_vs_dense"),
                               ("allocated_peak_mb", "allocated_vs_dense")):
             row[ratio] = None if row[column] is None or not dense[column] else row[column] / dense[column]
+    # Like with like: each row's time against visionmoe's row of the same semantics (DeepSpeed's padded dropless
+    # against visionmoe's dropless).
+    ours = {row["semantics"]: row for row in rows if row["implementation"] == "visionmoe"}
+    for row in rows:
+        same = ours.get(row["semantics"].split(" ")[0])
+        row["min_vs_visionmoe"] = None if same is None or row["min_ms"] is None or not same["min_ms"] \
+            else row["min_ms"] / same["min_ms"]
     order = ["K", "implementation", "semantics", "peer", "min_ms", "median_ms", "min_vs_dense", "median_vs_dense",
-             "allocated_peak_mb", "allocated_vs_dense", "check", "note"]
+             "min_vs_visionmoe", "allocated_peak_mb", "allocated_vs_dense", "check", "note"]
     return [{column: row[column] for column in order} for row in rows]
 
 
@@ -430,17 +437,17 @@ def main(argv=None):
     if args.capacity_factor <= 0:
         parser.error("--capacity-factor must be > 0")
     device, dtype = apply_benchmark_args(args)
+    print(f"MoE MLP forward + backward against peers: T={args.tokens} D={args.dim} F={args.hidden} "
+          f"E={args.experts} cf={args.capacity_factor} {args.dtype} on {device}")
     rows = []
     try:
         for k in args.topk:
             rows += run_k(args, k, device, dtype)
+            print(format_table([row for row in rows if row["K"] == k]), flush=True)
     finally:
         if CREATED_PROCESS_GROUP:
             torch.distributed.destroy_process_group()
             CREATED_PROCESS_GROUP.clear()
-    print(f"MoE MLP forward + backward against peers: T={args.tokens} D={args.dim} F={args.hidden} "
-          f"E={args.experts} cf={args.capacity_factor} {args.dtype} on {device}")
-    print(format_table(rows))
     meta = {"benchmark": "MoE MLP forward + backward: visionmoe against the installed MoE peers, dense, expert loop "
                          "and one-hot einsum",
             **settings(args), "peer_versions": peer_versions(),
