@@ -32,7 +32,8 @@ Rows (skipped with a note in their row when the peer is absent, fails to import 
   GEGLU 2F/3), eager and grouped_mm; SwitchTransformers' sparse MLP (capacity, top-1 only, GELU).
 - DeepSpeed ``deepspeed.moe.layer.MoE`` (top-K gate, capacity with ``drop_tokens=True``, padded-to-max dropless
   with ``drop_tokens=False``; no random token selection, no sampled 2nd expert; a single-process gloo group).
-- Tutel ``tutel.moe.moe_layer`` (capacity; dropless with ``capacity_factor=0``).
+- Tutel ``tutel.moe.moe_layer`` (capacity; with ``capacity_factor=0``, no drops, every expert padded to the
+  largest load).
 - lucidrains' st-moe-pytorch ``MoE`` (capacity, top-n >= 2 only; its capacity is T cf / E for all n choices, so
   it is given K cf; its 2nd-expert threshold routing is turned off so that every token goes to K experts).
 
@@ -63,7 +64,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -71,8 +72,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe_layer import route, run_einsum, run_expert_loop  # noqa: E402
-from common import (allocated_peak_bytes, apply_benchmark_args, benchmark_parser, format_table,  # noqa: E402
-                    parse_benchmark_args, settings, timeit, timeit_round_samples, write_results)
+from common import (  # noqa: E402
+    allocated_peak_bytes,
+    apply_benchmark_args,
+    benchmark_parser,
+    format_table,
+    parse_benchmark_args,
+    settings,
+    timeit,
+    timeit_round_samples,
+    write_results,
+)
 
 from visionmoe.layers import MoEMLP  # noqa: E402
 
@@ -225,8 +235,7 @@ def build_hf_switch(args, k, shared):
         raise Skip("SwitchTransformers routes top-1 only")
     try:
         from transformers import SwitchTransformersConfig
-        from transformers.models.switch_transformers.modeling_switch_transformers import \
-            SwitchTransformersSparseMLP
+        from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
     except ImportError as error:
         raise Skip(f"this transformers has no SwitchTransformers: {error}") from error
     capacity = math.ceil(k * args.tokens * args.capacity_factor / args.experts)
@@ -275,7 +284,10 @@ def build_deepspeed(args, k, shared, drop_tokens):
 
 
 def build_tutel(args, k, shared, dropless):
-    moe = import_peer("tutel.moe")
+    try:
+        moe = import_peer("tutel.moe")
+    except Skip as skip:
+        raise Skip(f"{skip}; Tutel is not on PyPI, see benchmarks/requirements-peers.txt") from skip
     torch.manual_seed(args.seed)
     layer = moe.moe_layer(
         gate_type={"type": "top", "k": k, "capacity_factor": 0.0 if dropless else args.capacity_factor},
@@ -317,7 +329,7 @@ IMPLEMENTATIONS = [
     ("deepspeed", "capacity", "deepspeed", lambda a, k, s: build_deepspeed(a, k, s, True)),
     ("deepspeed", "dropless (padded)", "deepspeed", lambda a, k, s: build_deepspeed(a, k, s, False)),
     ("tutel", "capacity", "tutel", lambda a, k, s: build_tutel(a, k, s, False)),
-    ("tutel", "dropless", "tutel", lambda a, k, s: build_tutel(a, k, s, True)),
+    ("tutel", "dropless (padded)", "tutel", lambda a, k, s: build_tutel(a, k, s, True)),
     ("st-moe-pytorch", "capacity", "st-moe-pytorch", build_st_moe),
 ]
 
@@ -362,7 +374,8 @@ def run_k(args, k, device, dtype) -> list[dict]:
                 try:
                     torch.testing.assert_close(out.reshape(x.shape), expected[impl.check], atol=1e-4, rtol=1e-4)
                 except AssertionError as error:
-                    raise Skip(f"output differs from visionmoe {impl.check}: {' '.join(str(error).split())}")
+                    message = " ".join(str(error).split())
+                    raise Skip(f"output differs from visionmoe {impl.check}: {message}") from error
             impls[len(rows) - 1] = impl
             row["note"] = impl.note
             row["check"] = f"= visionmoe {impl.check}" if impl.check in expected else impl.check
