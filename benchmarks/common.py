@@ -165,6 +165,24 @@ def timeit(
     return statistics.median(times)
 
 
+def timeit_round_samples(
+    steps: dict,
+    warmup: int,
+    repeat: int,
+    rounds: int,
+    device: torch.device | str,
+    setup: Optional[Callable[[], None]] = None,
+) -> dict:
+    """Each of ``steps`` (name -> callable) timed in turn ``rounds`` times with :func:`timeit`: name -> the list
+    of its ``rounds`` median seconds, for benchmarks that report more than the median over the rounds (the
+    minimum, the spread)."""
+    round_seconds = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            round_seconds[name].append(timeit(step, warmup, repeat, device, setup))
+    return round_seconds
+
+
 def timeit_rounds(
     steps: dict,
     warmup: int,
@@ -175,11 +193,8 @@ def timeit_rounds(
 ) -> dict:
     """Median seconds of each of ``steps`` (name -> callable), timed in turn ``rounds`` times with :func:`timeit`
     and the median taken over the rounds, so that a burst of load on a shared machine hits every step alike."""
-    round_seconds = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            round_seconds[name].append(timeit(step, warmup, repeat, device, setup))
-    return {name: statistics.median(values) for name, values in round_seconds.items()}
+    samples = timeit_round_samples(steps, warmup, repeat, rounds, device, setup)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def saved_storages(forward: Callable[[], object]) -> dict:

@@ -30,6 +30,7 @@ SHARED_DEFAULTS = {
     "bench_expert_mlp": dict(dtype="float32", warmup=2, repeat=5, rounds=3),
     "bench_expert_parallel": dict(dtype=None, warmup=2, repeat=9, rounds=None),
     "bench_moe_layer": dict(dtype="float32", warmup=2, repeat=7, rounds=None),
+    "bench_peers": dict(dtype="float32", warmup=1, repeat=1, rounds=7),
     "bench_routing": dict(dtype=None, warmup=2, repeat=7, rounds=None),
     "bench_sinkhorn": dict(dtype="float32", warmup=2, repeat=10, rounds=None),
     "bench_soft_moe": dict(dtype="float32", warmup=3, repeat=20, rounds=3),
@@ -44,6 +45,7 @@ TINY = {
     "bench_expert_mlp": "--rows 32 --dim 8 --hidden 16 --experts 4",
     "bench_expert_parallel": "--images 4 --tokens 4 --dim 8 --hidden 16 --experts 4 --group-size 1",
     "bench_moe_layer": "--tokens 64 --dim 8 --hidden 16 --experts 4",
+    "bench_peers": "--tokens 64 --dim 8 --hidden 24 --experts 4 --topk 1 2",
     "bench_routing": "--routers topk soft --tokens 64 --dim 8 --experts 4 --topk 1 --soft-group-size 16",
     "bench_sinkhorn": "--tokens 32 --experts 4 --iterations 2",
     "bench_soft_moe": "--groups 2 --tokens 8 --dim 8 --experts 2 --slots-per-expert 1",
@@ -172,3 +174,40 @@ def test_runs_at_tiny_sizes(name, tmp_path, monkeypatch):
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert result["rows"] and result["meta"]["cpu_threads"] == 1
     assert "output" not in result["meta"] and "memory_probe" not in result["meta"]
+
+
+def test_peers_absent_are_skipped_with_a_note(tmp_path, monkeypatch):
+    """bench_peers with no peer importable: every peer's row says why it was skipped, the in-house rows run."""
+    module = script("bench_peers")
+
+    def absent(name):
+        raise module.Skip(f"not installed (No module named {name!r})")
+
+    monkeypatch.setattr(module, "import_peer", absent)
+    monkeypatch.delattr(module.F, "grouped_mm", raising=False)
+    threads = common.torch.get_num_threads()
+    try:
+        module.main(
+            shlex.split(TINY["bench_peers"])
+            + ["--warmup", "0", "--rounds", "1", "--threads", "1", "--output", str(tmp_path)]
+        )
+    finally:
+        common.torch.set_num_threads(threads)
+    result = json.loads(next(tmp_path.glob("peers_*.json")).read_text())
+    rows = result["rows"]
+    assert {row["K"] for row in rows} == {1, 2}
+    timed = {(row["implementation"], row["semantics"]) for row in rows if row["median_ms"] is not None}
+    assert timed == {
+        ("dense", "dense"),
+        ("visionmoe", "capacity"),
+        ("visionmoe", "dropless"),
+        ("expert_loop", "dropless"),
+        ("einsum", "capacity"),
+    }
+    for row in rows:
+        if row["median_ms"] is None:
+            assert row["note"].startswith("skipped: "), row
+        else:
+            assert row["min_ms"] <= row["median_ms"] and row["allocated_peak_mb"] > 0
+    assert rows[0]["implementation"] == "dense" and rows[0]["median_vs_dense"] == 1.0
+    assert set(result["meta"]["peer_versions"]) >= {"torch", "transformers", "deepspeed", "tutel", "st-moe-pytorch"}
