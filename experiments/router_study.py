@@ -22,7 +22,7 @@ step time is measured apart from them, after training: every model's training st
 generation included) timed in interleaved rounds and the median taken, so that a change of load on a shared
 machine hits every model alike.
 
-    python experiments/router_study.py                  # full: 3 seeds x 11 models, about 40 min on 2 CPU cores
+    python experiments/router_study.py                  # full: 3 seeds x 11 models, 40-60 min on 2 shared CPU cores
     python experiments/router_study.py --tiny --output-dir /tmp/routers     # seconds, every model once (CI)
 """
 
@@ -87,8 +87,8 @@ DATA = dict(canvas_size=32, min_digits=1, max_digits=3, digit_size=[10, 16], in_
 SETTINGS = {
     "full": dict(
         seeds=(0, 1, 2),
-        epochs=10,
-        train_images=3000,
+        epochs=8,
+        train_images=2000,
         test_images=1000,
         batch_size=64,
         probe=128,
