@@ -95,8 +95,11 @@ class Setting:
 
 _MODEL = dict(embed_dim=64, depth=4, num_heads=2, patch_size=4, num_classes=NUM_CLASSES)
 SETTINGS = {
+    # 20000 scenes (recombining the 1257 training scans) and 1500 steps: in pilots on 2 cores, a ViT reached 0.89
+    # and WWT w1 0.88 accuracy on task A (4000 scenes: 0.85 and 0.82, overfitting the scans). About 4-5 minutes
+    # per run on 2 quiet cores, so the whole study takes over an hour, not the 40 minutes aimed at.
     "full": Setting(
-        train_scenes=4000, val_scenes=200, test_scenes=500, steps=500, batch_size=64, lr=2e-3, model=_MODEL
+        train_scenes=20000, val_scenes=200, test_scenes=500, steps=1500, batch_size=64, lr=2e-3, model=_MODEL
     ),
     "tiny": Setting(
         train_scenes=32,
@@ -500,6 +503,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="full")
     parser.add_argument("--steps", type=int, help="override the setting's training steps")
+    parser.add_argument("--train-scenes", type=int, help="override the setting's number of training scenes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--variants",
@@ -525,6 +529,10 @@ def main(argv=None) -> int:
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, got {args.steps}")
         setting = dataclasses.replace(setting, steps=args.steps)
+    if args.train_scenes is not None:
+        if args.train_scenes < 1:
+            parser.error(f"--train-scenes must be >= 1, got {args.train_scenes}")
+        setting = dataclasses.replace(setting, train_scenes=args.train_scenes)
     started = time.perf_counter()
     arguments = sys.argv[1:] if argv is None else argv
     command = "PYTHONPATH=python python " + " ".join(

@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def load_experiment(monkeypatch):
     path = Path(__file__).resolve().parents[1] / "experiments" / "whatwhere_discovery.py"
@@ -44,3 +46,17 @@ def test_discovery_experiment_tiny_setting_writes_its_tables(tmp_path, monkeypat
             assert math.isnan(value) or -1.0 <= value <= 1.0
     assert all(math.isnan(float(row["miou"])) for row in rows if row["task"] == "A")
     assert float(next(row for row in rows if row["method"] == "tiles")["collapse"]) == 1.0
+
+
+def test_discovery_experiment_rejects_bad_arguments(tmp_path, monkeypatch, capsys):
+    experiment = load_experiment(monkeypatch)
+    for arguments, message in (
+        (["--tasks", "B"], "--best-variant"),
+        (["--steps", "0"], "--steps"),
+        (["--train-scenes", "0"], "--train-scenes"),
+        (["--variants", "w9"], "w9"),
+    ):
+        with pytest.raises(SystemExit):
+            experiment.main([*arguments, "--setting", "tiny", "--output-dir", str(tmp_path)])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "table.md").exists()
