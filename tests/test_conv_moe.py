@@ -249,9 +249,9 @@ def test_expert_class_usage_rejects_bad_input():
         expert_class_usage(torch.tensor([0, 1]), torch.tensor([0, 5]), 2, 3)
     with pytest.raises(ValueError, match="assignments"):
         expert_class_usage(torch.tensor([0, 2]), torch.tensor([0, 1]), 2, 3)
-    with pytest.raises(ValueError, match="same N"):
+    with pytest.raises(ValueError, match="same B images"):
         expert_class_usage(torch.tensor([0]), torch.tensor([0, 1]), 2, 3)
-    with pytest.raises(ValueError, match=r"\[N, E\]"):
+    with pytest.raises(ValueError, match=r"\[B, E\]"):
         expert_class_usage(torch.rand(2, 3), torch.tensor([0, 1]), 2, 3)
 
 
