@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
 import math
 import multiprocessing
 import shlex
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from tables import mean_and_spread, write_csv
 from torch.utils.data import Subset
 
 # What each model adds to the backbone, and its expert FLOPs per token relative to the dense MLP (capacity-based
@@ -229,17 +229,9 @@ def summarise(rows):
             "adjacent_consistency",
         ):
             values = [row[key] for row in runs if row[key] not in ("", None)]
-            entry[f"{key}_mean"] = statistics.fmean(values) if values else ""
-            entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else (0.0 if values else "")
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_and_spread(values) if values else ("", "")
         summary.append(entry)
     return summary
-
-
-def write_csv(path: Path, rows) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def cell(entry: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:

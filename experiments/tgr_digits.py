@@ -24,14 +24,13 @@ distillation for the first half of the steps only; the teacher router pre-traine
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tables import mean_and_spread, write_csv
 from torch.utils.data import Subset
 
 from visionmoe.train import Trainer, build_datasets, config_from_dict
@@ -143,10 +142,6 @@ def run_student(setting, data, work_dir: Path, num_experts: int, seed: int, meth
     return row, curves
 
 
-def mean_and_spread(values):
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def summarise(rows, methods):
     summary = []
     for num_experts in sorted({row["experts"] for row in rows}):
@@ -157,13 +152,6 @@ def summarise(rows, methods):
                 entry[f"{key}_mean"], entry[f"{key}_std"] = mean_and_spread([row[key] for row in runs])
             summary.append(entry)
     return summary
-
-
-def write_csv(path: Path, rows) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def write_table(
