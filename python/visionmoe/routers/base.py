@@ -187,11 +187,11 @@ def draw_noise(like: torch.Tensor, shard: Optional[Tuple[int, int]] = None, kind
     It costs ranks times the noise of the local batch: a [G, T, E] tensor, small beside the layer's activations."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"kind must be one of {NOISE_KINDS}, got {kind!r}")
-    rows = like.shape[0] if like.dim() else 1
+    rows = like.shape[0]
     rank, ranks = shard if shard is not None else (0, 1)
-    noise = torch.empty((ranks * rows,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+    noise = like.new_empty((ranks * rows, *like.shape[1:]))
     noise = noise.normal_() if kind == "normal" else noise.exponential_()
-    return noise[rank * rows : (rank + 1) * rows].view_as(like)
+    return noise[rank * rows : (rank + 1) * rows]
 
 
 def gate_logits(
